@@ -1,0 +1,33 @@
+"""onnx-explainer: why did an ONNX image classifier say that?
+
+    >>> import explainer
+    >>> net = explainer.load()                  # the embedded EfficientNet-Lite0
+    >>> net.top_k("cat.jpg", 3)
+"""
+from __future__ import annotations
+
+from . import errors, limits
+from .errors import ExplainerError
+from .model import Classifier, Layer, Prediction, Preprocessing
+
+__version__ = "0.1.0"
+
+
+def load(source=None, *, preprocessing=None, labels=None, input_layout=None, device="auto",
+         batch_size="auto", allow_external_data=False) -> Classifier:
+    """Load an ONNX image classifier.
+
+    source: a path, bytes, an ``onnx.ModelProto``, a registry name (``explainer.zoo.registry.REGISTRY``)
+    or None for the embedded default (EfficientNet-Lite0). Everything the graph tells (input name,
+    layout, size, channels, dtype, softmax, labels and preprocessing in ``metadata_props``) is read
+    from it; the arguments override.
+    """
+    from .model.load import load_model
+
+    loaded = load_model(source, allow_external_data=allow_external_data)
+    return Classifier(loaded, preprocessing=preprocessing, labels=labels, input_layout=input_layout,
+                      device=device, batch_size=batch_size)
+
+
+__all__ = ["load", "Classifier", "Layer", "Prediction", "Preprocessing", "ExplainerError", "errors",
+           "limits"]

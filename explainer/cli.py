@@ -1,0 +1,75 @@
+"""The ``explainer`` command: a thin argparse layer over the public functions. A user error prints one
+line and exits with status 2; never a traceback."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import ExplainerError
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="ONNX file or registry name (default: the embedded EfficientNet-Lite0)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+
+def _load(args):
+    from . import load
+
+    return load(args.model, device=args.device)
+
+
+def cmd_classify(args) -> int:
+    from .samples import resolve
+
+    net = _load(args)
+    for image in args.images:
+        preds = net.top_k(resolve(image), args.top_k)
+        print(f"{image}:")
+        for rank, p in enumerate(preds, 1):
+            print(f"  {rank}. {p.label:<30} {p.score:.4f}  (class {p.index})")
+    return 0
+
+
+def cmd_layers(args) -> int:
+    net = _load(args)
+    print(net)
+    for layer in net.layers():
+        shape = "?" if layer.shape is None else "x".join("?" if d is None else str(d) for d in layer.shape)
+        print(f"{layer.name:<50} {layer.op_type:<20} {shape}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="explainer", description="Explain ONNX image classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("classify", help="print the top-k classes of images")
+    p.add_argument("images", nargs="+", help="image files, or sample:NAME (chelsea, coffee, ...)")
+    p.add_argument("--top-k", "-k", type=int, default=5)
+    _model_arg(p)
+    p.set_defaults(func=cmd_classify)
+    p = sub.add_parser("layers", help="list the model's layers with op types and shapes")
+    _model_arg(p)
+    p.set_defaults(func=cmd_layers)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ExplainerError as exc:
+        print(f"explainer: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into head & co.
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("explainer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Constant folding: nodes whose inputs are all constants become initializers (weights produced by
+ConstantOfShape, shape arithmetic left by exporters)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .. import limits
+from ..errors import ResourceLimitError
+from ..model.graph import attribute
+from .passes import register
+
+# Ops that are safe and cheap to evaluate with onnx's reference evaluator at conversion time.
+FOLDABLE = {"ConstantOfShape", "Shape", "Gather", "Concat", "Slice", "Transpose", "Cast", "Reshape",
+            "Unsqueeze", "Squeeze", "Constant", "Identity", "Add", "Sub", "Mul", "Div", "Range"}
+
+
+def fold(model: onnx.ModelProto, ops=FOLDABLE) -> int:
+    from onnx.reference import ReferenceEvaluator
+
+    g = model.graph
+    known = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    keep, folded = [], 0
+    for node in g.node:
+        inputs = [i for i in node.input if i]
+        if node.op_type in ops and all(i in known for i in inputs) and node.domain in ("", "ai.onnx"):
+            if node.op_type == "ConstantOfShape":
+                _check_size(known[inputs[0]], attribute(node, "value"))
+            sub = onnx.helper.make_model(
+                onnx.helper.make_graph(
+                    [node], "fold",
+                    [onnx.helper.make_tensor_value_info(i, onnx.helper.np_dtype_to_tensor_dtype(known[i].dtype), known[i].shape) for i in inputs],
+                    [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o]),
+                opset_imports=model.opset_import)
+            try:
+                values = ReferenceEvaluator(sub).run(None, {i: known[i] for i in inputs})
+            except Exception:
+                keep.append(node)
+                continue
+            for name, value in zip([o for o in node.output if o], values):
+                value = np.asarray(value)
+                known[name] = value
+                g.initializer.append(numpy_helper.from_array(value, name))
+            folded += 1
+        else:
+            keep.append(node)
+    if folded:
+        del g.node[:]
+        g.node.extend(keep)
+        _drop_unused_initializers(g)
+    return folded
+
+
+def _check_size(shape, value_tensor) -> None:
+    itemsize = 4 if value_tensor is None else np.dtype(
+        onnx.helper.tensor_dtype_to_np_dtype(value_tensor.data_type)).itemsize
+    count = int(np.prod(np.asarray(shape, dtype=np.float64)))
+    if count * itemsize > limits.MAX_TENSOR_BYTES:
+        raise ResourceLimitError(
+            f"a ConstantOfShape node would allocate {count * itemsize} bytes, over "
+            f"limits.MAX_TENSOR_BYTES={limits.MAX_TENSOR_BYTES}; raise it only for a trusted model.")
+
+
+def _drop_unused_initializers(g: onnx.GraphProto) -> None:
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    dropped = {t.name for t in g.initializer if t.name not in used}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    for vi in [i for i in g.input if i.name in dropped]:  # old IR versions list weights as inputs too
+        g.input.remove(vi)
+
+
+@register("fold-constants", targets=("torch",), order=5)
+def fold_constants(model: onnx.ModelProto, ctx) -> int:
+    return fold(model)

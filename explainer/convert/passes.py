@@ -1,0 +1,62 @@
+"""A registry of graph-normalisation passes, one small function per problem, in the spirit of
+onnx2torch's converter registry.
+
+A pass takes a ``ModelProto`` (modified in place) and a ``PassContext`` and returns how many places it
+changed. ``normalise(model, target)`` copies the model and runs, in order, every pass registered for the
+target: ``"runtime"`` passes make a graph run in onnxruntime at any batch size; ``"torch"`` passes
+(a superset) make it convertible by onnx2torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import onnx
+
+
+@dataclass
+class PassContext:
+    image_input: str
+    log: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    fn: Callable[[onnx.ModelProto, PassContext], int]
+    targets: tuple[str, ...]
+    order: int
+
+
+PASSES: dict[str, Pass] = {}
+TARGETS = ("runtime", "torch")
+
+
+def register(name: str, *, targets=("torch",), order: int = 100):
+    """Decorator adding a pass to the registry; lower ``order`` runs first."""
+    unknown = set(targets) - set(TARGETS)
+    if unknown:
+        raise ValueError(f"unknown pass targets {sorted(unknown)}; allowed: {TARGETS}")
+
+    def wrap(fn):
+        PASSES[name] = Pass(name, fn, tuple(targets), order)
+        return fn
+
+    return wrap
+
+
+def normalise(model: onnx.ModelProto, target: str, image_input: str) -> tuple[onnx.ModelProto, list[str]]:
+    """A normalised copy of ``model`` and a log line per pass that changed something."""
+    from . import batch, constants  # noqa: F401  (registers the passes)
+
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}; got {target!r}")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    ctx = PassContext(image_input)
+    for p in sorted(PASSES.values(), key=lambda p: p.order):
+        if target in p.targets:
+            changed = p.fn(out, ctx)
+            if changed:
+                ctx.log.append(f"{p.name}: {changed} change(s)")
+    return out, ctx.log

@@ -1,0 +1,58 @@
+"""The one exception hierarchy of the library: every user-facing failure is an ``ExplainerError``.
+
+Subclasses also derive from the builtin exception a caller would naturally catch (``ValueError`` for
+bad values, ``TypeError`` for bad types), so ``except ValueError`` keeps working.
+"""
+from __future__ import annotations
+
+
+class ExplainerError(Exception):
+    """Base class of every error raised on purpose by onnx-explainer."""
+
+
+class ModelLoadError(ExplainerError, ValueError):
+    """The model file or bytes could not be read as a safe, valid ONNX model."""
+
+
+class UnsupportedModelError(ExplainerError, ValueError):
+    """The model is valid ONNX but cannot be used as an image classifier."""
+
+
+class ConversionError(ExplainerError, RuntimeError):
+    """The ONNX graph could not be turned into a PyTorch module that matches onnxruntime."""
+
+
+class InvalidImageError(ExplainerError, ValueError):
+    """An image could not be read or is outside what the library accepts."""
+
+
+class InvalidParameterError(ExplainerError, ValueError):
+    """A parameter is outside its allowed values."""
+
+
+class InvalidParameterTypeError(ExplainerError, TypeError):
+    """A parameter has the wrong type."""
+
+
+class UnknownLayerError(InvalidParameterError):
+    """A layer (node or tensor) name that is not in the graph."""
+
+
+class UnknownClassError(InvalidParameterError):
+    """A class name or index that the classifier does not have."""
+
+
+class ResourceLimitError(ExplainerError):
+    """An input exceeds a configured limit (file size, pixels, memory budget)."""
+
+
+class NonFiniteOutputError(ExplainerError, FloatingPointError):
+    """The model produced NaN or infinite scores; no map is computed from them."""
+
+
+class DeviceError(ExplainerError, RuntimeError):
+    """The requested device or execution provider is not available."""
+
+
+class DownloadError(ExplainerError, OSError):
+    """A registry model could not be downloaded or failed its checksum."""

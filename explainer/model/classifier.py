@@ -1,0 +1,263 @@
+"""``Classifier``: an ONNX image classifier with its input contract, preprocessing, class names and an
+onnxruntime engine; the object every explanation method takes as ``net``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import onnx
+
+from ..convert import normalise
+from ..errors import (InvalidParameterError, InvalidParameterTypeError, NonFiniteOutputError,
+                      UnknownClassError, UnknownLayerError, UnsupportedModelError)
+from ..io import to_pixel_batch
+from ..validation import check_batch_size, check_int, closest
+from . import labels as labels_mod
+from . import preprocess as preprocess_mod
+from .graph import dims, infer_shapes, layer_name
+from .load import LoadedModel
+from .ort_engine import OrtEngine
+from .providers import resolve_device
+from .spec import InputSpec, OutputSpec, find_image_input, find_scores_output
+
+
+class Prediction(NamedTuple):
+    label: str
+    index: int
+    score: float
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    op_type: str
+    output: str  # the tensor holding the layer's activations
+    shape: tuple | None  # per image, without the batch dim; None entries are unknown
+
+
+class Classifier:
+    def __init__(self, loaded: LoadedModel, *, preprocessing=None, labels=None, input_layout=None,
+                 device="auto", batch_size="auto"):
+        self.name = loaded.name
+        self.sha256 = loaded.sha256
+        self.source_model = loaded.proto
+        self._batch_size = check_batch_size("load", batch_size)
+        metadata = {p.key: p.value for p in loaded.proto.metadata_props}
+        entry = loaded.registry_entry
+        if preprocessing is None and entry is not None and entry.preprocessing is not None:
+            preprocessing = entry.preprocessing
+        self.input: InputSpec = find_image_input(loaded.proto, input_layout)
+        default_pre = "none" if self.input.dtype == np.uint8 else "imagenet"
+        self.preprocessing = preprocess_mod.resolve(preprocessing, metadata, default_pre)
+        self.device, providers = resolve_device(device)
+        self.model, self.normalisation_log = normalise(loaded.proto, "runtime", self.input.name)
+        output = find_scores_output(self.model)
+        self.ort = OrtEngine(self.model, self.input.name, providers, self.sha256[:16])
+        self.output: OutputSpec = self._probe(output)
+        self.class_names: list[str] = labels_mod.resolve(labels, metadata, self.output.num_classes)
+        self._layers: list[Layer] | None = None
+
+    # contract -------------------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return self.output.num_classes
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.input.size
+
+    @property
+    def score_outputs(self) -> list[str]:
+        return [self.output.name] + ([self.output.softmax_input] if self.output.softmax_input else [])
+
+    def _probe(self, output: OutputSpec) -> OutputSpec:
+        """One forward pass on two random images: the class count and whether rows are probabilities."""
+        rng = np.random.default_rng(0)
+        pixels = rng.uniform(0, 255, (2, *self.input.size, self.input.channels)).astype(np.float32)
+        try:
+            raw = self.ort.run(self.to_model_input(pixels), [output.name])[0]
+        except Exception as exc:
+            raise UnsupportedModelError(
+                f"onnxruntime cannot run the model on a {self.input.layout} batch of 2 images of "
+                f"{self.input.height}x{self.input.width}: {str(exc).splitlines()[0]}") from None
+        if raw.ndim < 2 or raw.shape[0] != 2:
+            raise UnsupportedModelError(
+                f"output {output.name!r} has shape {raw.shape} for a batch of 2; expected (N, K).")
+        rows = raw.reshape(2, -1).astype(np.float64)
+        if rows.shape[1] < 2:
+            raise UnsupportedModelError(
+                f"output {output.name!r} has {rows.shape[1]} value per image; a classifier needs at "
+                "least 2 classes (single sigmoid outputs are not supported).")
+        is_prob = output.is_probability
+        if is_prob is None:
+            is_prob = bool(np.all(rows >= 0) and np.all(rows <= 1 + 1e-6)
+                           and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3))
+        return OutputSpec(output.name, rows.shape[1], output.softmax_input, is_prob)
+
+    # preprocessing --------------------------------------------------------------------------------
+    def prepare(self, images) -> tuple[np.ndarray, bool]:
+        """Images as users pass them → (N x H x W x C float32 pixels at the model's size, batch?)."""
+        pixels, is_batch = to_pixel_batch(images)
+        h, w = self.input.size
+        out = np.empty((len(pixels), h, w, self.input.channels), np.float32)
+        for i, p in enumerate(pixels):
+            out[i] = preprocess_mod.match_channels(preprocess_mod.resize(p, (h, w)), self.input.channels)
+        return out, is_batch
+
+    def to_model_input(self, pixels: np.ndarray) -> np.ndarray:
+        """N x H x W x C pixels (0..255, RGB) → the graph's input tensor (normalised, laid out, typed)."""
+        x = self.preprocessing.normalise(pixels)
+        if self.input.layout == "NCHW":
+            x = x.transpose(0, 3, 1, 2)
+        if self.input.dtype == np.uint8:
+            return np.ascontiguousarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
+        return np.ascontiguousarray(x, dtype=self.input.dtype)
+
+    # batch size -----------------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        """The batch size for forward passes: as given to ``load``, or measured once ('auto')."""
+        if self._batch_size == "auto":
+            example = self.to_model_input(np.full((1, *self.input.size, self.input.channels), 128, np.float32))[0]
+            self._batch_size = self.ort.best_batch_size(example, [self.output.name])
+        return self._batch_size
+
+    def resolve_batch_size(self, value, where: str) -> int:
+        value = check_batch_size(where, value)
+        return self.batch_size if value == "auto" else value
+
+    # scores ---------------------------------------------------------------------------------------
+    def scores_from_outputs(self, outputs: Sequence[np.ndarray]) -> np.ndarray:
+        """Raw session outputs (``score_outputs`` order) → (N, K) float32 probabilities."""
+        raw = outputs[0].reshape(len(outputs[0]), -1)
+        if not np.all(np.isfinite(raw)):
+            raise NonFiniteOutputError(
+                f"model {self.name!r} produced NaN or infinite scores; check the image and the "
+                "preprocessing (a wrong scale can overflow float16 models).")
+        if self.output.is_probability:
+            return raw.astype(np.float32)
+        z = raw.astype(np.float64)
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def predict_model_input(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """(N, K) probabilities for a prepared model-input batch."""
+        outputs = self.ort.run_batched(x, [self.output.name], batch_size or self.batch_size)
+        return self.scores_from_outputs(outputs)
+
+    def predict(self, images, *, batch_size="auto") -> np.ndarray:
+        """Class probabilities: (K,) for one image, (N, K) for a batch (MATLAB's ``predict``)."""
+        pixels, is_batch = self.prepare(images)
+        probs = self.predict_model_input(self.to_model_input(pixels),
+                                         self.resolve_batch_size(batch_size, "predict"))
+        return probs if is_batch else probs[0]
+
+    def logits(self, images) -> np.ndarray:
+        """Pre-softmax scores: the graph's output when it has no Softmax, else the Softmax's input."""
+        if self.output.is_probability and not self.output.softmax_input:
+            raise UnsupportedModelError(
+                f"model {self.name!r} outputs probabilities without a Softmax node; its logits are "
+                "not available.")
+        name = self.output.softmax_input or self.output.name
+        pixels, is_batch = self.prepare(images)
+        raw = self.ort.run_batched(self.to_model_input(pixels), [name], self.batch_size)[0]
+        raw = raw.reshape(len(raw), -1).astype(np.float32)
+        return raw if is_batch else raw[0]
+
+    def classify(self, images):
+        """(label, scores) for one image; (list of labels, (N, K) scores) for a batch."""
+        probs = self.predict(images)
+        if probs.ndim == 1:
+            return self.class_names[int(np.argmax(probs))], probs
+        return [self.class_names[int(i)] for i in probs.argmax(axis=1)], probs
+
+    def top_k(self, image, k: int = 5) -> list[Prediction]:
+        k = check_int("top_k", "k", k, minimum=1, maximum=self.num_classes)
+        probs = self.predict(image)
+        if probs.ndim != 1:
+            raise InvalidParameterError("top_k: pass one image, not a batch.")
+        order = np.argsort(-probs, kind="stable")[:k]
+        return [Prediction(self.class_names[i], int(i), float(probs[i])) for i in order]
+
+    def class_index(self, label, where: str = "label") -> int:
+        """A class index from an index or a class name; unknown names list the closest ones."""
+        if isinstance(label, (bool, np.bool_)):
+            raise InvalidParameterTypeError(f"{where}: a class index or name is needed; got {label!r}.")
+        if isinstance(label, (int, np.integer)):
+            if not 0 <= int(label) < self.num_classes:
+                raise UnknownClassError(
+                    f"{where}: class index must be in [0, {self.num_classes - 1}]; got {int(label)}.")
+            return int(label)
+        if isinstance(label, str):
+            try:
+                return self.class_names.index(label)
+            except ValueError:
+                near = closest(label, self.class_names)
+                hint = f" Closest: {', '.join(repr(n) for n in near)}." if near else ""
+                raise UnknownClassError(f"{where}: unknown class name {label!r}.{hint}") from None
+        raise InvalidParameterTypeError(
+            f"{where}: a class index or name is needed; got {type(label).__name__}.")
+
+    def class_indices(self, labels, where: str = "label") -> tuple[list[int], bool]:
+        """One label or a sequence of labels → (indices, whether several were given)."""
+        if isinstance(labels, (list, tuple, np.ndarray)):
+            if len(labels) == 0:
+                raise InvalidParameterError(f"{where}: at least one class is needed; got an empty list.")
+            return [self.class_index(l, where) for l in labels], True
+        return [self.class_index(labels, where)], False
+
+    # layers ---------------------------------------------------------------------------------------
+    def layers(self) -> list[Layer]:
+        """Every node: its name (or first output's name when unnamed), op type and per-image shape."""
+        if self._layers is None:
+            known = infer_shapes(self.model)
+            found = []
+            for node in self.model.graph.node:
+                if not node.output or node.op_type == "Constant":
+                    continue
+                vi = known.get(node.output[0])
+                shape = tuple(dims(vi)[1:]) if vi is not None and dims(vi) else None
+                found.append(Layer(layer_name(node), node.op_type, node.output[0], shape))
+            self._layers = found
+        return self._layers
+
+    def layer(self, name: str) -> Layer:
+        """A layer by node name or by tensor name; unknown names list the closest ones."""
+        if not isinstance(name, str):
+            raise InvalidParameterTypeError(f"layer must be a name (str); got {type(name).__name__}.")
+        layers = self.layers()
+        for layer in layers:
+            if layer.name == name:
+                return layer
+        for layer in layers:
+            if layer.output == name:
+                return layer
+        for node in self.model.graph.node:
+            if name in node.output:
+                return Layer(name, node.op_type, name, None)
+        near = closest(name, [l.name for l in layers])
+        hint = f" Closest: {', '.join(repr(n) for n in near)}." if near else ""
+        raise UnknownLayerError(
+            f"unknown layer {name!r} in model {self.name!r}.{hint} net.layers() lists all.")
+
+    def activations(self, images, layer: str) -> np.ndarray:
+        """Activations of ``layer``: (C, H, W) float32 for one image, (N, C, H, W) for a batch.
+        Vectors (N, K) come back as (K, 1, 1), like MATLAB's 1x1xK."""
+        target = self.layer(layer)
+        pixels, is_batch = self.prepare(images)
+        out = self.ort.run_batched(self.to_model_input(pixels), [target.output], self.batch_size)[0]
+        out = np.asarray(out, dtype=np.float32)
+        if out.ndim == 2:
+            out = out[:, :, None, None]
+        elif out.ndim == 3:
+            out = out[:, :, :, None]
+        elif out.ndim != 4:
+            raise UnsupportedModelError(
+                f"layer {layer!r} has activations of rank {out.ndim}; ranks 2 to 4 are supported.")
+        return out if is_batch else out[0]
+
+    def __repr__(self) -> str:
+        return (f"Classifier({self.name!r}, input={self.input.name!r} {self.input.layout} "
+                f"{self.input.height}x{self.input.width}x{self.input.channels} {self.input.dtype}, "
+                f"classes={self.num_classes}, preprocessing={self.preprocessing.name!r}, device={self.device!r})")

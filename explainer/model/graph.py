@@ -1,0 +1,107 @@
+"""Reading facts from an ONNX graph: constants, producers and consumers, tensor types and shapes.
+
+Everything here is pure inspection of a ``ModelProto``; nothing is executed and no string from the
+graph is ever evaluated.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+               onnx.TensorProto.DOUBLE: np.float64}
+IMAGE_TYPES = {**FLOAT_TYPES, onnx.TensorProto.UINT8: np.uint8}
+
+
+def initializer_names(graph: onnx.GraphProto) -> set[str]:
+    return {t.name for t in graph.initializer}
+
+
+def real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that must be fed at run time: not weights (old IR versions list weights as inputs
+    too) and used by some node (Caffe2 exports carry unused queue inputs)."""
+    inits = initializer_names(graph)
+    used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+    return [i for i in graph.input if i.name not in inits and i.name in used]
+
+
+def dims(value_info: onnx.ValueInfoProto) -> list:
+    """Static dims as ints, symbolic or unknown ones as None."""
+    t = value_info.type.tensor_type
+    if not t.HasField("shape"):
+        return []
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim]
+
+
+def elem_type(value_info: onnx.ValueInfoProto) -> int:
+    return value_info.type.tensor_type.elem_type
+
+
+def constant_value(graph: onnx.GraphProto, name: str):
+    """The value of tensor ``name`` if it is an initializer or a Constant node's output, else None."""
+    for t in graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output and node.output[0] == name:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return numpy_helper.to_array(attr.t)
+    return None
+
+
+def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in graph.node for out in node.output if out}
+
+
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    found: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            if name:
+                found[name].append(node)
+    return found
+
+
+def downstream_of(graph: onnx.GraphProto, source: str) -> set[str]:
+    """All tensors whose value depends on tensor ``source`` (nodes are topologically sorted in ONNX)."""
+    reached = {source}
+    for node in graph.node:
+        if any(i in reached for i in node.input):
+            reached.update(o for o in node.output if o)
+    return reached
+
+
+def opset(model: onnx.ModelProto, domain: str = "") -> int:
+    for imp in model.opset_import:
+        if imp.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return imp.version
+    return 1
+
+
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+def layer_name(node: onnx.NodeProto) -> str:
+    """What users call a node: its name, or its first output's name when the exporter left it empty."""
+    return node.name or (node.output[0] if node.output else "")
+
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """Type and shape of every tensor that onnx's shape inference can tell (never raises)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # inference is best effort; callers fall back to 'unknown'
+        inferred = model
+    g = inferred.graph
+    known = {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output)}
+    for t in g.initializer:
+        known.setdefault(t.name, onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return known

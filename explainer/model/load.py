@@ -1,0 +1,170 @@
+"""Source (path, bytes, ModelProto, registry name, None) → a checked ``onnx.ModelProto``.
+
+Models come from outside, so loading refuses, before any session allocates memory: files over
+``limits.MAX_MODEL_BYTES``, unparsable bytes, external-data tensors (unless allowed, and then only
+inside the model's own folder), operators from non-standard domains, and graphs whose weights or
+ConstantOfShape nodes declare more than ``limits.MAX_TENSOR_BYTES``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .. import limits
+from ..errors import InvalidParameterTypeError, ModelLoadError, ResourceLimitError, UnsupportedModelError
+from .graph import constant_value
+
+ALLOWED_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
+
+
+@dataclass
+class LoadedModel:
+    proto: onnx.ModelProto
+    name: str
+    sha256: str
+    registry_entry: object = None  # explainer.zoo.ModelEntry when loaded by registry name
+
+
+def load_model(source=None, *, allow_external_data: bool = False) -> LoadedModel:
+    if source is None:
+        from ..zoo import registry
+
+        return _from_registry(registry.DEFAULT)
+    if isinstance(source, onnx.ModelProto):
+        data = source.SerializeToString()
+        return _finish(_parse(data, "the given ModelProto"), source.graph.name or "model", data, None)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        return _finish(_parse(data, "the given bytes"), "model", data, None)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.exists():
+            return _from_path(path, allow_external_data)
+        from ..zoo import registry
+
+        if isinstance(source, str) and source in registry.REGISTRY:
+            return _from_registry(source)
+        raise ModelLoadError(
+            f"{str(source)!r} is neither an existing file nor a registry name; registry names: "
+            f"{', '.join(sorted(registry.REGISTRY))}.")
+    raise InvalidParameterTypeError(
+        "load: source must be None, a path, bytes, an onnx.ModelProto or a registry name; got "
+        f"{type(source).__name__}.")
+
+
+def _from_registry(name: str) -> LoadedModel:
+    from ..zoo import registry
+
+    entry = registry.REGISTRY[name]
+    path = entry.fetch()
+    loaded = _from_path(Path(path), allow_external_data=False)
+    loaded.name = name
+    loaded.registry_entry = entry
+    return loaded
+
+
+def _from_path(path: Path, allow_external_data: bool) -> LoadedModel:
+    if path.is_dir():
+        raise ModelLoadError(f"{str(path)!r} is a directory; pass the .onnx file inside it.")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelLoadError(f"{str(path)!r} is empty; the file is not an ONNX model.")
+    if size > limits.MAX_MODEL_BYTES:
+        raise ResourceLimitError(
+            f"{str(path)!r} is {size} bytes, over limits.MAX_MODEL_BYTES={limits.MAX_MODEL_BYTES}.")
+    data = path.read_bytes()
+    proto = _parse(data, repr(str(path)))
+    if _external_tensors(proto):
+        if not allow_external_data:
+            raise ModelLoadError(
+                f"{str(path)!r} stores weights in external files; loading them is off by default. "
+                "Pass allow_external_data=True if you trust the model (files must sit in its folder).")
+        _load_external(proto, path.parent)
+    return _finish(proto, path.stem, data, None)
+
+
+def _parse(data: bytes, what: str) -> onnx.ModelProto:
+    if len(data) == 0:
+        raise ModelLoadError(f"{what} is empty; it is not an ONNX model.")
+    if len(data) > limits.MAX_MODEL_BYTES:
+        raise ResourceLimitError(f"{what} is {len(data)} bytes, over limits.MAX_MODEL_BYTES.")
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except Exception as exc:
+        raise ModelLoadError(f"{what} is not a valid ONNX model: cannot parse it ({exc}).") from None
+    if not proto.graph.node:
+        raise ModelLoadError(f"{what} is not an ONNX model with a graph (no nodes found); "
+                             "the file is truncated, empty or of another format.")
+    return proto
+
+
+def _external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def _load_external(proto: onnx.ModelProto, base: Path) -> None:
+    base = base.resolve()
+    for tensor in _external_tensors(proto):
+        info = {e.key: e.value for e in tensor.external_data}
+        rel = info.get("location", "")
+        target = (base / rel).resolve()
+        if os.path.isabs(rel) or ".." in Path(rel).parts or base not in target.parents:
+            raise ModelLoadError(
+                f"external data {rel!r} of tensor {tensor.name!r} points outside the model's folder; "
+                "refused.")
+    try:
+        onnx.external_data_helper.load_external_data_for_model(proto, str(base))
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read the model's external data: {exc}") from None
+
+
+def _finish(proto: onnx.ModelProto, name: str, data: bytes, entry) -> LoadedModel:
+    check_safe(proto)
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise ModelLoadError(f"model {name!r} is not valid ONNX: {str(exc).splitlines()[0]}") from None
+    return LoadedModel(proto, name, hashlib.sha256(data).hexdigest(), entry)
+
+
+def check_safe(proto: onnx.ModelProto) -> None:
+    """Refuse custom operator domains and declared tensors beyond the memory budget."""
+    g = proto.graph
+    for node in g.node:
+        if node.domain not in ALLOWED_DOMAINS:
+            raise UnsupportedModelError(
+                f"node {node.name or node.output[0]!r} uses operator {node.op_type!r} from domain "
+                f"{node.domain!r}; only the standard domains {ALLOWED_DOMAINS} are supported.")
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise UnsupportedModelError(
+                f"node {node.name or node.output[0]!r} ({node.op_type}) has a subgraph; control flow "
+                "is not supported in image classifiers here.")
+    total = sum(_tensor_bytes(t) for t in g.initializer)
+    for node in g.node:
+        if node.op_type == "ConstantOfShape":
+            shape = constant_value(g, node.input[0])
+            if shape is not None:
+                total += int(np.prod(np.asarray(shape, dtype=np.float64))) * 4
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    total += _tensor_bytes(a.t)
+    if total > limits.MAX_TENSOR_BYTES:
+        raise ResourceLimitError(
+            f"the graph declares {total} bytes of weights and constants, over "
+            f"limits.MAX_TENSOR_BYTES={limits.MAX_TENSOR_BYTES}; raise it only for a trusted model.")
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except Exception:
+        itemsize = 8
+    return int(np.prod(np.asarray(list(t.dims), dtype=np.float64))) * itemsize

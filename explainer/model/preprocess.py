@@ -1,0 +1,127 @@
+"""From canonical pixels (float32 H x W x C, RGB, 0..255) to what the graph's input expects.
+
+``model_input = (pixels * scale - mean) / std`` per channel, in the model's channel order, after an
+antialiased bicubic resize to the graph's H x W (like MATLAB's imresize: the kernel widens when
+shrinking, so no aliasing). Presets:
+
+=========== ======================================================= ================
+name        formula                                                  channel order
+=========== ======================================================= ================
+imagenet    (x/255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]  RGB
+caffe       x - [103.939, 116.779, 123.68]                           BGR
+tf          x/127.5 - 1                                              RGB
+none        x (0..255; the graph normalises itself)                  RGB
+=========== ======================================================= ================
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..errors import InvalidParameterError, InvalidParameterTypeError
+
+CHANNEL_ORDERS = ("RGB", "BGR")
+METADATA_KEY = "onnx_explainer.preprocessing"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    mean: tuple = (0.0, 0.0, 0.0)
+    std: tuple = (1.0, 1.0, 1.0)
+    scale: float = 1.0
+    channel_order: str = "RGB"
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self):
+        for key in ("mean", "std"):
+            value = np.atleast_1d(np.asarray(getattr(self, key), dtype=np.float64))
+            if value.ndim != 1 or len(value) not in (1, 3) or not np.all(np.isfinite(value)):
+                raise InvalidParameterError(
+                    f"preprocessing: {key} must be one number or three finite numbers; got "
+                    f"{getattr(self, key)!r}.")
+            object.__setattr__(self, key, tuple(float(v) for v in value))
+        if any(s == 0 for s in self.std):
+            raise InvalidParameterError(f"preprocessing: std must be non-zero; got {self.std}.")
+        if not np.isfinite(self.scale) or self.scale == 0:
+            raise InvalidParameterError(f"preprocessing: scale must be a non-zero number; got {self.scale}.")
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise InvalidParameterError(
+                f"preprocessing: channel_order must be one of {CHANNEL_ORDERS}; got {self.channel_order!r}.")
+
+    def normalise(self, pixels: np.ndarray) -> np.ndarray:
+        """Channel order, scale, mean and std on an H x W x C (or N x H x W x C) array; no resizing."""
+        x = pixels[..., ::-1] if self.channel_order == "BGR" and pixels.shape[-1] == 3 else pixels
+        c = x.shape[-1]
+        mean = np.asarray(self.mean[:c] if len(self.mean) == 3 else self.mean * c, dtype=np.float32)
+        std = np.asarray(self.std[:c] if len(self.std) == 3 else self.std * c, dtype=np.float32)
+        return ((x * np.float32(self.scale) - mean) / std).astype(np.float32)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        return json.dumps(d)
+
+
+PRESETS = {
+    "imagenet": Preprocessing((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1 / 255, "RGB", "imagenet"),
+    "caffe": Preprocessing((103.939, 116.779, 123.68), (1.0,), 1.0, "BGR", "caffe"),
+    "tf": Preprocessing((1.0,), (1.0,), 1 / 127.5, "RGB", "tf"),
+    "none": Preprocessing((0.0,), (1.0,), 1.0, "RGB", "none"),
+}
+
+
+def resolve(value, metadata: dict | None = None, default: str = "imagenet") -> Preprocessing:
+    """``preprocessing=`` argument → ``Preprocessing``: a preset name, a dict of fields, an instance,
+    or None (the graph's metadata, else ``default``)."""
+    if value is None:
+        if metadata and METADATA_KEY in metadata:
+            try:
+                return Preprocessing(**json.loads(metadata[METADATA_KEY]))
+            except (ValueError, TypeError) as exc:
+                raise InvalidParameterError(
+                    f"the model's metadata {METADATA_KEY!r} is not a valid preprocessing spec ({exc}); "
+                    "pass preprocessing= explicitly.") from None
+        return PRESETS[default]
+    if isinstance(value, Preprocessing):
+        return value
+    if isinstance(value, str):
+        if value not in PRESETS:
+            raise InvalidParameterError(
+                f"load: preprocessing must be one of {sorted(PRESETS)}, a dict or a Preprocessing; "
+                f"got {value!r}.")
+        return PRESETS[value]
+    if isinstance(value, dict):
+        allowed = {"mean", "std", "scale", "channel_order", "name"}
+        unknown = set(value) - allowed
+        if unknown:
+            raise InvalidParameterError(
+                f"load: preprocessing dict has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}.")
+        return Preprocessing(**value)
+    raise InvalidParameterTypeError(
+        f"load: preprocessing must be a preset name, a dict or a Preprocessing; got {type(value).__name__}.")
+
+
+def resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Antialiased bicubic resize of an H x W x C float image (0..255) to ``size`` = (height, width)."""
+    from PIL import Image
+
+    h, w = size
+    if pixels.shape[:2] == (h, w):
+        return pixels
+    channels = [np.asarray(Image.fromarray(np.ascontiguousarray(pixels[:, :, c], dtype=np.float32))
+                           .resize((w, h), Image.BICUBIC), dtype=np.float32)
+                for c in range(pixels.shape[2])]
+    return np.clip(np.stack(channels, axis=2), 0.0, 255.0)  # bicubic overshoot stays in pixel range
+
+
+def match_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
+    """Gray images are repeated to 3 channels; colour images become gray (ITU-R BT.601) for 1-channel
+    models."""
+    have = pixels.shape[-1]
+    if have == channels:
+        return pixels
+    if channels == 3:
+        return np.repeat(pixels, 3, axis=-1)
+    weights = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
+    return (pixels @ weights)[..., None].astype(np.float32)

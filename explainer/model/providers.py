@@ -1,0 +1,71 @@
+"""Choosing onnxruntime execution providers: CUDA only where its provider really loads.
+
+onnxruntime-gpu lists CUDAExecutionProvider as available even on machines without a GPU or CUDA
+libraries, and then logs a long error when a session falls back to the CPU. We probe once, quietly,
+with a one-node model, and remember the answer.
+"""
+from __future__ import annotations
+
+import glob
+import platform
+from functools import lru_cache
+
+from ..errors import DeviceError, InvalidParameterError
+
+DEVICES = ("auto", "cpu", "cuda")
+CPU = ["CPUExecutionProvider"]
+CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def _quiet_session(model_bytes: bytes, providers):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    ort.set_default_logger_severity(4)
+    try:
+        return ort.InferenceSession(model_bytes, options, providers=providers)
+    finally:
+        ort.set_default_logger_severity(2)
+
+
+@lru_cache(maxsize=1)
+def cuda_available() -> bool:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    if platform.system() == "Linux" and not glob.glob("/dev/nvidia[0-9]*"):
+        return False  # no GPU device node: the provider cannot load, skip the noisy attempt
+    import onnx
+
+    if hasattr(ort, "preload_dlls"):
+        try:  # CUDA/cuDNN libraries shipped as pip packages (e.g. with torch)
+            ort.preload_dlls()
+        except Exception:
+            pass
+    node = onnx.helper.make_node("Identity", ["x"], ["y"])
+    graph = onnx.helper.make_graph([node], "probe", [onnx.helper.make_tensor_value_info("x", 1, [1])],
+                                   [onnx.helper.make_tensor_value_info("y", 1, [1])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    try:
+        session = _quiet_session(model.SerializeToString(), CUDA)
+    except Exception:
+        return False
+    return "CUDAExecutionProvider" in session.get_providers()
+
+
+def resolve_device(device: str) -> tuple[str, list[str]]:
+    """``device`` argument → (resolved device name, provider list)."""
+    if device not in DEVICES:
+        raise InvalidParameterError(f"load: device must be one of {DEVICES}; got {device!r}.")
+    if device == "cpu":
+        return "cpu", CPU
+    if cuda_available():
+        return "cuda", CUDA
+    if device == "cuda":
+        raise DeviceError(
+            "device='cuda' was requested but onnxruntime's CUDA execution provider cannot load here "
+            "(no GPU, or onnxruntime-gpu without matching CUDA/cuDNN libraries). Use device='cpu' or "
+            "'auto', or install onnxruntime-gpu with its CUDA dependencies.")
+    return "cpu", CPU

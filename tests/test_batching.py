@@ -1,0 +1,55 @@
+"""Graphs exported for batch 1 run any batch size; 'auto' batch size is measured once and cached."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import explainer
+from explainer.model import ort_engine
+from explainer.zoo.seeded import ARCHITECTURES, seeded_model
+
+
+def _images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (40 + 7 * i, 50, 3), dtype=np.uint8) for i in range(n)]
+
+
+def test_googlenet_fixed_batch_reshape_runs_batches(googlenet_graph):
+    net = googlenet_graph
+    assert net.input.fixed_batch == 1
+    assert any(line.startswith("reshape-batch") for line in net.normalisation_log)
+    images = _images(3)
+    batched = net.predict(images)
+    single = np.stack([net.predict(im) for im in images])
+    np.testing.assert_allclose(batched, single, rtol=1e-5, atol=1e-7)
+    # and equal to the untouched original graph run by onnxruntime, one image at a time
+    original = ort.InferenceSession(seeded_model("inception_v1").SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+    pixels, _ = net.prepare(images)
+    x = net.to_model_input(pixels)
+    direct = np.concatenate([original.run(None, {"data_0": x[i:i + 1]})[0] for i in range(3)])
+    np.testing.assert_allclose(batched, direct, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", sorted(set(ARCHITECTURES) - {"inception_v1"}))
+def test_compat_set_batches_equal_single(arch):
+    net = explainer.load(f"seeded-{arch}", batch_size=2)
+    images = _images(3, seed=1)
+    np.testing.assert_allclose(net.predict(images), np.stack([net.predict(i) for i in images]),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_auto_batch_size_measured_once_and_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("ONNX_EXPLAINER_CACHE", str(tmp_path))
+    from graphs import linear_classifier
+
+    model, _ = linear_classifier(size=(16, 16))
+    net = explainer.load(model, preprocessing="none")
+    calls = []
+    real_run = ort_engine.OrtEngine.run
+    monkeypatch.setattr(ort_engine.OrtEngine, "run", lambda self, b, o: calls.append(len(b)) or real_run(self, b, o))
+    chosen = net.batch_size
+    assert chosen in ort_engine.BATCH_CANDIDATES and len(calls) >= 4
+    again = explainer.load(model, preprocessing="none")
+    calls.clear()
+    assert again.batch_size == chosen and calls == []  # read from the cache, nothing measured
+    assert (tmp_path / "batch_sizes.json").is_file()

@@ -1,0 +1,35 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from explainer.cli import main
+
+
+@pytest.fixture(scope="module")
+def chelsea_png(tmp_path_factory, chelsea):
+    path = tmp_path_factory.mktemp("img") / "chelsea.png"
+    Image.fromarray(chelsea).save(path)
+    return path
+
+
+def test_classify_top3(chelsea_png, capsys):
+    assert main(["classify", str(chelsea_png), "--top-k", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [l.split(".", 1)[1].split()[0] for l in out[1:]] == ["Egyptian", "tiger", "tabby"]
+
+
+def test_layers_lists_ops(capsys):
+    assert main(["layers", "--model", "seeded-squeezenet"]) == 0
+    out = capsys.readouterr().out
+    assert "Concat" in out and "GlobalAveragePool" in out
+
+
+def test_user_error_is_one_line_and_nonzero(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "explainer", "classify", str(tmp_path / "missing.png")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,53 @@
+"""Layer listing and activations, against onnxruntime run directly on the graph with the layer exposed."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import explainer
+from explainer.errors import UnknownLayerError
+
+from graphs import linear_classifier
+
+
+def _direct(model: onnx.ModelProto, tensor: str, x: np.ndarray) -> np.ndarray:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run([tensor], {sess.get_inputs()[0].name: x})[0]
+
+
+def test_tiny_graph_layers_and_activations_by_node_and_tensor_name():
+    model, _ = linear_classifier(k=4, size=(8, 8))
+    net = explainer.load(model, preprocessing="none")
+    assert [(l.name, l.op_type, l.shape) for l in net.layers()] == [
+        ("conv1", "Conv", (4, 8, 8)), ("relu1", "Relu", (4, 8, 8)), ("gap", "GlobalAveragePool", (4, 1, 1)),
+        ("flatten", "Flatten", (4,))]
+    image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    x = image.astype(np.float32).transpose(2, 0, 1)[None]
+    np.testing.assert_allclose(net.activations(image, "relu1"), _direct(model, "relu", x)[0], rtol=1e-6)
+    np.testing.assert_allclose(net.activations(image, "relu"), _direct(model, "relu", x)[0], rtol=1e-6)
+    flat = net.activations(image, "flatten")
+    assert flat.shape == (4, 1, 1) and flat.dtype == np.float32
+
+
+def test_googlenet_activations_batch(googlenet_graph):
+    net = googlenet_graph
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(2)]
+    last_inception = [l for l in net.layers() if l.op_type == "Concat"][-1]  # the light graph's names are n1..
+    acts = net.activations(images, last_inception.name)
+    assert acts.shape == (2, *last_inception.shape) == (2, 1024, 6, 6)  # the zoo graph pools by floor
+    pixels, _ = net.prepare(images)
+    x = net.to_model_input(pixels)
+    from explainer.zoo.seeded import seeded_model
+
+    np.testing.assert_allclose(acts[1], _direct(seeded_model("inception_v1"), last_inception.output,
+                                                x[1:2])[0], rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_layer_lists_closest(default_net, chelsea):
+    name = default_net.layers()[10].name
+    with pytest.raises(UnknownLayerError, match="Closest: .*" + name[:8].replace(".", r"\.")):
+        default_net.activations(chelsea, name[:-1] + "X")

@@ -1,0 +1,116 @@
+"""Loading from every kind of source, the embedded default model, and refusals of bad models."""
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import explainer
+from explainer.errors import ModelLoadError, ResourceLimitError, UnsupportedModelError
+
+from graphs import linear_classifier
+
+
+def test_default_model_top3_on_chelsea(default_net, chelsea):
+    top = default_net.top_k(chelsea, 3)
+    assert [p.label for p in top] == ["Egyptian cat", "tiger cat", "tabby"]
+    assert [round(p.score, 2) for p in top] == pytest.approx([0.77, 0.10, 0.08], abs=0.011)
+
+
+def test_default_model_matches_torch_reference(default_net, chelsea):
+    """The embedded ONNX model equals the natively defined torch model with the packaged weights."""
+    import torch
+
+    from explainer.zoo.efficientnet_lite0 import pretrained
+
+    pixels, _ = default_net.prepare(chelsea)
+    x = (torch.from_numpy(pixels).permute(0, 3, 1, 2) - 127.0) / 128.0
+    with torch.no_grad():
+        expected = torch.softmax(pretrained()(x), 1).numpy()[0]
+    np.testing.assert_allclose(default_net.predict(chelsea), expected, atol=1e-5)
+
+
+def test_default_model_built_in_xdg_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("ONNX_EXPLAINER_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    from explainer.zoo import registry
+
+    path = registry.REGISTRY[registry.DEFAULT].fetch()
+    assert Path(path).parent == tmp_path / "onnx-explainer"
+    assert sorted(p.name for p in Path(path).parent.iterdir()) == [Path(path).name]  # no temp files left
+    onnx.checker.check_model(str(path))
+    mtime = os.stat(path).st_mtime_ns
+    registry.REGISTRY[registry.DEFAULT].fetch()
+    assert os.stat(path).st_mtime_ns == mtime  # built once
+
+
+def test_sources_path_bytes_proto_name_agree(tmp_path, chelsea):
+    model, _ = linear_classifier(k=5)
+    path = tmp_path / "tiny.onnx"
+    onnx.save(model, str(path))
+    results = [explainer.load(src, preprocessing="none").predict(chelsea)
+               for src in (str(path), path, path.read_bytes(), model)]
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+    by_name = explainer.load("seeded-squeezenet")
+    assert by_name.name == "seeded-squeezenet" and by_name.num_classes == 1000
+
+
+@pytest.mark.parametrize("source, match", [
+    ("no-such-model", "registry names: .*efficientnet_lite0"),
+    (b"", "empty"),
+    (b"\x08\x07garbage\xff\xff\xff", "not .*ONNX"),
+])
+def test_bad_sources(source, match):
+    with pytest.raises(ModelLoadError, match=match):
+        explainer.load(source)
+
+
+def test_directory_and_truncated_file(tmp_path):
+    with pytest.raises(ModelLoadError, match="directory"):
+        explainer.load(tmp_path)
+    model, _ = linear_classifier()
+    data = model.SerializeToString()
+    (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError):
+        explainer.load(tmp_path / "cut.onnx")
+
+
+def test_external_data_refused_by_default_and_confined(tmp_path):
+    model, _ = linear_classifier(k=300, c=3)
+    path = tmp_path / "ext.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    with pytest.raises(ModelLoadError, match="external"):
+        explainer.load(path)
+    net = explainer.load(path, allow_external_data=True, preprocessing="none")
+    assert net.num_classes == 300
+    # a location escaping the folder is refused
+    proto = onnx.load(str(path), load_external_data=False)
+    for t in proto.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../outside.bin"
+    (tmp_path / "evil.onnx").write_bytes(proto.SerializeToString())
+    with pytest.raises(ModelLoadError, match="outside"):
+        explainer.load(tmp_path / "evil.onnx", allow_external_data=True)
+
+
+def test_custom_domain_refused():
+    model, _ = linear_classifier()
+    model.graph.node[0].domain = "evil.custom"
+    model.opset_import.append(helper.make_opsetid("evil.custom", 1))
+    with pytest.raises(UnsupportedModelError, match="evil.custom"):
+        explainer.load(model.SerializeToString())
+
+
+def test_huge_constant_of_shape_refused_before_allocation():
+    model, _ = linear_classifier()
+    shape = numpy_helper.from_array(np.array([1 << 20, 1 << 20], np.int64), "huge_shape")
+    model.graph.initializer.append(shape)
+    model.graph.node.insert(0, helper.make_node("ConstantOfShape", ["huge_shape"], ["huge"]))
+    with pytest.raises(ResourceLimitError, match="MAX_TENSOR_BYTES"):
+        explainer.load(model.SerializeToString())

@@ -1,0 +1,32 @@
+import numpy as np
+import pytest
+
+import explainer
+from explainer.errors import DeviceError, InvalidParameterError
+from explainer.model.providers import cuda_available
+
+from graphs import linear_classifier
+
+
+def test_auto_is_quiet_and_runs(capfd):
+    model, _ = linear_classifier()
+    net = explainer.load(model, preprocessing="none", device="auto")
+    net.predict(np.zeros((8, 8, 3), np.uint8))
+    err = capfd.readouterr().err
+    assert "CUDAExecutionProvider" not in err and "Failed to load" not in err
+    assert net.device == ("cuda" if cuda_available() else "cpu")
+    assert net.ort.active_providers[-1] == "CPUExecutionProvider"
+
+
+@pytest.mark.skipif(cuda_available(), reason="CUDA provider loads on this machine")
+def test_cuda_requested_without_cuda_is_a_clear_error():
+    model, _ = linear_classifier()
+    with pytest.raises(DeviceError, match="device='cpu'"):
+        explainer.load(model, device="cuda")
+
+
+def test_cpu_forced_and_bad_device():
+    model, _ = linear_classifier()
+    assert explainer.load(model, device="cpu").ort.active_providers == ["CPUExecutionProvider"]
+    with pytest.raises(InvalidParameterError, match="'auto', 'cpu', 'cuda'"):
+        explainer.load(model, device="gpu")
