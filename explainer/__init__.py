@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from . import errors, limits
 from .errors import ExplainerError
+from .methods.gradcam import gradcam, gradcam_layers
+from .methods.gradients import gradient_attribution
 from .model import Classifier, Layer, Prediction, Preprocessing
+from .samples import sample_image
 
 __version__ = "0.1.0"
 
@@ -29,5 +32,5 @@ def load(source=None, *, preprocessing=None, labels=None, input_layout=None, dev
                       device=device, batch_size=batch_size)
 
 
-__all__ = ["load", "Classifier", "Layer", "Prediction", "Preprocessing", "ExplainerError", "errors",
+__all__ = ["load", "gradcam", "gradcam_layers", "gradient_attribution", "sample_image", "Classifier", "Layer", "Prediction", "Preprocessing", "ExplainerError", "errors",
            "limits"]

@@ -70,3 +70,33 @@ def linear_classifier(k=4, c=3, *, size=(8, 8), layout="NCHW", dtype=TensorProto
         return logits.reshape(len(x_nchw), k, 1, 1) if spatial_output else logits
 
     return model, reference
+
+
+def nhwc_uint8_softmax_variant(model: onnx.ModelProto, mean=127.0, std=128.0) -> onnx.ModelProto:
+    """The same classifier behind an NHWC uint8 input with the normalisation inside the graph, and a
+    Softmax on the output: what many production exports look like."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    old = g.input[0]
+    h, w = [d.dim_value for d in old.type.tensor_type.shape.dim[2:]]
+    new_in = helper.make_tensor_value_info("image_u8", TensorProto.UINT8, ["N", h, w, 3])
+    g.initializer.extend([numpy_helper.from_array(np.array(mean, np.float32), "pre_mean"),
+                          numpy_helper.from_array(np.array(std, np.float32), "pre_std")])
+    pre = [helper.make_node("Cast", ["image_u8"], ["pre_f"], to=TensorProto.FLOAT, name="pre_cast"),
+           helper.make_node("Transpose", ["pre_f"], ["pre_t"], perm=[0, 3, 1, 2], name="pre_transpose"),
+           helper.make_node("Sub", ["pre_t", "pre_mean"], ["pre_s"], name="pre_sub"),
+           helper.make_node("Div", ["pre_s", "pre_std"], [old.name], name="pre_div")]
+    logits = g.output[0].name
+    nodes = pre + list(g.node) + [helper.make_node("Softmax", [logits], ["probabilities"], axis=1,
+                                                   name="softmax")]
+    del g.node[:]
+    g.node.extend(nodes)
+    g.input.remove(old)
+    g.input.insert(0, new_in)
+    out = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 1000])
+    del g.output[:]
+    g.output.append(out)
+    del m.metadata_props[:]
+    onnx.checker.check_model(m)
+    return m

@@ -18,6 +18,7 @@ import onnx
 class PassContext:
     image_input: str
     log: list[str] = field(default_factory=list)
+    renamed: dict = field(default_factory=dict)  # original → safe names, filled by 'safe-names'
 
 
 @dataclass(frozen=True)
@@ -45,15 +46,16 @@ def register(name: str, *, targets=("torch",), order: int = 100):
     return wrap
 
 
-def normalise(model: onnx.ModelProto, target: str, image_input: str) -> tuple[onnx.ModelProto, list[str]]:
+def normalise(model: onnx.ModelProto, target: str, image_input: str,
+              ctx: PassContext | None = None) -> tuple[onnx.ModelProto, list[str]]:
     """A normalised copy of ``model`` and a log line per pass that changed something."""
-    from . import batch, constants  # noqa: F401  (registers the passes)
+    from . import batch, constants, names, ops  # noqa: F401  (registers the passes)
 
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}; got {target!r}")
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    ctx = PassContext(image_input)
+    ctx = ctx or PassContext(image_input)
     for p in sorted(PASSES.values(), key=lambda p: p.order):
         if target in p.targets:
             changed = p.fn(out, ctx)

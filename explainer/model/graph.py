@@ -94,10 +94,39 @@ def layer_name(node: onnx.NodeProto) -> str:
     return node.name or (node.output[0] if node.output else "")
 
 
+def is_large(t: onnx.TensorProto) -> bool:
+    count = 1
+    for d in t.dims:
+        count *= d
+    return count > 256
+
+
+def without_weight_data(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose large initializers keep name, type and dims but no data: what shape inference and
+    version conversion need, at a fraction of the serialisation cost."""
+    shell = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
+    shell.opset_import.extend(model.opset_import)
+    g, sg = model.graph, shell.graph
+    sg.name = g.name
+    sg.node.extend(g.node)
+    sg.input.extend(g.input)
+    sg.output.extend(g.output)
+    sg.value_info.extend(g.value_info)
+    for t in g.initializer:
+        if is_large(t):
+            s = sg.initializer.add()
+            s.name, s.data_type = t.name, t.data_type
+            s.dims.extend(t.dims)
+        else:
+            sg.initializer.add().CopyFrom(t)
+    return shell
+
+
 def infer_shapes(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     """Type and shape of every tensor that onnx's shape inference can tell (never raises)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(without_weight_data(model), strict_mode=False,
+                                                     data_prop=True)
     except Exception:  # inference is best effort; callers fall back to 'unknown'
         inferred = model
     g = inferred.graph

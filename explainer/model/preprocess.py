@@ -102,8 +102,9 @@ def resolve(value, metadata: dict | None = None, default: str = "imagenet") -> P
         f"load: preprocessing must be a preset name, a dict or a Preprocessing; got {type(value).__name__}.")
 
 
-def resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Antialiased bicubic resize of an H x W x C float image (0..255) to ``size`` = (height, width)."""
+def resize(pixels: np.ndarray, size: tuple[int, int], clip: bool = True) -> np.ndarray:
+    """Antialiased bicubic resize of an H x W x C float image to ``size`` = (height, width); pixels
+    (``clip=True``) stay in 0..255 despite bicubic overshoot, maps (``clip=False``) are left as they are."""
     from PIL import Image
 
     h, w = size
@@ -112,7 +113,8 @@ def resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     channels = [np.asarray(Image.fromarray(np.ascontiguousarray(pixels[:, :, c], dtype=np.float32))
                            .resize((w, h), Image.BICUBIC), dtype=np.float32)
                 for c in range(pixels.shape[2])]
-    return np.clip(np.stack(channels, axis=2), 0.0, 255.0)  # bicubic overshoot stays in pixel range
+    out = np.stack(channels, axis=2)
+    return np.clip(out, 0.0, 255.0) if clip else out
 
 
 def match_channels(pixels: np.ndarray, channels: int) -> np.ndarray:

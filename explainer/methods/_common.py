@@ -1,0 +1,46 @@
+"""What every method does before and after its own work: images in, labels resolved, maps out."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import NonFiniteOutputError
+from ..io import to_pixel_batch
+from ..model.preprocess import resize
+
+
+def images_and_labels(net, image, label, where: str):
+    """(list of canonical H x W x C pixel arrays, whether a batch was given, class indices, several?)"""
+    pixels, is_batch = to_pixel_batch(image)
+    indices, several = net.class_indices(label, f"{where}: label")
+    return pixels, is_batch, indices, several
+
+
+def resize_map(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bicubic resize of a float map (K, h, w) to (K, H, W), unclipped."""
+    if m.shape[-2:] == tuple(size):
+        return m.astype(np.float32)
+    return np.stack([resize(k[:, :, None].astype(np.float32), size, clip=False)[:, :, 0] for k in m])
+
+
+def rescale(m: np.ndarray) -> np.ndarray:
+    """Each (H, W) map linearly to [0, 1] (MATLAB's rescale); constant maps become zeros."""
+    out = np.zeros_like(m, dtype=np.float32)
+    for idx in np.ndindex(m.shape[:-2]):
+        lo, hi = float(m[idx].min()), float(m[idx].max())
+        if hi > lo:
+            out[idx] = (m[idx] - lo) / (hi - lo)
+    return out
+
+
+def finish(maps: list[np.ndarray], is_batch: bool, several: bool, method: str):
+    """Per-image (K, H, W) maps → the public shape: (H, W), (K, H, W), or stacked/listed per image."""
+    for m in maps:
+        if not np.all(np.isfinite(m)):
+            raise NonFiniteOutputError(f"{method}: the map contains NaN or infinite values; the model's "
+                                       "scores or gradients are not finite for this image.")
+    out = [np.ascontiguousarray(m if several else m[0], dtype=np.float32) for m in maps]
+    if not is_batch:
+        return out[0]
+    if len({m.shape for m in out}) == 1:
+        return np.stack(out)
+    return out

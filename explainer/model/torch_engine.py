@@ -1,0 +1,179 @@
+"""Gradients: the normalised graph converted by onnx2torch into a ``torch.nn.Module``, checked once
+against onnxruntime, and wrapped so that it takes the user's pixels.
+
+``PixelModel`` maps N x C x h x w RGB pixels (0..255, at any size h x w) to the class logits: an
+antialiased bicubic resize to the graph's size, our preprocessing, the graph's layout, then the
+converted graph. Gradients therefore reach the image the user passed, through every preprocessing step
+(ours and any inside the graph).
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import numpy as np
+import onnx
+
+from ..convert import PassContext, normalise
+from ..convert.ops import check_differentiable
+from ..errors import ConversionError, UnknownLayerError
+
+MAX_RELATIVE_ERROR = 1e-4
+_CACHE: dict = {}
+_LOCK = threading.Lock()
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+class PixelModel(_torch().nn.Module):
+    """Pixels (N, C, h, w) in 0..255, RGB → logits (N, K) of the converted graph."""
+
+    def __init__(self, graph_module, spec, preprocessing, logits_index: int):
+        super().__init__()
+        torch = _torch()
+        self.graph = graph_module
+        self.size = spec.size
+        self.nhwc = spec.layout == "NHWC"
+        c = spec.channels
+        self.to_gray = c == 1
+        self.bgr = preprocessing.channel_order == "BGR" and c == 3
+        mean = preprocessing.mean if len(preprocessing.mean) == 3 else preprocessing.mean * 3
+        std = preprocessing.std if len(preprocessing.std) == 3 else preprocessing.std * 3
+        if self.bgr:
+            mean, std = mean[::-1], std[::-1]  # applied before the flip, so in RGB order
+        self.register_buffer("mean", torch.tensor(mean[:c] if c == 3 else mean[:1], dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std[:c] if c == 3 else std[:1], dtype=torch.float32).view(1, -1, 1, 1))
+        self.scale = float(preprocessing.scale)
+        self.logits_index = logits_index
+
+    def model_input(self, pixels):
+        torch = _torch()
+        F = torch.nn.functional
+        x = pixels
+        if tuple(x.shape[-2:]) != tuple(self.size):
+            x = F.interpolate(x, size=self.size, mode="bicubic", antialias=True, align_corners=False)
+            x = x.clamp(0.0, 255.0)
+        if self.to_gray and x.shape[1] == 3:
+            x = (x * torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        elif not self.to_gray and x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = (x * self.scale - self.mean) / self.std
+        if self.bgr:
+            x = x.flip(1)
+        if self.nhwc:
+            x = x.permute(0, 2, 3, 1)
+        return x
+
+    def forward(self, pixels):
+        out = self.graph(self.model_input(pixels))
+        if isinstance(out, (tuple, list)):
+            out = out[self.logits_index]
+        return out.reshape(out.shape[0], -1)
+
+
+class TorchEngine:
+    """The converted module of one classifier, with hooks addressed by original ONNX names."""
+
+    def __init__(self, net):
+        torch = _torch()
+        import onnx2torch
+
+        self.net = net
+        source = onnx.ModelProto()
+        source.CopyFrom(net.source_model)
+        logits = net.output.softmax_input or net.output.name
+        outputs = [o.name for o in source.graph.output]
+        if logits not in outputs:
+            source.graph.output.append(onnx.helper.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, None))
+            outputs.append(logits)
+        check_differentiable(source, net.input.name, logits)  # on the original names, for the message
+        ctx = PassContext(net.input.name)
+        model, self.log = normalise(source, "torch", net.input.name, ctx)
+        self.tensor_names: dict[str, str] = ctx.renamed["tensors"]
+        self.node_names: dict[str, str] = ctx.renamed["nodes"]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph_module = onnx2torch.convert(model)
+        except Exception as exc:
+            raise ConversionError(
+                f"onnx2torch cannot convert model {net.name!r}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}. Occlusion and LIME still work.") from None
+        graph_module.eval()
+        for p in graph_module.parameters():
+            p.requires_grad_(False)
+        self.graph_module = graph_module
+        self.producers = {}
+        for node in model.graph.node:
+            for k, out in enumerate(node.output):
+                self.producers[out] = (node.name, k)
+        self.pixel_model = PixelModel(graph_module, net.input, net.preprocessing, outputs.index(logits)).eval()
+        self.max_relative_error = self._check_against_onnxruntime(logits)
+
+    def _check_against_onnxruntime(self, logits: str) -> float:
+        torch = _torch()
+        net = self.net
+        rng = np.random.default_rng(12345)
+        pixels = rng.uniform(0, 255, (2, *net.input.size, net.input.channels)).astype(np.float32)
+        if net.input.dtype == np.uint8:
+            pixels = np.rint(pixels)
+        expected = net.ort.run(net.to_model_input(pixels), [logits])[0].reshape(2, -1).astype(np.float64)
+        with torch.no_grad():
+            got = self.pixel_model(torch.from_numpy(pixels).permute(0, 3, 1, 2)).double().numpy()
+        error = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12))
+        if not error <= MAX_RELATIVE_ERROR:
+            raise ConversionError(
+                f"the converted torch module of {net.name!r} differs from onnxruntime: relative max error "
+                f"{error:.2e} on pre-softmax scores (allowed {MAX_RELATIVE_ERROR:.0e}); gradient methods "
+                "are refused for this model. Occlusion and LIME (onnxruntime) still work.")
+        return error
+
+    # addressing layers ----------------------------------------------------------------------------
+    def module_for(self, layer_name: str):
+        """(submodule, output index) computing the original ONNX layer or tensor ``layer_name``."""
+        layer = self.net.layer(layer_name)
+        safe = self.tensor_names.get(layer.output)
+        if safe is None or safe not in self.producers:
+            raise UnknownLayerError(f"layer {layer_name!r} has no counterpart in the converted module.")
+        node, index = self.producers[safe]
+        try:
+            return self.graph_module.get_submodule(node), index
+        except AttributeError:
+            raise UnknownLayerError(
+                f"layer {layer_name!r} was folded into constants during conversion; pick a layer that "
+                "depends on the image.") from None
+
+    @contextmanager
+    def capture(self, layer_names: Sequence[str]) -> Iterator[dict]:
+        """Records the output tensors of the given layers during forward passes; hooks always removed."""
+        captured: dict[str, object] = {}
+        handles = []
+        try:
+            for name in layer_names:
+                module, index = self.module_for(name)
+
+                def hook(mod, args, output, name=name, index=index):
+                    captured[name] = output[index] if isinstance(output, (tuple, list)) else output
+
+                handles.append(module.register_forward_hook(hook))
+            yield captured
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def torch_engine(net) -> TorchEngine:
+    """The (cached) converted module of a classifier: converted once per model and preprocessing."""
+    key = (net.sha256, net.input, net.preprocessing, net.output)
+    with _LOCK:
+        engine = _CACHE.get(key)
+        if engine is None:
+            engine = TorchEngine(net)
+            _CACHE[key] = engine
+    return engine

@@ -1,0 +1,121 @@
+"""ONNX → torch conversion: every compatibility-set graph and the default model, and variants, match
+onnxruntime; hostile names never reach generated code; non-differentiable paths are named."""
+import builtins
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+import explainer
+from explainer.errors import ConversionError
+from explainer.model.torch_engine import MAX_RELATIVE_ERROR, torch_engine
+from explainer.zoo.seeded import ARCHITECTURES
+
+from graphs import linear_classifier, nhwc_uint8_softmax_variant
+
+
+def _check_against_ort(net, seed=7):
+    """The converted module on fresh random images equals onnxruntime's pre-softmax scores."""
+    engine = torch_engine(net)
+    pixels = np.random.default_rng(seed).uniform(0, 255, (2, *net.input.size, net.input.channels))
+    pixels = np.rint(pixels).astype(np.float32)
+    logits = net.output.softmax_input or net.output.name
+    expected = net.ort.run(net.to_model_input(pixels), [logits])[0].reshape(2, -1)
+    with torch.no_grad():
+        got = engine.pixel_model(torch.from_numpy(pixels).permute(0, 3, 1, 2)).numpy()
+    error = np.abs(got - expected).max() / np.abs(expected).max()
+    assert error <= MAX_RELATIVE_ERROR, error
+    return engine
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_compat_set_converts_and_matches(arch):
+    net = explainer.load(f"seeded-{arch}", batch_size=2)
+    _check_against_ort(net)
+
+
+def test_googlenet_graph_needs_the_passes(googlenet_graph):
+    engine = _check_against_ort(googlenet_graph)
+    applied = {line.split(":")[0] for line in engine.log}
+    assert {"opset-upgrade", "remove-dropout", "asymmetric-pool", "reshape-batch"} <= applied
+
+
+def test_default_and_nhwc_uint8_softmax_variant(default_net):
+    _check_against_ort(default_net)
+    variant = nhwc_uint8_softmax_variant(default_net.source_model)
+    net = explainer.load(variant)
+    assert (net.input.layout, net.input.dtype, net.output.softmax_input) == ("NHWC", np.uint8, "logits")
+    _check_against_ort(net)
+    # gradients reach the user's pixels through the graph's own preprocessing
+    g = explainer.methods.gradients.pixel_attributions(net, np.full((64, 80, 3), 100, np.uint8), 1)
+    assert g.shape == (1, 3, 64, 80) and np.abs(g).sum() > 0
+
+
+def test_conversion_cached(default_net):
+    assert torch_engine(default_net) is torch_engine(default_net)
+
+
+HOSTILE = "__import__('os').system('touch /tmp/onnx_explainer_pwned')"
+
+
+def test_hostile_names_never_reach_generated_code(monkeypatch, tmp_path):
+    model, _ = linear_classifier(k=3)
+    mapping = {}
+    for i, node in enumerate(model.graph.node):
+        node.name = f"{HOSTILE} #{i}\n\"'"
+        node.doc_string = HOSTILE
+    # rename the tensors too (keeping the graph consistent)
+    for node in model.graph.node:
+        for k, name in enumerate(node.output):
+            mapping[name] = f"{name}');{HOSTILE};('"
+            node.output[k] = mapping[name]
+        for k, name in enumerate(node.input):
+            node.input[k] = mapping.get(name, name)
+    model.graph.output[0].name = mapping[model.graph.output[0].name]
+    model.doc_string = HOSTILE
+    compiled = []
+    real_compile = builtins.compile
+
+    def watching_compile(source, *args, **kwargs):
+        text = source if isinstance(source, str) else ""
+        compiled.append(text)
+        assert "system" not in text and "__import__('os')" not in text
+        return real_compile(source, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "compile", watching_compile)
+    net = explainer.load(model, preprocessing="none")
+    engine = torch_engine(net)
+    assert "system" not in engine.graph_module.code
+    relu_name = next(l.name for l in net.layers() if l.op_type == "Relu")
+    cam = explainer.gradcam(net, np.full((8, 8, 3), 200, np.uint8), 0, feature_layer=relu_name)
+    assert cam.shape == (8, 8)
+    acts = net.activations(np.full((8, 8, 3), 200, np.uint8), relu_name)
+    assert acts.shape == (3, 8, 8)
+    import os
+
+    assert not os.path.exists("/tmp/onnx_explainer_pwned")
+
+
+def test_non_differentiable_path_names_the_node():
+    model, _ = linear_classifier(k=3)
+    g = model.graph
+    g.node.insert(0, helper.make_node("Floor", ["image"], ["image_floor"], name="quantise"))
+    for node in g.node[1:]:
+        for k, name in enumerate(node.input):
+            if name == "image":
+                node.input[k] = "image_floor"
+    net = explainer.load(model, preprocessing="none")
+    with pytest.raises(ConversionError, match="'quantise' \\(Floor\\)"):
+        explainer.gradient_attribution(net, np.zeros((8, 8, 3), np.uint8), 0)
+
+
+def test_mismatch_refuses_gradient_methods(default_net, monkeypatch):
+    from explainer.model import torch_engine as te
+
+    monkeypatch.setattr(te, "_CACHE", {})
+    monkeypatch.setattr(te, "MAX_RELATIVE_ERROR", 0.0)  # any rounding difference is now a mismatch
+    with pytest.raises(ConversionError, match="differs from onnxruntime"):
+        explainer.gradcam(default_net, np.zeros((224, 224, 3), np.uint8), 0)
