@@ -10,6 +10,8 @@ from . import errors, limits
 from .errors import ExplainerError
 from .methods.gradcam import gradcam, gradcam_layers
 from .methods.gradients import gradient_attribution
+from .methods.lime import image_lime, lime_explanation
+from .methods.occlusion import occlusion_sensitivity
 from .model import Classifier, Layer, Prediction, Preprocessing
 from .samples import sample_image
 
@@ -32,5 +34,5 @@ def load(source=None, *, preprocessing=None, labels=None, input_layout=None, dev
                       device=device, batch_size=batch_size)
 
 
-__all__ = ["load", "gradcam", "gradcam_layers", "gradient_attribution", "sample_image", "Classifier", "Layer", "Prediction", "Preprocessing", "ExplainerError", "errors",
+__all__ = ["load", "occlusion_sensitivity", "image_lime", "lime_explanation", "gradcam", "gradcam_layers", "gradient_attribution", "sample_image", "Classifier", "Layer", "Prediction", "Preprocessing", "ExplainerError", "errors",
            "limits"]

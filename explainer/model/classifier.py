@@ -99,11 +99,12 @@ class Classifier:
     def prepare(self, images) -> tuple[np.ndarray, bool]:
         """Images as users pass them → (N x H x W x C float32 pixels at the model's size, batch?)."""
         pixels, is_batch = to_pixel_batch(images)
-        h, w = self.input.size
-        out = np.empty((len(pixels), h, w, self.input.channels), np.float32)
-        for i, p in enumerate(pixels):
-            out[i] = preprocess_mod.match_channels(preprocess_mod.resize(p, (h, w)), self.input.channels)
-        return out, is_batch
+        return np.stack([self.fit_pixels(p) for p in pixels]), is_batch
+
+    def fit_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """One canonical H x W x C image → the network's size and channel count (still pixels)."""
+        resized = preprocess_mod.resize(pixels, self.input.size)
+        return preprocess_mod.match_channels(resized, self.input.channels).astype(np.float32)
 
     def to_model_input(self, pixels: np.ndarray) -> np.ndarray:
         """N x H x W x C pixels (0..255, RGB) → the graph's input tensor (normalised, laid out, typed)."""

@@ -134,6 +134,13 @@ class TorchEngine:
                 "are refused for this model. Occlusion and LIME (onnxruntime) still work.")
         return error
 
+    def logits_from_model_input(self, x):
+        """Logits (N, K) for a batch already in the graph's input form (float, normalised, laid out)."""
+        out = self.graph_module(x)
+        if isinstance(out, (tuple, list)):
+            out = out[self.pixel_model.logits_index]
+        return out.reshape(out.shape[0], -1)
+
     # addressing layers ----------------------------------------------------------------------------
     def module_for(self, layer_name: str):
         """(submodule, output index) computing the original ONNX layer or tensor ``layer_name``."""

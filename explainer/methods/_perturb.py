@@ -1,0 +1,90 @@
+"""The one batching loop of every perturbation method (occlusion, LIME, deletion/insertion curves).
+
+A method describes its perturbed images as ``make_batch(start, stop)`` returning a batch in the
+graph's input form, usually written through a ``Canvas``; this loop asks for one batch at a time (so
+memory does not grow with the number of masks or samples), forwards it on the chosen backend and
+yields class probabilities. Callers may stop early.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ..validation import check_choice
+
+BACKENDS = ("onnxruntime", "torch")
+
+
+def forward_fn(net, backend: str) -> Callable[[np.ndarray], np.ndarray]:
+    """Model-input batch → (N, K) float32 probabilities on ``backend``."""
+    if backend == "onnxruntime":
+        session_outputs = [net.output.name]
+        session = net.ort.session(session_outputs)
+
+        def run(x):
+            return net.scores_from_outputs(session.run(session_outputs, {net.input.name: x}))
+
+        return run
+    import torch
+
+    from ..model.torch_engine import torch_engine
+
+    engine = torch_engine(net)
+
+    already_probabilities = net.output.is_probability and not net.output.softmax_input
+
+    def run_torch(x):
+        with torch.no_grad():
+            out = engine.logits_from_model_input(torch.from_numpy(np.asarray(x, dtype=np.float32))).numpy()
+        if not np.all(np.isfinite(out)):
+            return net.scores_from_outputs([out])  # raises the library's NonFiniteOutputError
+        if already_probabilities:
+            return out.astype(np.float32)
+        z = out.astype(np.float64)
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    return run_torch
+
+
+class Canvas:
+    """The image and what replaces occluded pixels, converted to the graph's input form once, so that
+    perturbations are written straight into model input instead of normalising every batch."""
+
+    def __init__(self, net, pixels: np.ndarray, fill: np.ndarray):
+        self.base = net.to_model_input(pixels[None])
+        self.fill = net.to_model_input(np.broadcast_to(fill, pixels.shape).astype(np.float32)[None])
+        self.channels_first = net.input.layout == "NCHW"
+
+    def copies(self, n: int) -> np.ndarray:
+        return np.repeat(self.base, n, axis=0)
+
+    def occlude_rectangle(self, out: np.ndarray, rows: tuple[int, int], cols: tuple[int, int]) -> None:
+        """Occlude one rectangle of one image ``out`` (a view of a batch row)."""
+        (r0, r1), (c0, c1) = rows, cols
+        if self.channels_first:
+            out[:, r0:r1, c0:c1] = self.fill[0, :, r0:r1, c0:c1]
+        else:
+            out[r0:r1, c0:c1] = self.fill[0, r0:r1, c0:c1]
+
+    def occlude_masks(self, masks: np.ndarray) -> np.ndarray:
+        """A batch with the pixels where ``masks`` (N x H x W, True = occluded) replaced by the fill."""
+        m = masks[:, None] if self.channels_first else masks[..., None]
+        return np.where(m, self.fill, self.base)
+
+
+def stream_probabilities(net, make_batch: Callable[[int, int], np.ndarray], total: int, *,
+                         batch_size: int, backend: str = "onnxruntime", verbose: bool = True,
+                         desc: str = "") -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield (start, stop, probabilities) for perturbed images ``0 .. total-1`` in batches."""
+    from tqdm.auto import tqdm
+
+    check_choice(desc or "perturbation", "backend", backend, BACKENDS)
+    run = forward_fn(net, backend)
+    with tqdm(total=total, desc=desc, unit="img", disable=not verbose, leave=False) as bar:
+        for start in range(0, total, batch_size):
+            stop = min(start + batch_size, total)
+            probs = run(make_batch(start, stop))
+            bar.update(stop - start)
+            yield start, stop, probs

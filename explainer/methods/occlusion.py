@@ -1,0 +1,137 @@
+"""Occlusion sensitivity (Zeiler & Fergus 2014) with MATLAB's ``occlusionSensitivity`` options, on
+onnxruntime (or the converted module).
+
+The image is resized to the network's input size; a mask slides over it with ``stride``; the map at
+each mask position is the drop of the class probability when that region is occluded. How each
+"auto" resolves (H x W the network's input size):
+
+* ``mask_size="auto"``: 20 % of H and of W, rounded (at least 1 pixel);
+* ``stride="auto"``: 10 % of H and of W, rounded up;
+* ``mask_value="auto"``: the image's mean colour (per channel);
+* ``mask_clipping=True``: mask centres run over the whole image, from its first pixel, and masks are
+  clipped at the borders; ``False``: masks lie fully inside the image (Captum's windows).
+
+``output_upsampling``: "bicubic" or "nearest" resize the grid of drops to the image size, "none"
+returns the grid (K, gh, gw), "coverage" gives each pixel the mean drop of the masks covering it
+(Captum's Occlusion output, at the network's input size, then resized like the others).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import InvalidParameterError, InvalidParameterTypeError
+from ..model.preprocess import resize
+from ..validation import check_batch_size, check_choice, check_int
+from ._common import finish, images_and_labels, resize_map
+from ._perturb import BACKENDS, Canvas, forward_fn, stream_probabilities
+
+UPSAMPLING = ("bicubic", "nearest", "none", "coverage")
+
+
+def _pair(value, name, size, default_fraction, rounding):
+    where = "occlusion_sensitivity"
+    if isinstance(value, str):
+        if value != "auto":
+            raise InvalidParameterError(f"{where}: {name} must be 'auto', a positive integer or a pair; got {value!r}.")
+        return tuple(max(1, int(rounding(default_fraction * s))) for s in size)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (value, value)
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise InvalidParameterTypeError(
+            f"{where}: {name} must be 'auto', a positive integer or a (height, width) pair; got {value!r}.")
+    out = tuple(check_int(where, name, v, minimum=1) for v in value)
+    return out
+
+
+def mask_positions(size: int, mask: int, stride: int, clipping: bool) -> list[tuple[int, int]]:
+    """[start, stop) of each mask along one axis."""
+    if clipping:
+        centres = range(0, size, stride)
+        return [(max(0, c - mask // 2), min(size, c - mask // 2 + mask)) for c in centres]
+    return [(t, t + mask) for t in range(0, size - mask + 1, stride)]
+
+
+def occlusion_sensitivity(net, image, label, *, mask_size="auto", stride="auto", mask_value="auto",
+                          output_upsampling="bicubic", mask_clipping=True, batch_size="auto",
+                          backend="onnxruntime", verbose=True):
+    """Occlusion map(s): (H, W) for one label, (K, H, W) for several (all labels share the forward
+    passes); values are probability drops (positive: the region supports the class)."""
+    where = "occlusion_sensitivity"
+    check_choice(where, "output_upsampling", output_upsampling, UPSAMPLING)
+    check_choice(where, "backend", backend, BACKENDS)
+    if not isinstance(mask_clipping, (bool, np.bool_)):
+        raise InvalidParameterTypeError(f"{where}: mask_clipping must be True or False; got {mask_clipping!r}.")
+    size = net.input.size
+    mask = _pair(mask_size, "mask_size", size, 0.2, round)
+    step = _pair(stride, "stride", size, 0.1, math.ceil)
+    if mask[0] > size[0] or mask[1] > size[1]:
+        raise InvalidParameterError(
+            f"{where}: mask_size {mask} is larger than the network's input size {size}; it must be at "
+            f"most {size}.")
+    batch = net.resolve_batch_size(check_batch_size(where, batch_size), where)
+    pixels, is_batch, indices, several = images_and_labels(net, image, label, where)
+    rows = mask_positions(size[0], mask[0], step[0], bool(mask_clipping))
+    cols = mask_positions(size[1], mask[1], step[1], bool(mask_clipping))
+    maps = []
+    for p in pixels:
+        small = net.fit_pixels(p)
+        fill = _fill_value(mask_value, small)
+        grid = _drops(net, small, fill, rows, cols, indices, batch, backend, verbose)
+        maps.append(_upsample(grid, rows, cols, size, p.shape[:2], output_upsampling))
+    return finish(maps, is_batch, several, where)
+
+
+def _fill_value(mask_value, small: np.ndarray) -> np.ndarray:
+    c = small.shape[-1]
+    if isinstance(mask_value, str):
+        if mask_value != "auto":
+            raise InvalidParameterError(
+                f"occlusion_sensitivity: mask_value must be 'auto', a pixel value 0..255 or one per "
+                f"channel; got {mask_value!r}.")
+        return small.reshape(-1, c).mean(axis=0).astype(np.float32)
+    value = np.atleast_1d(np.asarray(mask_value, dtype=np.float64))
+    if value.ndim != 1 or len(value) not in (1, c) or not np.all((value >= 0) & (value <= 255)):
+        raise InvalidParameterError(
+            f"occlusion_sensitivity: mask_value must be 'auto' or pixel values in 0..255 (one, or one "
+            f"per channel); got {mask_value!r}.")
+    return np.broadcast_to(value, (c,)).astype(np.float32)
+
+
+def _drops(net, small, fill, rows, cols, indices, batch, backend, verbose):
+    positions = [(r, c) for r in rows for c in cols]
+    canvas = Canvas(net, small, fill)
+
+    def make_batch(start, stop):
+        out = canvas.copies(stop - start)
+        for k, (r, c) in enumerate(positions[start:stop]):
+            canvas.occlude_rectangle(out[k], r, c)
+        return out
+
+    original = forward_fn(net, backend)(canvas.base)[0, indices]
+    drops = np.empty((len(positions), len(indices)), np.float32)
+    for start, stop, probs in stream_probabilities(net, make_batch, len(positions), batch_size=batch,
+                                                   backend=backend, verbose=verbose, desc="occlusion"):
+        drops[start:stop] = original[None, :] - probs[:, indices]
+    return drops.T.reshape(len(indices), len(rows), len(cols))
+
+
+def _upsample(grid, rows, cols, size, image_size, mode):
+    if mode == "none":
+        return grid
+    if mode == "coverage":
+        total = np.zeros((len(grid), *size), np.float64)
+        count = np.zeros(size, np.float64)
+        for i, (r0, r1) in enumerate(rows):
+            for j, (c0, c1) in enumerate(cols):
+                total[:, r0:r1, c0:c1] += grid[:, i, j][:, None, None]
+                count[r0:r1, c0:c1] += 1
+        full = (total / np.maximum(count, 1)).astype(np.float32)
+        return resize_map(full, image_size)
+    if mode == "nearest":
+        import cv2
+
+        return np.stack([cv2.resize(g, (image_size[1], image_size[0]), interpolation=cv2.INTER_NEAREST)
+                         for g in grid]).astype(np.float32)
+    return resize_map(grid, image_size)
