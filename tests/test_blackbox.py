@@ -72,7 +72,7 @@ def test_lime_linear_weights_equal_lime_package(default_net, image224):
     from lime.lime_image import LimeImageExplainer
 
     exp = explainer.lime_explanation(default_net, image224, [285, 282], num_samples=300, model="linear",
-                                     random_state=3, verbose=False, batch_size=16)
+                                     random_state=3, verbose=False, batch_size=16, stop_tolerance=None)
     small = image224.astype(np.float32)
     fill = small.reshape(-1, 3).mean(axis=0)
 
@@ -99,6 +99,18 @@ def test_lime_seeded_reproducible_and_backends_agree(default_net, image224):
     np.testing.assert_allclose(t, o, atol=1e-4)
     c = explainer.image_lime(default_net, image224, 285, **{**kw, "random_state": 12})
     assert not np.array_equal(a, c)
+
+
+def test_lime_stops_early_when_weights_are_settled(default_net, image224):
+    from scipy.stats import spearmanr
+
+    early = explainer.lime_explanation(default_net, image224, 285, num_samples=2048, model="linear",
+                                       random_state=0, verbose=False)
+    full = explainer.lime_explanation(default_net, image224, 285, num_samples=2048, model="linear",
+                                      random_state=0, verbose=False, stop_tolerance=None)
+    assert len(full.samples) == 2048 and len(early.samples) < 1024
+    np.testing.assert_array_equal(early.samples, full.samples[:len(early.samples)])  # same stream
+    assert spearmanr(early.weights[0], full.weights[0])[0] > 0.6
 
 
 def test_lime_segmentations(default_net, image224):

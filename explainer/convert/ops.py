@@ -138,8 +138,9 @@ def asymmetric_pool(model: onnx.ModelProto, ctx) -> int:
 
 @register("relu6-as-relu", targets=("torch",), order=50)
 def relu6_as_relu(model: onnx.ModelProto, ctx) -> int:
-    """Clip(min=0, max=m) → Relu then Min(., m): the same function, and ReLU-based methods (guided
-    backpropagation, default Grad-CAM layers) see the ReLU inside ReLU6."""
+    """Clip(min=0, max=m) → Relu then Clip(0, m): the same function, and ReLU-based methods (guided
+    backpropagation, Captum's GuidedBackprop) see the ReLU inside ReLU6. (Not Min: onnx2torch's Min
+    stacks broadcast copies and doubles the backward time.)"""
     g = model.graph
     replacements = {}
     for i, node in enumerate(g.node):
@@ -153,7 +154,8 @@ def relu6_as_relu(model: onnx.ModelProto, ctx) -> int:
         new = [helper.make_node("Relu", [node.input[0]], [relu_out], name=f"{node.name}__relu")]
         if high is not None and np.isfinite(high):
             cap = _const(g, f"{node.output[0]}__max", np.array(high, np.float32))
-            new.append(helper.make_node("Min", [relu_out, cap], [node.output[0]], name=node.name))
+            floor = _const(g, f"{node.output[0]}__min", np.array(0.0, np.float32))
+            new.append(helper.make_node("Clip", [relu_out, floor, cap], [node.output[0]], name=node.name))
         else:
             new[0].output[0] = node.output[0]
         replacements[i] = new

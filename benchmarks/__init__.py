@@ -1,0 +1,1 @@
+"""Side-by-side timing harness: ``python -m benchmarks [--quick]`` (see run.py)."""
