@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import errors, limits
 from .errors import ExplainerError
+from .methods.deepdream import deep_dream_image
 from .methods.gradcam import gradcam, gradcam_layers
 from .methods.gradients import gradient_attribution
 from .methods.lime import image_lime, lime_explanation
@@ -34,5 +35,5 @@ def load(source=None, *, preprocessing=None, labels=None, input_layout=None, dev
                       device=device, batch_size=batch_size)
 
 
-__all__ = ["load", "occlusion_sensitivity", "image_lime", "lime_explanation", "gradcam", "gradcam_layers", "gradient_attribution", "sample_image", "Classifier", "Layer", "Prediction", "Preprocessing", "ExplainerError", "errors",
+__all__ = ["load", "occlusion_sensitivity", "image_lime", "lime_explanation", "gradcam", "gradcam_layers", "deep_dream_image", "gradient_attribution", "sample_image", "Classifier", "Layer", "Prediction", "Preprocessing", "ExplainerError", "errors",
            "limits"]
