@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from . import errors, limits
+from . import errors, evaluate, limits
 from .errors import ExplainerError
 from .methods.deepdream import deep_dream_image
 from .methods.gradcam import gradcam, gradcam_layers
@@ -15,6 +15,7 @@ from .methods.lime import image_lime, lime_explanation
 from .methods.occlusion import occlusion_sensitivity
 from .model import Classifier, Layer, Prediction, Preprocessing
 from .samples import sample_image
+from .viz import imtile, mat2gray, overlay, plot_maps
 
 __version__ = "0.1.0"
 
@@ -35,5 +36,5 @@ def load(source=None, *, preprocessing=None, labels=None, input_layout=None, dev
                       device=device, batch_size=batch_size)
 
 
-__all__ = ["load", "occlusion_sensitivity", "image_lime", "lime_explanation", "gradcam", "gradcam_layers", "deep_dream_image", "gradient_attribution", "sample_image", "Classifier", "Layer", "Prediction", "Preprocessing", "ExplainerError", "errors",
+__all__ = ["load", "occlusion_sensitivity", "image_lime", "lime_explanation", "gradcam", "gradcam_layers", "deep_dream_image", "gradient_attribution", "sample_image", "plot_maps", "imtile", "mat2gray", "overlay", "evaluate", "Classifier", "Layer", "Prediction", "Preprocessing", "ExplainerError", "errors",
            "limits"]

@@ -41,6 +41,36 @@ def cmd_layers(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from .report import explain
+    from .samples import resolve
+
+    net = _load(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    page = explain(net, resolve(args.image), methods=methods, labels=args.labels, out_dir=args.out,
+                   evaluate=not args.no_evaluate, verbose=not args.quiet)
+    print(page)
+    return 0
+
+
+def cmd_walkthrough(args) -> int:
+    from .walkthrough import walkthrough
+
+    print(walkthrough(args.out, verbose=not args.quiet))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .batch_evaluate import evaluate_folder
+
+    net = _load(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    summary = evaluate_folder(net, args.folder, methods=methods, csv_path=args.csv, steps=args.steps,
+                              verbose=not args.quiet)
+    print(summary)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="explainer", description="Explain ONNX image classifiers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +82,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("layers", help="list the model's layers with op types and shapes")
     _model_arg(p)
     p.set_defaults(func=cmd_layers)
+    p = sub.add_parser("explain", help="maps of several methods and labels, as PNGs and an HTML report")
+    p.add_argument("image", help="image file, or sample:NAME")
+    p.add_argument("--methods", default="gradcam,occlusion,lime,gradient,guided-backprop",
+                   help="comma-separated: gradcam, occlusion, lime, gradient, guided-backprop, "
+                        "integrated-gradients, smoothgrad")
+    p.add_argument("--labels", default="top3", help="topK, or comma-separated class names or indices")
+    p.add_argument("--out", default="explanations", help="output folder")
+    p.add_argument("--no-evaluate", action="store_true", help="skip deletion/insertion curves")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _model_arg(p)
+    p.set_defaults(func=cmd_explain)
+    p = sub.add_parser("walkthrough", help="every step of MATLAB's example on the embedded model")
+    p.add_argument("--out", default="walkthrough", help="output folder")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_walkthrough)
+    p = sub.add_parser("evaluate", help="deletion/insertion AUC per image of a folder (CSV, resumable)")
+    p.add_argument("folder")
+    p.add_argument("--methods", default="gradcam,occlusion,lime")
+    p.add_argument("--csv", default=None, help="CSV path (default: FOLDER/explainer_evaluation.csv)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--quiet", action="store_true")
+    _model_arg(p)
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -33,3 +33,23 @@ def test_user_error_is_one_line_and_nonzero(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_walkthrough_writes_every_figure(tmp_path):
+    import time
+
+    start = time.perf_counter()
+    assert main(["walkthrough", "--out", str(tmp_path), "--quiet"]) == 0
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert names == ["01_top3.png", "02_early_activations.png", "03_strongest_deep_channel.png",
+                     "04_gradcam_deep_vs_shallow.png", "05_occlusion.png", "06_lime_top2.png",
+                     "07_gradients.png", "08_deepdream.png"]
+    assert time.perf_counter() - start < 600
+
+
+def test_unknown_method_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "explainer", "explain", "sample:chelsea", "--methods", "shap",
+                           "--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "methods must be among" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0

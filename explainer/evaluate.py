@@ -1,0 +1,167 @@
+"""Is a map faithful? Deletion and insertion curves (Petsiuk et al. 2018, RISE) on onnxruntime, and the
+model-randomisation sanity check (Adebayo et al. 2018) for gradient methods.
+
+* deletion: pixels are removed, i.e. set to zero in the network's input space as RISE's code does
+  (``baseline="zero"``: the preprocessing's mean colour), in order of decreasing saliency; the class
+  probability should fall fast (low AUC is good);
+* insertion: starting from a blurred copy (Gaussian, kernel 11, sigma 5, as RISE), the original pixels
+  come back in order of decreasing saliency; the probability should rise fast (high AUC is good).
+
+Curves have ``steps + 1`` points at fractions 0, 1/steps, ..., 1 of the pixels (at the network's
+input size; ties in saliency keep raster order); AUC by the trapezoid rule over [0, 1].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InvalidParameterError
+from .io import to_pixels
+from .methods._perturb import BACKENDS, Canvas, stream_probabilities
+from .model.preprocess import resize
+from .validation import check_batch_size, check_choice, check_int
+
+
+@dataclass
+class Curve:
+    fractions: np.ndarray  # (steps + 1,)
+    scores: np.ndarray  # class probability at each fraction
+    auc: float
+
+
+def _blurred(pixels: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.GaussianBlur(pixels, (11, 11), 5, borderType=cv2.BORDER_REFLECT_101)
+
+
+def _curve(net, image, saliency, label, steps, mode, baseline, batch_size, backend, verbose) -> Curve:
+    where = mode
+    steps = check_int(where, "steps", steps, minimum=1, maximum=1_000_000)
+    check_choice(where, "backend", backend, BACKENDS)
+    index = net.class_index(label, f"{where}: label")
+    pixels = net.fit_pixels(to_pixels(image))
+    sal = np.asarray(saliency, dtype=np.float32)
+    if sal.ndim != 2:
+        raise InvalidParameterError(f"{where}: saliency_map must be (H, W); got shape {sal.shape}.")
+    if not np.all(np.isfinite(sal)):
+        raise InvalidParameterError(f"{where}: saliency_map contains NaN or infinite values.")
+    h, w = net.input.size
+    if sal.shape != (h, w):
+        sal = resize(sal[:, :, None], (h, w), clip=False)[:, :, 0]
+    order = np.argsort(-sal.ravel(), kind="stable")
+    if isinstance(baseline, str):
+        check_choice(where, "baseline", baseline, ("zero", "black", "blur"))
+        if baseline == "zero":
+            other = np.broadcast_to(_zero_input_pixels(net), pixels.shape).astype(np.float32)
+        else:
+            other = np.zeros_like(pixels) if baseline == "black" else _blurred(pixels)
+    else:
+        other = np.broadcast_to(np.asarray(baseline, np.float32), pixels.shape).astype(np.float32)
+    # deletion: start = image, replaced pixels take the baseline; insertion: start = baseline
+    start_img, fill = (pixels, other) if mode == "deletion" else (other, pixels)
+    canvas = Canvas(net, start_img, fill)
+    total = h * w
+    counts = [int(round(total * s / steps)) for s in range(steps + 1)]
+    rank = np.empty(total, np.int64)
+    rank[order] = np.arange(total)
+    rank = rank.reshape(h, w)
+
+    def make_batch(a, b):
+        masks = np.stack([rank < counts[s] for s in range(a, b)])
+        return canvas.occlude_masks(masks)
+
+    batch = net.resolve_batch_size(check_batch_size(where, batch_size), where)
+    scores = np.empty(steps + 1, np.float32)
+    for a, b, p in stream_probabilities(net, make_batch, steps + 1, batch_size=batch, backend=backend,
+                                        verbose=verbose, desc=mode):
+        scores[a:b] = p[:, index]
+    fractions = np.asarray(counts, np.float64) / total
+    auc = float(np.trapezoid(scores, fractions) if hasattr(np, "trapezoid") else np.trapz(scores, fractions))
+    return Curve(fractions, scores, auc)
+
+
+def _zero_input_pixels(net) -> np.ndarray:
+    """The pixel colour (RGB, 0..255) that the preprocessing maps to zero."""
+    pre = net.preprocessing
+    mean = np.broadcast_to(np.asarray(pre.mean, np.float64), (3,))
+    if pre.channel_order == "BGR":
+        mean = mean[::-1]
+    value = np.clip(mean / pre.scale, 0, 255).astype(np.float32)
+    return value[:1] if net.input.channels == 1 else value
+
+
+def deletion(net, image, saliency_map, label, *, steps=100, baseline="zero", batch_size="auto",
+             backend="onnxruntime", verbose=True) -> Curve:
+    """Probability as the most salient pixels are removed first (to ``baseline``: "zero" (the
+    network's zero input, RISE), "black", "blur" or pixel values)."""
+    return _curve(net, image, saliency_map, label, steps, "deletion", baseline, batch_size, backend, verbose)
+
+
+def insertion(net, image, saliency_map, label, *, steps=100, baseline="blur", batch_size="auto",
+              backend="onnxruntime", verbose=True) -> Curve:
+    """Probability as the most salient pixels are inserted first into ``baseline`` (default blurred)."""
+    return _curve(net, image, saliency_map, label, steps, "insertion", baseline, batch_size, backend, verbose)
+
+
+def random_map_auc(net, image, label, *, seeds=10, steps=100, cells=None, verbose=False) -> dict:
+    """Mean deletion and insertion AUC of random maps (the chance level): uniform noise per pixel, or
+    with ``cells=n`` an n x n grid of uniform values upsampled (bicubic), whose smoothness matches
+    coarse maps such as Grad-CAM's. (Pixel-wise noise deletes like salt noise, which destroys a CNN's
+    texture cues faster than any contiguous region: its deletion AUC is a hard bar.)"""
+    from .methods._common import resize_map
+
+    dels, ins = [], []
+    h, w = to_pixels(image).shape[:2]
+    for seed in range(seeds):
+        rng = np.random.default_rng(seed)
+        m = rng.random((h, w)).astype(np.float32) if cells is None else \
+            resize_map(rng.random((1, cells, cells)).astype(np.float32), (h, w))[0]
+        dels.append(deletion(net, image, m, label, steps=steps, verbose=verbose).auc)
+        ins.append(insertion(net, image, m, label, steps=steps, verbose=verbose).auc)
+    return {"deletion_auc": float(np.mean(dels)), "insertion_auc": float(np.mean(ins))}
+
+
+def model_randomisation(net, image, label, *, method="autodiff", top_layers=3, random_state=0, **kwargs) -> dict:
+    """Adebayo et al.'s cascading randomisation: re-initialise the last 1..``top_layers`` weighted
+    layers (Conv/Gemm/MatMul, from the output backwards) and recompute the map. Returns, per number
+    of randomised layers, the Spearman rank correlation with the original map: a faithful method's
+    maps change (low correlation)."""
+    import onnx
+    from onnx import numpy_helper
+    from scipy.stats import spearmanr
+
+    from .methods.gradcam import gradcam
+    from .methods.gradients import gradient_attribution
+    from .model.classifier import Classifier
+    from .model.load import LoadedModel
+
+    top_layers = check_int("model_randomisation", "top_layers", top_layers, minimum=1, maximum=1000)
+
+    def explain(n):
+        if method == "gradcam":
+            return gradcam(n, image, label, **kwargs)
+        return gradient_attribution(n, image, label, method=method, verbose=False, **kwargs)
+
+    original = explain(net)
+    weighted = [node for node in net.source_model.graph.node if node.op_type in ("Conv", "Gemm", "MatMul")]
+    rng = np.random.default_rng(random_state)
+    model = onnx.ModelProto()
+    model.CopyFrom(net.source_model)
+    inits = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for depth, node in enumerate(reversed(weighted[-top_layers:]), start=1):
+        for name in node.input[1:]:
+            if name in inits:
+                t = inits[name]
+                value = numpy_helper.to_array(t)
+                fresh = rng.standard_normal(value.shape).astype(value.dtype) * (value.std() or 1.0)
+                t.CopyFrom(numpy_helper.from_array(fresh, t.name))
+        randomised = Classifier(LoadedModel(model, f"{net.name}-randomised-{depth}",
+                                            f"{net.sha256}-rand{depth}-{random_state}"),
+                                preprocessing=net.preprocessing, labels=net.class_names,
+                                input_layout=net.input.layout, device=net.device, batch_size=net._batch_size)
+        changed = explain(randomised)
+        out[depth] = float(spearmanr(np.ravel(original), np.ravel(changed))[0])
+    return out

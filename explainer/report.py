@@ -1,0 +1,140 @@
+"""``explain``: run several methods on one image and write a PNG per method and label plus an
+``index.html`` (image, top-k table, maps side by side per label, parameters and timings)."""
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InvalidParameterError
+from .io import to_pixels
+
+METHODS = ("gradcam", "occlusion", "lime", "gradient", "guided-backprop", "integrated-gradients", "smoothgrad")
+
+
+def _run_method(net, name, image, labels, verbose):
+    from . import gradcam, gradient_attribution, image_lime, occlusion_sensitivity
+
+    if name == "gradcam":
+        return gradcam(net, image, labels), {"feature_layer": __import__("explainer").gradcam_layers(net)[0]}
+    if name == "occlusion":
+        return occlusion_sensitivity(net, image, labels, verbose=verbose), {"mask_size": "auto", "stride": "auto"}
+    if name == "lime":
+        return image_lime(net, image, labels, random_state=0, verbose=verbose), \
+            {"num_features": 49, "num_samples": 2048, "model": "tree", "random_state": 0}
+    method = "autodiff" if name == "gradient" else name
+    return gradient_attribution(net, image, labels, method=method, random_state=0, verbose=verbose), {"method": method}
+
+
+def resolve_labels(net, image, spec: str) -> list[int]:
+    """'top3' (any k) or comma-separated class names / indices → class indices."""
+    spec = spec.strip()
+    if spec.startswith("top") and spec[3:].isdigit():
+        k = int(spec[3:])
+        return [p.index for p in net.top_k(image, k)]
+    out = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        out.append(net.class_index(int(part) if part.isdigit() else part, "labels"))
+    if not out:
+        raise InvalidParameterError(f"labels must be 'topK' or class names/indices; got {spec!r}.")
+    return out
+
+
+def explain(net, image, *, methods=("gradcam", "occlusion", "lime", "gradient", "guided-backprop"),
+            labels="top3", out_dir="explanations", evaluate: bool = True, verbose: bool = True) -> Path:
+    """Compute the maps and write the report; returns the path of index.html."""
+    from PIL import Image
+
+    from .viz import overlay
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise InvalidParameterError(f"methods must be among {', '.join(METHODS)}; got {', '.join(unknown)}.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pixels = to_pixels(image)
+    rgb = np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels
+    Image.fromarray(rgb.astype(np.uint8)).save(out / "image.png")
+    indices = resolve_labels(net, pixels / 255.0, labels) if isinstance(labels, str) else \
+        net.class_indices(labels, "labels")[0]
+    probs = net.predict(pixels / 255.0)
+    top = net.top_k(pixels / 255.0, 5)
+    results = []
+    for name in methods:
+        start = time.perf_counter()
+        maps, params = _run_method(net, name, pixels / 255.0, indices, verbose)
+        seconds = time.perf_counter() - start
+        maps = np.asarray(maps).reshape(len(indices), *pixels.shape[:2])
+        files, metrics = [], []
+        for k, idx in enumerate(indices):
+            file = f"{name}_{idx}.png"
+            Image.fromarray(overlay(pixels / 255.0, maps[k])).save(out / file)
+            files.append(file)
+            if evaluate:
+                metrics.append(_metrics(net, pixels / 255.0, maps[k], idx, out, f"{name}_{idx}"))
+        results.append(dict(method=name, params=params, seconds=seconds, files=files, metrics=metrics))
+    page = _html(net, top, probs, indices, results)
+    (out / "index.html").write_text(page, encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps(dict(
+        model=net.name, labels=[net.class_names[i] for i in indices],
+        methods=[{k: v for k, v in r.items() if k != "files"} for r in results]), indent=1, default=float))
+    return out / "index.html"
+
+
+def _metrics(net, image, saliency, label, out, stem):
+    """Deletion/insertion AUC and a curve PNG, when the evaluation module is available."""
+    try:
+        from .evaluate import deletion, insertion
+    except ImportError:
+        return {}
+    d = deletion(net, image, saliency, label, verbose=False)
+    i = insertion(net, image, saliency, label, verbose=False)
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3.2, 2.4))
+    ax.plot(d.fractions, d.scores, label=f"deletion AUC {d.auc:.3f}")
+    ax.plot(i.fractions, i.scores, label=f"insertion AUC {i.auc:.3f}")
+    ax.set_xlabel("fraction of pixels")
+    ax.set_ylabel("probability")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"{stem}_curves.png", dpi=80)
+    plt.close(fig)
+    return {"deletion_auc": d.auc, "insertion_auc": i.auc, "curves": f"{stem}_curves.png"}
+
+
+def _html(net, top, probs, indices, results) -> str:
+    esc = html.escape
+    rows = "".join(f"<tr><td>{r + 1}</td><td>{esc(p.label)}</td><td>{p.score:.4f}</td></tr>" for r, p in enumerate(top))
+    sections = []
+    for k, idx in enumerate(indices):
+        cells = []
+        for r in results:
+            m = r["metrics"][k] if r["metrics"] else {}
+            extra = ""
+            if m:
+                extra = (f"<br>deletion AUC {m['deletion_auc']:.3f} · insertion AUC {m['insertion_auc']:.3f}"
+                         f"<br><img src=\"{esc(m['curves'])}\" alt=\"curves\" width=\"240\">")
+            cells.append(f"<figure><img src=\"{esc(r['files'][k])}\" alt=\"{esc(r['method'])}\" width=\"300\">"
+                         f"<figcaption><b>{esc(r['method'])}</b> · {r['seconds']:.2f} s{extra}</figcaption></figure>")
+        sections.append(f"<h2>{esc(net.class_names[idx])} (p = {probs[idx]:.4f})</h2><div class=\"row\">{''.join(cells)}</div>")
+    params = "".join(f"<li><b>{esc(r['method'])}</b>: {esc(json.dumps(r['params']))} — {r['seconds']:.2f} s</li>" for r in results)
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>onnx-explainer: {esc(net.name)}</title>
+<style>body{{font-family:sans-serif;margin:24px}} .row{{display:flex;flex-wrap:wrap;gap:12px}}
+figure{{margin:0}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px}}</style></head>
+<body><h1>Why did {esc(net.name)} say that?</h1>
+<div class="row"><img src="image.png" alt="image" width="300">
+<table><tr><th>#</th><th>class</th><th>probability</th></tr>{rows}</table></div>
+{''.join(sections)}
+<h2>Parameters and timings</h2><ul>{params}</ul>
+<script>window.addEventListener("load", () => {{ const imgs = [...document.images];
+document.body.dataset.imagesLoaded = imgs.filter(i => i.naturalWidth > 0).length + "/" + imgs.length; }});</script>
+</body></html>
+"""

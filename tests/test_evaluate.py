@@ -1,0 +1,105 @@
+"""Deletion/insertion against a hand-computed case, the random-map baseline, the randomisation sanity
+check, and the resumable folder evaluation."""
+import csv
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+import explainer
+from explainer import batch_evaluate
+from explainer.evaluate import deletion, insertion, model_randomisation, random_map_auc
+
+from graphs import linear_classifier
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("mode", ["deletion", "insertion"])
+def test_curves_equal_hand_computation(mode):
+    model, ref = linear_classifier(k=3, size=(8, 8))
+    net = explainer.load(model, preprocessing="none", batch_size=3)
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    saliency = rng.random((8, 8)).astype(np.float32)
+    fn = deletion if mode == "deletion" else insertion
+    curve = fn(net, image, saliency, 2, steps=4, verbose=False)
+    pixels = image.astype(np.float64)
+    other = np.zeros_like(pixels) if mode == "deletion" else \
+        cv2.GaussianBlur(image.astype(np.float32), (11, 11), 5, borderType=cv2.BORDER_REFLECT_101).astype(np.float64)
+    start, fill = (pixels, other) if mode == "deletion" else (other, pixels)
+    order = np.argsort(-saliency.ravel(), kind="stable")
+    scores = []
+    for s in range(5):
+        img = start.copy().reshape(-1, 3)
+        chosen = order[: int(round(64 * s / 4))]
+        img[chosen] = fill.reshape(-1, 3)[chosen]
+        scores.append(_softmax(ref(img.reshape(8, 8, 3).transpose(2, 0, 1)[None]))[0, 2])
+    np.testing.assert_allclose(curve.scores, scores, atol=1e-5)
+    area = sum((scores[i] + scores[i + 1]) / 2 * 0.25 for i in range(4))
+    assert abs(curve.auc - area) < 1e-5
+    np.testing.assert_allclose(curve.fractions, [0, 0.25, 0.5, 0.75, 1.0])
+
+
+@pytest.fixture(scope="module")
+def chelsea_maps(default_net, chelsea):
+    return {"gradcam": explainer.gradcam(default_net, chelsea, 285),
+            "occlusion": explainer.occlusion_sensitivity(default_net, chelsea, 285, verbose=False),
+            "lime": explainer.image_lime(default_net, chelsea, 285, random_state=0, verbose=False)}
+
+
+@pytest.mark.slow
+def test_methods_beat_random_maps_on_insertion(default_net, chelsea, chelsea_maps):
+    chance = random_map_auc(default_net, chelsea, 285, seeds=10, steps=50)
+    for name, m in chelsea_maps.items():
+        i = insertion(default_net, chelsea, m, 285, steps=50, verbose=False).auc
+        assert i > chance["insertion_auc"], (name, i, chance)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured: on EfficientNet-Lite0 + chelsea, pixel-wise random maps "
+                   "delete like salt noise (deletion AUC 0.11 with RISE's zero baseline) and beat every "
+                   "method (Grad-CAM 0.40, occlusion 0.35, LIME 0.50); see the closing note of issue 7")
+def test_methods_beat_random_maps_on_deletion(default_net, chelsea, chelsea_maps):
+    chance = random_map_auc(default_net, chelsea, 285, seeds=10, steps=50)
+    for name, m in chelsea_maps.items():
+        d = deletion(default_net, chelsea, m, 285, steps=50, verbose=False).auc
+        assert d < chance["deletion_auc"], (name, d, chance)
+
+
+def test_randomising_top_layers_changes_gradient_maps(default_net, chelsea):
+    correlations = model_randomisation(default_net, chelsea, 285, method="autodiff", top_layers=2)
+    assert set(correlations) == {1, 2}
+    assert all(c < 0.9 for c in correlations.values()), correlations
+
+
+def test_folder_evaluation_resumes(tmp_path, chelsea, coffee, default_net, monkeypatch):
+    Image.fromarray(chelsea).save(tmp_path / "a.png")
+    Image.fromarray(coffee).save(tmp_path / "b.png")
+    real = batch_evaluate._map
+    calls = []
+
+    def flaky(net, method, image, label):
+        calls.append((str(image), method))
+        if str(image).endswith("b.png"):
+            raise KeyboardInterrupt  # the run is interrupted on the second image
+        return real(net, method, image, label)
+
+    monkeypatch.setattr(batch_evaluate, "_map", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        batch_evaluate.evaluate_folder(default_net, tmp_path, methods=["gradcam", "random"], steps=10, verbose=False)
+    with open(tmp_path / "explainer_evaluation.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["image"], r["method"]) for r in rows] == [("a.png", "gradcam"), ("a.png", "random")]
+    monkeypatch.setattr(batch_evaluate, "_map", real)
+    summary = batch_evaluate.evaluate_folder(default_net, tmp_path, methods=["gradcam", "random"], steps=10,
+                                             verbose=False)
+    with open(tmp_path / "explainer_evaluation.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["image"], r["method"]) for r in rows) == [
+        ("a.png", "gradcam"), ("a.png", "random"), ("b.png", "gradcam"), ("b.png", "random")]
+    assert "| gradcam | 2 |" in summary and "±" in summary
