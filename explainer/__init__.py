@@ -21,19 +21,20 @@ __version__ = "0.1.0"
 
 
 def load(source=None, *, preprocessing=None, labels=None, input_layout=None, device="auto",
-         batch_size="auto", allow_external_data=False) -> Classifier:
+         batch_size="auto", allow_external_data=False, torch_device="auto") -> Classifier:
     """Load an ONNX image classifier.
 
     source: a path, bytes, an ``onnx.ModelProto``, a registry name (``explainer.zoo.registry.REGISTRY``)
     or None for the embedded default (EfficientNet-Lite0). Everything the graph tells (input name,
     layout, size, channels, dtype, softmax, labels and preprocessing in ``metadata_props``) is read
-    from it; the arguments override.
+    from it; the arguments override. ``device`` picks onnxruntime's execution provider (forward
+    methods); ``torch_device`` the device of the converted module (gradient methods, ``backend="torch"``).
     """
     from .model.load import load_model
 
     loaded = load_model(source, allow_external_data=allow_external_data)
     return Classifier(loaded, preprocessing=preprocessing, labels=labels, input_layout=input_layout,
-                      device=device, batch_size=batch_size)
+                      device=device, batch_size=batch_size, torch_device=torch_device)
 
 
 __all__ = ["load", "occlusion_sensitivity", "image_lime", "lime_explanation", "gradcam", "gradcam_layers", "deep_dream_image", "gradient_attribution", "sample_image", "plot_maps", "imtile", "mat2gray", "overlay", "evaluate", "Classifier", "Layer", "Prediction", "Preprocessing", "ExplainerError", "errors",

@@ -161,7 +161,8 @@ def model_randomisation(net, image, label, *, method="autodiff", top_layers=3, r
         randomised = Classifier(LoadedModel(model, f"{net.name}-randomised-{depth}",
                                             f"{net.sha256}-rand{depth}-{random_state}"),
                                 preprocessing=net.preprocessing, labels=net.class_names,
-                                input_layout=net.input.layout, device=net.device, batch_size=net._batch_size)
+                                input_layout=net.input.layout, device=net.device, batch_size=net._batch_size,
+                                torch_device=net.torch_device)
         changed = explain(randomised)
         out[depth] = float(spearmanr(np.ravel(original), np.ravel(changed))[0])
     return out

@@ -114,3 +114,40 @@ def test_huge_constant_of_shape_refused_before_allocation():
     model.graph.node.insert(0, helper.make_node("ConstantOfShape", ["huge_shape"], ["huge"]))
     with pytest.raises(ResourceLimitError, match="MAX_TENSOR_BYTES"):
         explainer.load(model.SerializeToString())
+
+
+def test_model_size_limit(tmp_path, monkeypatch):
+    from explainer import limits
+
+    model, _ = linear_classifier()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    monkeypatch.setattr(limits, "MAX_MODEL_BYTES", 100)
+    with pytest.raises(ResourceLimitError, match="MAX_MODEL_BYTES"):
+        explainer.load(path)
+    with pytest.raises(ResourceLimitError, match="MAX_MODEL_BYTES"):
+        explainer.load(path.read_bytes())
+
+
+@pytest.mark.parametrize("escape", ["absolute", "symlink"])
+def test_external_data_cannot_escape_by_absolute_path_or_symlink(tmp_path, escape):
+    model, _ = linear_classifier(k=300, c=3)
+    inner = tmp_path / "model"
+    inner.mkdir()
+    outside = tmp_path / "secret.bin"
+    onnx.save(model, str(inner / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="w.bin", size_threshold=0)
+    (inner / "w.bin").rename(outside)
+    if escape == "symlink":
+        (inner / "w.bin").symlink_to(outside)
+        location = "w.bin"
+    else:
+        location = str(outside)
+    proto = onnx.load(str(inner / "m.onnx"), load_external_data=False)
+    for t in proto.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    (inner / "m.onnx").write_bytes(proto.SerializeToString())
+    with pytest.raises(ModelLoadError, match="outside"):
+        explainer.load(inner / "m.onnx", allow_external_data=True)

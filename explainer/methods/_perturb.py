@@ -36,7 +36,7 @@ def forward_fn(net, backend: str) -> Callable[[np.ndarray], np.ndarray]:
 
     def run_torch(x):
         with torch.no_grad():
-            out = engine.logits_from_model_input(torch.from_numpy(np.asarray(x, dtype=np.float32))).numpy()
+            out = engine.logits_from_model_input(engine.tensor(x)).cpu().numpy()
         if not np.all(np.isfinite(out)):
             return net.scores_from_outputs([out])  # raises the library's NonFiniteOutputError
         if already_probabilities:

@@ -78,11 +78,11 @@ def deep_dream_image(net, layer, channels, *, num_iterations=10, pyramid_levels=
         start = resize(to_pixels(initial_image, "initial_image"), (h, w))
         if start.shape[2] != c:
             start = np.repeat(start, c, axis=2) if start.shape[2] == 1 else start.mean(axis=2, keepdims=True)
-    x = torch.from_numpy(np.clip(start, 0, 255).astype(np.float32)).permute(2, 0, 1)[None].repeat(k, 1, 1, 1)
+    x = engine.tensor(np.clip(start, 0, 255)).permute(2, 0, 1)[None].repeat(k, 1, 1, 1)
     sizes = [(max(8, round(h / pyramid_scale ** (pyramid_levels - 1 - lvl))),
               max(8, round(w / pyramid_scale ** (pyramid_levels - 1 - lvl)))) for lvl in range(pyramid_levels)]
-    idx = torch.arange(k)
-    chan_t = torch.as_tensor(chans)
+    idx = torch.arange(k, device=x.device)
+    chan_t = torch.as_tensor(chans, device=x.device)
     gen = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
     if verbose:
         print("|==============================================|")
@@ -120,7 +120,7 @@ def deep_dream_image(net, layer, channels, *, num_iterations=10, pyramid_levels=
                 print(f"|  {it + 1:9d}  |  {float(strength.mean()):10.2f}  |  {level + 1:13d}  |")
     if verbose:
         print("|==============================================|")
-    out = x.detach().permute(0, 2, 3, 1).numpy().astype(np.float32)
+    out = x.detach().permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
     if output_scaling == "linear":
         for i in range(k):
             lo, hi = out[i].min(), out[i].max()

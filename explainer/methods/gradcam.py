@@ -94,7 +94,7 @@ class BaseCAM:
         import torch
 
         # the image needs a gradient so that the graph is recorded (the weights are frozen)
-        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].repeat(len(indices), 1, 1, 1).requires_grad_(True)
+        x = self.engine.tensor(pixels).permute(2, 0, 1)[None].repeat(len(indices), 1, 1, 1).requires_grad_(True)
         logits_name = self.net.layer(self.net.output.softmax_input or self.net.output.name).name
         layers = [self.feature_layer] + ([self.reduction_layer] if self.reduction_layer != logits_name else [])
         with torch.enable_grad(), self.engine.capture(layers) as captured:
@@ -105,7 +105,8 @@ class BaseCAM:
                 raise InvalidParameterError(
                     f"gradcam: reduction_layer {self.reduction_layer!r} has {scores.shape[1]} channels; "
                     f"class {max(indices)} is out of range.")
-            target = scores[torch.arange(len(indices)), torch.tensor(indices)].sum()
+            rows = torch.arange(len(indices), device=scores.device)
+            target = scores[rows, torch.tensor(indices, device=scores.device)].sum()
             acts = captured[self.feature_layer]
             if acts.ndim != 4:
                 raise InvalidParameterError(
@@ -114,7 +115,7 @@ class BaseCAM:
             grads = torch.autograd.grad(target, acts)[0]
         weights = self.channel_weights(acts.detach(), grads.detach())
         cam = torch.relu((weights[:, :, None, None] * acts.detach()).sum(1))
-        return cam.numpy().astype(np.float32)
+        return cam.cpu().numpy().astype(np.float32)
 
     def __call__(self, image, label):
         pixels, is_batch, indices, several = images_and_labels(self.net, image, label, "gradcam")

@@ -49,10 +49,10 @@ def _gradients(engine, x, indices, guided: bool):
         if guided:
             with guided_relus(engine.graph_module):
                 out = engine.pixel_model(x)
-                target = out[torch.arange(len(x)), torch.as_tensor(indices)].sum()
+                target = out[torch.arange(len(x), device=x.device), torch.as_tensor(indices, device=x.device)].sum()
                 return torch.autograd.grad(target, x)[0]
         out = engine.pixel_model(x)
-        target = out[torch.arange(len(x)), torch.as_tensor(indices)].sum()
+        target = out[torch.arange(len(x), device=x.device), torch.as_tensor(indices, device=x.device)].sum()
         return torch.autograd.grad(target, x)[0]
 
 
@@ -94,15 +94,15 @@ def _attribute(engine, pixels, indices, method, steps, rule, baseline, samples, 
     import torch
     from tqdm.auto import tqdm
 
-    x = torch.from_numpy(pixels).permute(2, 0, 1)[None]
+    x = engine.tensor(pixels).permute(2, 0, 1)[None]
     k = len(indices)
     if method in ("autodiff", "guided-backprop"):
         grads = _gradients(engine, x.repeat(k, 1, 1, 1), indices, method == "guided-backprop")
-        return grads.numpy().astype(np.float32)
+        return grads.cpu().numpy().astype(np.float32)
     if method == "integrated-gradients":
         base = _baseline(baseline, x)
         alphas, weights = _ig_rule(steps, rule)
-        total = torch.zeros((k, *x.shape[1:]), dtype=torch.float64)
+        total = torch.zeros((k, *x.shape[1:]), dtype=torch.float64, device=x.device)
         jobs = [(a, w, j) for a, w in zip(alphas, weights) for j in range(k)]
         for start in tqdm(range(0, len(jobs), batch), desc="integrated gradients", disable=not verbose):
             part = jobs[start:start + batch]
@@ -110,13 +110,14 @@ def _attribute(engine, pixels, indices, method, steps, rule, baseline, samples, 
             g = _gradients(engine, xs, [indices[j] for _, _, j in part], False).double()
             for (a, w, j), gi in zip(part, g):
                 total[j] += w * gi
-        return ((x - base).double() * total).numpy().astype(np.float32)
+        return ((x - base).double() * total).cpu().numpy().astype(np.float32)
     # smoothgrad: mean over noisy copies of |gradient| (Captum: NoiseTunnel(Saliency) with abs=True)
     seed = int(random_state) if isinstance(random_state, (int, np.integer)) else \
         int(np.random.SeedSequence().generate_state(1)[0])
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.normal(0.0, noise_level * 255.0, size=(samples, *x.shape[1:]), generator=generator)
-    total = torch.zeros((k, *x.shape[1:]), dtype=torch.float64)
+    # drawn on the CPU generator, so CPU and GPU runs with the same seed see the same noise
+    noise = torch.normal(0.0, noise_level * 255.0, size=(samples, *x.shape[1:]), generator=generator).to(x.device)
+    total = torch.zeros((k, *x.shape[1:]), dtype=torch.float64, device=x.device)
     jobs = [(s, j) for j in range(k) for s in range(samples)]
     for start in tqdm(range(0, len(jobs), batch), desc="smoothgrad", disable=not verbose):
         part = jobs[start:start + batch]
@@ -124,7 +125,7 @@ def _attribute(engine, pixels, indices, method, steps, rule, baseline, samples, 
         g = _gradients(engine, xs, [indices[j] for _, j in part], False).abs().double()
         for (s, j), gi in zip(part, g):
             total[j] += gi
-    return (total / samples).numpy().astype(np.float32)
+    return (total / samples).cpu().numpy().astype(np.float32)
 
 
 def _baseline(baseline, x):
@@ -141,7 +142,7 @@ def _baseline(baseline, x):
         raise InvalidParameterError(
             f"gradient_attribution: baseline must be a number (pixel value 0..255) or an image of the "
             f"same size as the image {tuple(x.shape[-2:])}; got size {b.shape[:2]}.")
-    return torch.from_numpy(b).permute(2, 0, 1)[None].expand_as(x).clone()
+    return torch.from_numpy(b).to(x.device).permute(2, 0, 1)[None].expand_as(x).clone()
 
 
 def gradient_attribution(net, image, label, *, method="autodiff", steps=50, rule="gausslegendre",

@@ -38,7 +38,12 @@ class Layer:
 
 class Classifier:
     def __init__(self, loaded: LoadedModel, *, preprocessing=None, labels=None, input_layout=None,
-                 device="auto", batch_size="auto"):
+                 device="auto", batch_size="auto", torch_device="auto"):
+        from .torch_engine import TORCH_DEVICES
+
+        if torch_device not in TORCH_DEVICES:
+            raise InvalidParameterError(f"load: torch_device must be one of {TORCH_DEVICES}; got {torch_device!r}.")
+        self.torch_device = torch_device
         self.name = loaded.name
         self.sha256 = loaded.sha256
         self.source_model = loaded.proto

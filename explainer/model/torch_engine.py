@@ -80,11 +80,12 @@ class PixelModel(_torch().nn.Module):
 class TorchEngine:
     """The converted module of one classifier, with hooks addressed by original ONNX names."""
 
-    def __init__(self, net):
+    def __init__(self, net, device: str = "auto"):
         torch = _torch()
         import onnx2torch
 
         self.net = net
+        self.device = resolve_torch_device(device)
         source = onnx.ModelProto()
         source.CopyFrom(net.source_model)
         logits = net.output.softmax_input or net.output.name
@@ -114,6 +115,7 @@ class TorchEngine:
             for k, out in enumerate(node.output):
                 self.producers[out] = (node.name, k)
         self.pixel_model = PixelModel(graph_module, net.input, net.preprocessing, outputs.index(logits)).eval()
+        self.pixel_model.to(self.device)
         self.max_relative_error = self._check_against_onnxruntime(logits)
 
     def _check_against_onnxruntime(self, logits: str) -> float:
@@ -125,7 +127,7 @@ class TorchEngine:
             pixels = np.rint(pixels)
         expected = net.ort.run(net.to_model_input(pixels), [logits])[0].reshape(2, -1).astype(np.float64)
         with torch.no_grad():
-            got = self.pixel_model(torch.from_numpy(pixels).permute(0, 3, 1, 2)).double().numpy()
+            got = self.pixel_model(self.tensor(pixels).permute(0, 3, 1, 2)).double().cpu().numpy()
         error = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12))
         if not error <= MAX_RELATIVE_ERROR:
             raise ConversionError(
@@ -133,6 +135,10 @@ class TorchEngine:
                 f"{error:.2e} on pre-softmax scores (allowed {MAX_RELATIVE_ERROR:.0e}); gradient methods "
                 "are refused for this model. Occlusion and LIME (onnxruntime) still work.")
         return error
+
+    def tensor(self, array: np.ndarray):
+        """A float32 numpy array as a tensor on the engine's device."""
+        return _torch().from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
 
     def logits_from_model_input(self, x):
         """Logits (N, K) for a batch already in the graph's input form (float, normalised, laid out)."""
@@ -175,12 +181,35 @@ class TorchEngine:
                 h.remove()
 
 
+TORCH_DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_torch_device(device: str) -> str:
+    """'auto' → 'cuda' when torch sees a GPU, else 'cpu'. On CUDA, TF32 is switched off so that the
+    module keeps matching onnxruntime's float32 results (relative error 1e-4)."""
+    from ..errors import DeviceError, InvalidParameterError
+
+    if device not in TORCH_DEVICES:
+        raise InvalidParameterError(f"load: torch_device must be one of {TORCH_DEVICES}; got {device!r}.")
+    torch = _torch()
+    available = torch.cuda.is_available()
+    if device == "cuda" and not available:
+        raise DeviceError("torch_device='cuda' was requested but torch sees no CUDA GPU; use 'cpu' or 'auto'.")
+    if device == "cpu" or not available:
+        return "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return "cuda"
+
+
 def torch_engine(net) -> TorchEngine:
-    """The (cached) converted module of a classifier: converted once per model and preprocessing."""
-    key = (net.sha256, net.input, net.preprocessing, net.output)
+    """The (cached) converted module of a classifier: converted once per model, preprocessing and
+    torch device (``load(..., torch_device=)``)."""
+    device = resolve_torch_device(getattr(net, "torch_device", "auto"))
+    key = (net.sha256, net.input, net.preprocessing, net.output, device)
     with _LOCK:
         engine = _CACHE.get(key)
         if engine is None:
-            engine = TorchEngine(net)
+            engine = TorchEngine(net, device)
             _CACHE[key] = engine
     return engine
