@@ -55,7 +55,9 @@ class PixelModel(_torch().nn.Module):
     def model_input(self, pixels):
         torch = _torch()
         F = torch.nn.functional
-        x = pixels
+        # one memory layout whatever the caller passes (a permuted HWC array is channels-last): the
+        # kernels, and so the float rounding that decides ReLU gates near zero, are then the same
+        x = pixels.contiguous()
         if tuple(x.shape[-2:]) != tuple(self.size):
             x = F.interpolate(x, size=self.size, mode="bicubic", antialias=True, align_corners=False)
             x = x.clamp(0.0, 255.0)
