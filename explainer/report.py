@@ -16,10 +16,10 @@ METHODS = ("gradcam", "occlusion", "lime", "gradient", "guided-backprop", "integ
 
 
 def _run_method(net, name, image, labels, verbose):
-    from . import gradcam, gradient_attribution, image_lime, occlusion_sensitivity
+    from . import gradcam, gradcam_layers, gradient_attribution, image_lime, occlusion_sensitivity
 
     if name == "gradcam":
-        return gradcam(net, image, labels), {"feature_layer": __import__("explainer").gradcam_layers(net)[0]}
+        return gradcam(net, image, labels), {"feature_layer": gradcam_layers(net)[0]}
     if name == "occlusion":
         return occlusion_sensitivity(net, image, labels, verbose=verbose), {"mask_size": "auto", "stride": "auto"}
     if name == "lime":
