@@ -52,8 +52,8 @@ def main() -> int:
             "smoothgrad": (lambda n: explainer.gradient_attribution(n, image, label, method="smoothgrad",
                                                                     random_state=0, verbose=False), 1e-3),
             "occlusion (torch)": (lambda n: explainer.occlusion_sensitivity(
-                n, image, label, stride=16, mask_size=32, backend="torch", batch_size=64, verbose=False), 1e-3),
-            "lime (torch)": (lambda n: explainer.image_lime(n, image, label, num_samples=512, stop_tolerance=None,
+                n, image, label, stride=32, mask_size=48, backend="torch", batch_size=64, verbose=False), 1e-3),
+            "lime (torch)": (lambda n: explainer.image_lime(n, image, label, num_samples=128, stop_tolerance=None,
                                                             model="linear", random_state=0, backend="torch",
                                                             batch_size=64, verbose=False), 1e-3),
             "deep dream (2 it.)": (lambda n: explainer.deep_dream_image(n, scores, [label], num_iterations=2,
