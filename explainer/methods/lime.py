@@ -123,29 +123,44 @@ def weight_errors(samples, targets, weights, alpha: float = 1.0):
     return beta[1:].T, out_se
 
 
-def lime_explanation(net, image, label, *, num_features=49, num_samples=2048, segmentation="superpixels",
-                     model="tree", output_upsampling="bicubic", mask_value="auto", kernel_width=0.25,
-                     stop_tolerance=0.15, batch_size="auto", backend="onnxruntime", random_state=None,
-                     verbose=True) -> LimeExplanation:
-    """LIME for one image with all intermediate results (segments, samples, weights)."""
+def _options(net, num_features, num_samples, segmentation, model, output_upsampling, mask_value, kernel_width,
+             stop_tolerance, batch_size, backend, random_state, verbose) -> dict:
+    """Every option checked once, before any work; returns them resolved."""
     where = "image_lime"
-    num_features = check_int(where, "num_features", num_features, minimum=2, maximum=100_000)
-    num_samples = check_int(where, "num_samples", num_samples, minimum=2, maximum=10_000_000)
     check_choice(where, "model", model, MODELS)
     check_choice(where, "output_upsampling", output_upsampling, UPSAMPLING)
     check_choice(where, "backend", backend, BACKENDS)
-    kernel_width = check_float(where, "kernel_width", kernel_width, minimum=0.0, min_inclusive=False)
     if isinstance(segmentation, str):
         check_choice(where, "segmentation", segmentation, SEGMENTATIONS)
     if stop_tolerance is not None:
         stop_tolerance = check_float(where, "stop_tolerance", stop_tolerance, minimum=0.0)
     if random_state is not None and not isinstance(random_state, (int, np.integer)):
         raise InvalidParameterTypeError(f"{where}: random_state must be None or an integer; got {random_state!r}.")
-    batch = net.resolve_batch_size(check_batch_size(where, batch_size), where)
-    pixels, is_batch, indices, _ = images_and_labels(net, image, label, where)
+    return dict(num_features=check_int(where, "num_features", num_features, minimum=2, maximum=100_000),
+                num_samples=check_int(where, "num_samples", num_samples, minimum=2, maximum=10_000_000),
+                segmentation=segmentation, model=model, output_upsampling=output_upsampling,
+                mask_value=mask_value, stop_tolerance=stop_tolerance, backend=backend,
+                kernel_width=check_float(where, "kernel_width", kernel_width, minimum=0.0, min_inclusive=False),
+                batch=net.resolve_batch_size(check_batch_size(where, batch_size), where),
+                random_state=random_state, verbose=verbose)
+
+
+def lime_explanation(net, image, label, *, num_features=49, num_samples=2048, segmentation="superpixels",
+                     model="tree", output_upsampling="bicubic", mask_value="auto", kernel_width=0.25,
+                     stop_tolerance=0.15, batch_size="auto", backend="onnxruntime", random_state=None,
+                     verbose=True) -> LimeExplanation:
+    """LIME for one image with all intermediate results (segments, samples, weights)."""
+    options = _options(net, num_features, num_samples, segmentation, model, output_upsampling, mask_value,
+                       kernel_width, stop_tolerance, batch_size, backend, random_state, verbose)
+    pixels, is_batch, indices, _ = images_and_labels(net, image, label, "image_lime")
     if is_batch:
-        raise InvalidParameterError(f"{where}: lime_explanation takes one image; got a batch.")
-    source = pixels[0]
+        raise InvalidParameterError("image_lime: lime_explanation takes one image; got a batch.")
+    return _explain(net, pixels[0], indices, **options)
+
+
+def _explain(net, source, indices, *, num_features, num_samples, segmentation, model, output_upsampling,
+             mask_value, kernel_width, stop_tolerance, batch, backend, random_state, verbose) -> LimeExplanation:
+    """LIME for one canonical image (H x W x C pixels, 0..255) and class indices."""
     small = net.fit_pixels(source)
     segments = segment(small, segmentation, num_features)
     n_feat = int(segments.max()) + 1
@@ -216,13 +231,8 @@ def image_lime(net, image, label, *, num_features=49, num_samples=2048, segmenta
                stop_tolerance=0.15, batch_size="auto", backend="onnxruntime", random_state=None, verbose=True):
     """LIME importance map(s): (H, W) for one label, (K, H, W) for several (labels share the
     samples). ``lime_explanation`` returns the segmentation, samples and per-feature weights too."""
+    options = _options(net, num_features, num_samples, segmentation, model, output_upsampling, mask_value,
+                       kernel_width, stop_tolerance, batch_size, backend, random_state, verbose)
     pixels, is_batch, indices, several = images_and_labels(net, image, label, "image_lime")
-    maps = []
-    for p in pixels:
-        exp = lime_explanation(net, p / 255.0, indices, num_features=num_features, num_samples=num_samples,
-                               segmentation=segmentation, model=model, output_upsampling=output_upsampling,
-                               mask_value=mask_value, kernel_width=kernel_width,
-                               stop_tolerance=stop_tolerance, batch_size=batch_size,
-                               backend=backend, random_state=random_state, verbose=verbose)
-        maps.append(exp.map)
+    maps = [_explain(net, p, indices, **options).map for p in pixels]
     return finish(maps, is_batch, several, "image_lime")
