@@ -1,7 +1,6 @@
 """Deep dream per-iteration time: ours (converted module, hooks) vs the same loop on native torch."""
 from __future__ import annotations
 
-import numpy as np
 
 from .run import timed
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 
 
 def walkthrough(out_dir="walkthrough", verbose: bool = True) -> Path:

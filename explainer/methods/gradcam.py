@@ -34,7 +34,6 @@ def gradcam_layers(net, feature_layer=None, reduction_layer=None) -> tuple[str, 
     reduction is the class score before any trailing Softmax."""
     if feature_layer is None:
         layers = net.layers()
-        by_output = {l.output: l for l in layers}
         producers = {n.output[0]: n for n in net.model.graph.node if n.output}
         relu_outputs = {l.output for l in layers if _is_relu(net, l)}
         chosen = None

@@ -22,7 +22,6 @@ import math
 import numpy as np
 
 from ..errors import InvalidParameterError, InvalidParameterTypeError
-from ..model.preprocess import resize
 from ..validation import check_batch_size, check_choice, check_int
 from ._common import finish, images_and_labels, resize_map
 from ._perturb import BACKENDS, Canvas, forward_fn, stream_probabilities

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import numpy as np
-import onnx
 
 from ..convert import normalise
 from ..errors import (InvalidParameterError, InvalidParameterTypeError, NonFiniteOutputError,

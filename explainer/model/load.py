@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .. import limits
 from ..errors import InvalidParameterTypeError, ModelLoadError, ResourceLimitError, UnsupportedModelError

@@ -83,7 +83,6 @@ class TorchEngine:
     """The converted module of one classifier, with hooks addressed by original ONNX names."""
 
     def __init__(self, net, device: str = "auto"):
-        torch = _torch()
         import onnx2torch
 
         self.net = net
