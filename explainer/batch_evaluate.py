@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidParameterError
+from .evaluate import DELETION_BASELINES
 from .io import ALLOWED_FORMATS
+from .validation import check_choice
 
-FIELDS = ["image", "method", "label", "deletion_auc", "insertion_auc"]
+FIELDS = ["image", "method", "label", "deletion_baseline", "deletion_auc", "insertion_auc"]
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm"}
 
 
@@ -37,7 +39,9 @@ def _map(net, method, image, label):
 
 
 def evaluate_folder(net, folder, *, methods=("gradcam", "occlusion", "lime"), csv_path=None, steps=50,
-                    verbose=True) -> str:
+                    deletion_baseline="zero", verbose=True) -> str:
+    """Append a CSV row per image and method (skipping those already there for this deletion
+    baseline), then return the summary table."""
     from tqdm.auto import tqdm
 
     from .evaluate import deletion, insertion
@@ -45,6 +49,7 @@ def evaluate_folder(net, folder, *, methods=("gradcam", "occlusion", "lime"), cs
     folder = Path(folder)
     if not folder.is_dir():
         raise InvalidParameterError(f"evaluate: {str(folder)!r} is not a folder.")
+    check_choice("evaluate", "deletion_baseline", deletion_baseline, DELETION_BASELINES)
     for m in methods:  # validate every name before any work
         if m not in ("gradcam", "occlusion", "lime", "gradient", "guided-backprop", "integrated-gradients",
                      "smoothgrad", "random"):
@@ -56,7 +61,12 @@ def evaluate_folder(net, folder, *, methods=("gradcam", "occlusion", "lime"), cs
     done = set()
     if csv_path.is_file():
         with open(csv_path, newline="") as f:
-            done = {(r["image"], r["method"]) for r in csv.DictReader(f)}
+            reader = csv.DictReader(f)
+            if reader.fieldnames and reader.fieldnames != FIELDS:
+                raise InvalidParameterError(
+                    f"evaluate: {str(csv_path)!r} has columns {reader.fieldnames}, not {FIELDS}; pass another "
+                    "--csv path (or move the old file) to start a new evaluation.")
+            done = {(r["image"], r["method"], r["deletion_baseline"]) for r in reader}
     new_file = not csv_path.is_file()
     with open(csv_path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
@@ -64,16 +74,19 @@ def evaluate_folder(net, folder, *, methods=("gradcam", "occlusion", "lime"), cs
             writer.writeheader()
             f.flush()
         for path in tqdm(images, desc="images", disable=not verbose):
-            todo = [m for m in methods if (path.name, m) not in done]
+            todo = [m for m in methods if (path.name, m, deletion_baseline) not in done]
             if not todo:
                 continue
             label = net.top_k(path, 1)[0]
             rows = []
             for method in todo:
                 saliency = _map(net, method, path, label.index)
+                removed = deletion(net, path, saliency, label.index, steps=steps, baseline=deletion_baseline,
+                                   verbose=False)
+                inserted = insertion(net, path, saliency, label.index, steps=steps, verbose=False)
                 rows.append(dict(image=path.name, method=method, label=label.label,
-                                 deletion_auc=f"{deletion(net, path, saliency, label.index, steps=steps, verbose=False).auc:.6f}",
-                                 insertion_auc=f"{insertion(net, path, saliency, label.index, steps=steps, verbose=False).auc:.6f}"))
+                                 deletion_baseline=deletion_baseline, deletion_auc=f"{removed.auc:.6f}",
+                                 insertion_auc=f"{inserted.auc:.6f}"))
             writer.writerows(rows)  # one image at a time: an interruption keeps every finished image
             f.flush()
     return summarise(csv_path)
@@ -82,11 +95,12 @@ def evaluate_folder(net, folder, *, methods=("gradcam", "occlusion", "lime"), cs
 def summarise(csv_path) -> str:
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
-    lines = ["| method | images | deletion AUC (lower is better) | insertion AUC (higher is better) |",
-             "|---|---|---|---|"]
-    for method in dict.fromkeys(r["method"] for r in rows):
-        d = np.array([float(r["deletion_auc"]) for r in rows if r["method"] == method])
-        i = np.array([float(r["insertion_auc"]) for r in rows if r["method"] == method])
-        lines.append(f"| {method} | {len(d)} | {d.mean():.3f} ± {d.std(ddof=1) if len(d) > 1 else 0:.3f} | "
-                     f"{i.mean():.3f} ± {i.std(ddof=1) if len(i) > 1 else 0:.3f} |")
+    lines = ["| method | deletion baseline | images | deletion AUC (lower is better) | "
+             "insertion AUC (higher is better) |", "|---|---|---|---|---|"]
+    for method, baseline in dict.fromkeys((r["method"], r["deletion_baseline"]) for r in rows):
+        mine = [r for r in rows if r["method"] == method and r["deletion_baseline"] == baseline]
+        d = np.array([float(r["deletion_auc"]) for r in mine])
+        i = np.array([float(r["insertion_auc"]) for r in mine])
+        lines.append(f"| {method} | {baseline} | {len(d)} | {d.mean():.3f} ± {d.std(ddof=1) if len(d) > 1 else 0:.3f}"
+                     f" | {i.mean():.3f} ± {i.std(ddof=1) if len(i) > 1 else 0:.3f} |")
     return "\n".join(lines)

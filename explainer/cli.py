@@ -48,7 +48,7 @@ def cmd_explain(args) -> int:
     net = _load(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     page = explain(net, resolve(args.image), methods=methods, labels=args.labels, out_dir=args.out,
-                   evaluate=not args.no_evaluate, verbose=not args.quiet)
+                   evaluate=not args.no_evaluate, deletion_baseline=args.deletion_baseline, verbose=not args.quiet)
     print(page)
     return 0
 
@@ -66,9 +66,16 @@ def cmd_evaluate(args) -> int:
     net = _load(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     summary = evaluate_folder(net, args.folder, methods=methods, csv_path=args.csv, steps=args.steps,
-                              verbose=not args.quiet)
+                              deletion_baseline=args.deletion_baseline, verbose=not args.quiet)
     print(summary)
     return 0
+
+
+def _deletion_baseline_arg(p) -> None:
+    p.add_argument("--deletion-baseline", default="zero", choices=("zero", "black", "blur", "impute"),
+                   help="what removed pixels become in deletion curves: zero (RISE), black, blur, or impute "
+                        "(ROAD: from their neighbours, so that the pattern of removed pixels is not itself "
+                        "evidence)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default="top3", help="topK, or comma-separated class names or indices")
     p.add_argument("--out", default="explanations", help="output folder")
     p.add_argument("--no-evaluate", action="store_true", help="skip deletion/insertion curves")
+    _deletion_baseline_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _model_arg(p)
     p.set_defaults(func=cmd_explain)
@@ -102,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="gradcam,occlusion,lime")
     p.add_argument("--csv", default=None, help="CSV path (default: FOLDER/explainer_evaluation.csv)")
     p.add_argument("--steps", type=int, default=50)
+    _deletion_baseline_arg(p)
     p.add_argument("--quiet", action="store_true")
     _model_arg(p)
     p.set_defaults(func=cmd_evaluate)

@@ -3,7 +3,10 @@ model-randomisation sanity check (Adebayo et al. 2018) for gradient methods.
 
 * deletion: pixels are removed, i.e. set to zero in the network's input space as RISE's code does
   (``baseline="zero"``: the preprocessing's mean colour), in order of decreasing saliency; the class
-  probability should fall fast (low AUC is good);
+  probability should fall fast (low AUC is good). ``baseline="impute"`` fills removed pixels from
+  their neighbours instead (ROAD's noisy linear imputation, ``explainer.imputation``): with a fixed
+  colour the pattern of removed pixels itself destroys the prediction, so that pixel noise "wins";
+  imputation removes the information without adding that artefact;
 * insertion: starting from a blurred copy (Gaussian, kernel 11, sigma 5, as RISE), the original pixels
   come back in order of decreasing saliency; the probability should rise fast (high AUC is good).
 
@@ -21,6 +24,9 @@ from .io import to_pixels
 from .methods._perturb import BACKENDS, Canvas, stream_probabilities
 from .model.preprocess import resize
 from .validation import check_batch_size, check_choice, check_int
+
+DELETION_BASELINES = ("zero", "black", "blur", "impute")
+INSERTION_BASELINES = ("zero", "black", "blur")
 
 
 @dataclass
@@ -52,8 +58,11 @@ def _curve(net, image, saliency, label, steps, mode, baseline, batch_size, backe
         sal = resize(sal[:, :, None], (h, w), clip=False)[:, :, 0]
     order = np.argsort(-sal.ravel(), kind="stable")
     if isinstance(baseline, str):
-        check_choice(where, "baseline", baseline, ("zero", "black", "blur"))
-        if baseline == "zero":
+        allowed = DELETION_BASELINES if mode == "deletion" else INSERTION_BASELINES
+        check_choice(where, "baseline", baseline, allowed)
+        if baseline == "impute":
+            other = None
+        elif baseline == "zero":
             other = np.broadcast_to(_zero_input_pixels(net), pixels.shape).astype(np.float32)
         else:
             other = np.zeros_like(pixels) if baseline == "black" else _blurred(pixels)
@@ -61,16 +70,23 @@ def _curve(net, image, saliency, label, steps, mode, baseline, batch_size, backe
         other = np.broadcast_to(np.asarray(baseline, np.float32), pixels.shape).astype(np.float32)
     # deletion: start = image, replaced pixels take the baseline; insertion: start = baseline
     start_img, fill = (pixels, other) if mode == "deletion" else (other, pixels)
-    canvas = Canvas(net, start_img, fill)
     total = h * w
     counts = [int(round(total * s / steps)) for s in range(steps + 1)]
     rank = np.empty(total, np.int64)
     rank[order] = np.arange(total)
     rank = rank.reshape(h, w)
 
-    def make_batch(a, b):
-        masks = np.stack([rank < counts[s] for s in range(a, b)])
-        return canvas.occlude_masks(masks)
+    if other is None:  # imputed: each step solves for its own fill
+        from .imputation import impute
+
+        def make_batch(a, b):
+            return net.to_model_input(np.stack([impute(pixels, rank < counts[s], random_state=s)
+                                                for s in range(a, b)]))
+    else:
+        canvas = Canvas(net, start_img, fill)
+
+        def make_batch(a, b):
+            return canvas.occlude_masks(np.stack([rank < counts[s] for s in range(a, b)]))
 
     batch = net.resolve_batch_size(check_batch_size(where, batch_size), where)
     scores = np.empty(steps + 1, np.float32)
@@ -95,7 +111,8 @@ def _zero_input_pixels(net) -> np.ndarray:
 def deletion(net, image, saliency_map, label, *, steps=100, baseline="zero", batch_size="auto",
              backend="onnxruntime", verbose=True) -> Curve:
     """Probability as the most salient pixels are removed first (to ``baseline``: "zero" (the
-    network's zero input, RISE), "black", "blur" or pixel values)."""
+    network's zero input, RISE), "black", "blur", "impute" (from the neighbours, ROAD) or pixel
+    values)."""
     return _curve(net, image, saliency_map, label, steps, "deletion", baseline, batch_size, backend, verbose)
 
 
@@ -105,11 +122,13 @@ def insertion(net, image, saliency_map, label, *, steps=100, baseline="blur", ba
     return _curve(net, image, saliency_map, label, steps, "insertion", baseline, batch_size, backend, verbose)
 
 
-def random_map_auc(net, image, label, *, seeds=10, steps=100, cells=None, verbose=False) -> dict:
+def random_map_auc(net, image, label, *, seeds=10, steps=100, cells=None, deletion_baseline="zero",
+                   verbose=False) -> dict:
     """Mean deletion and insertion AUC of random maps (the chance level): uniform noise per pixel, or
     with ``cells=n`` an n x n grid of uniform values upsampled (bicubic), whose smoothness matches
-    coarse maps such as Grad-CAM's. (Pixel-wise noise deletes like salt noise, which destroys a CNN's
-    texture cues faster than any contiguous region: its deletion AUC is a hard bar.)"""
+    coarse maps such as Grad-CAM's. (With a fixed-colour deletion baseline, pixel-wise noise deletes
+    like salt noise, which destroys a CNN's texture cues faster than any contiguous region; with
+    ``deletion_baseline="impute"`` it does not.)"""
     from .methods._common import resize_map
 
     dels, ins = [], []
@@ -118,7 +137,7 @@ def random_map_auc(net, image, label, *, seeds=10, steps=100, cells=None, verbos
         rng = np.random.default_rng(seed)
         m = rng.random((h, w)).astype(np.float32) if cells is None else \
             resize_map(rng.random((1, cells, cells)).astype(np.float32), (h, w))[0]
-        dels.append(deletion(net, image, m, label, steps=steps, verbose=verbose).auc)
+        dels.append(deletion(net, image, m, label, steps=steps, baseline=deletion_baseline, verbose=verbose).auc)
         ins.append(insertion(net, image, m, label, steps=steps, verbose=verbose).auc)
     return {"deletion_auc": float(np.mean(dels)), "insertion_auc": float(np.mean(ins))}
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidParameterError
+from .evaluate import DELETION_BASELINES
 from .io import to_pixels
+from .validation import check_choice
 
 METHODS = ("gradcam", "occlusion", "lime", "gradient", "guided-backprop", "integrated-gradients", "smoothgrad")
 
@@ -44,8 +46,10 @@ def resolve_labels(net, image, spec: str) -> list[int]:
 
 
 def explain(net, image, *, methods=("gradcam", "occlusion", "lime", "gradient", "guided-backprop"),
-            labels="top3", out_dir="explanations", evaluate: bool = True, verbose: bool = True) -> Path:
-    """Compute the maps and write the report; returns the path of index.html."""
+            labels="top3", out_dir="explanations", evaluate: bool = True, deletion_baseline: str = "zero",
+            verbose: bool = True) -> Path:
+    """Compute the maps and write the report; returns the path of index.html. ``deletion_baseline``:
+    what the deletion curves fill removed pixels with (see ``explainer.evaluate``)."""
     from PIL import Image
 
     from .viz import overlay
@@ -53,6 +57,7 @@ def explain(net, image, *, methods=("gradcam", "occlusion", "lime", "gradient", 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise InvalidParameterError(f"methods must be among {', '.join(METHODS)}; got {', '.join(unknown)}.")
+    check_choice("explain", "deletion_baseline", deletion_baseline, DELETION_BASELINES)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pixels = to_pixels(image)
@@ -74,7 +79,7 @@ def explain(net, image, *, methods=("gradcam", "occlusion", "lime", "gradient", 
             Image.fromarray(overlay(pixels / 255.0, maps[k])).save(out / file)
             files.append(file)
             if evaluate:
-                metrics.append(_metrics(net, pixels / 255.0, maps[k], idx, out, f"{name}_{idx}"))
+                metrics.append(_metrics(net, pixels / 255.0, maps[k], idx, out, f"{name}_{idx}", deletion_baseline))
         results.append(dict(method=name, params=params, seconds=seconds, files=files, metrics=metrics))
     page = _html(net, top, probs, indices, results)
     (out / "index.html").write_text(page, encoding="utf-8")
@@ -84,13 +89,11 @@ def explain(net, image, *, methods=("gradcam", "occlusion", "lime", "gradient", 
     return out / "index.html"
 
 
-def _metrics(net, image, saliency, label, out, stem):
-    """Deletion/insertion AUC and a curve PNG, when the evaluation module is available."""
-    try:
-        from .evaluate import deletion, insertion
-    except ImportError:
-        return {}
-    d = deletion(net, image, saliency, label, verbose=False)
+def _metrics(net, image, saliency, label, out, stem, deletion_baseline):
+    """Deletion/insertion AUC and a curve PNG."""
+    from .evaluate import deletion, insertion
+
+    d = deletion(net, image, saliency, label, baseline=deletion_baseline, verbose=False)
     i = insertion(net, image, saliency, label, verbose=False)
     import matplotlib
 
@@ -98,7 +101,7 @@ def _metrics(net, image, saliency, label, out, stem):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(3.2, 2.4))
-    ax.plot(d.fractions, d.scores, label=f"deletion AUC {d.auc:.3f}")
+    ax.plot(d.fractions, d.scores, label=f"deletion ({deletion_baseline}) AUC {d.auc:.3f}")
     ax.plot(i.fractions, i.scores, label=f"insertion AUC {i.auc:.3f}")
     ax.set_xlabel("fraction of pixels")
     ax.set_ylabel("probability")
@@ -106,7 +109,8 @@ def _metrics(net, image, saliency, label, out, stem):
     fig.tight_layout()
     fig.savefig(out / f"{stem}_curves.png", dpi=80)
     plt.close(fig)
-    return {"deletion_auc": d.auc, "insertion_auc": i.auc, "curves": f"{stem}_curves.png"}
+    return {"deletion_auc": d.auc, "deletion_baseline": deletion_baseline, "insertion_auc": i.auc,
+            "curves": f"{stem}_curves.png"}
 
 
 def _html(net, top, probs, indices, results) -> str:
@@ -119,7 +123,8 @@ def _html(net, top, probs, indices, results) -> str:
             m = r["metrics"][k] if r["metrics"] else {}
             extra = ""
             if m:
-                extra = (f"<br>deletion AUC {m['deletion_auc']:.3f} · insertion AUC {m['insertion_auc']:.3f}"
+                extra = (f"<br>deletion ({m['deletion_baseline']}) AUC {m['deletion_auc']:.3f} · "
+                         f"insertion AUC {m['insertion_auc']:.3f}"
                          f"<br><img src=\"{esc(m['curves'])}\" alt=\"curves\" width=\"240\">")
             cells.append(f"<figure><img src=\"{esc(r['files'][k])}\" alt=\"{esc(r['method'])}\" width=\"300\">"
                          f"<figcaption><b>{esc(r['method'])}</b> · {r['seconds']:.2f} s{extra}</figcaption></figure>")

@@ -3,10 +3,9 @@ onnxruntime; hostile names never reach generated code; non-differentiable paths 
 import builtins
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import helper
 
 import explainer
 from explainer.errors import ConversionError

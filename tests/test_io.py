@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from explainer import limits
 from explainer.errors import InvalidImageError, InvalidParameterTypeError, ResourceLimitError
 from explainer.io import to_pixels
 

@@ -1,8 +1,6 @@
 import json
 
-import numpy as np
 import pytest
-from onnx import helper
 
 import explainer
 from explainer.errors import InvalidParameterError, UnknownClassError

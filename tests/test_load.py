@@ -4,9 +4,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 import explainer
 from explainer.errors import ModelLoadError, ResourceLimitError, UnsupportedModelError

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from explainer.errors import InvalidParameterError
-from explainer.model.preprocess import PRESETS, Preprocessing, resize, resolve
+from explainer.model.preprocess import PRESETS, resize, resolve
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """Input and output discovery on tiny graphs, checked against numpy versions of the same graphs."""
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper
 

@@ -46,7 +46,7 @@ def test_report_files(report):
     assert {"index.html", "image.png", "gradcam_285.png", "occlusion_282.png", "gradient_285.png",
             "gradcam_285_curves.png"} <= names
     page = (report / "index.html").read_text()
-    assert "Egyptian cat" in page and "deletion AUC" in page and "Parameters and timings" in page
+    assert "Egyptian cat" in page and "deletion (zero) AUC" in page and "Parameters and timings" in page
 
 
 def _chromium():
