@@ -2,4 +2,5 @@ import sys
 
 from .run import main
 
-sys.exit(main())
+if __name__ == "__main__":  # spawned timing processes (isolated.py) import this module too
+    sys.exit(main())

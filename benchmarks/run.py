@@ -49,11 +49,25 @@ def paired(ours, other, repeats: int) -> tuple[float, float, float]:
     return statistics.median(a), statistics.median(b), statistics.median(x / y for x, y in zip(a, b))
 
 
-def forward_pass(net, count: int, batch: int):
-    """onnxruntime on ``count`` images (prepared once) at batch size ``batch``: the forward-pass limit."""
+def forward_pass(net, count: int, batch: int, streams: int | None = None):
+    """onnxruntime on ``count`` images (prepared once) at batch size ``batch``: the forward-pass limit.
+    ``streams`` batches run at once on single-threaded sessions, as the library runs them (default:
+    the engine's choice); ``streams=1`` is one multi-threaded session run after run."""
+    from concurrent.futures import ThreadPoolExecutor
+
     x = net.to_model_input(np.full((count, *net.input.size, net.input.channels), 120, np.float32))
-    session = net.ort.session([net.output.name])
-    return lambda: [session.run([net.output.name], {net.input.name: x[i:i + batch]}) for i in range(0, count, batch)]
+    starts = range(0, count, batch)
+    streams = min(net.ort.parallel_streams() if streams is None else streams, len(starts))
+    output = net.output.name
+    session = net.ort.session([output], single_thread=streams > 1)
+    one = lambda i: session.run([output], {net.input.name: x[i:i + batch]})
+    if streams <= 1:
+        return lambda: [one(i) for i in starts]
+
+    def parallel():
+        with ThreadPoolExecutor(streams) as pool:
+            return list(pool.map(one, starts))
+    return parallel
 
 
 def best_batch(net, count: int, sizes=(1, 2, 4, 8, 16, 32)) -> int:
@@ -83,8 +97,43 @@ class NativeLite0:
             p.requires_grad_(False)
 
 
-def bench_blackbox(rows, net, name, image, quick, repeats, native=None, sizes=(1, 2, 4, 8, 16, 32)):
+# Occlusion against Captum, each side built in its own process (isolated.py): the same 15 x 15 windows
+# at stride 10 inside the image, filled with 120, class 285.
+def default_model_best_batch(count: int, sizes) -> int:
+    import explainer
+
+    return best_batch(explainer.load(), count, sizes)
+
+
+def our_occlusion(image, batch: int):
+    import explainer
+
+    net = explainer.load()
+    return lambda: explainer.occlusion_sensitivity(net, image, 285, mask_size=15, stride=10, mask_value=120,
+                                                   mask_clipping=False, batch_size=batch, verbose=False)
+
+
+def captum_occlusion(image, ppe: int):
     import torch
+    from captum.attr import Occlusion
+
+    warnings.filterwarnings("ignore")
+    model = NativeLite0().model
+    x = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]
+    occlusion = Occlusion(lambda t: torch.softmax(model(t), 1))
+
+    def run():
+        with torch.no_grad():
+            return occlusion.attribute(x, sliding_window_shapes=(3, 15, 15), strides=(3, 10, 10), baselines=120.0,
+                                       target=285, perturbations_per_eval=ppe)
+    return run
+
+
+def captum_best_ppe(image, candidates) -> int:
+    return min(candidates, key=lambda ppe: timed(captum_occlusion(image, ppe), 1))
+
+
+def bench_blackbox(rows, net, name, image, quick, repeats, native=None, sizes=(1, 2, 4, 8, 16, 32)):
 
     import explainer
 
@@ -96,26 +145,23 @@ def bench_blackbox(rows, net, name, image, quick, repeats, native=None, sizes=(1
                                 forward_pass(net, n_masks + 1, b), repeats)
     rows.append(dict(model=name, method="occlusion", what=f"{n_masks} masks, ours vs forward limit",
                      ours_s=ours, other_s=limit, ratio=ratio, batch=b))
+    streams, one_session, gain = paired(forward_pass(net, n_masks + 1, b), forward_pass(net, n_masks + 1, b, 1), repeats)
+    rows.append(dict(model=name, method="forward", what=f"{n_masks + 1} images at batch {b}: "
+                     f"{net.ort.parallel_streams()} single-threaded streams vs one multi-threaded session",
+                     ours_s=streams, other_s=one_session, ratio=gain, batch=b))
     if native is not None:
-        from captum.attr import Occlusion
+        from . import isolated
 
-        # Captum's windows lie inside the image: ours with mask_clipping=False slides the same ones
+        # Captum's windows lie inside the image: ours with mask_clipping=False slides the same ones.
+        # onnxruntime and torch each run in their own process (see isolated.py).
         n_windows = len(range(0, net.input.size[0] - 15 + 1, 10)) * len(range(0, net.input.size[1] - 15 + 1, 10))
-        x = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]
-        probability = lambda t: torch.softmax(native.model(t), 1)
-
-        def captum(ppe):
-            with torch.no_grad():
-                return Occlusion(probability).attribute(
-                    x, sliding_window_shapes=(3, 15, 15), strides=(3, 10, 10), baselines=120.0, target=285,
-                    perturbations_per_eval=ppe)
-
-        ppe = min((16,) if quick else (1, 8, 16, 32, 64), key=lambda p: timed(lambda: captum(p), 1))
-        ours, other, ratio = paired(lambda: explainer.occlusion_sensitivity(
-            net, image, 285, mask_value=120, mask_clipping=False, batch_size=b, **kw), lambda: captum(ppe), repeats)
+        ours_batch = isolated.call("benchmarks.run:default_model_best_batch", n_windows + 1, sizes)
+        ppe = isolated.call("benchmarks.run:captum_best_ppe", image, (16,) if quick else (1, 8, 16, 32, 64))
+        ours, other, ratio = isolated.paired(("benchmarks.run:our_occlusion", (image, ours_batch)),
+                                             ("benchmarks.run:captum_occlusion", (image, ppe)), repeats)
         rows.append(dict(model=name, method="occlusion", what=f"Captum Occlusion, the same {n_windows} windows "
-                         f"(native torch, best perturbations_per_eval={ppe}) / ours", ours_s=ours, other_s=other,
-                         ratio=1 / ratio))
+                         f"(native torch, best perturbations_per_eval={ppe}; each side in its own process) / "
+                         "ours", ours_s=ours, other_s=other, ratio=1 / ratio, batch=ours_batch))
     # LIME: the overhead over the forward passes (all samples drawn), then against the lime package at
     # equal num_samples with our defaults (sampling stops once the weights are settled)
     samples = 200 if quick else 1000
@@ -137,7 +183,7 @@ def bench_blackbox(rows, net, name, image, quick, repeats, native=None, sizes=(1
         def lime_package(batch):
             return LimeImageExplainer(random_state=0).explain_instance(
                 small, classifier, labels=(285,), top_labels=None, num_samples=samples, batch_size=batch,
-                segmentation_fn=lambda _: exp.segments, random_seed=0, progress_bar=False)
+                segmentation_fn=lambda _: exp.segments, random_seed=0)
 
         default = timed(lambda: lime_package(10), 1)
         best = 10 if quick else min((10, 1, 32), key=lambda batch: default if batch == 10 else
@@ -201,7 +247,7 @@ def converted(net):
 
 def markdown(meta, rows) -> str:
     lines = [f"# Benchmarks ({meta['date']})", "",
-             f"Machine: {meta['machine']}; {meta['cpus']} CPUs; onnxruntime {meta['onnxruntime']}, "
+             f"Machine: {meta.get('cpu') or meta['machine']}; {meta['cpus']} CPUs; onnxruntime {meta['onnxruntime']}, "
              f"torch {meta['torch']}; mode: {meta['mode']}.", "",
              "| model | method | comparison | ours (s) | other (s) | ratio |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -214,10 +260,39 @@ def markdown(meta, rows) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name where Linux tells it (platform.processor() is often empty there)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+README_START, README_END = "<!-- benchmark table: written by python -m benchmarks -->", "<!-- end of benchmark table -->"
+
+
+def update_readme(readme: Path, meta, rows) -> bool:
+    """Put a full run's table into the README between the two markers, so the README quotes the latest
+    run and never numbers typed by hand. Returns False (and leaves the file alone) without the markers."""
+    text = readme.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        return False
+    table = markdown(meta, rows).split("\n", 2)[2]  # drop the title line and the blank after it
+    readme.write_text(text[:start + len(README_START)] + "\n" + table + text[end:])
+    return True
+
+
+DEFAULT_PARTS = "blackbox,gradients,deepdream,scaling"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and samples")
-    parser.add_argument("--only", default="blackbox,gradients,deepdream,scaling",
+    parser.add_argument("--only", default=DEFAULT_PARTS,
                         help="comma-separated parts to run")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -252,7 +327,7 @@ def main(argv=None) -> int:
 
         extra["scaling"] = scaling.run(net, image, RESULTS)
     meta = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=platform.platform(),
-                processor=platform.processor(), cpus=os.cpu_count(), onnxruntime=onnxruntime.__version__,
+                processor=platform.processor(), cpu=cpu_model(), cpus=os.cpu_count(), onnxruntime=onnxruntime.__version__,
                 torch=torch.__version__, mode="quick" if args.quick else "full",
                 torch_threads=torch.get_num_threads())
     RESULTS.mkdir(exist_ok=True)
@@ -260,5 +335,7 @@ def main(argv=None) -> int:
     name = "quick" if args.quick else "latest"
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1))
     (RESULTS / f"{name}.md").write_text(markdown(meta, rows))
+    if not args.quick and parts == set(DEFAULT_PARTS.split(",")):
+        update_readme(Path(__file__).resolve().parent.parent / "README.md", meta, rows)
     print(markdown(meta, rows))
     return 0

@@ -53,3 +53,49 @@ def test_auto_batch_size_measured_once_and_cached(monkeypatch, tmp_path):
     calls.clear()
     assert again.batch_size == chosen and calls == []  # read from the cache, nothing measured
     assert (tmp_path / "batch_sizes.json").is_file()
+
+
+@pytest.mark.parametrize("streams", [2, 3])
+def test_parallel_streams_yield_in_order_with_bounded_memory_and_stop_early(monkeypatch, streams):
+    """Batches forwarded in parallel single-threaded streams give the numpy reference's
+    probabilities in order; at most two batches per stream are ever made ahead; stopping early
+    cancels the batches not started."""
+    import threading
+
+    from graphs import linear_classifier
+
+    from explainer.methods._perturb import stream_probabilities
+
+    model, reference = linear_classifier(size=(16, 16))
+    net = explainer.load(model, preprocessing="none")
+    monkeypatch.setattr(net.ort, "parallel_streams", lambda: streams)
+    rng = np.random.default_rng(0)
+    x = rng.random((50, 3, 16, 16)).astype(np.float32)
+    made, lock, ahead = [], threading.Lock(), []
+    yielded = [0]
+
+    def make_batch(a, b):
+        with lock:
+            made.append(a)
+            ahead.append(len(made) - yielded[0])
+        return x[a:b]
+
+    logits = reference(x)
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    got = np.empty_like(expected)
+    order = []
+    for a, b, p in stream_probabilities(net, make_batch, 50, batch_size=4, verbose=False):
+        got[a:b] = p
+        order.append(a)
+        yielded[0] += 1
+    assert order == list(range(0, 50, 4))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    assert max(ahead) <= 2 * streams + 1
+    assert ((), True) in net.ort._sessions  # the single-threaded session ran
+
+    made.clear()
+    yielded[0] = 0
+    for a, b, p in stream_probabilities(net, make_batch, 400, batch_size=4, verbose=False):
+        break
+    assert len(made) <= 2 * streams + 1  # the rest of the 100 batches was never made

@@ -7,7 +7,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ConversionError
-from ..model.graph import attribute, consumers, dims, infer_shapes, is_large, opset, without_weight_data
+from ..model.graph import attribute, clip_bound, consumers, dims, infer_shapes, is_large, opset, without_weight_data
 from .passes import register
 
 
@@ -146,8 +146,8 @@ def relu6_as_relu(model: onnx.ModelProto, ctx) -> int:
     for i, node in enumerate(g.node):
         if node.op_type != "Clip":
             continue
-        low = _clip_bound(g, node, 1, "min")
-        high = _clip_bound(g, node, 2, "max")
+        low = clip_bound(g, node, "min")
+        high = clip_bound(g, node, "max")
         if low is None or float(low) != 0.0:
             continue
         relu_out = _fresh(g, f"{node.output[0]}__relu")
@@ -161,18 +161,6 @@ def relu6_as_relu(model: onnx.ModelProto, ctx) -> int:
         replacements[i] = new
     _replace_nodes(g, replacements)
     return len(replacements)
-
-
-def _clip_bound(g, node, index, attr):
-    from ..model.graph import constant_value
-
-    if len(node.input) > index and node.input[index]:
-        value = constant_value(g, node.input[index])
-        return None if value is None else float(np.asarray(value).ravel()[0])
-    value = attribute(node, attr)
-    if value is None:
-        return float("-inf") if attr == "min" else None
-    return float(value)
 
 
 @register("float-image-input", targets=("torch",), order=60)

@@ -1,12 +1,17 @@
 """The one batching loop of every perturbation method (occlusion, LIME, deletion/insertion curves).
 
 A method describes its perturbed images as ``make_batch(start, stop)`` returning a batch in the
-graph's input form, usually written through a ``Canvas``; this loop asks for one batch at a time (so
-memory does not grow with the number of masks or samples), forwards it on the chosen backend and
-yields class probabilities. Callers may stop early.
+graph's input form, usually written through a ``Canvas``; ``make_batch`` must depend on nothing but
+(start, stop), because on onnxruntime's CPU provider batches are made and forwarded in parallel
+streams (see ``OrtEngine.parallel_streams``). At most two batches per stream are in flight, so memory
+does not grow with the number of masks or samples; probabilities are yielded in order, and callers
+may stop early (batches not started yet are cancelled).
 """
 from __future__ import annotations
 
+import itertools
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import numpy as np
@@ -16,11 +21,12 @@ from ..validation import check_choice
 BACKENDS = ("onnxruntime", "torch")
 
 
-def forward_fn(net, backend: str) -> Callable[[np.ndarray], np.ndarray]:
-    """Model-input batch → (N, K) float32 probabilities on ``backend``."""
+def forward_fn(net, backend: str, single_thread: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+    """Model-input batch → (N, K) float32 probabilities on ``backend``; ``single_thread``: on a
+    one-core onnxruntime session, for parallel streams."""
     if backend == "onnxruntime":
         session_outputs = [net.output.name]
-        session = net.ort.session(session_outputs)
+        session = net.ort.session(session_outputs, single_thread=single_thread)
 
         def run(x):
             return net.scores_from_outputs(session.run(session_outputs, {net.input.name: x}))
@@ -77,14 +83,34 @@ class Canvas:
 def stream_probabilities(net, make_batch: Callable[[int, int], np.ndarray], total: int, *,
                          batch_size: int, backend: str = "onnxruntime", verbose: bool = True,
                          desc: str = "") -> Iterator[tuple[int, int, np.ndarray]]:
-    """Yield (start, stop, probabilities) for perturbed images ``0 .. total-1`` in batches."""
+    """Yield (start, stop, probabilities) for perturbed images ``0 .. total-1`` in batches, in order."""
     from tqdm.auto import tqdm
 
     check_choice(desc or "perturbation", "backend", backend, BACKENDS)
-    run = forward_fn(net, backend)
+    spans = [(start, min(start + batch_size, total)) for start in range(0, total, batch_size)]
+    streams = min(net.ort.parallel_streams() if backend == "onnxruntime" else 1, len(spans))
     with tqdm(total=total, desc=desc, unit="img", disable=not verbose, leave=False) as bar:
-        for start in range(0, total, batch_size):
-            stop = min(start + batch_size, total)
-            probs = run(make_batch(start, stop))
-            bar.update(stop - start)
-            yield start, stop, probs
+        if streams <= 1:
+            run = forward_fn(net, backend)
+            for start, stop in spans:
+                probs = run(make_batch(start, stop))
+                bar.update(stop - start)
+                yield start, stop, probs
+            return
+        run = forward_fn(net, backend, single_thread=True)
+        pool = ThreadPoolExecutor(streams, thread_name_prefix="explainer-stream")
+        try:
+            pending = deque()
+            todo = iter(spans)
+            for span in itertools.islice(todo, 2 * streams):
+                pending.append((span, pool.submit(lambda s: run(make_batch(*s)), span)))
+            while pending:
+                (start, stop), future = pending.popleft()
+                probs = future.result()
+                span = next(todo, None)
+                if span is not None:
+                    pending.append((span, pool.submit(lambda s: run(make_batch(*s)), span)))
+                bar.update(stop - start)
+                yield start, stop, probs
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InvalidParameterError
+from ..model.graph import clip_bound
 from ..model.torch_engine import torch_engine
 from ._common import finish, images_and_labels, resize_map
 
@@ -20,10 +21,8 @@ def _is_relu(net, layer) -> bool:
     if layer.op_type in RELU_OPS:
         return True
     if layer.op_type == "Clip":  # ReLU6 and friends: Clip with min 0
-        from ..convert.ops import _clip_bound
-
         node = next(n for n in net.model.graph.node if n.output and n.output[0] == layer.output)
-        low = _clip_bound(net.model.graph, node, 1, "min")
+        low = clip_bound(net.model.graph, node, "min")
         return low is not None and low == 0.0
     return False
 

@@ -89,6 +89,19 @@ def attribute(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
+def clip_bound(graph: onnx.GraphProto, node: onnx.NodeProto, which: str) -> float | None:
+    """A Clip node's ``which`` ("min" or "max") bound, from its input (opset >= 11) or attribute:
+    -inf for an absent min, None for an absent max or one computed at run time."""
+    index = 1 if which == "min" else 2
+    if len(node.input) > index and node.input[index]:
+        value = constant_value(graph, node.input[index])
+        return None if value is None else float(np.asarray(value).ravel()[0])
+    value = attribute(node, which)
+    if value is None:
+        return float("-inf") if which == "min" else None
+    return float(value)
+
+
 def layer_name(node: onnx.NodeProto) -> str:
     """What users call a node: its name, or its first output's name when the exporter left it empty."""
     return node.name or (node.output[0] if node.output else "")
