@@ -1,10 +1,10 @@
 """Timing in a fresh interpreter, for comparisons between onnxruntime and torch.
 
-On a 2-core machine, onnxruntime run in the same process right after torch's thread pool has been busy
-was measured up to 2.2x slower at small batch sizes (and OMP_WAIT_POLICY=PASSIVE, which cures that,
-makes torch itself 1.6x slower). Each side of such a comparison therefore runs in its own spawned
-process, as each library's users run it; the two still alternate, so a slow spell of a shared machine
-hits both.
+In one process the two libraries' thread pools compete for the cores: onnxruntime timed right after a
+busy torch pool ran up to 2x slower on the 2-core machine, and OMP_WAIT_POLICY=PASSIVE, which stops
+torch's threads spinning, makes torch itself 1.6x slower. Each side of such a comparison therefore runs
+in its own spawned process, as each library's users run it; the two still alternate, so a slow spell
+of a shared machine hits both.
 """
 from __future__ import annotations
 

@@ -282,7 +282,7 @@ def update_readme(readme: Path, meta, rows) -> bool:
     if start < 0 or end < start:
         return False
     table = markdown(meta, rows).split("\n", 2)[2]  # drop the title line and the blank after it
-    readme.write_text(text[:start + len(README_START)] + "\n" + table + text[end:])
+    readme.write_text(text[:start + len(README_START)] + f"\nRun of {meta['date']}. " + table + text[end:])
     return True
 
 
