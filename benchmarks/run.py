@@ -99,12 +99,6 @@ class NativeLite0:
 
 # Occlusion against Captum, each side built in its own process (isolated.py): the same 15 x 15 windows
 # at stride 10 inside the image, filled with 120, class 285.
-def default_model_best_batch(count: int, sizes) -> int:
-    import explainer
-
-    return best_batch(explainer.load(), count, sizes)
-
-
 def our_occlusion(image, batch: int):
     import explainer
 
@@ -133,8 +127,9 @@ def captum_best_ppe(image, candidates) -> int:
     return min(candidates, key=lambda ppe: timed(captum_occlusion(image, ppe), 1))
 
 
-def bench_blackbox(rows, net, name, image, quick, repeats, native=None, sizes=(1, 2, 4, 8, 16, 32)):
-
+def bench_blackbox(rows, net, name, image, quick, repeats, peers=False, sizes=(1, 2, 4, 8, 16, 32)):
+    """Occlusion and LIME against the forward limit; with ``peers`` (the default model, which has a
+    native torch definition) also against Captum and the lime package."""
     import explainer
 
     # occlusion: MATLAB-like defaults at stride 10 / mask 15 (23 x 23 = 529 masks on 224 x 224)
@@ -149,19 +144,18 @@ def bench_blackbox(rows, net, name, image, quick, repeats, native=None, sizes=(1
     rows.append(dict(model=name, method="forward", what=f"{n_masks + 1} images at batch {b}: "
                      f"{net.ort.parallel_streams()} single-threaded streams vs one multi-threaded session",
                      ours_s=streams, other_s=one_session, ratio=gain, batch=b))
-    if native is not None:
+    if peers:
         from . import isolated
 
         # Captum's windows lie inside the image: ours with mask_clipping=False slides the same ones.
         # onnxruntime and torch each run in their own process (see isolated.py).
         n_windows = len(range(0, net.input.size[0] - 15 + 1, 10)) * len(range(0, net.input.size[1] - 15 + 1, 10))
-        ours_batch = isolated.call("benchmarks.run:default_model_best_batch", n_windows + 1, sizes)
         ppe = isolated.call("benchmarks.run:captum_best_ppe", image, (16,) if quick else (1, 8, 16, 32, 64))
-        ours, other, ratio = isolated.paired(("benchmarks.run:our_occlusion", (image, ours_batch)),
+        ours, other, ratio = isolated.paired(("benchmarks.run:our_occlusion", (image, b)),
                                              ("benchmarks.run:captum_occlusion", (image, ppe)), repeats)
         rows.append(dict(model=name, method="occlusion", what=f"Captum Occlusion, the same {n_windows} windows "
                          f"(native torch, best perturbations_per_eval={ppe}; each side in its own process) / "
-                         "ours", ours_s=ours, other_s=other, ratio=1 / ratio, batch=ours_batch))
+                         "ours", ours_s=ours, other_s=other, ratio=1 / ratio, batch=b))
     # LIME: the overhead over the forward passes (all samples drawn), then against the lime package at
     # equal num_samples with our defaults (sampling stops once the weights are settled)
     samples = 200 if quick else 1000
@@ -171,7 +165,7 @@ def bench_blackbox(rows, net, name, image, quick, repeats, native=None, sizes=(1
                                 forward_pass(net, samples, b), repeats)
     rows.append(dict(model=name, method="lime", what=f"{samples} samples (all drawn), ours vs forward limit",
                      ours_s=ours, other_s=limit, ratio=ratio, batch=b))
-    if native is not None:
+    if peers:
         used = len(explainer.lime_explanation(net, image, 285, num_samples=samples, random_state=0,
                                               verbose=False).samples)
         from lime.lime_image import LimeImageExplainer
@@ -310,7 +304,7 @@ def main(argv=None) -> int:
     native = NativeLite0()
     googlenet = explainer.load("seeded-inception_v1")
     if "blackbox" in parts:
-        bench_blackbox(rows, net, "efficientnet_lite0", image, args.quick, repeats, native)
+        bench_blackbox(rows, net, "efficientnet_lite0", image, args.quick, repeats, peers=True)
         # GoogLeNet's graph is 4x slower per image: three batch sizes keep the run short
         bench_blackbox(rows, googlenet, "googlenet graph (seeded)", image, args.quick, repeats, sizes=(1, 4, 16))
     if "gradients" in parts:

@@ -98,18 +98,19 @@ def stream_probabilities(net, make_batch: Callable[[int, int], np.ndarray], tota
                 yield start, stop, probs
             return
         run = forward_fn(net, backend, single_thread=True)
+        work = lambda span: run(make_batch(*span))  # noqa: E731
         pool = ThreadPoolExecutor(streams, thread_name_prefix="explainer-stream")
         try:
             pending = deque()
             todo = iter(spans)
             for span in itertools.islice(todo, 2 * streams):
-                pending.append((span, pool.submit(lambda s: run(make_batch(*s)), span)))
+                pending.append((span, pool.submit(work, span)))
             while pending:
                 (start, stop), future = pending.popleft()
                 probs = future.result()
                 span = next(todo, None)
                 if span is not None:
-                    pending.append((span, pool.submit(lambda s: run(make_batch(*s)), span)))
+                    pending.append((span, pool.submit(work, span)))
                 bar.update(stop - start)
                 yield start, stop, probs
         finally:
