@@ -7,39 +7,54 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import CacheError
+
+CACHE_ENV = "ONNX_EXPLAINER_CACHE"
+
 
 def cache_dir() -> Path:
-    override = os.environ.get("ONNX_EXPLAINER_CACHE")
+    override = os.environ.get(CACHE_ENV)
     if override:
         root = Path(override)
     else:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         root = Path(base) / "onnx-explainer"
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CacheError(f"cannot create the cache folder {str(root)!r}: {exc.strerror or exc}. Point the "
+                         f"environment variable {CACHE_ENV} at a writable folder.") from None
     return root
 
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` so that readers see either the old file or the complete new one, never a part."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def write_error(path: Path, exc: OSError) -> CacheError:
+    """The one error for a cache file that cannot be written, naming the two ways out."""
+    return CacheError(f"cannot write {str(path)!r}: {exc.strerror or exc}. Free space there, or point the "
+                      f"environment variable {CACHE_ENV} at a writable folder with room.")
 
 
 def read_json(name: str) -> dict:
-    path = cache_dir() / name
     try:
-        value = json.loads(path.read_text())
+        value = json.loads((cache_dir() / name).read_text())
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}

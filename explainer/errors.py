@@ -56,3 +56,7 @@ class DeviceError(ExplainerError, RuntimeError):
 
 class DownloadError(ExplainerError, OSError):
     """A registry model could not be downloaded or failed its checksum."""
+
+
+class CacheError(ExplainerError, OSError):
+    """The cache folder cannot be written (disk full, read-only, no permission)."""

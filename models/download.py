@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 from explainer import limits
+from explainer.cache import write_error
 from explainer.errors import DownloadError
 
 CHUNK = 1 << 16
@@ -31,10 +32,10 @@ def download(url: str, dest: Path, sha256: str, size: int | None = None, *, verb
     if not url.startswith(("https://", "http://")):
         raise DownloadError(f"refusing to download from {url!r}: only http(s) URLs are allowed.")
     fix = f"Download it yourself from {url} and save it as {dest} (sha256 {sha256})."
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    h, received = hashlib.sha256(), 0
+    h, received, tmp = hashlib.sha256(), 0, None
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
         with os.fdopen(fd, "wb") as out:
             try:
                 response = urllib.request.urlopen(url, timeout=timeout)
@@ -67,7 +68,11 @@ def download(url: str, dest: Path, sha256: str, size: int | None = None, *, verb
             raise DownloadError(
                 f"checksum mismatch for {url}: got sha256 {h.hexdigest()}, expected {sha256}. {fix}")
         os.replace(tmp, dest)
+    except DownloadError:
+        raise
+    except OSError as exc:  # the network errors are DownloadErrors above; this is the disk
+        raise write_error(dest, exc) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return dest

@@ -1,14 +1,20 @@
 """Models known by name: where each comes from, its checksum, preprocessing and labels.
 
 ``fetch()`` returns a local path, building or downloading the model into the cache on first use.
+Test models made from seeds (``make``) are built in memory on every load and never written: they take
+seconds to make and up to 575 MB of disk to keep.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from explainer.cache import atomic_write, cache_dir
+from explainer.cache import cache_dir
+
+if TYPE_CHECKING:
+    import onnx
 
 DEFAULT = "efficientnet_lite0"
 
@@ -22,12 +28,15 @@ class ModelEntry:
     sha256: str | None = None
     size: int | None = None
     builder: Callable[[Path], None] | None = None
+    make: Callable[[], onnx.ModelProto] | None = None
     filename: str = ""
 
     def path(self) -> Path:
         return cache_dir() / (self.filename or f"{self.name}.onnx")
 
     def fetch(self, verbose: bool = True) -> Path:
+        if self.make is not None:
+            raise ValueError(f"{self.name} is built in memory (entry.make()); it has no file to fetch.")
         path = self.path()
         if self.url is not None:
             from .download import download
@@ -42,15 +51,6 @@ def _build_default(path: Path) -> None:
     from . import efficientnet_lite0
 
     efficientnet_lite0.build(path)
-
-
-def _seeded_builder(arch: str) -> Callable[[Path], None]:
-    def build(path: Path) -> None:
-        from .seeded import seeded_model
-
-        atomic_write(path, seeded_model(arch).SerializeToString())
-
-    return build
 
 
 def _entries():
@@ -68,7 +68,7 @@ def _entries():
     for arch in seeded.ARCHITECTURES:
         yield ModelEntry(
             f"seeded-{arch}", f"zoo {arch} graph from the onnx wheel with seeded random weights (tests)",
-            preprocessing="caffe", builder=_seeded_builder(arch), filename=f"seeded-{arch}-v1.onnx")
+            preprocessing="caffe", make=partial(seeded.seeded_model, arch))
 
 
 REGISTRY: dict[str, ModelEntry] = {e.name: e for e in _entries()}

@@ -1,11 +1,15 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import numpy as np
 import pytest
 
-# Tests build models into their own cache, never the user's.
-os.environ.setdefault("ONNX_EXPLAINER_CACHE", tempfile.mkdtemp(prefix="onnx-explainer-test-cache-"))
+# Tests build models into their own cache, never the user's, and remove it when they end.
+if "ONNX_EXPLAINER_CACHE" not in os.environ:
+    os.environ["ONNX_EXPLAINER_CACHE"] = tempfile.mkdtemp(prefix="onnx-explainer-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["ONNX_EXPLAINER_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

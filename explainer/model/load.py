@@ -61,8 +61,10 @@ def _from_registry(name: str) -> LoadedModel:
     from ..zoo import registry
 
     entry = registry.REGISTRY[name]
-    path = entry.fetch()
-    loaded = _from_path(Path(path), allow_external_data=False)
+    if entry.make is not None:
+        loaded = load_model(entry.make())
+    else:
+        loaded = _from_path(Path(entry.fetch()), allow_external_data=False)
     loaded.name = name
     loaded.registry_entry = entry
     return loaded

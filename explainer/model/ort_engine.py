@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections import OrderedDict
 from typing import Sequence
 
@@ -20,6 +21,7 @@ import numpy as np
 import onnx
 
 from .. import cache
+from ..errors import CacheError
 from .graph import infer_shapes
 from .providers import _quiet_session
 
@@ -134,5 +136,8 @@ class OrtEngine:
                 worse += 1
                 if worse >= 2:
                     break
-        cache.update_json("batch_sizes.json", key, best)
+        try:
+            cache.update_json("batch_sizes.json", key, best)
+        except CacheError as exc:  # a full or read-only disk costs a re-measurement, not the result
+            warnings.warn(f"the measured batch size {best} is not remembered: {exc}", stacklevel=2)
         return best
