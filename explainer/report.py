@@ -63,23 +63,24 @@ def explain(net, image, *, methods=("gradcam", "occlusion", "lime", "gradient", 
     pixels = to_pixels(image)
     rgb = np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels
     Image.fromarray(rgb.astype(np.uint8)).save(out / "image.png")
-    indices = resolve_labels(net, pixels / 255.0, labels) if isinstance(labels, str) else \
+    image = pixels / 255.0  # as the methods take it (floats in 0..1), computed once
+    indices = resolve_labels(net, image, labels) if isinstance(labels, str) else \
         net.class_indices(labels, "labels")[0]
-    probs = net.predict(pixels / 255.0)
-    top = net.top_k(pixels / 255.0, 5)
+    probs = net.predict(image)
+    top = net.top_k(image, 5)
     results = []
     for name in methods:
         start = time.perf_counter()
-        maps, params = _run_method(net, name, pixels / 255.0, indices, verbose)
+        maps, params = _run_method(net, name, image, indices, verbose)
         seconds = time.perf_counter() - start
         maps = np.asarray(maps).reshape(len(indices), *pixels.shape[:2])
         files, metrics = [], []
         for k, idx in enumerate(indices):
             file = f"{name}_{idx}.png"
-            Image.fromarray(overlay(pixels / 255.0, maps[k])).save(out / file)
+            Image.fromarray(overlay(image, maps[k])).save(out / file)
             files.append(file)
             if evaluate:
-                metrics.append(_metrics(net, pixels / 255.0, maps[k], idx, out, f"{name}_{idx}", deletion_baseline))
+                metrics.append(_metrics(net, image, maps[k], idx, out, f"{name}_{idx}", deletion_baseline))
         results.append(dict(method=name, params=params, seconds=seconds, files=files, metrics=metrics))
     page = _html(net, top, probs, indices, results)
     (out / "index.html").write_text(page, encoding="utf-8")
