@@ -23,7 +23,7 @@ from .errors import InvalidParameterError
 from .io import to_pixels
 from .methods._perturb import BACKENDS, Canvas, stream_probabilities
 from .model.preprocess import resize
-from .validation import check_batch_size, check_choice, check_int
+from .validation import check_choice, check_int
 
 DELETION_BASELINES = ("zero", "black", "blur", "impute")
 INSERTION_BASELINES = ("zero", "black", "blur")
@@ -88,7 +88,7 @@ def _curve(net, image, saliency, label, steps, mode, baseline, batch_size, backe
         def make_batch(a, b):
             return canvas.occlude_masks(np.stack([rank < counts[s] for s in range(a, b)]))
 
-    batch = net.resolve_batch_size(check_batch_size(where, batch_size), where)
+    batch = net.resolve_batch_size(batch_size, where, backend)
     scores = np.empty(steps + 1, np.float32)
     for a, b, p in stream_probabilities(net, make_batch, steps + 1, batch_size=batch, backend=backend,
                                         verbose=verbose, desc=mode):

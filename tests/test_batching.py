@@ -1,4 +1,6 @@
 """Graphs exported for batch 1 run any batch size; 'auto' batch size is measured once and cached."""
+import json
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -39,20 +41,32 @@ def test_compat_set_batches_equal_single(arch):
 
 
 def test_auto_batch_size_measured_once_and_cached(monkeypatch, tmp_path):
+    """'auto' is measured once per model for single runs and once for the parallel streams of the
+    perturbation methods (each stream running its own batches), then read from the cache."""
     monkeypatch.setenv("ONNX_EXPLAINER_CACHE", str(tmp_path))
     from graphs import linear_classifier
 
+    monkeypatch.setattr(ort_engine.OrtEngine, "parallel_streams", lambda self: 2)
     model, _ = linear_classifier(size=(16, 16))
     net = explainer.load(model, preprocessing="none")
     calls = []
-    real_run = ort_engine.OrtEngine.run
-    monkeypatch.setattr(ort_engine.OrtEngine, "run", lambda self, b, o: calls.append(len(b)) or real_run(self, b, o))
+    real = ort_engine.OrtEngine._throughput
+    monkeypatch.setattr(ort_engine.OrtEngine, "_throughput",
+                        lambda self, b, o, streams: calls.append((len(b), streams)) or real(self, b, o, streams))
     chosen = net.batch_size
-    assert chosen in ort_engine.BATCH_CANDIDATES and len(calls) >= 4
+    assert chosen in ort_engine.BATCH_CANDIDATES and len(calls) >= 3 and {s for _, s in calls} == {1}
+    calls.clear()
+    on_streams = net.resolve_batch_size("auto", "occlusion_sensitivity", "onnxruntime")
+    assert on_streams in ort_engine.BATCH_CANDIDATES and len(calls) >= 3 and {s for _, s in calls} == {2}
+    assert net.resolve_batch_size("auto", "occlusion_sensitivity", "torch") == chosen
+    assert net.resolve_batch_size(5, "occlusion_sensitivity", "onnxruntime") == 5
     again = explainer.load(model, preprocessing="none")
     calls.clear()
-    assert again.batch_size == chosen and calls == []  # read from the cache, nothing measured
-    assert (tmp_path / "batch_sizes.json").is_file()
+    assert again.batch_size == chosen and again.stream_batch_size == on_streams
+    assert calls == []  # both read from the cache, nothing measured
+    assert len(json.loads((tmp_path / "batch_sizes.json").read_text())) == 2
+    fixed = explainer.load(model, preprocessing="none", batch_size=3)
+    assert fixed.batch_size == fixed.stream_batch_size == 3 and calls == []
 
 
 @pytest.mark.parametrize("streams", [2, 3])

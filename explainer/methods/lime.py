@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidParameterError, InvalidParameterTypeError
-from ..validation import check_batch_size, check_choice, check_float, check_int
+from ..validation import check_choice, check_float, check_int
 from ._common import finish, images_and_labels, resize_map
 from ._perturb import BACKENDS, Canvas, stream_probabilities
 
@@ -141,7 +141,7 @@ def _options(net, num_features, num_samples, segmentation, model, output_upsampl
                 segmentation=segmentation, model=model, output_upsampling=output_upsampling,
                 mask_value=mask_value, stop_tolerance=stop_tolerance, backend=backend,
                 kernel_width=check_float(where, "kernel_width", kernel_width, minimum=0.0, min_inclusive=False),
-                batch=net.resolve_batch_size(check_batch_size(where, batch_size), where),
+                batch=net.resolve_batch_size(batch_size, where, backend),
                 random_state=random_state, verbose=verbose)
 
 

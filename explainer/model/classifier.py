@@ -46,7 +46,7 @@ class Classifier:
         self.name = loaded.name
         self.sha256 = loaded.sha256
         self.source_model = loaded.proto
-        self._batch_size = check_batch_size("load", batch_size)
+        self._batch_size = self._stream_batch_size = check_batch_size("load", batch_size)
         metadata = {p.key: p.value for p in loaded.proto.metadata_props}
         entry = loaded.registry_entry
         if preprocessing is None and entry is not None and entry.preprocessing is not None:
@@ -124,13 +124,28 @@ class Classifier:
     def batch_size(self) -> int:
         """The batch size for forward passes: as given to ``load``, or measured once ('auto')."""
         if self._batch_size == "auto":
-            example = self.to_model_input(np.full((1, *self.input.size, self.input.channels), 128, np.float32))[0]
-            self._batch_size = self.ort.best_batch_size(example, [self.output.name])
+            self._batch_size = self.ort.best_batch_size(self._grey_input(), [self.output.name])
         return self._batch_size
 
-    def resolve_batch_size(self, value, where: str) -> int:
+    @property
+    def stream_batch_size(self) -> int:
+        """The batch size for perturbation methods on onnxruntime, which run batches in parallel
+        one-core streams: as given to ``load``, or measured once on those streams ('auto')."""
+        if self._stream_batch_size == "auto":
+            streams = self.ort.parallel_streams()
+            self._stream_batch_size = self.batch_size if streams == 1 else \
+                self.ort.best_batch_size(self._grey_input(), [self.output.name], streams=streams)
+        return self._stream_batch_size
+
+    def _grey_input(self) -> np.ndarray:
+        return self.to_model_input(np.full((1, *self.input.size, self.input.channels), 128, np.float32))[0]
+
+    def resolve_batch_size(self, value, where: str, backend: str | None = None) -> int:
+        """``value`` validated, 'auto' resolved; ``backend``: for a perturbation method on it."""
         value = check_batch_size(where, value)
-        return self.batch_size if value == "auto" else value
+        if value != "auto":
+            return value
+        return self.stream_batch_size if backend == "onnxruntime" else self.batch_size
 
     # scores ---------------------------------------------------------------------------------------
     def scores_from_outputs(self, outputs: Sequence[np.ndarray]) -> np.ndarray:
