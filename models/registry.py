@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from explainer.cache import cache_dir
+from explainer.errors import InvalidParameterError
 
 if TYPE_CHECKING:
     import onnx
@@ -36,7 +37,8 @@ class ModelEntry:
 
     def fetch(self, verbose: bool = True) -> Path:
         if self.make is not None:
-            raise ValueError(f"{self.name} is built in memory (entry.make()); it has no file to fetch.")
+            raise InvalidParameterError(f"{self.name} is built in memory and has no file to fetch; load it "
+                                        f"with explainer.load({self.name!r}) or entry.make().")
         path = self.path()
         if self.url is not None:
             from .download import download

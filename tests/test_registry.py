@@ -13,6 +13,9 @@ from explainer.zoo.registry import ModelEntry
 from graphs import linear_classifier
 
 
+BIG = b"w" * 200_000  # over the 64 KiB file-size limit of the full-disk tests
+
+
 @pytest.fixture
 def server():
     payload = linear_classifier()[0].SerializeToString()
@@ -21,7 +24,7 @@ def server():
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             hits.append(self.path)
-            body = payload if self.path == "/model.onnx" else b"x" * 10
+            body = {"/model.onnx": payload, "/big": BIG}.get(self.path, b"x" * 10)
             if self.path == "/missing":
                 self.send_error(404)
                 return
@@ -121,28 +124,10 @@ def test_full_disk_is_one_cache_error_naming_the_fix_and_keeps_the_old_file(tmp_
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 
 
-def test_full_disk_during_download_is_a_cache_error_and_leaves_nothing(tmp_path):
-    body = b"w" * 200000
-    sha = hashlib.sha256(body).hexdigest()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/big.onnx"
-        out = _limited("from explainer.zoo.download import download; "
-                       f"download({url!r}, {str(tmp_path / 'big.onnx')!r}, {sha!r}, verbose=False)")
-    finally:
-        httpd.shutdown()
+def test_full_disk_during_download_is_a_cache_error_and_leaves_nothing(server, tmp_path):
+    url = server[0] + "/big"
+    out = _limited("from explainer.zoo.download import download; download("
+                   f"{url!r}, {str(tmp_path / 'big.onnx')!r}, {hashlib.sha256(BIG).hexdigest()!r}, verbose=False)")
     assert out.startswith("CacheError: cannot write") and "ONNX_EXPLAINER_CACHE" in out
     assert list(tmp_path.iterdir()) == []
 

@@ -102,24 +102,6 @@ class OrtEngine:
     def active_providers(self) -> list[str]:
         return self.session().get_providers()
 
-    def _throughput(self, batch: np.ndarray, outputs: Sequence[str], streams: int) -> float:
-        """Images per second forwarding ``batch`` again and again (at least 0.2 s) in each stream."""
-        session = self.session(outputs, single_thread=streams > 1)
-        names, feed = list(outputs), {self.input_name: batch}
-
-        def timed(_) -> int:
-            start, runs = time.perf_counter(), 0
-            while time.perf_counter() - start < 0.2 or runs < 2:
-                session.run(names, feed)
-                runs += 1
-            return runs
-
-        with ThreadPoolExecutor(streams) as pool:
-            list(pool.map(lambda _: session.run(names, feed), range(streams)))  # warm-up
-            start = time.perf_counter()
-            runs = sum(pool.map(timed, range(streams)))
-            return len(batch) * runs / (time.perf_counter() - start)
-
     # running --------------------------------------------------------------------------------------
     def run(self, batch: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
         """One forward pass of the whole ``batch``."""
@@ -155,3 +137,21 @@ class OrtEngine:
         except CacheError as exc:  # a full or read-only disk costs a re-measurement, not the result
             warnings.warn(f"the measured batch size {best} is not remembered: {exc}", stacklevel=2)
         return best
+
+    def _throughput(self, batch: np.ndarray, outputs: Sequence[str], streams: int) -> float:
+        """Images per second forwarding ``batch`` again and again (at least 0.2 s) in each stream."""
+        session = self.session(outputs, single_thread=streams > 1)
+        names, feed = list(outputs), {self.input_name: batch}
+
+        def timed(_) -> int:
+            start, runs = time.perf_counter(), 0
+            while time.perf_counter() - start < 0.2 or runs < 2:
+                session.run(names, feed)
+                runs += 1
+            return runs
+
+        with ThreadPoolExecutor(streams) as pool:
+            list(pool.map(lambda _: session.run(names, feed), range(streams)))  # warm-up
+            start = time.perf_counter()
+            runs = sum(pool.map(timed, range(streams)))
+            return len(batch) * runs / (time.perf_counter() - start)
