@@ -140,6 +140,16 @@ def bench_blackbox(rows, net, name, image, quick, repeats, peers=False, sizes=(1
                                 forward_pass(net, n_masks + 1, b), repeats)
     rows.append(dict(model=name, method="occlusion", what=f"{n_masks} masks, ours vs forward limit",
                      ours_s=ours, other_s=limit, ratio=ratio, batch=b))
+    auto = net.stream_batch_size  # what batch_size="auto" picks (measured here once, untimed, if not cached)
+    if auto == b:
+        ours_auto, ours_best, auto_ratio = ours, ours, 1.0
+    else:
+        ours_auto, ours_best, auto_ratio = paired(
+            lambda: explainer.occlusion_sensitivity(net, image, 285, batch_size="auto", **kw),
+            lambda: explainer.occlusion_sensitivity(net, image, 285, batch_size=b, **kw), repeats)
+    rows.append(dict(model=name, method="occlusion", what=f'batch_size="auto" (picks {auto}) vs the best '
+                     f"batch size for this run ({b})", ours_s=ours_auto, other_s=ours_best,
+                     ratio=auto_ratio, batch=auto))
     streams, one_session, gain = paired(forward_pass(net, n_masks + 1, b), forward_pass(net, n_masks + 1, b, 1), repeats)
     rows.append(dict(model=name, method="forward", what=f"{n_masks + 1} images at batch {b}: "
                      f"{net.ort.parallel_streams()} single-threaded streams vs one multi-threaded session",
@@ -250,7 +260,8 @@ def markdown(meta, rows) -> str:
     lines += ["", "Ratios: 'ours vs forward limit' = our wall time / onnxruntime's time for the same number "
               "of images at its best batch size (lower is better, 1.0 is the limit); 'X / ours' = how many "
               "times faster we are; 'ours / ...' = our time relative to the peer's on the reference model "
-              "(below 1: we are faster)."]
+              "(below 1: we are faster); 'batch_size=\"auto\" vs the best' = our time with the size the library "
+              "picks / with the best size of this run (1.0: the pick is the best)."]
     return "\n".join(lines) + "\n"
 
 
