@@ -133,20 +133,20 @@ def bench_blackbox(rows, net, name, image, quick, repeats, peers=False, sizes=(1
     import explainer
 
     # occlusion: MATLAB-like defaults at stride 10 / mask 15 (23 x 23 = 529 masks on 224 x 224)
-    kw = dict(mask_size=15, stride=10, verbose=False)
+    def occlusion_at(size):
+        return lambda: explainer.occlusion_sensitivity(net, image, 285, mask_size=15, stride=10, batch_size=size,
+                                                       verbose=False)
+
     n_masks = len(range(0, net.input.size[0], 10)) * len(range(0, net.input.size[1], 10))
     b = best_batch(net, n_masks + 1, sizes)
-    ours, limit, ratio = paired(lambda: explainer.occlusion_sensitivity(net, image, 285, batch_size=b, **kw),
-                                forward_pass(net, n_masks + 1, b), repeats)
+    ours, limit, ratio = paired(occlusion_at(b), forward_pass(net, n_masks + 1, b), repeats)
     rows.append(dict(model=name, method="occlusion", what=f"{n_masks} masks, ours vs forward limit",
                      ours_s=ours, other_s=limit, ratio=ratio, batch=b))
     auto = net.stream_batch_size  # what batch_size="auto" picks (measured here once, untimed, if not cached)
     if auto == b:
         ours_auto, ours_best, auto_ratio = ours, ours, 1.0
     else:
-        ours_auto, ours_best, auto_ratio = paired(
-            lambda: explainer.occlusion_sensitivity(net, image, 285, batch_size="auto", **kw),
-            lambda: explainer.occlusion_sensitivity(net, image, 285, batch_size=b, **kw), repeats)
+        ours_auto, ours_best, auto_ratio = paired(occlusion_at("auto"), occlusion_at(b), repeats)
     rows.append(dict(model=name, method="occlusion", what=f'batch_size="auto" (picks {auto}) vs the best '
                      f"batch size for this run ({b})", ours_s=ours_auto, other_s=ours_best,
                      ratio=auto_ratio, batch=auto))

@@ -22,8 +22,7 @@ def cache_dir() -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise CacheError(f"cannot create the cache folder {str(root)!r}: {exc.strerror or exc}. Point the "
-                         f"environment variable {CACHE_ENV} at a writable folder.") from None
+        raise write_error(root, exc) from None
     return root
 
 
@@ -47,7 +46,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def write_error(path: Path, exc: OSError) -> CacheError:
-    """The one error for a cache file that cannot be written, naming the two ways out."""
+    """The one error for a cache file or folder that cannot be written, naming the two ways out."""
     return CacheError(f"cannot write {str(path)!r}: {exc.strerror or exc}. Free space there, or point the "
                       f"environment variable {CACHE_ENV} at a writable folder with room.")
 

@@ -121,10 +121,11 @@ def _calibrate(model: onnx.ModelProto, target_std: float = 3.0) -> None:
     node = producer[logits]
     while node.op_type not in ("Gemm", "Conv", "MatMul"):
         node = producer[node.input[0]]
-    if logits != g.output[0].name:  # read the logits too, for this one run (no copy: VGG is 575 MB)
+    read_logits = logits != g.output[0].name  # add them as an output for this one run (no copy: VGG is 575 MB)
+    if read_logits:
         g.output.append(onnx.helper.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, None))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    if logits != g.output[0].name:
+    if read_logits:
         del g.output[-1]
     feed = session.get_inputs()[0]
     x = np.random.default_rng(0).uniform(-120, 130, (1, 3, 224, 224)).astype(np.float32)
