@@ -21,11 +21,13 @@ __version__ = "0.1.0"
 
 
 def load(source=None, *, preprocessing=None, labels=None, input_layout=None, device="auto",
-         batch_size="auto", allow_external_data=False, torch_device="auto") -> Classifier:
+         batch_size="auto", allow_external_data=True, torch_device="auto") -> Classifier:
     """Load an ONNX image classifier.
 
     source: a path, bytes, an ``onnx.ModelProto``, a registry name (``explainer.zoo.registry.REGISTRY``)
-    or None for the embedded default (EfficientNet-Lite0). Everything the graph tells (input name,
+    or None for the embedded default (EfficientNet-Lite0). Weights in files beside the model (the dynamo
+    exporter's ``NAME.onnx.data``) are read from the model's folder; ``allow_external_data=False``
+    refuses them. Everything the graph tells (input name,
     layout, size, channels, dtype, softmax, labels and preprocessing in ``metadata_props``) is read
     from it; the arguments override. ``device`` picks onnxruntime's execution provider (forward
     methods); ``torch_device`` the device of the converted module (gradient methods, ``backend="torch"``).

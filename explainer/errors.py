@@ -60,3 +60,11 @@ class DownloadError(ExplainerError, OSError):
 
 class CacheError(ExplainerError, OSError):
     """The cache folder cannot be written (disk full, read-only, no permission)."""
+
+
+class ExplainerWarning(UserWarning):
+    """Base class of the warnings onnx-explainer gives."""
+
+
+class BatchFallbackWarning(ExplainerWarning):
+    """The model runs one image at a time: its graph keeps the batch it was exported with."""

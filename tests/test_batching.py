@@ -18,7 +18,7 @@ def _images(n, seed=0):
 def test_googlenet_fixed_batch_reshape_runs_batches(googlenet_graph):
     net = googlenet_graph
     assert net.input.fixed_batch == 1
-    assert any(line.startswith("reshape-batch") for line in net.normalisation_log)
+    assert any(line.startswith("free-batch") for line in net.normalisation_log)
     images = _images(3)
     batched = net.predict(images)
     single = np.stack([net.predict(im) for im in images])

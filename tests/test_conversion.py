@@ -39,7 +39,7 @@ def test_compat_set_converts_and_matches(arch):
 def test_googlenet_graph_needs_the_passes(googlenet_graph):
     engine = _check_against_ort(googlenet_graph)
     applied = {line.split(":")[0] for line in engine.log}
-    assert {"opset-upgrade", "remove-dropout", "asymmetric-pool", "reshape-batch"} <= applied
+    assert {"opset-upgrade", "remove-dropout", "asymmetric-pool", "free-batch"} <= applied
 
 
 def test_default_and_nhwc_uint8_softmax_variant(default_net):
@@ -114,7 +114,7 @@ def test_non_differentiable_path_names_the_node():
 def test_mismatch_refuses_gradient_methods(default_net, monkeypatch):
     from explainer.model import torch_engine as te
 
-    monkeypatch.setattr(te, "_CACHE", {})
+    monkeypatch.setitem(default_net.__dict__, "_torch_engines", {})  # convert again
     monkeypatch.setattr(te, "MAX_RELATIVE_ERROR", 0.0)  # any rounding difference is now a mismatch
     with pytest.raises(ConversionError, match="differs from onnxruntime"):
         explainer.gradcam(default_net, np.zeros((224, 224, 3), np.uint8), 0)

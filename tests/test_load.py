@@ -78,15 +78,27 @@ def test_directory_and_truncated_file(tmp_path):
         explainer.load(tmp_path / "cut.onnx")
 
 
-def test_external_data_refused_by_default_and_confined(tmp_path):
-    model, _ = linear_classifier(k=300, c=3)
+def test_external_data_loaded_from_the_folder_and_confined(tmp_path):
+    model, reference = linear_classifier(k=300, c=3)
     path = tmp_path / "ext.onnx"
     onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="weights.bin", size_threshold=0)
-    with pytest.raises(ModelLoadError, match="external"):
+              location="ext.onnx.data", size_threshold=0)
+    net = explainer.load(path, preprocessing="none")  # the dynamo exporter's layout, by default
+    image = np.random.default_rng(0).integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    x = image.astype(np.float32).transpose(2, 0, 1)[None]
+    np.testing.assert_allclose(net.logits(image), reference(x)[0], rtol=1e-5)
+    with pytest.raises(ModelLoadError, match="allow_external_data"):
+        explainer.load(path, allow_external_data=False)
+    # in memory there is no folder to read from: one error naming the fix
+    for given in (onnx.load(str(path), load_external_data=False), path.read_bytes()):
+        with pytest.raises(ModelLoadError, match="pass the path"):
+            explainer.load(given)
+    # a weight file shorter than the tensors it declares
+    data = (tmp_path / "ext.onnx.data").read_bytes()
+    (tmp_path / "ext.onnx.data").write_bytes(data[:-4])
+    with pytest.raises(ModelLoadError, match="truncated"):
         explainer.load(path)
-    net = explainer.load(path, allow_external_data=True, preprocessing="none")
-    assert net.num_classes == 300
+    (tmp_path / "ext.onnx.data").write_bytes(data)
     # a location escaping the folder is refused
     proto = onnx.load(str(path), load_external_data=False)
     for t in proto.graph.initializer:

@@ -13,14 +13,17 @@ from .passes import register
 
 # Ops that are safe and cheap to evaluate with onnx's reference evaluator at conversion time.
 FOLDABLE = {"ConstantOfShape", "Shape", "Gather", "Concat", "Slice", "Transpose", "Cast", "Reshape",
-            "Unsqueeze", "Squeeze", "Constant", "Identity", "Add", "Sub", "Mul", "Div", "Range"}
+            "Unsqueeze", "Squeeze", "Constant", "Identity", "Add", "Sub", "Mul", "Div", "Range",
+            "Equal", "Where", "Less", "Greater", "Not", "Neg", "Abs", "Min", "Max", "Mod", "Floor", "Ceil"}
 
 
 def fold(model: onnx.ModelProto, ops=FOLDABLE) -> int:
     from onnx.reference import ReferenceEvaluator
 
     g = model.graph
-    known = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    # weights are read into numpy only when a foldable node uses them (VGG19 holds 575 MB of them)
+    tensors = {t.name: t for t in g.initializer}
+    known = _LazyValues(tensors)
     keep, folded = [], 0
     for node in g.node:
         inputs = [i for i in node.input if i]
@@ -40,8 +43,8 @@ def fold(model: onnx.ModelProto, ops=FOLDABLE) -> int:
                 continue
             for name, value in zip([o for o in node.output if o], values):
                 value = np.asarray(value)
-                known[name] = value
                 g.initializer.append(numpy_helper.from_array(value, name))
+                known[name] = value
             folded += 1
         else:
             keep.append(node)
@@ -50,6 +53,22 @@ def fold(model: onnx.ModelProto, ops=FOLDABLE) -> int:
         g.node.extend(keep)
         _drop_unused_initializers(g)
     return folded
+
+
+class _LazyValues(dict):
+    """Initializer name → numpy value, converted on first access."""
+
+    def __init__(self, tensors: dict):
+        super().__init__()
+        self.tensors = tensors
+
+    def __contains__(self, name) -> bool:
+        return dict.__contains__(self, name) or name in self.tensors
+
+    def __getitem__(self, name):
+        if not dict.__contains__(self, name):
+            dict.__setitem__(self, name, numpy_helper.to_array(self.tensors[name]))
+        return dict.__getitem__(self, name)
 
 
 def _check_size(shape, value_tensor) -> None:
@@ -72,6 +91,8 @@ def _drop_unused_initializers(g: onnx.GraphProto) -> None:
         g.input.remove(vi)
 
 
-@register("fold-constants", targets=("torch",), order=5)
+@register("fold-constants", targets=("runtime", "torch"), order=5)
 def fold_constants(model: onnx.ModelProto, ctx) -> int:
+    """Also for onnxruntime (which folds them anyway): ``free-batch`` reads shapes that exporters
+    compute from constants, e.g. ``Where(Equal(shape, -1), 1, shape)`` before a class token's Expand."""
     return fold(model)

@@ -7,7 +7,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ConversionError
-from ..model.graph import attribute, clip_bound, consumers, dims, infer_shapes, is_large, opset, without_weight_data
+from ..model.graph import (attribute, clip_bound, constant_value, consumers, dims, infer_shapes, is_large, opset,
+                           without_weight_data)
 from .passes import register
 
 
@@ -207,3 +208,23 @@ def check_differentiable(model: onnx.ModelProto, image: str, score: str) -> None
                 f"node {node.name or node.output[0]!r} ({node.op_type}) lies on the path from the image "
                 "to the class score and has no gradient; gradient methods cannot run on this graph. "
                 "Occlusion sensitivity and LIME (forward-only) still work.")
+
+
+@register("reshape-allowzero", targets=("torch",), order=55)
+def reshape_allowzero(model: onnx.ModelProto, ctx) -> int:
+    """Reshape's ``allowzero=1`` (the dynamo exporter sets it everywhere) differs from the default only
+    for a 0 in the target shape: constant targets without a 0, and targets computed from the sizes of
+    real tensors (never 0 in a classifier), convert as ``allowzero=0``, which onnx2torch handles."""
+    g = model.graph
+    changed = 0
+    for node in g.node:
+        if node.op_type != "Reshape" or not attribute(node, "allowzero", 0):
+            continue
+        shape = constant_value(g, node.input[1])
+        if shape is not None and 0 in np.asarray(shape).ravel():
+            continue
+        for a in node.attribute:
+            if a.name == "allowzero":
+                a.i = 0
+        changed += 1
+    return changed

@@ -46,10 +46,15 @@ def register(name: str, *, targets=("torch",), order: int = 100):
     return wrap
 
 
+# Passes that let a batch-1 export run larger batches; left out when a model falls back to batch 1.
+BATCH_PASSES = ("free-batch", "dynamic-batch")
+
+
 def normalise(model: onnx.ModelProto, target: str, image_input: str,
-              ctx: PassContext | None = None) -> tuple[onnx.ModelProto, list[str]]:
-    """A normalised copy of ``model`` and a log line per pass that changed something."""
-    from . import batch, constants, names, ops  # noqa: F401  (registers the passes)
+              ctx: PassContext | None = None, skip: tuple[str, ...] = ()) -> tuple[onnx.ModelProto, list[str]]:
+    """A normalised copy of ``model`` and a log line per pass that changed something; passes named in
+    ``skip`` are not run."""
+    from . import batch, constants, names, ops, precision  # noqa: F401  (registers the passes)
 
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}; got {target!r}")
@@ -57,7 +62,7 @@ def normalise(model: onnx.ModelProto, target: str, image_input: str,
     out.CopyFrom(model)
     ctx = ctx or PassContext(image_input)
     for p in sorted(PASSES.values(), key=lambda p: p.order):
-        if target in p.targets:
+        if target in p.targets and p.name not in skip:
             changed = p.fn(out, ctx)
             if changed:
                 ctx.log.append(f"{p.name}: {changed} change(s)")

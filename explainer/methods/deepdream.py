@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InvalidParameterError, InvalidParameterTypeError
+from ..model.classifier import not_a_feature_map
 from ..model.torch_engine import torch_engine
 from ..validation import check_choice, check_float, check_int
 
@@ -65,6 +66,10 @@ def deep_dream_image(net, layer, channels, *, num_iterations=10, pyramid_levels=
     scores_layer = net.layer(net.output.softmax_input or net.output.name)
     is_scores = target.output in (scores_layer.output, net.output.name)
     chans = _channels(net, layer, channels, is_scores)
+    layout = net.layout(target)
+    if layout is None and not is_scores and net.layout_of_tokens and target.shape is not None \
+            and len(target.shape) >= 2:
+        raise InvalidParameterError(not_a_feature_map(where, target))
     k = len(chans)
     h, w = net.input.size
     c = 3 if net.input.channels == 3 else 1
@@ -100,6 +105,8 @@ def deep_dream_image(net, layer, channels, *, num_iterations=10, pyramid_levels=
             with torch.enable_grad(), engine.capture([target.name]) as captured:
                 engine.pixel_model(shifted)
                 acts = captured[target.name]
+                if layout is not None:
+                    acts = layout.to_chw(acts)
                 if acts.ndim == 2:
                     acts = acts[:, :, None, None]
                 if int(chan_t.max()) >= acts.shape[1]:
@@ -117,7 +124,7 @@ def deep_dream_image(net, layer, channels, *, num_iterations=10, pyramid_levels=
             if blur:
                 x = _gaussian_blur(x, blur)
             if verbose:
-                print(f"|  {it + 1:9d}  |  {float(strength.mean()):10.2f}  |  {level + 1:13d}  |")
+                print(f"|  {it + 1:9d}  |  {float(strength.detach().mean()):10.2f}  |  {level + 1:13d}  |")
     if verbose:
         print("|==============================================|")
     out = x.detach().permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)

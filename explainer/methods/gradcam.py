@@ -9,71 +9,85 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InvalidParameterError
-from ..model.graph import clip_bound
+from ..model.classifier import not_a_feature_map
 from ..model.torch_engine import torch_engine
 from ._common import finish, images_and_labels, resize_map
 
-RELU_OPS = ("Relu",)
-GATHER_OPS = ("Concat", "Add", "Sum")
+class LayerChoice(tuple):
+    """(feature layer, reduction layer) as a pair, with ``reason``: why the feature layer was taken."""
+
+    def __new__(cls, feature: str, reduction: str, reason: str):
+        pair = super().__new__(cls, (feature, reduction))
+        pair.reason = reason
+        return pair
+
+    @property
+    def feature(self) -> str:
+        return self[0]
+
+    @property
+    def reduction(self) -> str:
+        return self[1]
 
 
-def _is_relu(net, layer) -> bool:
-    if layer.op_type in RELU_OPS:
-        return True
-    if layer.op_type == "Clip":  # ReLU6 and friends: Clip with min 0
-        node = next(n for n in net.model.graph.node if n.output and n.output[0] == layer.output)
-        low = clip_bound(net.model.graph, node, "min")
-        return low is not None and low == 0.0
-    return False
+def _ancestors(graph, tensor: str) -> set[str]:
+    needed = {tensor}
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            needed.update(i for i in node.input if i)
+    return needed
 
 
-def gradcam_layers(net, feature_layer=None, reduction_layer=None) -> tuple[str, str]:
-    """The (feature, reduction) layer names Grad-CAM uses. Defaults, as MATLAB's: the last ReLU with
-    non-singleton spatial dimensions, or a later layer gathering ReLU outputs (Concat, Add); the
-    reduction is the class score before any trailing Softmax."""
+def default_feature_layer(net) -> tuple[str, str]:
+    """(layer name, why): the last feature map the class score depends on, whatever the activation:
+    on CNNs the last (C, H, W) map before the global pooling; on transformers pooling the mean of their
+    tokens (Swin, LeViT) the last token grid; on transformers reading class tokens (ViT, DeiT), whose
+    patch tokens reach the score only through attention, the output of the last norm before the last
+    attention (pytorch-grad-cam's ``blocks[-1].norm1``)."""
+    scores = net.output.softmax_input or net.output.name
+    ancestors = _ancestors(net.model.graph, scores)
+    layers = net.layers()
+    candidates = [(i, l, net.layout(l)) for i, l in enumerate(layers) if l.output in ancestors]
+    candidates = [(i, l, lay) for i, l, lay in candidates if lay is not None]
+    if not candidates:
+        raise InvalidParameterError(
+            "gradcam: the class score depends on no layer with spatial dimensions (a (C, H, W) map, "
+            "tokens on the image's grid or an (H, W, C) grid); pass feature_layer= (net.layers() lists "
+            "the layers).")
+    index, last, layout = candidates[-1]
+    if layout.kind != "tokens" or layout.prefix == 0:
+        return last.name, (f"the last layer the score depends on with spatial extent: {last.op_type}, "
+                           f"{layout.describe()}")
+    attention = [i for i, l in enumerate(layers) if l.op_type == "Softmax" and l.shape and len(l.shape) >= 2
+                 and l.shape[-1] == l.shape[-2] == layout.prefix + layout.grid[0] * layout.grid[1]]
+    before = [(i, l, lay) for i, l, lay in candidates if attention and i < attention[-1]]
+    norms = [c for c in before if c[1].op_type == "LayerNormalization"] or before
+    if not norms:
+        return last.name, f"the last token layer the score depends on: {layout.describe()}"
+    _, chosen, chosen_layout = norms[-1]
+    return chosen.name, (f"the score reads the class token, which patch tokens reach only through "
+                         f"attention: the last {chosen.op_type} before the last attention, "
+                         f"{chosen_layout.describe()}")
+
+
+def gradcam_layers(net, feature_layer=None, reduction_layer=None) -> LayerChoice:
+    """The (feature, reduction) layer names Grad-CAM uses, with ``.reason`` saying why. Defaults: the
+    feature layer of ``default_feature_layer``; the reduction is the class score before any trailing
+    Softmax."""
     if feature_layer is None:
-        layers = net.layers()
-        producers = {n.output[0]: n for n in net.model.graph.node if n.output}
-        relu_outputs = {l.output for l in layers if _is_relu(net, l)}
-        chosen = None
-        for layer in layers:
-            spatial = layer.shape is not None and len(layer.shape) == 3 and \
-                all(d is not None and d > 1 for d in layer.shape[1:])
-            if not spatial:
-                continue
-            if layer.output in relu_outputs:
-                chosen = layer
-            elif layer.op_type in GATHER_OPS:
-                node = producers[layer.output]
-                if any(_feeds_from_relu(i, producers, relu_outputs) for i in node.input):
-                    chosen = layer
-        if chosen is None:
-            raise InvalidParameterError(
-                "gradcam: no ReLU or ReLU-gathering layer with spatial dimensions found; pass "
-                "feature_layer= (net.layers() lists the candidates).")
-        feature_layer = chosen.name
+        feature_layer, reason = default_feature_layer(net)
     else:
         layer = net.layer(feature_layer)
-        if layer.shape is not None and (len(layer.shape) != 3 or layer.shape[1] == 1 and layer.shape[2] == 1):
-            raise InvalidParameterError(
-                f"gradcam: feature_layer {feature_layer!r} has output shape {layer.shape} per image; "
-                "Grad-CAM needs a layer with spatial dimensions (C, H, W) larger than 1x1.")
+        layout = net.layout(layer)
+        if layout is None and layer.shape is not None:
+            raise InvalidParameterError(not_a_feature_map("gradcam: feature_layer needs spatial dimensions", layer))
+        reason = "given" if layout is None else f"given: {layout.describe()}"
     if reduction_layer is None:
         reduction_layer = net.output.softmax_input or net.output.name
         reduction_layer = net.layer(reduction_layer).name
     else:
         net.layer(reduction_layer)
-    return feature_layer, reduction_layer
-
-
-def _feeds_from_relu(name, producers, relu_outputs, depth=0) -> bool:
-    """Whether tensor ``name`` is a ReLU output, possibly through pooling or another gathering op."""
-    if name in relu_outputs:
-        return True
-    node = producers.get(name)
-    if node is None or depth > 4 or node.op_type not in ("MaxPool", "AveragePool", *GATHER_OPS):
-        return False
-    return any(_feeds_from_relu(i, producers, relu_outputs, depth + 1) for i in node.input)
+    return LayerChoice(feature_layer, reduction_layer, reason)
 
 
 class BaseCAM:
@@ -83,6 +97,7 @@ class BaseCAM:
         self.net = net
         self.engine = torch_engine(net)
         self.feature_layer, self.reduction_layer = gradcam_layers(net, feature_layer, reduction_layer)
+        self.layout = net.layout(self.feature_layer)
 
     def channel_weights(self, activations, gradients):
         raise NotImplementedError
@@ -106,11 +121,13 @@ class BaseCAM:
             rows = torch.arange(len(indices), device=scores.device)
             target = scores[rows, torch.tensor(indices, device=scores.device)].sum()
             acts = captured[self.feature_layer]
-            if acts.ndim != 4:
-                raise InvalidParameterError(
-                    f"gradcam: feature_layer {self.feature_layer!r} has rank-{acts.ndim} activations; a "
-                    "(N, C, H, W) layer is needed.")
-            grads = torch.autograd.grad(target, acts)[0]
+            grads = captured.gradient(target, self.feature_layer)
+        if self.layout is not None:  # tokens and channels-last grids, as pytorch-grad-cam's reshape_transform
+            acts, grads = self.layout.to_chw(acts), self.layout.to_chw(grads)
+        if acts.ndim != 4:
+            raise InvalidParameterError(
+                f"gradcam: feature_layer {self.feature_layer!r} has rank-{acts.ndim} activations; a "
+                "(N, C, H, W) layer is needed.")
         weights = self.channel_weights(acts.detach(), grads.detach())
         cam = torch.relu((weights[:, :, None, None] * acts.detach()).sum(1))
         return cam.cpu().numpy().astype(np.float32)
@@ -144,5 +161,5 @@ class GradCAMPlusPlus(BaseCAM):
 def gradcam(net, image, label, *, feature_layer=None, reduction_layer=None):
     """Grad-CAM map(s) upsampled (bicubic) to the image size: (H, W) for one label, (K, H, W) for
     several; a batch of images gives one such map per image. ``gradcam_layers(net)`` tells the
-    defaults."""
+    defaults and why; transformer tokens are laid out on their grid (``net.layout(layer)``)."""
     return GradCAM(net, feature_layer, reduction_layer)(image, label)

@@ -2,23 +2,37 @@
 onnxruntime engine; the object every explanation method takes as ``net``."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from ..convert import normalise
-from ..errors import (InvalidParameterError, InvalidParameterTypeError, NonFiniteOutputError,
-                      UnknownClassError, UnknownLayerError, UnsupportedModelError)
+from ..convert import BATCH_PASSES, normalise
+from ..errors import (BatchFallbackWarning, InvalidParameterError, InvalidParameterTypeError,
+                      NonFiniteOutputError, UnknownClassError, UnknownLayerError, UnsupportedModelError)
 from ..io import to_pixel_batch
 from ..validation import check_batch_size, check_int, closest
 from . import labels as labels_mod
 from . import preprocess as preprocess_mod
-from .graph import dims, infer_shapes, layer_name
+from .graph import dims, infer_shapes, layer_name, measured_shapes
+from .layouts import FeatureLayout, feature_layout
 from .load import LoadedModel
 from .ort_engine import OrtEngine
 from .providers import resolve_device
 from .spec import InputSpec, OutputSpec, find_image_input, find_scores_output
+
+
+def not_a_feature_map(where: str, layer: "Layer") -> str:
+    return (f"{where}: layer {layer.name!r} ({layer.op_type}) has activations of shape {layer.shape} per "
+            "image, which are not a feature map: feature maps are (C, H, W), tokens (T, C) on the "
+            "image's grid (after class tokens) or a channels-last (H, W, C) grid. Attention "
+            "probabilities and q/k/v split into heads have no place in the image; net.layers() lists "
+            "the layers.")
+
+
+class _NotBatchable(Exception):
+    """The graph does not run a batch of images as it runs each of them alone."""
 
 
 class Prediction(NamedTuple):
@@ -58,9 +72,21 @@ class Classifier:
         self.model, self.normalisation_log = normalise(loaded.proto, "runtime", self.input.name)
         output = find_scores_output(self.model)
         self.ort = OrtEngine(self.model, self.input.name, providers, self.sha256[:16])
-        self.output: OutputSpec = self._probe(output)
+        #: None, or 1 for a graph that only runs one image at a time (see ``_probe``)
+        self.max_batch: int | None = None
+        try:
+            self.output: OutputSpec = self._probe(output, batch=2)
+        except _NotBatchable as why:
+            self.model, self.normalisation_log = normalise(loaded.proto, "runtime", self.input.name,
+                                                           skip=BATCH_PASSES)
+            self.ort = OrtEngine(self.model, self.input.name, providers, self.sha256[:16] + "|batch1")
+            self.output = self._probe(find_scores_output(self.model), batch=1)
+            self.max_batch = self._batch_size = self._stream_batch_size = 1
+            warnings.warn(f"model {self.name!r} runs one image at a time (explanations are the same, "
+                          f"only slower): {why}", BatchFallbackWarning, stacklevel=3)
         self.class_names: list[str] = labels_mod.resolve(labels, metadata, self.output.num_classes)
         self._layers: list[Layer] | None = None
+        self._token_channels: set[int] | None | bool = False  # False: not computed yet
 
     # contract -------------------------------------------------------------------------------------
     @property
@@ -75,16 +101,35 @@ class Classifier:
     def score_outputs(self) -> list[str]:
         return [self.output.name] + ([self.output.softmax_input] if self.output.softmax_input else [])
 
-    def _probe(self, output: OutputSpec) -> OutputSpec:
-        """One forward pass on two random images: the class count and whether rows are probabilities."""
+    def _probe(self, output: OutputSpec, batch: int) -> OutputSpec:
+        """Forward passes on two random images: the class count and whether rows are probabilities.
+        With ``batch=2`` the two images also run as one batch, which must give what the two single runs
+        give (raises ``_NotBatchable`` otherwise: the graph keeps its exported batch somewhere)."""
         rng = np.random.default_rng(0)
         pixels = rng.uniform(0, 255, (2, *self.input.size, self.input.channels)).astype(np.float32)
+        x = self.to_model_input(pixels)
         try:
-            raw = self.ort.run(self.to_model_input(pixels), [output.name])[0]
+            raw = np.concatenate([self.ort.run(x[i:i + 1], [output.name])[0] for i in range(2)])
         except Exception as exc:
             raise UnsupportedModelError(
-                f"onnxruntime cannot run the model on a {self.input.layout} batch of 2 images of "
+                f"onnxruntime cannot run the model on one {self.input.layout} image of "
                 f"{self.input.height}x{self.input.width}: {str(exc).splitlines()[0]}") from None
+        if batch > 1:
+            try:
+                together = self.ort.run(x, [output.name])[0]
+            except Exception as exc:
+                raise _NotBatchable(f"a batch of 2 fails in onnxruntime ({str(exc).splitlines()[0][:200]})") from None
+            if together.shape != raw.shape:
+                raise _NotBatchable(f"a batch of 2 gives scores of shape {together.shape}, two single "
+                                    f"images {raw.shape}")
+            finite = np.isfinite(raw)  # non-finite scores are the predictions' error, not the batch's
+            if not np.array_equal(finite, np.isfinite(together)):
+                raise _NotBatchable("a batch of 2 gives non-finite scores where single images do not")
+            scale = max(float(np.abs(raw[finite]).max(initial=0.0)), 1e-12)
+            error = float(np.abs(together.astype(np.float64)[finite] - raw[finite]).max(initial=0.0)) / scale
+            if not error <= (1e-2 if raw.dtype == np.float16 else 1e-3):
+                raise _NotBatchable(f"a batch of 2 gives other scores than the same images one at a "
+                                    f"time (relative difference {error:.1e})")
         if raw.ndim < 2 or raw.shape[0] != 2:
             raise UnsupportedModelError(
                 f"output {output.name!r} has shape {raw.shape} for a batch of 2; expected (N, K).")
@@ -144,7 +189,7 @@ class Classifier:
         """``value`` validated, 'auto' resolved; ``backend``: for a perturbation method on it."""
         value = check_batch_size(where, value)
         if value != "auto":
-            return value
+            return min(value, self.max_batch or value)
         return self.stream_batch_size if backend == "onnxruntime" else self.batch_size
 
     # scores ---------------------------------------------------------------------------------------
@@ -239,8 +284,31 @@ class Classifier:
                 vi = known.get(node.output[0])
                 shape = tuple(dims(vi)[1:]) if vi is not None and dims(vi) else None
                 found.append(Layer(layer_name(node), node.op_type, node.output[0], shape))
+            unknown = [l.output for l in found if l.shape is None or None in l.shape]
+            if unknown:  # shapes computed at run time (Swin's padding to whole windows): one image's
+                measured = measured_shapes(self.model, self.input.name, unknown, self.to_model_input(
+                    np.zeros((1, *self.input.size, self.input.channels), np.float32)))
+                found = [l if l.output not in measured else
+                         Layer(l.name, l.op_type, l.output, tuple(measured[l.output][1:])) for l in found]
             self._layers = found
         return self._layers
+
+    @property
+    def layout_of_tokens(self) -> bool:
+        """Whether the network computes on tokens (has LayerNormalization over token channels): then only
+        tensors on the image's grid count as feature maps."""
+        self.layout(self.layers()[0])
+        return bool(self._token_channels)
+
+    def layout(self, layer) -> "FeatureLayout | None":
+        """How ``layer`` (a name or a Layer) shows itself as (C, H, W): a feature map, tokens on the
+        image's grid or a channels-last grid; None when it is not a feature map."""
+        layer = self.layer(layer) if isinstance(layer, str) else layer
+        if self._token_channels is False:
+            norms = [l.shape[-1] for l in self.layers()
+                     if l.op_type == "LayerNormalization" and l.shape and len(l.shape) in (2, 3)]
+            self._token_channels = set(norms) if norms else None
+        return feature_layout(layer.shape, self.input.size, self._token_channels)
 
     def layer(self, name: str) -> Layer:
         """A layer by node name or by tensor name; unknown names list the closest ones."""
@@ -262,12 +330,18 @@ class Classifier:
             f"unknown layer {name!r} in model {self.name!r}.{hint} net.layers() lists all.")
 
     def activations(self, images, layer: str) -> np.ndarray:
-        """Activations of ``layer``: (C, H, W) float32 for one image, (N, C, H, W) for a batch.
-        Vectors (N, K) come back as (K, 1, 1), like MATLAB's 1x1xK."""
+        """Activations of ``layer``: (C, H, W) float32 for one image, (N, C, H, W) for a batch; tokens
+        and channels-last grids are laid out as (C, H, W) (``layout``). Vectors (N, K) come back as
+        (K, 1, 1), like MATLAB's 1x1xK."""
         target = self.layer(layer)
+        layout = self.layout(target)
+        if layout is None and self.layout_of_tokens and target.shape is not None and len(target.shape) >= 2:
+            raise UnsupportedModelError(not_a_feature_map("activations", target))
         pixels, is_batch = self.prepare(images)
         out = self.ort.run_batched(self.to_model_input(pixels), [target.output], self.batch_size)[0]
         out = np.asarray(out, dtype=np.float32)
+        if layout is not None:
+            out = np.ascontiguousarray(layout.to_chw(out))
         if out.ndim == 2:
             out = out[:, :, None, None]
         elif out.ndim == 3:

@@ -147,3 +147,28 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     for t in g.initializer:
         known.setdefault(t.name, onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return known
+
+
+def measured_shapes(model: onnx.ModelProto, image: str, names: list[str], x=None) -> dict[str, list[int]]:
+    """The shapes of tensors ``names`` in one onnxruntime run on input ``x`` (default: zeros of the
+    input's declared shape); {} where that cannot run (the caller's own checks say why)."""
+    import onnxruntime as ort
+
+    if x is None:
+        vi = next(v for v in model.graph.input if v.name == image)
+        shape = dims(vi)
+        if None in shape or elem_type(vi) not in IMAGE_TYPES:
+            return {}
+        x = np.zeros(shape, IMAGE_TYPES[elem_type(vi)])
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    names = list(dict.fromkeys(names))
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return {n: list(v.shape) for n, v in zip(names, session.run(names, {image: x}))}
+    except Exception:  # the probe in Classifier reports what fails
+        return {}

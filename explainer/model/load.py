@@ -1,9 +1,11 @@
 """Source (path, bytes, ModelProto, registry name, None) → a checked ``onnx.ModelProto``.
 
 Models come from outside, so loading refuses, before any session allocates memory: files over
-``limits.MAX_MODEL_BYTES``, unparsable bytes, external-data tensors (unless allowed, and then only
-inside the model's own folder), operators from non-standard domains, and graphs whose weights or
-ConstantOfShape nodes declare more than ``limits.MAX_TENSOR_BYTES``.
+``limits.MAX_MODEL_BYTES``, unparsable bytes, operators from non-standard domains, and graphs whose
+weights or ConstantOfShape nodes declare more than ``limits.MAX_TENSOR_BYTES``. Weights stored beside
+the model (the dynamo exporter's ``NAME.onnx.data``) are read from a path, and only from regular files
+inside the model's own folder (no absolute paths, ``..`` or links leading out), at the offsets and sizes
+the tensors declare.
 """
 from __future__ import annotations
 
@@ -30,17 +32,18 @@ class LoadedModel:
     registry_entry: object = None  # explainer.zoo.ModelEntry when loaded by registry name
 
 
-def load_model(source=None, *, allow_external_data: bool = False) -> LoadedModel:
+def load_model(source=None, *, allow_external_data: bool = True) -> LoadedModel:
     if source is None:
         from ..zoo import registry
 
         return _from_registry(registry.DEFAULT)
     if isinstance(source, onnx.ModelProto):
         data = source.SerializeToString()
-        return _finish(_parse(data, "the given ModelProto"), source.graph.name or "model", data, None)
+        return _finish(_in_memory(_parse(data, "the given ModelProto"), "ModelProto"),
+                       source.graph.name or "model", data, None)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
-        return _finish(_parse(data, "the given bytes"), "model", data, None)
+        return _finish(_in_memory(_parse(data, "the given bytes"), "bytes"), "model", data, None)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.exists():
@@ -81,13 +84,16 @@ def _from_path(path: Path, allow_external_data: bool) -> LoadedModel:
             f"{str(path)!r} is {size} bytes, over limits.MAX_MODEL_BYTES={limits.MAX_MODEL_BYTES}.")
     data = path.read_bytes()
     proto = _parse(data, repr(str(path)))
+    digest = hashlib.sha256(data)
     if _external_tensors(proto):
         if not allow_external_data:
             raise ModelLoadError(
-                f"{str(path)!r} stores weights in external files; loading them is off by default. "
-                "Pass allow_external_data=True if you trust the model (files must sit in its folder).")
-        _load_external(proto, path.parent)
-    return _finish(proto, path.stem, data, None)
+                f"{str(path)!r} stores weights in external files and allow_external_data=False; pass "
+                "allow_external_data=True (the default) to read them from the model's folder.")
+        check_safe(proto)  # declared sizes within the budget before anything is read
+        _load_external(proto, path.parent, digest)
+    name = path.stem[:-5] if path.stem.endswith(".onnx") else path.stem
+    return _finish(proto, name, data, None, digest.hexdigest())
 
 
 def _parse(data: bytes, what: str) -> onnx.ModelProto:
@@ -110,29 +116,63 @@ def _external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
     return [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
 
 
-def _load_external(proto: onnx.ModelProto, base: Path) -> None:
+def _in_memory(proto: onnx.ModelProto, what: str) -> onnx.ModelProto:
+    external = _external_tensors(proto)
+    if external:
+        raise ModelLoadError(
+            f"the given {what} refers to {len(external)} weight tensor(s) stored in external files (e.g. "
+            f"{external[0].name!r}), which {what} cannot carry; pass the path of the .onnx file (with its "
+            "weight files beside it), or load it with onnx.load(path) first.")
+    return proto
+
+
+def _load_external(proto: onnx.ModelProto, base: Path, digest) -> None:
+    """Each external tensor's bytes read into it, from a regular file inside ``base``."""
     base = base.resolve()
+    files: dict[Path, int] = {}
     for tensor in _external_tensors(proto):
         info = {e.key: e.value for e in tensor.external_data}
         rel = info.get("location", "")
         target = (base / rel).resolve()
-        if os.path.isabs(rel) or ".." in Path(rel).parts or base not in target.parents:
+        if not rel or os.path.isabs(rel) or ".." in Path(rel).parts or base not in target.parents:
             raise ModelLoadError(
                 f"external data {rel!r} of tensor {tensor.name!r} points outside the model's folder; "
-                "refused.")
-    try:
-        onnx.external_data_helper.load_external_data_for_model(proto, str(base))
-    except Exception as exc:
-        raise ModelLoadError(f"cannot read the model's external data: {exc}") from None
+                "refused. Weight files must sit inside the folder of the .onnx file.")
+        if not target.is_file():
+            raise ModelLoadError(f"external data file {rel!r} of tensor {tensor.name!r} is missing (or not a "
+                                 "regular file); copy it beside the .onnx file.")
+        size = files.setdefault(target, target.stat().st_size)
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else size - offset
+        except ValueError:
+            raise ModelLoadError(f"tensor {tensor.name!r} declares a non-numeric external offset or "
+                                 "length.") from None
+        expected = _tensor_bytes(tensor)
+        if offset < 0 or length < 0 or offset + length > size or (
+                tensor.data_type not in _VARIABLE_SIZE and length != expected):
+            raise ModelLoadError(
+                f"tensor {tensor.name!r} declares {length} bytes at offset {offset} of {rel!r} ({size} "
+                f"bytes; its shape needs {expected}); the external data is truncated or inconsistent.")
+        with open(target, "rb") as f:
+            f.seek(offset)
+            raw = f.read(length)
+        digest.update(raw)
+        tensor.raw_data = raw
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
 
 
-def _finish(proto: onnx.ModelProto, name: str, data: bytes, entry) -> LoadedModel:
+_VARIABLE_SIZE = {onnx.TensorProto.STRING}
+
+
+def _finish(proto: onnx.ModelProto, name: str, data: bytes, entry, sha256: str | None = None) -> LoadedModel:
     check_safe(proto)
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise ModelLoadError(f"model {name!r} is not valid ONNX: {str(exc).splitlines()[0]}") from None
-    return LoadedModel(proto, name, hashlib.sha256(data).hexdigest(), entry)
+    return LoadedModel(proto, name, sha256 or hashlib.sha256(data).hexdigest(), entry)
 
 
 def check_safe(proto: onnx.ModelProto) -> None:

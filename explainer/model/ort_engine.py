@@ -48,7 +48,7 @@ class OrtEngine:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # failures reach the caller as exceptions; no red log lines
         if single_thread:
             options.intra_op_num_threads = 1
             options.inter_op_num_threads = 1

@@ -16,12 +16,14 @@ from typing import Iterator, Sequence
 import numpy as np
 import onnx
 
-from ..convert import PassContext, normalise
+from ..convert import BATCH_PASSES, PassContext, normalise
 from ..convert.ops import check_differentiable
+from ..convert.precision import is_half
 from ..errors import ConversionError, UnknownLayerError
 
 MAX_RELATIVE_ERROR = 1e-4
-_CACHE: dict = {}
+#: for graphs computing in float16: onnxruntime rounds every intermediate to 11 bits, torch does not
+MAX_RELATIVE_ERROR_HALF = 2e-2
 _LOCK = threading.Lock()
 
 
@@ -34,10 +36,11 @@ def _torch():
 class PixelModel(_torch().nn.Module):
     """Pixels (N, C, h, w) in 0..255, RGB → logits (N, K) of the converted graph."""
 
-    def __init__(self, graph_module, spec, preprocessing, logits_index: int):
+    def __init__(self, graph_module, spec, preprocessing, logits_index: int, one_at_a_time: bool = False):
         super().__init__()
         torch = _torch()
         self.graph = graph_module
+        self.one_at_a_time = one_at_a_time
         self.size = spec.size
         self.nhwc = spec.layout == "NHWC"
         c = spec.channels
@@ -73,7 +76,14 @@ class PixelModel(_torch().nn.Module):
         return x
 
     def forward(self, pixels):
-        out = self.graph(self.model_input(pixels))
+        return self.logits(self.model_input(pixels))
+
+    def logits(self, x):
+        """Logits (N, K) for a batch in the graph's input form; a graph that keeps its exported batch
+        of 1 runs image by image (gradients flow through the concatenation)."""
+        if self.one_at_a_time and len(x) > 1:
+            return _torch().cat([self.logits(x[i:i + 1]) for i in range(len(x))])
+        out = self.graph(x)
         if isinstance(out, (tuple, list)):
             out = out[self.logits_index]
         return out.reshape(out.shape[0], -1)
@@ -95,18 +105,26 @@ class TorchEngine:
             source.graph.output.append(onnx.helper.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, None))
             outputs.append(logits)
         check_differentiable(source, net.input.name, logits)  # on the original names, for the message
+        self.half = is_half(source)
         ctx = PassContext(net.input.name)
-        model, self.log = normalise(source, "torch", net.input.name, ctx)
+        one_at_a_time = net.max_batch == 1
+        model, self.log = normalise(source, "torch", net.input.name, ctx,
+                                    skip=BATCH_PASSES if one_at_a_time else ())
         self.tensor_names: dict[str, str] = ctx.renamed["tensors"]
         self.node_names: dict[str, str] = ctx.renamed["nodes"]
+        self.original_nodes = {safe: original for original, safe in self.node_names.items()}
+        self.op_types = {node.name: node.op_type for node in model.graph.node}
+        from ..convert import converters  # noqa: F401  (our converters join onnx2torch's registry)
+
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 graph_module = onnx2torch.convert(model)
         except Exception as exc:
             raise ConversionError(
-                f"onnx2torch cannot convert model {net.name!r}: {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}. Occlusion and LIME still work.") from None
+                f"onnx2torch cannot convert model {net.name!r}{self._failing_node(exc)}: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Occlusion and "
+                "LIME (onnxruntime) still work.") from None
         graph_module.eval()
         for p in graph_module.parameters():
             p.requires_grad_(False)
@@ -115,9 +133,48 @@ class TorchEngine:
         for node in model.graph.node:
             for k, out in enumerate(node.output):
                 self.producers[out] = (node.name, k)
-        self.pixel_model = PixelModel(graph_module, net.input, net.preprocessing, outputs.index(logits)).eval()
+        self.pixel_model = PixelModel(graph_module, net.input, net.preprocessing, outputs.index(logits),
+                                      one_at_a_time).eval()
         self.pixel_model.to(self.device)
         self.max_relative_error = self._check_against_onnxruntime(logits)
+
+    def _failing_node(self, exc: BaseException) -> str:
+        """' at node NAME (OP)' for the ONNX node whose conversion raised ``exc``, read from the
+        converter's frame (onnx2torch does not say), or ''."""
+        tb = exc.__traceback__
+        found = None
+        while tb is not None:
+            node = tb.tb_frame.f_locals.get("onnx_node")
+            if node is not None and hasattr(node, "name"):
+                found = node
+            tb = tb.tb_next
+        if found is None:
+            return ""
+        return f" at node {self.original_nodes.get(found.name, found.name)!r} ({found.operation_type})"
+
+    def _run_node_by_node(self, x) -> str:
+        """' at node NAME (OP)' for the first module of the converted graph that raises on ``x``."""
+        torch = _torch()
+
+        class Finder(torch.fx.Interpreter):
+            failed = None
+
+            def run_node(self, n):
+                try:
+                    return super().run_node(n)
+                except Exception:
+                    Finder.failed = n.target if n.op == "call_module" else n.name
+                    raise
+
+        try:
+            with torch.no_grad():
+                Finder(self.graph_module).run(x)
+        except Exception:
+            pass
+        name = str(Finder.failed or "")
+        if not name:
+            return ""
+        return f" at node {self.original_nodes.get(name, name)!r} ({self.op_types.get(name, 'unknown op')})"
 
     def _check_against_onnxruntime(self, logits: str) -> float:
         torch = _torch()
@@ -126,14 +183,24 @@ class TorchEngine:
         pixels = rng.uniform(0, 255, (2, *net.input.size, net.input.channels)).astype(np.float32)
         if net.input.dtype == np.uint8:
             pixels = np.rint(pixels)
-        expected = net.ort.run(net.to_model_input(pixels), [logits])[0].reshape(2, -1).astype(np.float64)
-        with torch.no_grad():
-            got = self.pixel_model(self.tensor(pixels).permute(0, 3, 1, 2)).double().cpu().numpy()
+        expected = net.ort.run_batched(net.to_model_input(pixels), [logits], net.max_batch or 2)[0]
+        expected = expected.reshape(2, -1).astype(np.float64)
+        x = self.tensor(pixels).permute(0, 3, 1, 2)
+        try:
+            with torch.no_grad():
+                got = self.pixel_model(x).double().cpu().numpy()
+        except Exception as exc:
+            where = self._run_node_by_node(self.pixel_model.model_input(x[:1]))
+            raise ConversionError(
+                f"the converted torch module of {net.name!r} fails{where}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:300] if str(exc) else ''}; gradient methods are refused for "
+                "this model. Occlusion and LIME (onnxruntime) still work.") from None
+        allowed = MAX_RELATIVE_ERROR_HALF if self.half else MAX_RELATIVE_ERROR
         error = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12))
-        if not error <= MAX_RELATIVE_ERROR:
+        if not error <= allowed:
             raise ConversionError(
                 f"the converted torch module of {net.name!r} differs from onnxruntime: relative max error "
-                f"{error:.2e} on pre-softmax scores (allowed {MAX_RELATIVE_ERROR:.0e}); gradient methods "
+                f"{error:.2e} on pre-softmax scores (allowed {allowed:.0e}); gradient methods "
                 "are refused for this model. Occlusion and LIME (onnxruntime) still work.")
         return error
 
@@ -143,10 +210,7 @@ class TorchEngine:
 
     def logits_from_model_input(self, x):
         """Logits (N, K) for a batch already in the graph's input form (float, normalised, laid out)."""
-        out = self.graph_module(x)
-        if isinstance(out, (tuple, list)):
-            out = out[self.pixel_model.logits_index]
-        return out.reshape(out.shape[0], -1)
+        return self.pixel_model.logits(x)
 
     # addressing layers ----------------------------------------------------------------------------
     def module_for(self, layer_name: str):
@@ -164,22 +228,45 @@ class TorchEngine:
                 "depends on the image.") from None
 
     @contextmanager
-    def capture(self, layer_names: Sequence[str]) -> Iterator[dict]:
+    def capture(self, layer_names: Sequence[str]) -> Iterator["Captured"]:
         """Records the output tensors of the given layers during forward passes; hooks always removed."""
-        captured: dict[str, object] = {}
+        captured = Captured()
         handles = []
         try:
             for name in layer_names:
                 module, index = self.module_for(name)
 
                 def hook(mod, args, output, name=name, index=index):
-                    captured[name] = output[index] if isinstance(output, (tuple, list)) else output
+                    captured.parts.setdefault(name, []).append(
+                        output[index] if isinstance(output, (tuple, list)) else output)
 
                 handles.append(module.register_forward_hook(hook))
             yield captured
         finally:
             for h in handles:
                 h.remove()
+
+
+class Captured:
+    """Layer outputs recorded in a forward pass: one tensor per run of the layer, several when a
+    batch-1 graph runs image by image."""
+
+    def __init__(self):
+        self.parts: dict[str, list] = {}
+
+    def __contains__(self, name) -> bool:
+        return name in self.parts
+
+    def __getitem__(self, name):
+        """The layer's output for the whole batch (part of the autograd graph)."""
+        parts = self.parts[name]
+        return parts[0] if len(parts) == 1 else _torch().cat(parts)
+
+    def gradient(self, target, name):
+        """d target / d (the layer's output), for the whole batch."""
+        torch = _torch()
+        grads = torch.autograd.grad(target, self.parts[name])
+        return grads[0] if len(grads) == 1 else torch.cat(grads)
 
 
 TORCH_DEVICES = ("auto", "cpu", "cuda")
@@ -204,13 +291,11 @@ def resolve_torch_device(device: str) -> str:
 
 
 def torch_engine(net) -> TorchEngine:
-    """The (cached) converted module of a classifier: converted once per model, preprocessing and
-    torch device (``load(..., torch_device=)``)."""
+    """The converted module of a classifier, made on first use and kept by the classifier (so it goes
+    when the classifier goes), one per torch device (``load(..., torch_device=)``)."""
     device = resolve_torch_device(getattr(net, "torch_device", "auto"))
-    key = (net.sha256, net.input, net.preprocessing, net.output, device)
     with _LOCK:
-        engine = _CACHE.get(key)
-        if engine is None:
-            engine = TorchEngine(net, device)
-            _CACHE[key] = engine
-    return engine
+        engines = net.__dict__.setdefault("_torch_engines", {})
+        if device not in engines:
+            engines[device] = TorchEngine(net, device)
+        return engines[device]

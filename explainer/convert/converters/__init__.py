@@ -1,0 +1,63 @@
+"""Converters for ONNX ops onnx2torch lacks, registered into its registry at import, one small file per
+op family (in the style of onnx2torch's own ``node_converters``).
+
+``register(op, version)`` adds one converter and refuses a second for the same (op, version);
+``delegate`` registers a newer version of an op onto onnx2torch's converter of an older one, for the
+nodes that use none of what the newer version added (anything else is refused with the attribute
+named); ``versions.py`` does the same for every version bump that only added tensor types.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription, add_converter
+
+#: (op type, since version) -> where the converter comes from: "ours" or "alias of <op>-<version>"
+CONVERTERS: dict[tuple[str, int], str] = {}
+
+
+def register(op: str, version: int, origin: str = "ours", replaces: str = ""):
+    """Decorator registering ``fn(node, graph)`` as the converter of ``op`` ``version``. A second
+    converter for the same (op, version) is refused, unless ``replaces`` says why onnx2torch's own one
+    is replaced."""
+    def wrap(fn: Callable):
+        key = OperationDescription("", op, version)
+        if (op, version) in CONVERTERS or (key in _CONVERTER_REGISTRY and not replaces):
+            raise ValueError(f"a converter for {op}-{version} is already registered")
+        if replaces:
+            del _CONVERTER_REGISTRY[key]
+        add_converter(operation_type=op, version=version)(fn)
+        CONVERTERS[(op, version)] = f"{origin}, replacing onnx2torch's: {replaces}" if replaces else origin
+        return fn
+
+    return wrap
+
+
+def base_converter(op: str, version: int) -> Callable:
+    return _CONVERTER_REGISTRY[OperationDescription("", op, version)]
+
+
+def delegate(op: str, version: int, base: int, accept: dict[str, Callable] | None = None,
+             absent_inputs: tuple[int, ...] = ()) -> None:
+    """``op``-``version`` converted as ``op``-``base`` when each attribute named in ``accept`` is absent
+    or passes its check (the newer version's additions at their defaults) and the inputs at
+    ``absent_inputs`` are not given."""
+    accept = accept or {}
+    convert_base = base_converter(op, base)
+
+    def convert(node, graph):
+        for name, ok in accept.items():
+            value = node.attributes.get(name)
+            if isinstance(value, bytes):
+                value = value.decode()
+            if value is not None and not ok(value):
+                raise NotImplementedError(f"{op}-{version} with {name}={value!r} has no converter")
+        for index in absent_inputs:
+            if len(node.input_values) > index and node.input_values[index]:
+                raise NotImplementedError(f"{op}-{version} with input {index} given has no converter")
+        return convert_base(node, graph)
+
+    register(op, version, origin=f"{op}-{base} (new attributes at their defaults)")(convert)
+
+
+from . import activations, normalization, reduce, versions  # noqa: E402,F401  (registration order: explicit first)

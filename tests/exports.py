@@ -1,0 +1,148 @@
+"""Real exports for the compatibility suite: torchvision and timm classifiers with seeded weights,
+exported the ways users export them, cached between test runs.
+
+Every family is built with ``pretrained=False`` from a fixed seed; BatchNorm statistics are calibrated
+on random images (train-mode passes) so that scores are not flat. A file is made once per (family,
+export, variant, torch and timm versions) in ``EXPORT_CACHE`` (default ``~/.cache/onnx-explainer-tests``,
+outside the per-run test cache) and reused.
+
+Exports: ``legacy`` (``torch.onnx.export(dynamo=False)``, opset 17, batch 1), ``legacy-dynamic``
+(the same with a dynamic batch axis), ``dynamo`` (the default exporter, opset 18+, weights in
+``NAME.onnx.data``), ``dynamo-dynamic``. Variants: ``production`` (NHWC uint8 input, normalisation and
+softmax inside the graph), ``fp16`` (the whole model in half precision), ``slim`` (onnxslim's copy).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+import zlib
+from pathlib import Path
+
+EXPORTS = ("legacy", "legacy-dynamic", "dynamo", "dynamo-dynamic")
+VARIANTS = ("plain", "production", "fp16", "slim")
+BUILD_VERSION = 2
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# name -> (library, constructor, keyword arguments); small configurations keep the suite fast
+FAMILIES = {
+    "resnet18": ("torchvision", "resnet18", {}),
+    "mobilenet_v3_small": ("torchvision", "mobilenet_v3_small", {}),
+    # torchvision's own init (std 0.01) leaves GoogLeNet's scores nearly independent of the image
+    "googlenet": ("torchvision", "googlenet", {"aux_logits": False, "init_weights": False}),
+    "swin_tv": ("torchvision", "SwinTransformer", dict(patch_size=[4, 4], embed_dim=32, depths=[1, 1, 2, 1],
+                                                       num_heads=[1, 2, 4, 8], window_size=[7, 7])),
+    "efficientnet_b0": ("timm", "efficientnet_b0", {}),
+    "convnext_atto": ("timm", "convnext_atto", {}),
+    "regnetx_002": ("timm", "regnetx_002", {}),
+    "densenet121": ("timm", "densenet121", {}),
+    "vit_tiny": ("timm", "vit_tiny_patch16_224", {}),
+    "deit_tiny_distilled": ("timm", "deit_tiny_distilled_patch16_224", {}),
+    "swin_timm": ("timm", "swin_tiny_patch4_window7_224", dict(embed_dim=32, depths=(1, 1, 2, 1),
+                                                              num_heads=(1, 2, 4, 8))),
+    "mobilevit_xxs": ("timm", "mobilevit_xxs", {}),
+    "levit_128s": ("timm", "levit_128s", {}),
+}
+TRANSFORMERS = {"vit_tiny", "deit_tiny_distilled", "swin_timm", "swin_tv", "mobilevit_xxs", "levit_128s"}
+
+
+def cache_root() -> Path:
+    import timm
+    import torch
+
+    root = Path(os.environ.get("EXPORT_CACHE", Path.home() / ".cache" / "onnx-explainer-tests"))
+    return root / f"v{BUILD_VERSION}-torch{torch.__version__}-timm{timm.__version__}"
+
+
+def build(family: str):
+    """The seeded torch module of ``family``, BatchNorm calibrated, in eval mode."""
+    import timm
+    import torch
+    import torchvision
+
+    library, name, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    if library == "timm":
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    else:
+        model = getattr(torchvision.models, name)(**kwargs)
+    generator = torch.Generator().manual_seed(1)
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        model.train()
+        with torch.no_grad():
+            for _ in range(3):
+                model(torch.randn(8, 3, 224, 224, generator=generator))
+    model.eval()
+    # the head rescaled so logits spread (std 3) on random images: softmax neither flat nor saturated
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1000]
+    with torch.no_grad():
+        spread = float(model(torch.randn(4, 3, 224, 224, generator=generator)).std())
+        for head in heads:
+            head.weight.mul_(3.0 / max(spread, 1e-6))
+            if head.bias is not None:
+                head.bias.mul_(3.0 / max(spread, 1e-6))
+    return model
+
+
+class Production(__import__("torch").nn.Module):
+    """What deployment wrappers look like: NHWC uint8 in, normalisation and softmax inside."""
+
+    def __init__(self, model):
+        import torch
+
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1) * 255)
+
+    def forward(self, x):
+        x = x.permute(0, 3, 1, 2).float()
+        return self.model((x - self.mean) / self.std).softmax(dim=1)
+
+
+def export(family: str, exporter: str = "legacy", variant: str = "plain") -> Path:
+    """The path of the cached ONNX export (made on first use)."""
+    if family not in FAMILIES or exporter not in EXPORTS or variant not in VARIANTS:
+        raise KeyError((family, exporter, variant))
+    recipe = zlib.crc32(repr(FAMILIES[family]).encode())  # a changed recipe is a new file
+    path = cache_root() / f"{family}-{exporter}-{variant}-{recipe:08x}" / "model.onnx"
+    if path.is_file():
+        return path
+    folder = Path(tempfile.mkdtemp(dir=_mkdir(cache_root()), prefix=".partial-"))
+    _export_to(folder / "model.onnx", family, exporter, variant)
+    shutil.rmtree(path.parent, ignore_errors=True)
+    folder.rename(path.parent)
+    return path
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _export_to(path: Path, family: str, exporter: str, variant: str) -> None:
+    import torch
+
+    model = build(family)
+    x = torch.randn(1, 3, 224, 224)
+    if variant == "production":
+        model = Production(model).eval()
+        x = torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8)
+    elif variant == "fp16":
+        model, x = model.half(), x.half()
+    dynamic = exporter.endswith("dynamic")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if exporter.startswith("legacy"):
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17,
+                              input_names=["input"], output_names=["scores"],
+                              dynamic_axes={"input": {0: "N"}, "scores": {0: "N"}} if dynamic else None)
+        else:
+            shapes = ({0: torch.export.Dim("N", min=1, max=1024)},) if dynamic else None
+            program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=shapes, verbose=False)
+            program.save(str(path), external_data=True)
+    if variant == "slim":
+        import onnxslim
+
+        onnxslim.slim(str(path), str(path))

@@ -1,0 +1,135 @@
+"""The compatibility suite: real torchvision and timm exports (both exporters, static and dynamic batch,
+production wrappers, fp16, onnxslim) load, batch, convert and run every public method; scores equal
+the torch model they were exported from. docs/compatibility.md is the same matrix as a table."""
+import numpy as np
+import pytest
+import torch
+
+import explainer
+from explainer.errors import BatchFallbackWarning, ConversionError
+
+from compat import METHODS, cases, check
+import exports
+
+FAST = {("resnet18", "dynamo", "plain"), ("vit_tiny", "legacy", "plain")}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=() if c in FAST else pytest.mark.slow, id="-".join(c))
+                                  for c in cases()])
+def test_every_method_on_real_exports(case):
+    result = check(*case)
+    failed = {m: r for m, r in result.items() if r != "ok"}
+    assert not failed and set(result) == set(METHODS), failed
+
+
+def _reference_cam(engine, module, x, target, reshape_transform):
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    with GradCAM(model=engine.pixel_model, target_layers=[module], reshape_transform=reshape_transform) as cam:
+        return cam(input_tensor=x.requires_grad_(True), targets=[ClassifierOutputTarget(target)])[0]
+
+
+def _min_max(m):
+    m = m - m.min()
+    return m / (1e-7 + m.max())
+
+
+@pytest.mark.parametrize("family,prefix", [("vit_tiny", 1), ("deit_tiny_distilled", 2)])
+def test_vit_gradcam_equals_pytorch_grad_cam_with_reshape_transform(family, prefix, chelsea):
+    """pytorch-grad-cam's ViT tutorial: target blocks[-1].norm1, drop the class token(s), reshape the
+    14x14 tokens to (C, H, W); our default layer and layout give the same map."""
+    import cv2
+
+    from explainer.methods.gradcam import GradCAM
+
+    net = explainer.load(exports.export(family, "legacy"))
+    cam = GradCAM(net)
+    assert cam.feature_layer == "/blocks/blocks.11/norm1/LayerNormalization"
+    assert (cam.layout.kind, cam.layout.grid, cam.layout.prefix) == ("tokens", (14, 14), prefix)
+    pixels = net.fit_pixels(chelsea.astype(np.float32))
+    module, _ = cam.engine.module_for(cam.feature_layer)
+
+    def reshape_transform(tensor, height=14, width=14):  # as in pytorch-grad-cam's tutorial
+        result = tensor[:, prefix:, :].reshape(tensor.size(0), height, width, tensor.size(2))
+        return result.transpose(2, 3).transpose(1, 2)
+
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].clone()
+    ref = _reference_cam(cam.engine, module, x, 285, reshape_transform)
+    low = cam.low_resolution(pixels, [285])[0]
+    np.testing.assert_allclose(_min_max(cv2.resize(_min_max(low), (224, 224))), ref, atol=1e-5)
+
+
+def test_swin_gradcam_equals_pytorch_grad_cam(chelsea):
+    """timm's Swin: the default layer is the last stage's (H, W, C) output; pytorch-grad-cam's Swin
+    tutorial transform (channels-last to channels-first) gives the same map."""
+    import cv2
+
+    from explainer.methods.gradcam import GradCAM
+
+    net = explainer.load(exports.export("swin_timm", "dynamo"))
+    cam = GradCAM(net)
+    assert cam.layout.kind == "HWC" and cam.layout.grid == (7, 7)
+    pixels = net.fit_pixels(chelsea.astype(np.float32))
+    module, _ = cam.engine.module_for(cam.feature_layer)
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].clone()
+    ref = _reference_cam(cam.engine, module, x, 285, lambda t: t.permute(0, 3, 1, 2))
+    low = cam.low_resolution(pixels, [285])[0]
+    np.testing.assert_allclose(_min_max(cv2.resize(_min_max(low), (224, 224))), ref, atol=1e-5)
+
+
+def test_default_gradcam_layers_by_architecture():
+    """The last map before the head, whatever the activation: MobileNetV3's last 7x7 Hardswish, not an
+    early ReLU; EfficientNet's SiLU (Mul); ConvNeXt's last stage."""
+    expected = {"mobilenet_v3_small": ("HardSwish", (576, 7, 7)), "efficientnet_b0": ("Mul", (1280, 7, 7))}
+    for family, (op, shape) in expected.items():
+        net = explainer.load(exports.export(family, "legacy"))
+        choice = explainer.gradcam_layers(net)
+        layer = net.layer(choice.feature)
+        assert (layer.op_type, layer.shape) == (op, shape), (family, layer, choice.reason)
+        assert "spatial extent" in choice.reason
+
+
+def test_attention_probabilities_are_refused(chelsea):
+    net = explainer.load(exports.export("vit_tiny", "legacy"))
+    attention = [l for l in net.layers() if l.op_type == "Softmax"][-1]
+    assert attention.shape == (3, 197, 197)
+    for call in (lambda: explainer.gradcam(net, chelsea, 0, feature_layer=attention.name),
+                 lambda: net.activations(chelsea, attention.name),
+                 lambda: explainer.deep_dream_image(net, attention.name, 0, num_iterations=1, verbose=False)):
+        with pytest.raises(explainer.ExplainerError, match="not a feature map"):
+            call()
+
+
+def test_batch_one_fallback_warns_and_explains_the_same(monkeypatch, chelsea):
+    """A graph the batch passes cannot free runs one image at a time, with one warning, and gives the
+    maps the freed graph gives."""
+    from explainer.convert import batch
+
+    path = exports.export("vit_tiny", "legacy")
+    freed = explainer.load(path)
+    images = [chelsea, chelsea[:200]]
+
+    def explain(net):
+        return (net.predict(images), explainer.gradcam(net, chelsea, [0, 5]),
+                explainer.occlusion_sensitivity(net, chelsea, 0, mask_size=112, stride=56, verbose=False))
+
+    expected = explain(freed)
+    monkeypatch.setattr(batch, "_output_axis", lambda *args: None)  # the pass sees nothing to free
+    with pytest.warns(BatchFallbackWarning, match="one image at a time"):
+        fixed = explainer.load(path)
+    assert fixed.max_batch == 1 and fixed.batch_size == 1 and freed.max_batch is None
+    for got, want in zip(explain(fixed), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_raw_conversion_errors_become_conversion_errors(monkeypatch, chelsea):
+    """An op without a converter, or a module failing at run time, is one ConversionError naming the
+    node and its op, never a raw torch or onnx2torch exception."""
+    from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription
+
+    net = explainer.load(exports.export("resnet18", "dynamo"))
+    key = OperationDescription("", "Gemm", 13)
+    monkeypatch.delitem(_CONVERTER_REGISTRY, key)
+    with pytest.raises(ConversionError, match=r"node 'node_linear' \(Gemm\)"):
+        explainer.gradcam(net, chelsea, 0)
