@@ -9,7 +9,9 @@ outside the per-run test cache) and reused.
 Exports: ``legacy`` (``torch.onnx.export(dynamo=False)``, opset 17, batch 1), ``legacy-dynamic``
 (the same with a dynamic batch axis), ``dynamo`` (the default exporter, opset 18+, weights in
 ``NAME.onnx.data``), ``dynamo-dynamic``. Variants: ``production`` (NHWC uint8 input, normalisation and
-softmax inside the graph), ``fp16`` (the whole model in half precision), ``slim`` (onnxslim's copy).
+softmax inside the graph), ``fp16`` (the whole model in half precision), ``mixed`` (float32 input and
+output, float16 inside), ``slim`` (onnxslim's copy), ``ingraph-LAYOUT-DTYPE`` (pixels 0..255 in that
+layout and type, normalisation inside the graph).
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ import zlib
 from pathlib import Path
 
 EXPORTS = ("legacy", "legacy-dynamic", "dynamo", "dynamo-dynamic")
-VARIANTS = ("plain", "production", "fp16", "slim")
-BUILD_VERSION = 2
+VARIANTS = ("plain", "production", "fp16", "mixed", "slim", "ingraph-nchw-float", "ingraph-nhwc-float",
+            "ingraph-nchw-uint8")
+BUILD_VERSION = 3
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # name -> (library, constructor, keyword arguments); small configurations keep the suite fast
@@ -72,17 +75,23 @@ def build(family: str):
         model.train()
         with torch.no_grad():
             for _ in range(3):
-                model(torch.randn(8, 3, 224, 224, generator=generator))
+                model(torch.randn(8, 3, *input_size(model), generator=generator))
     model.eval()
     # the head rescaled so logits spread (std 3) on random images: softmax neither flat nor saturated
     heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1000]
     with torch.no_grad():
-        spread = float(model(torch.randn(4, 3, 224, 224, generator=generator)).std())
+        spread = float(model(torch.randn(4, 3, *input_size(model), generator=generator)).std())
         for head in heads:
             head.weight.mul_(3.0 / max(spread, 1e-6))
             if head.bias is not None:
                 head.bias.mul_(3.0 / max(spread, 1e-6))
     return model
+
+
+def input_size(model) -> tuple[int, int]:
+    """The (height, width) the family takes: timm's pretrained config says, else 224 x 224."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("input_size", (3, 224, 224))[1:])
 
 
 class Production(__import__("torch").nn.Module):
@@ -99,6 +108,33 @@ class Production(__import__("torch").nn.Module):
     def forward(self, x):
         x = x.permute(0, 3, 1, 2).float()
         return self.model((x - self.mean) / self.std).softmax(dim=1)
+
+
+class InGraph(__import__("torch").nn.Module):
+    """Pixels 0..255 in (NCHW or NHWC, float or uint8), ImageNet normalisation inside the graph."""
+
+    def __init__(self, model, nhwc: bool):
+        import torch
+
+        super().__init__()
+        self.model, self.nhwc = model, nhwc
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1) * 255)
+
+    def forward(self, x):
+        x = (x.permute(0, 3, 1, 2) if self.nhwc else x).float()
+        return self.model((x - self.mean) / self.std)
+
+
+class Mixed(__import__("torch").nn.Module):
+    """float32 in and out, float16 inside: what fp16 conversions that keep the I/O types produce."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model.half()
+
+    def forward(self, x):
+        return self.model(x.half()).float()
 
 
 def export(family: str, exporter: str = "legacy", variant: str = "plain") -> Path:
@@ -125,12 +161,20 @@ def _export_to(path: Path, family: str, exporter: str, variant: str) -> None:
     import torch
 
     model = build(family)
-    x = torch.randn(1, 3, 224, 224)
+    size = input_size(model)
+    x = torch.randn(1, 3, *size)
     if variant == "production":
         model = Production(model).eval()
-        x = torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8)
+        x = torch.randint(0, 256, (1, *size, 3), dtype=torch.uint8)
     elif variant == "fp16":
         model, x = model.half(), x.half()
+    elif variant == "mixed":
+        model = Mixed(model).eval()
+    elif variant.startswith("ingraph"):
+        _, layout, dtype = variant.split("-")
+        model = InGraph(model, layout == "nhwc").eval()
+        x = torch.randint(0, 256, (1, *size, 3) if layout == "nhwc" else (1, 3, *size),
+                          dtype=torch.uint8 if dtype == "uint8" else torch.float32)
     dynamic = exporter.endswith("dynamic")
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

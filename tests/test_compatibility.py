@@ -133,3 +133,20 @@ def test_raw_conversion_errors_become_conversion_errors(monkeypatch, chelsea):
     monkeypatch.delitem(_CONVERTER_REGISTRY, key)
     with pytest.raises(ConversionError, match=r"node 'node_linear' \(Gemm\)"):
         explainer.gradcam(net, chelsea, 0)
+
+
+def test_module_failing_at_run_time_is_named(monkeypatch, chelsea):
+    """A converted module that raises when it runs is refused with the ONNX node and op that failed."""
+    from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription
+    from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
+
+    class Broken(torch.nn.Module):
+        def forward(self, *args):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    net = explainer.load(exports.export("resnet18", "dynamo"))
+    monkeypatch.setitem(_CONVERTER_REGISTRY, OperationDescription("", "Gemm", 13),
+                        lambda node, graph: OperationConverterResult(torch_module=Broken(),
+                                                                     onnx_mapping=onnx_mapping_from_node(node)))
+    with pytest.raises(ConversionError, match=r"fails at node 'node_linear' \(Gemm\): RuntimeError: mat1"):
+        explainer.gradient_attribution(net, chelsea, 0, verbose=False)

@@ -3,8 +3,9 @@
 Exporters bake the batch they traced with into constants: Reshape targets (``[1, 512]``, or
 ``[64, 49, 3, 3, 32]`` where Swin folds 64 windows of one image into dim 0), an ``Expand`` of a class
 token to ``[1, 1, C]``, a class token pre-expanded by the dynamo exporter and concatenated with the
-patch tokens. ``free-batch`` rewrites each such constant so that its dim 0 scales with the batch the
-graph is run with. What it cannot see, ``Classifier`` catches: a batch of two must give what two runs
+patch tokens, Resize sizes. ``free-batch`` follows the axis that carries the batch from the image
+through the graph and rewrites each such constant so that this axis scales with the batch the graph is
+run with. What it cannot see, ``Classifier`` catches: a batch of two must give what two runs
 of one give, else the model falls back to batch 1 (with a warning saying why).
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..model.graph import attribute, constant_value, dims, measured_shapes
+from ..model.graph import attribute, constant_value, consumers, dims, measured_shapes, producers
 from .passes import register
 
 # Outputs that describe a tensor's shape rather than carry its batch of values.
@@ -109,14 +110,6 @@ def _shape_constant(g, name):
     return value.astype(np.int64)
 
 
-def _exported_batch(g: onnx.GraphProto, image: str) -> int | None:
-    for vi in g.input:
-        if vi.name == image:
-            shape = dims(vi)
-            return shape[0] if shape else None
-    return None
-
-
 def _axes_list(g, node, name="axes") -> list[int] | None:
     if len(node.input) > 1 and node.input[1]:
         value = constant_value(g, node.input[1])
@@ -133,7 +126,7 @@ _SAME_AXIS = {"Relu", "Clip", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "Le
               "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Not", "DepthToSpace", "SpaceToDepth",
               "Trilu", "Where", "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Equal",
               "Less", "Greater", "And", "Or", "Mod", "Expand", "CumSum", "QuantizeLinear",
-              "DequantizeLinear", "GroupNormalization", "ReduceL2"}
+              "DequantizeLinear", "GroupNormalization"}
 
 
 def _prod(values) -> int:
@@ -190,6 +183,8 @@ def _output_axis(g, node, k: int, a: int, o: int, shape_of) -> tuple[int, int] |
         return kept[a], o
     if op == "Gather":
         axis = attribute(node, "axis", 0) % r_in
+        if k == 0 and _strided_view(g, node, a, o, s_in) is not None:
+            return 0, 1
         if k != 0 or axis == a:
             return None
         if axis > a:
@@ -221,6 +216,22 @@ def _output_axis(g, node, k: int, a: int, o: int, shape_of) -> tuple[int, int] |
 
 @register("free-batch", targets=("runtime", "torch"), order=9)
 def free_batch(model: onnx.ModelProto, ctx) -> int:
+    """See ``_free_batch``; a graph it cannot read (shapes of rank 0, sizes of 0) is left as exported,
+    and then runs one image at a time."""
+    backup = onnx.ModelProto()
+    backup.graph.node.extend(model.graph.node)
+    count = len(model.graph.initializer)
+    try:
+        return _free_batch(model, ctx)
+    except (ArithmeticError, ValueError, IndexError, KeyError) as exc:
+        del model.graph.node[:]
+        model.graph.node.extend(backup.graph.node)
+        del model.graph.initializer[count:]
+        ctx.log.append(f"free-batch: left as exported ({type(exc).__name__}: {exc})")
+        return 0
+
+
+def _free_batch(model: onnx.ModelProto, ctx) -> int:
     """Constants that hold the exported batch (1) scale with the run's batch instead. Which axis holds
     the batch is followed from the image through the graph (Transpose moves it, a Reshape keeps the
     elements before it, MultiheadAttention puts it on axis 1, Swin folds windows into it):
@@ -228,12 +239,14 @@ def free_batch(model: onnx.ModelProto, ctx) -> int:
       dim is -1 already (zoo GoogLeNet, AlexNet and ShuffleNet flatten to ``[1, K]``; ViT's attention
       reshapes to ``[heads, T, d]`` at batch 1, torchvision's to ``[T, heads, d]``);
     - Expand of a constant (a class token) whose result joins the batch: the batch dim becomes ``N``;
-    - a constant of batch 1 concatenated with batch-carrying tensors on another axis is expanded to N.
+    - a constant of batch 1 concatenated with batch-carrying tensors on another axis is expanded to N;
+    - Resize to constant sizes: the batch's size becomes N.
     """
     from ..model.graph import infer_shapes
 
     g = model.graph
-    if _exported_batch(g, ctx.image_input) != 1:
+    image = next((vi for vi in g.input if vi.name == ctx.image_input), None)
+    if image is None or (dims(image) or [None])[0] != 1:  # exported with a free (or larger) batch
         return 0
     known = infer_shapes(model)
     measured: dict[str, list[int]] = {}
@@ -265,11 +278,7 @@ def free_batch(model: onnx.ModelProto, ctx) -> int:
             for o in node.output:
                 if o:
                     axis_of[o] = out
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for node in g.node:
-        for i in node.input:
-            users.setdefault(i, []).append(node)
-    producer = {o: n for n in g.node for o in n.output}
+    users, producer = consumers(g), producers(g)
     b = _Builder(g, ctx.image_input)
     new_nodes, changed = [], 0
     for node in g.node:
@@ -285,7 +294,17 @@ def free_batch(model: onnx.ModelProto, ctx) -> int:
                     node.input[1] = b.const(f"{node.input[1]}__any_batch", shape)
                 changed += 1
             elif shape is None and node.input[1] in producer and producer[node.input[1]].op_type == "Concat":
-                changed += _free_concat_piece(g, producer[node.input[1]], j, b, before, shape_of)
+                changed += _free_concat_piece(g, producer[node.input[1]], j, b, shape_of)
+        elif node.op_type == "Gather" and node.input[0] in axis_of and node.output[0] in axis_of and \
+                _strided_view(g, node, *axis_of[node.input[0]], shape_of(node.input[0])) is not None:
+            node.input[1] = _per_image_indices(g, node, shape_of(node.input[0])[0], b, before)
+            changed += 1
+        elif node.op_type == "Resize" and node.input[0] in axis_of and len(node.input) > 3:
+            sizes = _shape_constant(g, node.input[3])  # output sizes, batch included (mobilevit, dynamo)
+            j = axis_of[node.input[0]][0]
+            if sizes is not None and j < len(sizes) and int(sizes[j]) == 1:
+                node.input[3] = b.scaled_shape(sizes, j, before)
+                changed += 1
         elif node.op_type == "Expand" and node.input[0] not in axis_of:
             shape = _shape_constant(g, node.input[1])
             j = _joined_axis(node.output[0], len(shape) if shape is not None else 0, users, axis_of, shape_of)
@@ -311,7 +330,34 @@ def free_batch(model: onnx.ModelProto, ctx) -> int:
     return changed
 
 
-def _free_concat_piece(g, concat: onnx.NodeProto, j: int, b: _Builder, nodes: list, shape_of) -> int:
+def _strided_view(g, node, a: int, o: int, s_in) -> np.ndarray | None:
+    """The constant indices of a Gather that picks, from one image's elements flattened to 1-D, a view of
+    them (the dynamo exporter's ``as_strided``, indices of shape (1, ...)); None for any other Gather."""
+    if a != 0 or o != 1 or s_in is None or len(s_in) != 1 or s_in[0] is None or attribute(node, "axis", 0) != 0:
+        return None
+    indices = constant_value(g, node.input[1])
+    if indices is None or indices.ndim < 1 or indices.shape[0] != 1 or indices.dtype.kind not in "iu":
+        return None
+    return indices if 0 <= int(indices.min()) and int(indices.max()) < s_in[0] else None
+
+
+def _per_image_indices(g, node, size: int, b: "_Builder", nodes: list) -> str:
+    """``as_strided`` for a batch: image n's indices are image 0's plus n times one image's size."""
+    indices = constant_value(g, node.input[1]).astype(np.int64)
+    start, step = b.const("free_batch__zero", np.array(0, np.int64)), b.const("free_batch__one", np.array(1, np.int64))
+    count, images, offsets = b.name("free_batch__count"), b.name("free_batch__images"), b.name("free_batch__offsets")
+    shaped, out = b.name("free_batch__offsets_shaped"), b.name("free_batch__indices")
+    nodes += [
+        helper.make_node("Squeeze", [b.batch, b.const("free_batch__axis0", np.array([0], np.int64))], [count]),
+        helper.make_node("Range", [start, count, step], [images]),
+        helper.make_node("Mul", [images, b.const("free_batch__size", np.array(size, np.int64))], [offsets]),
+        helper.make_node("Reshape", [offsets, b.const("free_batch__column", np.array([-1] + [1] * (indices.ndim - 1), np.int64))], [shaped]),
+        helper.make_node("Add", [b.const(f"{node.input[1]}__image0", indices), shaped], [out]),
+    ]
+    return out
+
+
+def _free_concat_piece(g, concat: onnx.NodeProto, j: int, b: _Builder, shape_of) -> int:
     """A Reshape target assembled at run time from pieces: dim ``j`` becomes -1 (the element count tells
     it) where no other piece is -1: a constant piece holds the exported batch, and a computed one may
     too (Swin's ``B * num_windows`` multiplies the batch, folded to 1, by computed counts). Else a
@@ -338,8 +384,8 @@ def _free_concat_piece(g, concat: onnx.NodeProto, j: int, b: _Builder, nodes: li
             if free:
                 piece[j - position] = -1
                 concat.input[k] = b.const(f"{name}__any_batch", piece)
-            else:
-                concat.input[k] = b.scaled_shape(piece, j - position, nodes)
+            else:  # computed from constants and the batch alone: before every node, where the Concat reads it
+                concat.input[k] = b.scaled_shape(piece, j - position, b.prologue)
             return 1
         position += length
     return 0

@@ -84,9 +84,8 @@ def _check_size(shape, value_tensor) -> None:
 def _drop_unused_initializers(g: onnx.GraphProto) -> None:
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
     dropped = {t.name for t in g.initializer if t.name not in used}
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    for i in reversed([i for i, t in enumerate(g.initializer) if t.name in dropped]):
+        del g.initializer[i]  # in place: the kept weights are never copied
     for vi in [i for i in g.input if i.name in dropped]:  # old IR versions list weights as inputs too
         g.input.remove(vi)
 

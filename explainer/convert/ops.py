@@ -49,10 +49,18 @@ def opset_upgrade(model: onnx.ModelProto, ctx) -> int:
         upgraded = version_converter.convert_version(without_weight_data(model), 13)
     except Exception as exc:
         raise ConversionError(f"cannot upgrade the graph from opset {opset(model)} to 13: {exc}") from None
-    for t in upgraded.graph.initializer:
-        if t.name in weights:
-            t.CopyFrom(weights[t.name])
-    model.CopyFrom(upgraded)
+    # the upgraded structure around the model's own weight tensors, which are never copied (VGG19's
+    # 575 MB would be held three times at once)
+    g, ug = model.graph, upgraded.graph
+    for field in ("node", "input", "output", "value_info"):
+        del getattr(g, field)[:]
+        getattr(g, field).extend(getattr(ug, field))
+    small = [i for i, t in enumerate(g.initializer) if t.name not in weights]
+    for i in reversed(small):
+        del g.initializer[i]
+    g.initializer.extend(t for t in ug.initializer if t.name not in weights)
+    del model.opset_import[:]
+    model.opset_import.extend(upgraded.opset_import)
     # opset 13 needs IR version 7, which also lets initializers stand apart from the graph inputs
     model.ir_version = max(model.ir_version, 7)
     return 1

@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InvalidParameterError, InvalidParameterTypeError
-from ..model.classifier import not_a_feature_map
 from ..model.torch_engine import torch_engine
 from ..validation import check_choice, check_float, check_int
 
@@ -66,10 +65,7 @@ def deep_dream_image(net, layer, channels, *, num_iterations=10, pyramid_levels=
     scores_layer = net.layer(net.output.softmax_input or net.output.name)
     is_scores = target.output in (scores_layer.output, net.output.name)
     chans = _channels(net, layer, channels, is_scores)
-    layout = net.layout(target)
-    if layout is None and not is_scores and net.layout_of_tokens and target.shape is not None \
-            and len(target.shape) >= 2:
-        raise InvalidParameterError(not_a_feature_map(where, target))
+    layout = None if is_scores else net.feature_map_layout(target, where)
     k = len(chans)
     h, w = net.input.size
     c = 3 if net.input.channels == 3 else 1

@@ -2,11 +2,13 @@
 onnxruntime engine; the object every explanation method takes as ``net``."""
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import numpy as np
+import onnx
 
 from ..convert import BATCH_PASSES, normalise
 from ..errors import (BatchFallbackWarning, InvalidParameterError, InvalidParameterTypeError,
@@ -15,12 +17,23 @@ from ..io import to_pixel_batch
 from ..validation import check_batch_size, check_int, closest
 from . import labels as labels_mod
 from . import preprocess as preprocess_mod
-from .graph import dims, infer_shapes, layer_name, measured_shapes
+from .graph import dims, infer_shapes, layer_name
 from .layouts import FeatureLayout, feature_layout
 from .load import LoadedModel
 from .ort_engine import OrtEngine
 from .providers import resolve_device
-from .spec import InputSpec, OutputSpec, find_image_input, find_scores_output
+from .spec import InputSpec, OutputSpec, find_image_input, find_input_normalisation, find_scores_output
+
+_log = logging.getLogger("explainer")
+
+
+def _expose_logits(model, output: OutputSpec) -> None:
+    """The logits before a trailing Softmax become a graph output too, so that one onnxruntime session
+    serves probabilities and logits (a second session would hold every weight once more)."""
+    names = [o.name for o in model.graph.output]
+    if output.softmax_input and output.softmax_input not in names:
+        elem = model.graph.output[0].type.tensor_type.elem_type or onnx.TensorProto.FLOAT  # as the softmax's
+        model.graph.output.append(onnx.helper.make_tensor_value_info(output.softmax_input, elem, None))
 
 
 def not_a_feature_map(where: str, layer: "Layer") -> str:
@@ -66,11 +79,13 @@ class Classifier:
         if preprocessing is None and entry is not None and entry.preprocessing is not None:
             preprocessing = entry.preprocessing
         self.input: InputSpec = find_image_input(loaded.proto, input_layout)
-        default_pre = "none" if self.input.dtype == np.uint8 else "imagenet"
-        self.preprocessing = preprocess_mod.resolve(preprocessing, metadata, default_pre)
+        self.preprocessing = preprocess_mod.resolve(preprocessing, metadata, self._default_preprocessing,
+                                                    given_by="registry" if entry is not None and
+                                                    preprocessing is entry.preprocessing else "argument")
         self.device, providers = resolve_device(device)
         self.model, self.normalisation_log = normalise(loaded.proto, "runtime", self.input.name)
         output = find_scores_output(self.model)
+        _expose_logits(self.model, output)
         self.ort = OrtEngine(self.model, self.input.name, providers, self.sha256[:16])
         #: None, or 1 for a graph that only runs one image at a time (see ``_probe``)
         self.max_batch: int | None = None
@@ -79,14 +94,34 @@ class Classifier:
         except _NotBatchable as why:
             self.model, self.normalisation_log = normalise(loaded.proto, "runtime", self.input.name,
                                                            skip=BATCH_PASSES)
+            _expose_logits(self.model, output)
             self.ort = OrtEngine(self.model, self.input.name, providers, self.sha256[:16] + "|batch1")
-            self.output = self._probe(find_scores_output(self.model), batch=1)
+            self.output = self._probe(output, batch=1)
             self.max_batch = self._batch_size = self._stream_batch_size = 1
             warnings.warn(f"model {self.name!r} runs one image at a time (explanations are the same, "
                           f"only slower): {why}", BatchFallbackWarning, stacklevel=3)
         self.class_names: list[str] = labels_mod.resolve(labels, metadata, self.output.num_classes)
         self._layers: list[Layer] | None = None
         self._token_channels: set[int] | None | bool = False  # False: not computed yet
+
+    def _default_preprocessing(self) -> tuple[str, str]:
+        """(preset, why) when neither an argument nor the metadata says: "none" (or "unit", 0..1, where
+        its constants are those of 0..1 images) for a graph that normalises its own input, "none" for
+        uint8 pixels, else a guess of "imagenet", logged at each load."""
+        found = find_input_normalisation(self.source_model, self.input.name)
+        if found is not None:
+            why = "the graph normalises its input itself: " + ", ".join(found.steps)
+            if found.pixel_range == 1.0:
+                _log.info("model %r: %s; pixels are fed scaled to 0..1 (preprocessing='unit')", self.name, why)
+                return "unit", why
+            _log.info("model %r: %s; pixels 0..255 are fed as they are (preprocessing='none')", self.name, why)
+            return "none", why
+        if self.input.dtype == np.uint8:
+            return "none", "the graph takes uint8 pixels"
+        why = ("guessed: no preprocessing in the metadata, float input, no normalisation in the graph; "
+               "pass preprocessing= if the model was trained otherwise")
+        _log.warning("model %r: preprocessing 'imagenet' %s", self.name, why)
+        return "imagenet", why
 
     # contract -------------------------------------------------------------------------------------
     @property
@@ -111,6 +146,8 @@ class Classifier:
         try:
             raw = np.concatenate([self.ort.run(x[i:i + 1], [output.name])[0] for i in range(2)])
         except Exception as exc:
+            if batch > 1:  # the freed graph itself fails: the graph as exported decides
+                raise _NotBatchable(f"the graph freed for any batch fails ({str(exc).splitlines()[0][:200]})") from None
             raise UnsupportedModelError(
                 f"onnxruntime cannot run the model on one {self.input.layout} image of "
                 f"{self.input.height}x{self.input.width}: {str(exc).splitlines()[0]}") from None
@@ -132,7 +169,7 @@ class Classifier:
                                     f"time (relative difference {error:.1e})")
         if raw.ndim < 2 or raw.shape[0] != 2:
             raise UnsupportedModelError(
-                f"output {output.name!r} has shape {raw.shape} for a batch of 2; expected (N, K).")
+                f"output {output.name!r} has shape {raw.shape} for two images; expected (N, K).")
         rows = raw.reshape(2, -1).astype(np.float64)
         if rows.shape[1] < 2:
             raise UnsupportedModelError(
@@ -286,29 +323,41 @@ class Classifier:
                 found.append(Layer(layer_name(node), node.op_type, node.output[0], shape))
             unknown = [l.output for l in found if l.shape is None or None in l.shape]
             if unknown:  # shapes computed at run time (Swin's padding to whole windows): one image's
-                measured = measured_shapes(self.model, self.input.name, unknown, self.to_model_input(
-                    np.zeros((1, *self.input.size, self.input.channels), np.float32)))
+                try:
+                    values = self.ort.run(self._grey_input()[None], unknown)
+                    measured = {name: v.shape for name, v in zip(unknown, values)}
+                except Exception:  # unknown shapes stay unknown; nothing else depends on them
+                    measured = {}
                 found = [l if l.output not in measured else
                          Layer(l.name, l.op_type, l.output, tuple(measured[l.output][1:])) for l in found]
-            self._layers = found
+            # the nodes our batch passes added are not layers of the network
+            self._layers = [l for l in found if not l.output.startswith("free_batch__")]
         return self._layers
 
     @property
-    def layout_of_tokens(self) -> bool:
-        """Whether the network computes on tokens (has LayerNormalization over token channels): then only
-        tensors on the image's grid count as feature maps."""
-        self.layout(self.layers()[0])
-        return bool(self._token_channels)
+    def token_channels(self) -> set[int] | None:
+        """The channel counts of a transformer's token stream (those its LayerNormalizations normalise);
+        None for a network without tokens."""
+        if self._token_channels is False:
+            norms = [l.shape[-1] for l in self.layers()
+                     if l.op_type == "LayerNormalization" and l.shape and len(l.shape) in (2, 3)]
+            self._token_channels = set(norms) if norms else None
+        return self._token_channels
 
     def layout(self, layer) -> "FeatureLayout | None":
         """How ``layer`` (a name or a Layer) shows itself as (C, H, W): a feature map, tokens on the
         image's grid or a channels-last grid; None when it is not a feature map."""
         layer = self.layer(layer) if isinstance(layer, str) else layer
-        if self._token_channels is False:
-            norms = [l.shape[-1] for l in self.layers()
-                     if l.op_type == "LayerNormalization" and l.shape and len(l.shape) in (2, 3)]
-            self._token_channels = set(norms) if norms else None
-        return feature_layout(layer.shape, self.input.size, self._token_channels)
+        return feature_layout(layer.shape, self.input.size, self.token_channels)
+
+    def feature_map_layout(self, layer, where: str) -> "FeatureLayout | None":
+        """``layout(layer)``; in a network of tokens, a layer with several dims per image that is no
+        feature map (attention probabilities, q/k/v) is refused (InvalidParameterError). Vectors pass."""
+        layer = self.layer(layer) if isinstance(layer, str) else layer
+        found = self.layout(layer)
+        if found is None and self.token_channels and layer.shape is not None and len(layer.shape) >= 2:
+            raise InvalidParameterError(not_a_feature_map(where, layer))
+        return found
 
     def layer(self, name: str) -> Layer:
         """A layer by node name or by tensor name; unknown names list the closest ones."""
@@ -334,9 +383,7 @@ class Classifier:
         and channels-last grids are laid out as (C, H, W) (``layout``). Vectors (N, K) come back as
         (K, 1, 1), like MATLAB's 1x1xK."""
         target = self.layer(layer)
-        layout = self.layout(target)
-        if layout is None and self.layout_of_tokens and target.shape is not None and len(target.shape) >= 2:
-            raise UnsupportedModelError(not_a_feature_map("activations", target))
+        layout = self.feature_map_layout(target, "activations")
         pixels, is_batch = self.prepare(images)
         out = self.ort.run_batched(self.to_model_input(pixels), [target.output], self.batch_size)[0]
         out = np.asarray(out, dtype=np.float32)
@@ -354,4 +401,5 @@ class Classifier:
     def __repr__(self) -> str:
         return (f"Classifier({self.name!r}, input={self.input.name!r} {self.input.layout} "
                 f"{self.input.height}x{self.input.width}x{self.input.channels} {self.input.dtype}, "
-                f"classes={self.num_classes}, preprocessing={self.preprocessing.name!r}, device={self.device!r})")
+                f"classes={self.num_classes}, preprocessing={self.preprocessing.name!r} "
+                f"({self.preprocessing.origin}), device={self.device!r})")

@@ -44,13 +44,19 @@ def constant_value(graph: onnx.GraphProto, name: str):
     """The value of tensor ``name`` if it is an initializer or a Constant node's output, else None."""
     for t in graph.initializer:
         if t.name == name:
-            return numpy_helper.to_array(t)
+            return _value(t)
     for node in graph.node:
         if node.op_type == "Constant" and node.output and node.output[0] == name:
             for attr in node.attribute:
                 if attr.name == "value":
-                    return numpy_helper.to_array(attr.t)
+                    return _value(attr.t)
     return None
+
+
+def _value(t: onnx.TensorProto):
+    """A tensor's value; None for one still stored in an external file (numpy_helper would read it
+    relative to the working directory, outside the checks of model.load)."""
+    return None if t.data_location == onnx.TensorProto.EXTERNAL else numpy_helper.to_array(t)
 
 
 def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -64,15 +70,6 @@ def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
             if name:
                 found[name].append(node)
     return found
-
-
-def downstream_of(graph: onnx.GraphProto, source: str) -> set[str]:
-    """All tensors whose value depends on tensor ``source`` (nodes are topologically sorted in ONNX)."""
-    reached = {source}
-    for node in graph.node:
-        if any(i in reached for i in node.input):
-            reached.update(o for o in node.output if o)
-    return reached
 
 
 def opset(model: onnx.ModelProto, domain: str = "") -> int:
@@ -149,26 +146,29 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     return known
 
 
-def measured_shapes(model: onnx.ModelProto, image: str, names: list[str], x=None) -> dict[str, list[int]]:
-    """The shapes of tensors ``names`` in one onnxruntime run on input ``x`` (default: zeros of the
-    input's declared shape); {} where that cannot run (the caller's own checks say why)."""
+def measured_shapes(model: onnx.ModelProto, image: str, names: list[str]) -> dict[str, list[int]]:
+    """The shapes of tensors ``names`` in one onnxruntime run on zeros of the input's declared shape;
+    {} where that cannot run (the caller's own checks say why)."""
     import onnxruntime as ort
 
-    if x is None:
-        vi = next(v for v in model.graph.input if v.name == image)
-        shape = dims(vi)
-        if None in shape or elem_type(vi) not in IMAGE_TYPES:
-            return {}
-        x = np.zeros(shape, IMAGE_TYPES[elem_type(vi)])
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
+    vi = next(v for v in model.graph.input if v.name == image)
+    shape = dims(vi)
+    if None in shape or elem_type(vi) not in IMAGE_TYPES:
+        return {}
+    x = np.zeros(shape, IMAGE_TYPES[elem_type(vi)])
     names = list(dict.fromkeys(names))
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    outputs = model.graph.output
+    declared = len(outputs)
+    outputs.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in
+                   {o.name for o in outputs})
+    try:  # outputs added for the serialisation only: the weights are not copied
+        data = model.SerializeToString()
+    finally:
+        del outputs[declared:]
     options = ort.SessionOptions()
     options.log_severity_level = 4
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         return {n: list(v.shape) for n, v in zip(names, session.run(names, {image: x}))}
     except Exception:  # the probe in Classifier reports what fails
         return {}

@@ -6,7 +6,7 @@ some give channels-last grids (H, W, C) (torchvision's Swin, ConvNeXt's norms). 
 one the image is cut into: ceil(size / stride) for some stride, as patch embeddings and strided
 convolutions make it. Grad-CAM, activations and deep dream read every layer through its layout, so a
 layer that is not a feature map (attention probabilities (heads, T, T), q/k/v split into heads) is
-refused by all three with the same message.
+refused by all three with the same InvalidParameterError (``Classifier.feature_map_layout``).
 """
 from __future__ import annotations
 

@@ -113,7 +113,10 @@ def _parse(data: bytes, what: str) -> onnx.ModelProto:
 
 
 def _external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
-    return [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    """Weights and Constant-node values stored in external files."""
+    tensors = list(proto.graph.initializer) + [a.t for n in proto.graph.node for a in n.attribute
+                                               if a.type == onnx.AttributeProto.TENSOR]
+    return [t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL]
 
 
 def _in_memory(proto: onnx.ModelProto, what: str) -> onnx.ModelProto:
@@ -141,16 +144,20 @@ def _load_external(proto: onnx.ModelProto, base: Path, digest) -> None:
         if not target.is_file():
             raise ModelLoadError(f"external data file {rel!r} of tensor {tensor.name!r} is missing (or not a "
                                  "regular file); copy it beside the .onnx file.")
-        size = files.setdefault(target, target.stat().st_size)
+        if target not in files:
+            files[target] = target.stat().st_size
+        size = files[target]
         try:
             offset = int(info.get("offset", 0))
             length = int(info["length"]) if "length" in info else size - offset
         except ValueError:
             raise ModelLoadError(f"tensor {tensor.name!r} declares a non-numeric external offset or "
                                  "length.") from None
+        if tensor.data_type == onnx.TensorProto.STRING:
+            raise ModelLoadError(f"tensor {tensor.name!r} is a string tensor stored externally, which ONNX "
+                                 "does not define; refused.")
         expected = _tensor_bytes(tensor)
-        if offset < 0 or length < 0 or offset + length > size or (
-                tensor.data_type not in _VARIABLE_SIZE and length != expected):
+        if offset < 0 or length < 0 or offset + length > size or length != expected:
             raise ModelLoadError(
                 f"tensor {tensor.name!r} declares {length} bytes at offset {offset} of {rel!r} ({size} "
                 f"bytes; its shape needs {expected}); the external data is truncated or inconsistent.")
@@ -161,9 +168,6 @@ def _load_external(proto: onnx.ModelProto, base: Path, digest) -> None:
         tensor.raw_data = raw
         del tensor.external_data[:]
         tensor.data_location = onnx.TensorProto.DEFAULT
-
-
-_VARIABLE_SIZE = {onnx.TensorProto.STRING}
 
 
 def _finish(proto: onnx.ModelProto, name: str, data: bytes, entry, sha256: str | None = None) -> LoadedModel:
@@ -203,9 +207,15 @@ def check_safe(proto: onnx.ModelProto) -> None:
             f"limits.MAX_TENSOR_BYTES={limits.MAX_TENSOR_BYTES}; raise it only for a trusted model.")
 
 
+_PACKED_4BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
 def _tensor_bytes(t: onnx.TensorProto) -> int:
+    count = int(np.prod(np.asarray(list(t.dims), dtype=np.float64)))
+    if t.data_type in _PACKED_4BIT:  # two values a byte
+        return (count + 1) // 2
     try:
         itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
     except Exception:
         itemsize = 8
-    return int(np.prod(np.asarray(list(t.dims), dtype=np.float64))) * itemsize
+    return count * itemsize

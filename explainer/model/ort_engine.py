@@ -12,6 +12,7 @@ The engine knows nothing about explanation methods: it maps an input batch to na
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -40,6 +41,7 @@ class OrtEngine:
         self._sessions: "OrderedDict[tuple[str, ...], object]" = OrderedDict()
         self._types: dict | None = None
         self.default_outputs = tuple(o.name for o in model.graph.output)
+        self._lock = threading.Lock()
 
     # sessions -------------------------------------------------------------------------------------
     def _session_options(self, single_thread: bool = False):
@@ -76,19 +78,20 @@ class OrtEngine:
         if key in self._sessions:
             self._sessions.move_to_end(key)
             return self._sessions[key]
-        model = self.model
-        if extra:
-            if self._types is None:
+        import onnxruntime as ort
+
+        outputs = self.model.graph.output
+        with self._lock:  # outputs added for the serialisation only: the weights are not copied
+            if extra and self._types is None:
                 self._types = infer_shapes(self.model)
-            model = onnx.ModelProto()
-            model.CopyFrom(self.model)
             for name in extra:
                 vi = self._types.get(name)
                 elem = vi.type.tensor_type.elem_type if vi is not None else onnx.TensorProto.FLOAT
-                model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem or 1, None))
-        import onnxruntime as ort
-
-        data = model.SerializeToString()
+                outputs.append(onnx.helper.make_tensor_value_info(name, elem or 1, None))
+            try:
+                data = self.model.SerializeToString()
+            finally:
+                del outputs[len(self.default_outputs):]
         if self.on_cuda:
             sess = _quiet_session(data, self.providers)
         else:

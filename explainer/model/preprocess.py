@@ -11,12 +11,13 @@ imagenet    (x/255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]  RGB
 caffe       x - [103.939, 116.779, 123.68]                           BGR
 tf          x/127.5 - 1                                              RGB
 none        x (0..255; the graph normalises itself)                  RGB
+unit        x/255 (0..1; the graph normalises itself from there)     RGB
 =========== ======================================================= ================
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -33,6 +34,8 @@ class Preprocessing:
     scale: float = 1.0
     channel_order: str = "RGB"
     name: str = field(default="custom", compare=False)
+    #: where it came from: "argument", "registry", "metadata", or why the default was taken
+    origin: str = field(default="argument", compare=False)
 
     def __post_init__(self):
         for key in ("mean", "std"):
@@ -60,6 +63,7 @@ class Preprocessing:
 
     def to_json(self) -> str:
         d = asdict(self)
+        d.pop("origin")
         return json.dumps(d)
 
 
@@ -68,21 +72,25 @@ PRESETS = {
     "caffe": Preprocessing((103.939, 116.779, 123.68), (1.0,), 1.0, "BGR", "caffe"),
     "tf": Preprocessing((1.0,), (1.0,), 1 / 127.5, "RGB", "tf"),
     "none": Preprocessing((0.0,), (1.0,), 1.0, "RGB", "none"),
+    "unit": Preprocessing((0.0,), (1.0,), 1 / 255, "RGB", "unit"),
 }
 
 
-def resolve(value, metadata: dict | None = None, default: str = "imagenet") -> Preprocessing:
+def resolve(value, metadata: dict | None = None, default="imagenet", given_by: str = "argument") -> Preprocessing:
     """``preprocessing=`` argument → ``Preprocessing``: a preset name, a dict of fields, an instance,
-    or None (the graph's metadata, else ``default``)."""
+    or None (the graph's metadata, else ``default``: a preset name, or a function giving (preset,
+    why)). ``origin`` records which."""
     if value is None:
         if metadata and METADATA_KEY in metadata:
             try:
-                return Preprocessing(**json.loads(metadata[METADATA_KEY]))
+                spec = {k: v for k, v in json.loads(metadata[METADATA_KEY]).items() if k != "origin"}
+                return Preprocessing(**spec, origin="metadata")
             except (ValueError, TypeError) as exc:
                 raise InvalidParameterError(
                     f"the model's metadata {METADATA_KEY!r} is not a valid preprocessing spec ({exc}); "
                     "pass preprocessing= explicitly.") from None
-        return PRESETS[default]
+        name, why = default() if callable(default) else (default, "default")
+        return replace(PRESETS[name], origin=why)
     if isinstance(value, Preprocessing):
         return value
     if isinstance(value, str):
@@ -90,14 +98,14 @@ def resolve(value, metadata: dict | None = None, default: str = "imagenet") -> P
             raise InvalidParameterError(
                 f"load: preprocessing must be one of {sorted(PRESETS)}, a dict or a Preprocessing; "
                 f"got {value!r}.")
-        return PRESETS[value]
+        return replace(PRESETS[value], origin=given_by)
     if isinstance(value, dict):
         allowed = {"mean", "std", "scale", "channel_order", "name"}
         unknown = set(value) - allowed
         if unknown:
             raise InvalidParameterError(
                 f"load: preprocessing dict has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}.")
-        return Preprocessing(**value)
+        return Preprocessing(**value, origin=given_by)
     raise InvalidParameterTypeError(
         f"load: preprocessing must be a preset name, a dict or a Preprocessing; got {type(value).__name__}.")
 

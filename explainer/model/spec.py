@@ -126,3 +126,56 @@ def find_scores_output(model: onnx.ModelProto) -> OutputSpec:
     if node is not None and node.op_type == "Softmax":
         return OutputSpec(out.name, num, node.input[0], True)
     return OutputSpec(out.name, num, None, None)
+
+
+# Ops that move or retype pixels on their way to the first learned layer; arithmetic with constants
+# there is the graph normalising its own input.
+_MOVES = {"Cast", "Transpose", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten"}
+_ARITHMETIC = {"Sub": "-", "Div": "/", "Mul": "*", "Add": "+"}
+_LEARNED = {"Conv", "ConvInteger", "QLinearConv", "MatMul", "MatMulInteger", "QLinearMatMul", "Gemm"}
+
+
+@dataclass(frozen=True)
+class InputNormalisation:
+    """What a graph does to its image input before its first learned layer."""
+    steps: tuple[str, ...]  # e.g. "Sub [123.7, 116.3, 103.5] (/Sub)"
+    pixel_range: float  # 255.0: it expects pixels 0..255; 1.0: pixels already scaled to 0..1
+
+
+def find_input_normalisation(model: onnx.ModelProto, image_input: str) -> InputNormalisation | None:
+    """The steps a graph applies to its image input before its first learned layer (Conv, MatMul,
+    Gemm): arithmetic with constants of at most one value per channel (x - mean, / std, * scale), seen
+    through casts, transposes and reshapes (Shape and Size of the input are passed by). None: the graph
+    expects normalised input. The constants tell the range it expects: a division by 255 (or 127.5), a
+    mean above 1 or a uint8 input mean pixels 0..255; means and scales of 0..1 images mean 0..1."""
+    from .graph import constant_value, elem_type, layer_name
+
+    g = model.graph
+    chain, steps, big = {image_input}, [], False
+    for node in g.node:
+        inputs = [i for i in node.input if i]
+        if not any(i in chain for i in inputs) or node.op_type in ("Shape", "Size"):
+            continue
+        if node.op_type in _LEARNED:
+            break
+        if node.op_type in _MOVES:
+            chain.add(node.output[0])
+            continue
+        if node.op_type in _ARITHMETIC and len(inputs) == 2:
+            other = inputs[1] if inputs[0] in chain else inputs[0]
+            value = constant_value(g, other)
+            if value is not None and np.asarray(value).size in (1, 3) and other not in chain:
+                v = np.abs(np.asarray(value, np.float64).ravel())
+                big |= bool((node.op_type in ("Sub", "Add") and v.max() > 1.5)
+                            or (node.op_type == "Div" and v.max() > 1.5)
+                            or (node.op_type == "Mul" and v.min() < 0.1 and v.max() > 0))
+                shown = np.round(np.asarray(value, np.float64).ravel(), 4).tolist()
+                steps.append(f"{node.op_type} {shown[0] if len(shown) == 1 else shown} ({layer_name(node)})")
+                chain.add(node.output[0])
+                continue
+        break  # anything else (Resize, Slice, ...) ends the search
+    if not steps:
+        return None
+    image = next(vi for vi in g.input if vi.name == image_input)
+    uint8 = elem_type(image) == onnx.TensorProto.UINT8
+    return InputNormalisation(tuple(steps), 255.0 if big or uint8 else 1.0)

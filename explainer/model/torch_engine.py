@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -95,21 +96,22 @@ class TorchEngine:
     def __init__(self, net, device: str = "auto"):
         import onnx2torch
 
-        self.net = net
+        # the classifier keeps its engines: a weak reference back, so that no cycle keeps both alive
+        self._net = weakref.ref(net)
         self.device = resolve_torch_device(device)
-        source = onnx.ModelProto()
-        source.CopyFrom(net.source_model)
+        source = net.source_model
         logits = net.output.softmax_input or net.output.name
-        outputs = [o.name for o in source.graph.output]
-        if logits not in outputs:
-            source.graph.output.append(onnx.helper.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, None))
-            outputs.append(logits)
         check_differentiable(source, net.input.name, logits)  # on the original names, for the message
         self.half = is_half(source)
         ctx = PassContext(net.input.name)
         one_at_a_time = net.max_batch == 1
         model, self.log = normalise(source, "torch", net.input.name, ctx,
                                     skip=BATCH_PASSES if one_at_a_time else ())
+        safe_logits = ctx.renamed["tensors"][logits]
+        outputs = [o.name for o in model.graph.output]
+        if safe_logits not in outputs:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(safe_logits, onnx.TensorProto.FLOAT, None))
+            outputs.append(safe_logits)
         self.tensor_names: dict[str, str] = ctx.renamed["tensors"]
         self.node_names: dict[str, str] = ctx.renamed["nodes"]
         self.original_nodes = {safe: original for original, safe in self.node_names.items()}
@@ -117,7 +119,7 @@ class TorchEngine:
         from ..convert import converters  # noqa: F401  (our converters join onnx2torch's registry)
 
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _shapes_inferred_without_weights(model):
                 warnings.simplefilter("ignore")
                 graph_module = onnx2torch.convert(model)
         except Exception as exc:
@@ -133,10 +135,14 @@ class TorchEngine:
         for node in model.graph.node:
             for k, out in enumerate(node.output):
                 self.producers[out] = (node.name, k)
-        self.pixel_model = PixelModel(graph_module, net.input, net.preprocessing, outputs.index(logits),
+        self.pixel_model = PixelModel(graph_module, net.input, net.preprocessing, outputs.index(safe_logits),
                                       one_at_a_time).eval()
         self.pixel_model.to(self.device)
         self.max_relative_error = self._check_against_onnxruntime(logits)
+
+    @property
+    def net(self):
+        return self._net()
 
     def _failing_node(self, exc: BaseException) -> str:
         """' at node NAME (OP)' for the ONNX node whose conversion raised ``exc``, read from the
@@ -245,6 +251,27 @@ class TorchEngine:
         finally:
             for h in handles:
                 h.remove()
+
+
+@contextmanager
+def _shapes_inferred_without_weights(model: onnx.ModelProto):
+    """onnx2torch infers shapes on the whole model, serialising every weight there and back (VGG19:
+    1.7 GB more at the peak). The same inference on a copy without weight data gives the same shapes:
+    they are written into ``model`` and onnx2torch's inference is skipped while it converts."""
+    import onnx2torch.converter as converter
+
+    from .graph import infer_shapes
+
+    declared = {vi.name for vi in list(model.graph.input) + list(model.graph.output)}
+    weights = {t.name for t in model.graph.initializer}
+    model.graph.value_info.extend(vi for name, vi in infer_shapes(model).items()
+                                  if name not in declared and name not in weights)
+    original = converter.safe_shape_inference
+    converter.safe_shape_inference = lambda m, **kwargs: m
+    try:
+        yield
+    finally:
+        converter.safe_shape_inference = original
 
 
 class Captured:

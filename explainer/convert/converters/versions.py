@@ -8,7 +8,7 @@ is an alias of the newest older version onnx2torch has.
 from __future__ import annotations
 
 from onnx import defs
-from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY
+from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription
 
 from . import CONVERTERS, base_converter, delegate, register
 
@@ -17,8 +17,11 @@ from . import CONVERTERS, base_converter, delegate, register
 def _newer_versions(op: str, base: int) -> list[int]:
     return sorted({s.since_version for s in defs.get_all_schemas_with_history()
                    if s.name == op and s.domain in ("", "ai.onnx") and s.since_version > base
-                   and not any(d.domain == "" and d.operation_type == op and d.version == s.since_version
-                               for d in _CONVERTER_REGISTRY)})
+                   and not _have(op, s.since_version)})
+
+
+def _have(op: str, version: int) -> bool:
+    return OperationDescription("", op, version) in _CONVERTER_REGISTRY
 
 
 def _is(value):
@@ -57,11 +60,8 @@ def _alias_type_only_bumps() -> None:
     for op, schemas in versions.items():
         schemas.sort(key=lambda s: s.since_version)
         for older, newer in zip(schemas, schemas[1:]):
-            have_newer = any(d.domain == "" and d.operation_type == op and d.version == newer.since_version
-                             for d in _CONVERTER_REGISTRY)
-            have_older = any(d.domain == "" and d.operation_type == op and d.version == older.since_version
-                             for d in _CONVERTER_REGISTRY)
-            if have_newer or not have_older or _signature(older) != _signature(newer):
+            if (_have(op, newer.since_version) or not _have(op, older.since_version)
+                    or _signature(older) != _signature(newer)):
                 continue
             base = base_converter(op, older.since_version)
             register(op, newer.since_version, origin=f"{op}-{older.since_version} (types added)")(
