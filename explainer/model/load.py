@@ -64,8 +64,11 @@ def _from_registry(name: str) -> LoadedModel:
     from ..zoo import registry
 
     entry = registry.REGISTRY[name]
-    if entry.make is not None:
-        loaded = load_model(entry.make())
+    if entry.make is not None:  # made here and held by nobody else: used as it is, not copied
+        proto = entry.make()
+        data = proto.SerializeToString()
+        loaded = _finish(_in_memory(proto, "ModelProto"), name, data, None)
+        del data
     else:
         loaded = _from_path(Path(entry.fetch()), allow_external_data=False)
     loaded.name = name

@@ -10,8 +10,7 @@ from __future__ import annotations
 from onnx import defs
 from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription
 
-from . import CONVERTERS, base_converter, delegate, register
-
+from . import base_converter, delegate, register
 
 
 def _newer_versions(op: str, base: int) -> list[int]:
@@ -69,4 +68,3 @@ def _alias_type_only_bumps() -> None:
 
 
 _alias_type_only_bumps()
-__all__ = ["CONVERTERS"]
