@@ -46,8 +46,9 @@ FAMILIES = {
                                                               num_heads=(1, 2, 4, 8))),
     "mobilevit_xxs": ("timm", "mobilevit_xxs", {}),
     "levit_128s": ("timm", "levit_128s", {}),
+    "cait_xxs24": ("timm", "cait_xxs24_224", {}),  # class-attention blocks at the end
+    "edgenext_xx_small": ("timm", "edgenext_xx_small", {}),  # F.normalize: Clip(x, eps, "")
 }
-TRANSFORMERS = {"vit_tiny", "deit_tiny_distilled", "swin_timm", "swin_tv", "mobilevit_xxs", "levit_128s"}
 
 
 def cache_root() -> Path:

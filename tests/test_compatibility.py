@@ -90,6 +90,13 @@ def test_default_gradcam_layers_by_architecture():
         assert "spatial extent" in choice.reason
 
 
+def test_class_attention_default_layer():
+    """CaiT reads its class token through class-attention blocks (attention 1 x T): the default is the
+    norm before the last of them, where patch tokens still reach the score."""
+    net = explainer.load(exports.export("cait_xxs24", "legacy"))
+    assert explainer.gradcam_layers(net).feature == "/blocks_token_only.1/norm1/LayerNormalization"
+
+
 def test_attention_probabilities_are_refused(chelsea):
     net = explainer.load(exports.export("vit_tiny", "legacy"))
     attention = [l for l in net.layers() if l.op_type == "Softmax"][-1]

@@ -118,3 +118,23 @@ def test_mismatch_refuses_gradient_methods(default_net, monkeypatch):
     monkeypatch.setattr(te, "MAX_RELATIVE_ERROR", 0.0)  # any rounding difference is now a mismatch
     with pytest.raises(ConversionError, match="differs from onnxruntime"):
         explainer.gradcam(default_net, np.zeros((224, 224, 3), np.uint8), 0)
+
+
+def test_clip_with_empty_trailing_bound_converts(chelsea):
+    """F.normalize exports Clip(x, eps, "") (timm's XCiT and EdgeNeXt); onnx2torch looked the empty name
+    up as a constant and refused the model."""
+    from onnx import numpy_helper
+
+    model, reference = linear_classifier(k=3, size=(8, 8))
+    g = model.graph
+    g.initializer.append(numpy_helper.from_array(np.array(0.5, np.float32), "eps"))
+    relu = next(n for n in g.node if n.op_type == "Relu")
+    clipped = helper.make_node("Clip", [relu.output[0], "eps", ""], ["clipped"], name="clamp_min")
+    for node in g.node:
+        if node.op_type == "GlobalAveragePool":
+            node.input[0] = "clipped"
+    g.node.insert(list(g.node).index(relu) + 1, clipped)
+    net = explainer.load(model, preprocessing="none")
+    assert "trailing-empty-inputs: 1 change(s)" in torch_engine(net).log
+    image = np.random.default_rng(0).integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    assert explainer.gradient_attribution(net, image, 0, verbose=False).shape == (8, 8)

@@ -236,3 +236,15 @@ def reshape_allowzero(model: onnx.ModelProto, ctx) -> int:
                 a.i = 0
         changed += 1
     return changed
+
+
+@register("trailing-empty-inputs", targets=("torch",), order=56)
+def trailing_empty_inputs(model: onnx.ModelProto, ctx) -> int:
+    """Optional inputs left empty at the end (``Clip(x, min, "")`` from F.normalize's clamp) are dropped:
+    the same node in ONNX, and onnx2torch looks the empty name up as a constant and fails."""
+    changed = 0
+    for node in model.graph.node:
+        while len(node.input) > 1 and not node.input[-1]:
+            del node.input[-1]
+            changed += 1
+    return changed

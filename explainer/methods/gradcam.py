@@ -58,8 +58,9 @@ def default_feature_layer(net) -> tuple[str, str]:
     if layout.kind != "tokens" or layout.prefix == 0:
         return last.name, (f"the last layer the score depends on with spatial extent: {last.op_type}, "
                            f"{layout.describe()}")
+    # attention over all tokens: self-attention (T x T) or class attention (1 x T: CaiT, XCiT)
     attention = [i for i, l in enumerate(layers) if l.op_type == "Softmax" and l.shape and len(l.shape) >= 2
-                 and l.shape[-1] == l.shape[-2] == layout.prefix + layout.grid[0] * layout.grid[1]]
+                 and l.shape[-1] == layout.prefix + layout.grid[0] * layout.grid[1]]
     before = [(i, l, lay) for i, l, lay in candidates if attention and i < attention[-1]]
     norms = [c for c in before if c[1].op_type == "LayerNormalization"] or before
     if not norms:
