@@ -11,7 +11,9 @@ Exports: ``legacy`` (``torch.onnx.export(dynamo=False)``, opset 17, batch 1), ``
 ``NAME.onnx.data``), ``dynamo-dynamic``. Variants: ``production`` (NHWC uint8 input, normalisation and
 softmax inside the graph), ``fp16`` (the whole model in half precision), ``mixed`` (float32 input and
 output, float16 inside), ``slim`` (onnxslim's copy), ``ingraph-LAYOUT-DTYPE`` (pixels 0..255 in that
-layout and type, normalisation inside the graph).
+layout and type, normalisation inside the graph), ``int8-qdq`` (onnxruntime.quantization's static
+QDQ format, per-channel int8 weights, uint8 activations calibrated on 8 photographs) and
+``int8-dynamic`` (its dynamic quantization: ConvInteger/MatMulInteger with DynamicQuantizeLinear).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from pathlib import Path
 
 EXPORTS = ("legacy", "legacy-dynamic", "dynamo", "dynamo-dynamic")
 VARIANTS = ("plain", "production", "fp16", "mixed", "slim", "ingraph-nchw-float", "ingraph-nhwc-float",
-            "ingraph-nchw-uint8")
+            "ingraph-nchw-uint8", "int8-qdq", "int8-dynamic")
 BUILD_VERSION = 3
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -161,6 +163,9 @@ def _mkdir(path: Path) -> Path:
 def _export_to(path: Path, family: str, exporter: str, variant: str) -> None:
     import torch
 
+    if variant.startswith("int8"):
+        return _quantize(export(family, exporter), path, variant)
+
     model = build(family)
     size = input_size(model)
     x = torch.randn(1, 3, *size)
@@ -191,3 +196,57 @@ def _export_to(path: Path, family: str, exporter: str, variant: str) -> None:
         import onnxslim
 
         onnxslim.slim(str(path), str(path))
+
+
+def _quantize(source: Path, path: Path, variant: str) -> None:
+    """onnxruntime.quantization's static QDQ or dynamic int8 copy of the plain export ``source``."""
+    import logging
+
+    import numpy as np
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    model = onnx.load(str(source), load_external_data=False)
+    image = model.graph.input[0]
+    shape = [d.dim_value or 1 for d in image.type.tensor_type.shape.dim]
+
+    class Calibration(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{image.name: x} for x in calibration_inputs(shape)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR  # the quantizer logs a warning per LayerNorm weight
+    try:
+        prepared = path.with_name("prepared.onnx")
+        quant_pre_process(str(source), str(prepared))
+        if variant == "int8-qdq":
+            quantize_static(str(prepared), str(path), Calibration(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        else:
+            quantize_dynamic(str(prepared), str(path), weight_type=QuantType.QInt8,
+                             op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+        prepared.unlink()
+    finally:
+        root.level = level
+
+
+def calibration_inputs(shape) -> list:
+    """8 photographs (scikit-image's astronaut, chelsea, coffee and rocket, and their mirror images)
+    resized to the NCHW ``shape`` and ImageNet-normalised: the calibration set of the int8 variants.
+    Tests of the int8 variants explain other images."""
+    import cv2
+    import numpy as np
+    from skimage import data
+
+    out = []
+    for picture in (data.astronaut(), data.chelsea(), data.coffee(), data.rocket()):
+        pixels = cv2.resize(picture, (shape[3], shape[2]), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
+        for view in (pixels, pixels[:, ::-1]):
+            x = (view - np.float32(MEAN)) / np.float32(STD)
+            out.append(np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32))
+    return out

@@ -315,12 +315,13 @@ def _free_batch(model: onnx.ModelProto, ctx) -> int:
             j = axis_of[node.output[0]][0]
             axis = attribute(node, "axis", 0)
             for k, name in enumerate(node.input):
-                value = constant_value(g, name) if name not in axis_of else None
-                if value is None or value.ndim <= j or value.shape[j] != 1 or axis % value.ndim == j:
+                # a constant, or a tensor computed from constants alone (a class token behind DequantizeLinear)
+                shape = shape_of(name) if name not in axis_of else None
+                if not shape or len(shape) <= j or shape[j] != 1 or axis % len(shape) == j:
                     continue
                 expanded = b.name(f"{name}__batch")
                 before.append(helper.make_node(
-                    "Expand", [name, b.scaled_shape(np.ones(value.ndim, np.int64), j, before)], [expanded]))
+                    "Expand", [name, b.scaled_shape(np.ones(len(shape), np.int64), j, before)], [expanded]))
                 node.input[k] = expanded
                 changed += 1
         new_nodes += before + [node]

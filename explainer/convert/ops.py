@@ -185,7 +185,7 @@ def float_image_input(model: onnx.ModelProto, ctx) -> int:
 
 NOT_DIFFERENTIABLE = {"ArgMax", "ArgMin", "Floor", "Ceil", "Round", "Sign", "Equal", "Greater", "Less",
                       "GreaterOrEqual", "LessOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf",
-                      "NonZero", "TopK", "QuantizeLinear", "DynamicQuantizeLinear"}
+                      "NonZero", "TopK"}
 _NO_VALUE_FLOW = {"Shape", "Size", "ConstantOfShape", "EyeLike"}
 _INTEGER_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32,
                   onnx.TensorProto.INT64, onnx.TensorProto.UINT8, onnx.TensorProto.UINT16,

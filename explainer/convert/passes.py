@@ -54,7 +54,7 @@ def normalise(model: onnx.ModelProto, target: str, image_input: str,
               ctx: PassContext | None = None, skip: tuple[str, ...] = ()) -> tuple[onnx.ModelProto, list[str]]:
     """A normalised copy of ``model`` and a log line per pass that changed something; passes named in
     ``skip`` are not run."""
-    from . import batch, constants, names, ops, precision  # noqa: F401  (registers the passes)
+    from . import batch, constants, names, ops, precision, quantized  # noqa: F401  (registers the passes)
 
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}; got {target!r}")

@@ -62,7 +62,7 @@ def deep_dream_image(net, layer, channels, *, num_iterations=10, pyramid_levels=
         raise InvalidParameterTypeError(f"{where}: random_state must be None or an integer; got {random_state!r}.")
     engine = torch_engine(net)
     target = net.layer(layer)
-    scores_layer = net.layer(net.output.softmax_input or net.output.name)
+    scores_layer = net.layer(net.gradient_scores)
     is_scores = target.output in (scores_layer.output, net.output.name)
     chans = _channels(net, layer, channels, is_scores)
     layout = None if is_scores else net.feature_map_layout(target, where)

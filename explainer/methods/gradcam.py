@@ -38,16 +38,22 @@ def _ancestors(graph, tensor: str) -> set[str]:
     return needed
 
 
+_INTEGER_VALUED = ("QuantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger")
+
+
 def default_feature_layer(net) -> tuple[str, str]:
     """(layer name, why): the last feature map the class score depends on, whatever the activation:
     on CNNs the last (C, H, W) map before the global pooling; on transformers pooling the mean of their
     tokens (Swin, LeViT) the last token grid; on transformers reading class tokens (ViT, DeiT), whose
     patch tokens reach the score only through attention, the output of the last norm before the last
     attention (pytorch-grad-cam's ``blocks[-1].norm1``)."""
-    scores = net.output.softmax_input or net.output.name
+    scores = net.gradient_scores
     ancestors = _ancestors(net.model.graph, scores)
     layers = net.layers()
-    candidates = [(i, l, net.layout(l)) for i, l in enumerate(layers) if l.output in ancestors]
+    # quantized graphs: the integers QuantizeLinear makes are not activations; their dequantized
+    # values (DequantizeLinear's output) are, with gradients through the straight-through estimator
+    candidates = [(i, l, net.layout(l)) for i, l in enumerate(layers)
+                  if l.output in ancestors and l.op_type not in _INTEGER_VALUED]
     candidates = [(i, l, lay) for i, l, lay in candidates if lay is not None]
     if not candidates:
         raise InvalidParameterError(
@@ -56,8 +62,10 @@ def default_feature_layer(net) -> tuple[str, str]:
             "the layers).")
     index, last, layout = candidates[-1]
     if layout.kind != "tokens" or layout.prefix == 0:
-        return last.name, (f"the last layer the score depends on with spatial extent: {last.op_type}, "
-                           f"{layout.describe()}")
+        what = last.op_type
+        if last.op_type == "DequantizeLinear":
+            what = "DequantizeLinear (the layer's int8 activations as real values)"
+        return last.name, f"the last layer the score depends on with spatial extent: {what}, {layout.describe()}"
     # attention over all tokens: self-attention (T x T) or class attention (1 x T: CaiT, XCiT)
     attention = [i for i, l in enumerate(layers) if l.op_type == "Softmax" and l.shape and len(l.shape) >= 2
                  and l.shape[-1] == layout.prefix + layout.grid[0] * layout.grid[1]]
@@ -84,7 +92,7 @@ def gradcam_layers(net, feature_layer=None, reduction_layer=None) -> LayerChoice
             raise InvalidParameterError(not_a_feature_map("gradcam: feature_layer needs spatial dimensions", layer))
         reason = "given" if layout is None else f"given: {layout.describe()}"
     if reduction_layer is None:
-        reduction_layer = net.output.softmax_input or net.output.name
+        reduction_layer = net.gradient_scores
         reduction_layer = net.layer(reduction_layer).name
     else:
         net.layer(reduction_layer)
@@ -109,7 +117,7 @@ class BaseCAM:
 
         # the image needs a gradient so that the graph is recorded (the weights are frozen)
         x = self.engine.tensor(pixels).permute(2, 0, 1)[None].repeat(len(indices), 1, 1, 1).requires_grad_(True)
-        logits_name = self.net.layer(self.net.output.softmax_input or self.net.output.name).name
+        logits_name = self.net.layer(self.net.gradient_scores).name
         layers = [self.feature_layer] + ([self.reduction_layer] if self.reduction_layer != logits_name else [])
         with torch.enable_grad(), self.engine.capture(layers) as captured:
             out = self.engine.pixel_model(x)

@@ -25,15 +25,16 @@ DEFAULT_BATCH = 16
 @contextmanager
 def guided_relus(module):
     """Guided backpropagation: every ReLU of ``module`` passes back only positive gradients (ReLU's own
-    backward already zeroes them at negative inputs). Hooks are removed on exit, error or not."""
+    backward already zeroes them at negative inputs); so does every QuantizeLinear into which a
+    quantizer folded a ReLU. Hooks are removed on exit, error or not."""
     import torch
 
     handles = []
     try:
         for m in module.modules():
-            if isinstance(m, torch.nn.ReLU):
+            if isinstance(m, torch.nn.ReLU) or getattr(m, "rectifies", False):
                 handles.append(m.register_full_backward_hook(
-                    lambda mod, grad_in, grad_out: (torch.clamp(grad_in[0], min=0.0),)))
+                    lambda mod, grad_in, grad_out: (torch.clamp(grad_in[0], min=0.0), *grad_in[1:])))
         yield
     finally:
         for h in handles:

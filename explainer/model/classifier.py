@@ -2,6 +2,8 @@
 onnxruntime engine; the object every explanation method takes as ``net``."""
 from __future__ import annotations
 
+import functools
+
 import logging
 import warnings
 from dataclasses import dataclass
@@ -165,8 +167,11 @@ class Classifier:
             scale = max(float(np.abs(raw[finite]).max(initial=0.0)), 1e-12)
             error = float(np.abs(together.astype(np.float64)[finite] - raw[finite]).max(initial=0.0)) / scale
             if not error <= (1e-2 if raw.dtype == np.float16 else 1e-3):
+                dynamic = any(n.op_type == "DynamicQuantizeLinear" for n in self.model.graph.node)
                 raise _NotBatchable(f"a batch of 2 gives other scores than the same images one at a "
-                                    f"time (relative difference {error:.1e})")
+                                    f"time (relative difference {error:.1e})" + (
+                                        "; its DynamicQuantizeLinear nodes quantize with one scale for "
+                                        "the whole batch" if dynamic else ""))
         if raw.ndim < 2 or raw.shape[0] != 2:
             raise UnsupportedModelError(
                 f"output {output.name!r} has shape {raw.shape} for two images; expected (N, K).")
@@ -254,6 +259,15 @@ class Classifier:
         probs = self.predict_model_input(self.to_model_input(pixels),
                                          self.resolve_batch_size(batch_size, "predict"))
         return probs if is_batch else probs[0]
+
+    @functools.cached_property
+    def gradient_scores(self) -> str:
+        """The tensor gradient methods differentiate: the pre-softmax scores, taken before the
+        rounding of a quantized graph's last QuantizeLinear/DequantizeLinear pair (a rounded score
+        saturates: its gradient would be 0 for every class scored above the calibrated range)."""
+        from ..convert.quantized import before_quantisation
+
+        return before_quantisation(self.source_model.graph, self.output.softmax_input or self.output.name)
 
     def logits(self, images) -> np.ndarray:
         """Pre-softmax scores: the graph's output when it has no Softmax, else the Softmax's input."""

@@ -101,6 +101,25 @@ class OrtEngine:
             self._sessions.popitem(last=False)
         return sess
 
+    def run_unoptimised(self, batch: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
+        """One forward pass with every graph optimisation off: each node computed as the ONNX spec
+        defines it, no fusions (e.g. no QLinearConv for a DequantizeLinear-Conv-QuantizeLinear group).
+        Not cached: for one-off comparisons."""
+        import onnxruntime as ort
+
+        options = self._session_options()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        with self._lock:
+            extra = [o for o in dict.fromkeys(outputs) if o not in self.default_outputs]
+            graph_outputs = self.model.graph.output
+            graph_outputs.extend(onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in extra)
+            try:
+                data = self.model.SerializeToString()
+            finally:
+                del graph_outputs[len(self.default_outputs):]
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        return session.run(list(outputs), {self.input_name: batch})
+
     @property
     def active_providers(self) -> list[str]:
         return self.session().get_providers()

@@ -60,4 +60,4 @@ def delegate(op: str, version: int, base: int, accept: dict[str, Callable] | Non
     register(op, version, origin=f"{op}-{base} (new attributes at their defaults)")(convert)
 
 
-from . import activations, normalization, reduce, versions  # noqa: E402,F401  (registration order: explicit first)
+from . import activations, normalization, quantization, reduce, versions  # noqa: E402,F401  (registration order: explicit first)
