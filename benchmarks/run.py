@@ -167,7 +167,7 @@ def bench_blackbox(rows, net, name, image, quick, repeats, peers=False, sizes=(1
                          f"(native torch, best perturbations_per_eval={ppe}; each side in its own process) / "
                          "ours", ours_s=ours, other_s=other, ratio=1 / ratio, batch=b))
     # LIME: the overhead over the forward passes (all samples drawn), then against the lime package at
-    # equal num_samples with our defaults (sampling stops once the weights are settled)
+    # equal num_samples with our defaults (sampling stops once the top-5 superpixels are settled)
     samples = 200 if quick else 1000
     b = best_batch(net, samples, sizes)
     ours, limit, ratio = paired(lambda: explainer.image_lime(net, image, 285, num_samples=samples, random_state=0,

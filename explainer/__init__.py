@@ -10,9 +10,18 @@ from . import errors, evaluate, limits
 from .errors import ExplainerError
 from .methods.deepdream import deep_dream_image
 from .methods.gradcam import gradcam, gradcam_layers
+from .methods.gradcam_plus_plus import gradcam_plus_plus
 from .methods.gradients import gradient_attribution
+from .methods.guided_backprop import guided_backprop
+from .methods.integrated_gradients import integrated_gradients
+from .methods.kernel_shap import kernel_shap, kernel_shap_explanation
 from .methods.lime import image_lime, lime_explanation
 from .methods.occlusion import occlusion_sensitivity
+from .methods.registry import get_method, list_methods
+from .methods.rise import rise
+from .methods.saliency import saliency
+from .methods.score_cam import score_cam
+from .methods.smoothgrad import smoothgrad
 from .model import Classifier, Layer, Prediction, Preprocessing
 from .samples import sample_image
 from .viz import imtile, mat2gray, overlay, plot_maps
@@ -39,5 +48,10 @@ def load(source=None, *, preprocessing=None, labels=None, input_layout=None, dev
                       device=device, batch_size=batch_size, torch_device=torch_device)
 
 
-__all__ = ["load", "occlusion_sensitivity", "image_lime", "lime_explanation", "gradcam", "gradcam_layers", "deep_dream_image", "gradient_attribution", "sample_image", "plot_maps", "imtile", "mat2gray", "overlay", "evaluate", "Classifier", "Layer", "Prediction", "Preprocessing", "ExplainerError", "errors",
-           "limits"]
+__all__ = ["load", "list_methods", "get_method",
+           "occlusion_sensitivity", "image_lime", "lime_explanation", "rise", "kernel_shap",
+           "kernel_shap_explanation", "score_cam",
+           "gradcam", "gradcam_plus_plus", "gradcam_layers", "gradient_attribution", "saliency", "guided_backprop",
+           "integrated_gradients", "smoothgrad", "deep_dream_image",
+           "sample_image", "plot_maps", "imtile", "mat2gray", "overlay", "evaluate",
+           "Classifier", "Layer", "Prediction", "Preprocessing", "ExplainerError", "errors", "limits"]

@@ -17,25 +17,29 @@ FIELDS = ["image", "method", "label", "deletion_baseline", "deletion_auc", "inse
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm"}
 
 
-def _map(net, method, image, label):
-    import explainer
+#: a baseline beside the registered methods: a random map (what chance scores)
+RANDOM = "random"
 
-    if method == "gradcam":
-        return explainer.gradcam(net, image, label)
-    if method == "occlusion":
-        return explainer.occlusion_sensitivity(net, image, label, verbose=False)
-    if method == "lime":
-        return explainer.image_lime(net, image, label, random_state=0, verbose=False)
-    if method in ("gradient", "guided-backprop", "integrated-gradients", "smoothgrad"):
-        return explainer.gradient_attribution(net, image, label, method="autodiff" if method == "gradient" else method,
-                                              random_state=0, verbose=False)
-    if method == "random":
+
+def _map(net, method, image, label):
+    if method == RANDOM:
         from .io import to_pixels
 
         return np.random.default_rng(0).random(to_pixels(image).shape[:2]).astype(np.float32)
-    raise InvalidParameterError(
-        f"evaluate: unknown method {method!r}; allowed: gradcam, occlusion, lime, gradient, guided-backprop, "
-        "integrated-gradients, smoothgrad, random.")
+    from .report import run_method
+
+    return run_method(net, method, image, label, verbose=False)[0]
+
+
+def _canonical(method: str, strict: bool = True) -> str:
+    from .methods.registry import get_method
+
+    try:
+        return method if method == RANDOM else get_method(method, "evaluate").name
+    except InvalidParameterError:
+        if strict:
+            raise
+        return method
 
 
 def evaluate_folder(net, folder, *, methods=("gradcam", "occlusion", "lime"), csv_path=None, steps=50,
@@ -50,10 +54,7 @@ def evaluate_folder(net, folder, *, methods=("gradcam", "occlusion", "lime"), cs
     if not folder.is_dir():
         raise InvalidParameterError(f"evaluate: {str(folder)!r} is not a folder.")
     check_choice("evaluate", "deletion_baseline", deletion_baseline, DELETION_BASELINES)
-    for m in methods:  # validate every name before any work
-        if m not in ("gradcam", "occlusion", "lime", "gradient", "guided-backprop", "integrated-gradients",
-                     "smoothgrad", "random"):
-            _map(net, m, None, 0)
+    methods = [_canonical(m) for m in methods]  # every name validated before any work
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES and p.is_file())
     if not images:
         raise InvalidParameterError(f"evaluate: no images ({', '.join(ALLOWED_FORMATS)}) in {str(folder)!r}.")
@@ -66,7 +67,8 @@ def evaluate_folder(net, folder, *, methods=("gradcam", "occlusion", "lime"), cs
                 raise InvalidParameterError(
                     f"evaluate: {str(csv_path)!r} has columns {reader.fieldnames}, not {FIELDS}; pass another "
                     "--csv path (or move the old file) to start a new evaluation.")
-            done = {(r["image"], r["method"], r["deletion_baseline"]) for r in reader}
+            # names written before the registry ("guided-backprop") count under today's names
+            done = {(r["image"], _canonical(r["method"], strict=False), r["deletion_baseline"]) for r in reader}
     new_file = not csv_path.is_file()
     with open(csv_path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)

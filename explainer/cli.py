@@ -41,15 +41,56 @@ def cmd_layers(args) -> int:
     return 0
 
 
+def _method_names(text: str) -> list[str]:
+    """Method names from a comma-separated list, each checked against the registry before any work."""
+    from .methods.registry import get_method
+
+    return [get_method(m.strip(), "--methods").name for m in text.split(",") if m.strip()]
+
+
+def _method_options(settings) -> dict:
+    """{method: {option: value}} from ``--set METHOD.OPTION=VALUE`` texts (values parsed by the
+    option's declaration, validated later with everything else)."""
+    from .errors import InvalidParameterError
+    from .methods.registry import get_method
+
+    out: dict = {}
+    for text in settings or ():
+        key, sep, value = text.partition("=")
+        name, dot, option = key.partition(".")
+        if not sep or not dot or not option:
+            raise InvalidParameterError(f"--set must look like METHOD.OPTION=VALUE (e.g. occlusion.stride=10); "
+                                        f"got {text!r}.")
+        method = get_method(name.strip(), "--set")
+        out.setdefault(method.name, {}).update(method.parse_options({option.strip(): value}))
+    return out
+
+
 def cmd_explain(args) -> int:
     from .report import explain
     from .samples import resolve
 
+    methods = _method_names(args.methods)
+    options = _method_options(args.set)
     net = _load(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     page = explain(net, resolve(args.image), methods=methods, labels=args.labels, out_dir=args.out,
-                   evaluate=not args.no_evaluate, deletion_baseline=args.deletion_baseline, verbose=not args.quiet)
+                   evaluate=not args.no_evaluate, deletion_baseline=args.deletion_baseline, options=options,
+                   verbose=not args.quiet)
     print(page)
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .methods.registry import list_methods
+
+    for m in list_methods():
+        print(f"{m.name}  ({m.kind}{', also ' + ', '.join(m.aliases) if m.aliases else ''})")
+        print(f"    answers: {m.answers}")
+        print(f"    cost:    {m.cost}")
+        print(f"    tested equal to: {m.reference}")
+        for o in m.options.values():
+            if o.name != "verbose":
+                print(f"    {o.name}={o.default!r}: {o.describe()}" + (f". {o.help}" if o.help else ""))
     return 0
 
 
@@ -63,8 +104,8 @@ def cmd_walkthrough(args) -> int:
 def cmd_evaluate(args) -> int:
     from .batch_evaluate import evaluate_folder
 
-    net = _load(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    net = _load(args)
     summary = evaluate_folder(net, args.folder, methods=methods, csv_path=args.csv, steps=args.steps,
                               deletion_baseline=args.deletion_baseline, verbose=not args.quiet)
     print(summary)
@@ -78,7 +119,18 @@ def _deletion_baseline_arg(p) -> None:
                         "evidence)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _methods_help(describe: bool) -> str:
+    """The --methods help: the registry's names (read only when help is asked for: importing every
+    method costs seconds)."""
+    text = "comma-separated method names (explainer methods lists them with their options)"
+    if describe:
+        from .methods.registry import list_methods
+
+        text += ": " + ", ".join(f"{m.name} ({m.kind})" for m in list_methods())
+    return text
+
+
+def build_parser(describe_methods: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="explainer", description="Explain ONNX image classifiers.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("classify", help="print the top-k classes of images")
@@ -91,9 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_layers)
     p = sub.add_parser("explain", help="maps of several methods and labels, as PNGs and an HTML report")
     p.add_argument("image", help="image file, or sample:NAME")
-    p.add_argument("--methods", default="gradcam,occlusion,lime,gradient,guided-backprop",
-                   help="comma-separated: gradcam, occlusion, lime, gradient, guided-backprop, "
-                        "integrated-gradients, smoothgrad")
+    p.add_argument("--methods", default="gradcam,occlusion,lime,gradient,guided_backprop",
+                   help=_methods_help(describe_methods))
+    p.add_argument("--set", action="append", metavar="METHOD.OPTION=VALUE",
+                   help="an option of one method, e.g. occlusion.stride=10 or lime.num_samples=4096 (repeatable)")
     p.add_argument("--labels", default="top3", help="topK, or comma-separated class names or indices")
     p.add_argument("--out", default="explanations", help="output folder")
     p.add_argument("--no-evaluate", action="store_true", help="skip deletion/insertion curves")
@@ -101,13 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _model_arg(p)
     p.set_defaults(func=cmd_explain)
+    p = sub.add_parser("methods", help="list the explanation methods with their options and defaults")
+    p.set_defaults(func=cmd_methods)
     p = sub.add_parser("walkthrough", help="every step of MATLAB's example on the embedded model")
     p.add_argument("--out", default="walkthrough", help="output folder")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_walkthrough)
     p = sub.add_parser("evaluate", help="deletion/insertion AUC per image of a folder (CSV, resumable)")
     p.add_argument("folder")
-    p.add_argument("--methods", default="gradcam,occlusion,lime")
+    p.add_argument("--methods", default="gradcam,occlusion,lime",
+                   help=_methods_help(describe_methods) + "; also random (a chance baseline)")
     p.add_argument("--csv", default=None, help="CSV path (default: FOLDER/explainer_evaluation.csv)")
     p.add_argument("--steps", type=int, default=50)
     _deletion_baseline_arg(p)
@@ -118,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(describe_methods=any(a in ("-h", "--help") for a in argv[1:]))
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -142,26 +142,28 @@ def random_map_auc(net, image, label, *, seeds=10, steps=100, cells=None, deleti
     return {"deletion_auc": float(np.mean(dels)), "insertion_auc": float(np.mean(ins))}
 
 
-def model_randomisation(net, image, label, *, method="autodiff", top_layers=3, random_state=0, **kwargs) -> dict:
+def model_randomisation(net, image, label, *, method="gradient", top_layers=3, random_state=0, **kwargs) -> dict:
     """Adebayo et al.'s cascading randomisation: re-initialise the last 1..``top_layers`` weighted
-    layers (Conv/Gemm/MatMul, from the output backwards) and recompute the map. Returns, per number
+    layers (Conv/Gemm/MatMul, from the output backwards) and recompute the map of ``method`` (a name
+    of the method registry; ``kwargs`` are its options). Returns, per number
     of randomised layers, the Spearman rank correlation with the original map: a faithful method's
     maps change (low correlation)."""
     import onnx
     from onnx import numpy_helper
     from scipy.stats import spearmanr
 
-    from .methods.gradcam import gradcam
-    from .methods.gradients import gradient_attribution
+    from .methods.registry import get_method
     from .model.classifier import Classifier
     from .model.load import LoadedModel
 
     top_layers = check_int("model_randomisation", "top_layers", top_layers, minimum=1, maximum=1000)
+    chosen = get_method(method, "model_randomisation")
+    if "verbose" in chosen.options:
+        kwargs.setdefault("verbose", False)
+    chosen.validate(net, kwargs, "model_randomisation")
 
     def explain(n):
-        if method == "gradcam":
-            return gradcam(n, image, label, **kwargs)
-        return gradient_attribution(n, image, label, method=method, verbose=False, **kwargs)
+        return chosen(n, image, label, **kwargs)
 
     original = explain(net)
     weighted = [node for node in net.source_model.graph.node if node.op_type in ("Conv", "Gemm", "MatMul")]

@@ -139,7 +139,11 @@ def from_array(arr: np.ndarray, source: str = "image array") -> np.ndarray:
 
 
 def to_pixels(image, source: str = "image") -> np.ndarray:
-    """One image (path, PIL image or array) → canonical float32 H x W x C in 0..255."""
+    """One image (path, ``"sample:NAME"``, PIL image or array) → canonical float32 H x W x C in 0..255."""
+    if isinstance(image, str) and image.startswith("sample:"):
+        from .samples import resolve
+
+        return from_array(resolve(image), source)
     if isinstance(image, (str, os.PathLike)):
         return read_image(image)
     if isinstance(image, np.ndarray):
@@ -151,7 +155,7 @@ def to_pixels(image, source: str = "image") -> np.ndarray:
     except ImportError:  # pragma: no cover - Pillow is a dependency
         pass
     raise InvalidParameterTypeError(
-        f"{source} must be a file path, a PIL image or a numpy array (H x W x C); got "
+        f"{source} must be a file path, \"sample:NAME\", a PIL image or a numpy array (H x W x C); got "
         f"{type(image).__name__}.")
 
 

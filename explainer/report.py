@@ -14,21 +14,36 @@ from .evaluate import DELETION_BASELINES
 from .io import to_pixels
 from .validation import check_choice
 
-METHODS = ("gradcam", "occlusion", "lime", "gradient", "guided-backprop", "integrated-gradients", "smoothgrad")
+DEFAULT_METHODS = ("gradcam", "occlusion", "lime", "gradient", "guided_backprop")
 
 
-def _run_method(net, name, image, labels, verbose):
-    from . import gradcam, gradcam_layers, gradient_attribution, image_lime, occlusion_sensitivity
+def run_method(net, name: str, image, labels, verbose: bool = True, **options):
+    """(maps, the options it ran with) for a registered method: seeded methods get random_state=0
+    unless given, so that a report is reproducible; the options recorded are the resolved ones."""
+    from .methods.registry import get_method
 
-    if name == "gradcam":
-        return gradcam(net, image, labels), {"feature_layer": gradcam_layers(net)[0]}
-    if name == "occlusion":
-        return occlusion_sensitivity(net, image, labels, verbose=verbose), {"mask_size": "auto", "stride": "auto"}
-    if name == "lime":
-        return image_lime(net, image, labels, random_state=0, verbose=verbose), \
-            {"num_features": 49, "num_samples": 2048, "model": "tree", "random_state": 0}
-    method = "autodiff" if name == "gradient" else name
-    return gradient_attribution(net, image, labels, method=method, random_state=0, verbose=verbose), {"method": method}
+    method = get_method(name, "explain")
+    if method.seeded:
+        options.setdefault("random_state", 0)
+    if "verbose" in method.options:
+        options["verbose"] = verbose
+    resolved = method.validate(net, options, "explain")
+    maps = method(net, image, labels, **options)
+    params = {k: _plain(v) for k, v in resolved.items() if k != "verbose"}
+    if "feature_layer" in params and params["feature_layer"] is None:
+        from .methods.gradcam import gradcam_layers
+
+        params["feature_layer"] = gradcam_layers(net).feature
+    return maps, params
+
+
+def _plain(value):
+    """A JSON-writable form of an option value."""
+    if isinstance(value, np.ndarray):
+        return value.tolist() if value.size <= 16 else f"array {value.shape}"
+    if isinstance(value, tuple):
+        return list(value)
+    return value
 
 
 def resolve_labels(net, image, spec: str) -> list[int]:
@@ -45,18 +60,24 @@ def resolve_labels(net, image, spec: str) -> list[int]:
     return out
 
 
-def explain(net, image, *, methods=("gradcam", "occlusion", "lime", "gradient", "guided-backprop"),
-            labels="top3", out_dir="explanations", evaluate: bool = True, deletion_baseline: str = "zero",
-            verbose: bool = True) -> Path:
-    """Compute the maps and write the report; returns the path of index.html. ``deletion_baseline``:
-    what the deletion curves fill removed pixels with (see ``explainer.evaluate``)."""
+def explain(net, image, *, methods=DEFAULT_METHODS, labels="top3", out_dir="explanations", evaluate: bool = True,
+            deletion_baseline: str = "zero", options=None, verbose: bool = True) -> Path:
+    """Compute the maps and write the report; returns the path of index.html. ``methods``: names of
+    the method registry (``explainer.list_methods()``); ``options``: {method: {option: value}};
+    ``deletion_baseline``: what the deletion curves fill removed pixels with (see ``explainer.evaluate``)."""
     from PIL import Image
 
+    from .methods.registry import get_method
     from .viz import overlay
 
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise InvalidParameterError(f"methods must be among {', '.join(METHODS)}; got {', '.join(unknown)}.")
+    if isinstance(methods, str) or not methods:
+        raise InvalidParameterError(f"explain: methods must be a non-empty list of method names; got {methods!r}.")
+    methods = [get_method(m, "explain").name for m in methods]  # unknown names fail before any work
+    options = dict(options or {})
+    for name in list(options):
+        canonical = get_method(name, "explain").name
+        options[canonical] = options.pop(name)
+        get_method(canonical).validate(net, options[canonical], "explain")
     check_choice("explain", "deletion_baseline", deletion_baseline, DELETION_BASELINES)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,7 +92,7 @@ def explain(net, image, *, methods=("gradcam", "occlusion", "lime", "gradient", 
     results = []
     for name in methods:
         start = time.perf_counter()
-        maps, params = _run_method(net, name, image, indices, verbose)
+        maps, params = run_method(net, name, image, indices, verbose, **dict(options.get(name, {})))
         seconds = time.perf_counter() - start
         maps = np.asarray(maps).reshape(len(indices), *pixels.shape[:2])
         files, metrics = [], []

@@ -76,26 +76,38 @@ def overlay(image, map_, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
     return np.clip(np.rint(blended * 255), 0, 255).astype(np.uint8)
 
 
-def plot_maps(image, map1, map2, title1: str = "", title2: str = "", alpha: float = 0.5, cmap: str = "jet"):
-    """Two maps over the same image side by side with colour bars (MATLAB example's ``plotMaps``).
-    Returns a matplotlib Figure."""
+def plot_maps(image, map1, map2, title1: str = "", title2: str = "", alpha: float = 0.5, cmap: str = "jet",
+              show_image: bool = True):
+    """MATLAB's ``plotMaps``: the image, then the two maps over it, side by side, each map with a
+    colour bar as tall as the image. ``show_image=False`` drops the first panel. Returns a matplotlib
+    Figure."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
 
     alpha = check_float("plot_maps", "alpha", alpha, minimum=0.0, maximum=1.0)
+    if not isinstance(show_image, (bool, np.bool_)):
+        raise InvalidParameterError(f"plot_maps: show_image must be True or False; got {show_image!r}.")
     pixels = to_pixels(image)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
-    for ax, m, title in zip(axes, (map1, map2), (title1, title2)):
-        m = np.asarray(m, dtype=np.float32)
+    maps = [np.asarray(m, dtype=np.float32) for m in (map1, map2)]
+    for m in maps:
         if m.ndim != 2:
             raise InvalidParameterError(f"plot_maps: maps must be (H, W); got shape {m.shape}.")
-        shown = pixels[:, :, 0] if pixels.shape[2] == 1 else pixels
+    h, w = pixels.shape[:2]
+    shown = pixels[:, :, 0] if pixels.shape[2] == 1 else pixels
+    panels = 3 if show_image else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 4.4))
+    if show_image:
+        axes[0].imshow(shown.astype(np.uint8), cmap="gray" if pixels.shape[2] == 1 else None)
+        axes[0].set_title("image")
+        axes[0].axis("off")
+    for ax, m, title in zip(axes[panels - 2:], maps, (title1, title2)):
         ax.imshow(shown.astype(np.uint8), cmap="gray" if pixels.shape[2] == 1 else None)
-        h, w = pixels.shape[:2]
         im = ax.imshow(m, cmap=cmap, alpha=alpha, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        bar = make_axes_locatable(ax).append_axes("right", size="4%", pad=0.05)  # as tall as the image
+        fig.colorbar(im, cax=bar)
         ax.set_title(title)
         ax.axis("off")
     fig.tight_layout()

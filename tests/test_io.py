@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from explainer.errors import InvalidImageError, InvalidParameterTypeError, ResourceLimitError
+from explainer.errors import InvalidImageError, InvalidParameterError, InvalidParameterTypeError, ResourceLimitError
 from explainer.io import to_pixels
 
 
@@ -85,3 +85,13 @@ def test_decompression_bomb_refused_from_header(tmp_path):
     path.write_bytes(_png_header_only(100_000, 100_000))  # 10 giga-pixels declared in 60 bytes
     with pytest.raises(ResourceLimitError, match="MAX_IMAGE_PIXELS"):
         to_pixels(path)
+
+
+def test_sample_names_work_wherever_an_image_does():
+    from explainer.io import to_pixels
+    from explainer.samples import SAMPLES, sample_image
+
+    for name in SAMPLES:
+        np.testing.assert_array_equal(to_pixels(f"sample:{name}"), sample_image(name).astype(np.float32))
+    with pytest.raises(InvalidParameterError, match="must be one of"):
+        to_pixels("sample:nope")

@@ -28,8 +28,16 @@ def test_overlay_and_plot_maps(chelsea):
     assert out.shape == chelsea.shape and out.dtype == np.uint8
     jet_top, jet_bottom = out[10, 200].astype(int), out[290, 200].astype(int)
     assert jet_top[0] > jet_top[2] and jet_bottom[2] > jet_bottom[0]  # red for 1, blue for 0
-    fig = explainer.plot_maps(chelsea, m, 1 - m, "a", "b")
-    assert [ax.get_title() for ax in fig.axes[:2]] == ["a", "b"]
+    fig = explainer.plot_maps(chelsea, m, 1 - m, "a", "b")  # MATLAB's plotMaps: the image, then the maps
+    fig.canvas.draw()
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    bars = [ax for ax in fig.axes if not ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["image", "a", "b"] and len(bars) == 2
+    for panel, bar in zip(panels[1:], bars):  # each colour bar beside its map, no taller than the image
+        assert bar.get_position().height <= panel.get_position().height * 1.001
+        assert abs(bar.get_position().y0 - panel.get_position().y0) < 1e-3
+    fig = explainer.plot_maps(chelsea, m, 1 - m, "a", "b", show_image=False)
+    assert [ax.get_title() for ax in fig.axes if ax.get_title()] == ["a", "b"]
 
 
 @pytest.fixture(scope="module")

@@ -16,20 +16,30 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..validation import check_choice
-
 BACKENDS = ("onnxruntime", "torch")
 
 
-def forward_fn(net, backend: str, single_thread: bool = False) -> Callable[[np.ndarray], np.ndarray]:
-    """Model-input batch → (N, K) float32 probabilities on ``backend``; ``single_thread``: on a
+def forward_fn(net, backend: str, single_thread: bool = False, logits: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+    """Model-input batch → (N, K) float32 probabilities on ``backend`` (``logits``: the pre-softmax
+    scores; for a graph that outputs only probabilities, their logarithm); ``single_thread``: on a
     one-core onnxruntime session, for parallel streams."""
     if backend == "onnxruntime":
-        session_outputs = [net.output.name]
+        # the logits before a trailing Softmax are an output of the graph too (exposed at load)
+        pre_softmax = logits and (net.output.softmax_input or not net.output.is_probability)
+        session_outputs = [net.output.softmax_input or net.output.name] if pre_softmax else [net.output.name]
         session = net.ort.session(session_outputs, single_thread=single_thread)
 
         def run(x):
-            return net.scores_from_outputs(session.run(session_outputs, {net.input.name: x}))
+            out = session.run(session_outputs, {net.input.name: x})
+            if pre_softmax:
+                raw = out[0].reshape(len(out[0]), -1)
+                if not np.all(np.isfinite(raw)):
+                    net.scores_from_outputs([raw])  # raises the library's NonFiniteOutputError
+                return raw.astype(np.float32)
+            probs = net.scores_from_outputs(out)
+            if logits:  # a graph that outputs only probabilities: their logarithm
+                return np.log(np.maximum(probs, np.finfo(np.float32).tiny))
+            return probs
 
         return run
     import torch
@@ -45,6 +55,8 @@ def forward_fn(net, backend: str, single_thread: bool = False) -> Callable[[np.n
             out = engine.logits_from_model_input(engine.tensor(x)).cpu().numpy()
         if not np.all(np.isfinite(out)):
             return net.scores_from_outputs([out])  # raises the library's NonFiniteOutputError
+        if logits:
+            return np.log(np.maximum(out, np.finfo(np.float32).tiny)) if already_probabilities else out.astype(np.float32)
         if already_probabilities:
             return out.astype(np.float32)
         z = out.astype(np.float64)
@@ -82,22 +94,22 @@ class Canvas:
 
 def stream_probabilities(net, make_batch: Callable[[int, int], np.ndarray], total: int, *,
                          batch_size: int, backend: str = "onnxruntime", verbose: bool = True,
-                         desc: str = "") -> Iterator[tuple[int, int, np.ndarray]]:
-    """Yield (start, stop, probabilities) for perturbed images ``0 .. total-1`` in batches, in order."""
+                         desc: str = "", logits: bool = False) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield (start, stop, probabilities) for perturbed images ``0 .. total-1`` in batches, in order
+    (``logits``: pre-softmax scores instead, see ``forward_fn``)."""
     from tqdm.auto import tqdm
 
-    check_choice(desc or "perturbation", "backend", backend, BACKENDS)
     spans = [(start, min(start + batch_size, total)) for start in range(0, total, batch_size)]
     streams = min(net.ort.parallel_streams() if backend == "onnxruntime" else 1, len(spans))
     with tqdm(total=total, desc=desc, unit="img", disable=not verbose, leave=False) as bar:
         if streams <= 1:
-            run = forward_fn(net, backend)
+            run = forward_fn(net, backend, logits=logits)
             for start, stop in spans:
                 probs = run(make_batch(start, stop))
                 bar.update(stop - start)
                 yield start, stop, probs
             return
-        run = forward_fn(net, backend, single_thread=True)
+        run = forward_fn(net, backend, single_thread=True, logits=logits)
         work = lambda span: run(make_batch(*span))  # noqa: E731
         pool = ThreadPoolExecutor(streams, thread_name_prefix="explainer-stream")
         try:

@@ -12,6 +12,8 @@ from ..errors import InvalidParameterError
 from ..model.classifier import not_a_feature_map
 from ..model.torch_engine import torch_engine
 from ._common import finish, images_and_labels, resize_map
+from .registry import GRADIENT, LayerName, method
+
 
 class LayerChoice(tuple):
     """(feature layer, reduction layer) as a pair, with ``reason``: why the feature layer was taken."""
@@ -102,6 +104,8 @@ def gradcam_layers(net, feature_layer=None, reduction_layer=None) -> LayerChoice
 class BaseCAM:
     """Class activation maps from one feature layer: ReLU(sum_c w_c A_c), w from ``channel_weights``."""
 
+    where = "gradcam"  # the public function's name, for messages
+
     def __init__(self, net, feature_layer=None, reduction_layer=None):
         self.net = net
         self.engine = torch_engine(net)
@@ -142,12 +146,12 @@ class BaseCAM:
         return cam.cpu().numpy().astype(np.float32)
 
     def __call__(self, image, label):
-        pixels, is_batch, indices, several = images_and_labels(self.net, image, label, "gradcam")
+        pixels, is_batch, indices, several = images_and_labels(self.net, image, label, self.where)
         maps = []
         for p in pixels:
             low = self.low_resolution(p, indices)
             maps.append(np.maximum(resize_map(low, p.shape[:2]), 0.0))
-        return finish(maps, is_batch, several, "gradcam")
+        return finish(maps, is_batch, several, self.where)
 
 
 class GradCAM(BaseCAM):
@@ -157,16 +161,18 @@ class GradCAM(BaseCAM):
         return gradients.mean(dim=(2, 3))
 
 
-class GradCAMPlusPlus(BaseCAM):
-    """Channel weights of Grad-CAM++ (Chattopadhay et al. 2018), exponential-score closed form."""
-
-    def channel_weights(self, activations, gradients):
-        g2, g3 = gradients ** 2, gradients ** 3
-        denom = 2 * g2 + (activations * g3).sum(dim=(2, 3), keepdim=True)
-        alpha = g2 / denom.where(denom != 0, denom.new_ones(()))
-        return (alpha * gradients.clamp(min=0)).sum(dim=(2, 3))
+LAYER_OPTIONS = dict(
+    feature_layer=LayerName(help="the layer whose activations are weighted (default: gradcam_layers(net))"),
+    reduction_layer=LayerName(help="the layer whose channel is the class score (default: the scores "
+                                   "before any softmax)"))
 
 
+@method("gradcam", kind=GRADIENT, options=LAYER_OPTIONS,
+        answers="where in the image the evidence for the class lies, at the resolution of a feature layer "
+                "(deep: coarse and class-specific; shallow: fine)",
+        returns="maps at the image's size, >= 0, in the feature layer's units",
+        cost="1 forward and 1 backward pass per image (all labels in one batch)",
+        reference="pytorch-grad-cam's GradCAM on the converted module")
 def gradcam(net, image, label, *, feature_layer=None, reduction_layer=None):
     """Grad-CAM map(s) upsampled (bicubic) to the image size: (H, W) for one label, (K, H, W) for
     several; a batch of images gives one such map per image. ``gradcam_layers(net)`` tells the

@@ -1,25 +1,27 @@
-"""Gradient attribution on the converted module: plain gradients ("autodiff", MATLAB's
-``gradientAttribution``), guided backpropagation, integrated gradients and SmoothGrad.
+"""What the gradient methods share, and MATLAB's ``gradientAttribution`` entry point.
 
-``pixel_attributions`` gives the raw per-pixel, per-channel attributions (comparable with Captum's
-Saliency, GuidedBackprop, IntegratedGradients and NoiseTunnel on ``torch_engine(net).pixel_model``);
-``gradient_attribution`` reduces them to maps: the sum over channels of absolute values, rescaled to
-[0, 1] per map.
+Each gradient method is its own file and registered method: ``saliency.py`` ("gradient", MATLAB's
+"autodiff"), ``guided_backprop.py``, ``integrated_gradients.py`` and ``smoothgrad.py``. Each defines
+``raw(engine, x, indices, **options)``, the per-pixel, per-channel attributions (K, C, H, W) of one
+image, comparable with Captum's Saliency, GuidedBackprop, IntegratedGradients and NoiseTunnel on
+``torch_engine(net).pixel_model``; maps are the sum over channels of |attribution|, rescaled to [0, 1]
+per map. ``gradient_attribution(method=...)`` and ``pixel_attributions`` dispatch to them.
 """
 from __future__ import annotations
 
+import importlib
 from contextlib import contextmanager
 
 import numpy as np
 
 from ..errors import InvalidParameterError
 from ..model.torch_engine import torch_engine
-from ..validation import check_batch_size, check_choice, check_float, check_int
+from ..validation import check_choice
 from ._common import finish, images_and_labels, rescale
 
-METHODS = ("autodiff", "guided-backprop", "integrated-gradients", "smoothgrad")
-IG_RULES = ("gausslegendre", "riemann_trapezoid")
-DEFAULT_BATCH = 16
+#: MATLAB's method names (``gradientAttribution``'s "autodiff" and "guided-backprop") → registered methods
+METHODS = {"autodiff": "gradient", "guided-backprop": "guided_backprop", "integrated-gradients": "integrated_gradients",
+           "smoothgrad": "smoothgrad"}
 
 
 @contextmanager
@@ -41,109 +43,54 @@ def guided_relus(module):
             h.remove()
 
 
-def _gradients(engine, x, indices, guided: bool):
+def class_gradients(engine, x, indices, guided: bool = False):
     """d score[k] / d x for a batch x (B, C, H, W) whose row b targets class indices[b]."""
     import torch
 
     x = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        if guided:
-            with guided_relus(engine.graph_module):
-                out = engine.pixel_model(x)
-                target = out[torch.arange(len(x), device=x.device), torch.as_tensor(indices, device=x.device)].sum()
-                return torch.autograd.grad(target, x)[0]
+    with torch.enable_grad(), (guided_relus(engine.graph_module) if guided else _nothing()):
         out = engine.pixel_model(x)
         target = out[torch.arange(len(x), device=x.device), torch.as_tensor(indices, device=x.device)].sum()
         return torch.autograd.grad(target, x)[0]
 
 
-def _ig_rule(steps: int, rule: str):
-    if rule == "gausslegendre":
-        nodes, weights = np.polynomial.legendre.leggauss(steps)
-        return 0.5 * (nodes + 1), 0.5 * weights
-    alphas = np.linspace(0.0, 1.0, steps)
-    weights = np.full(steps, 1.0 / (steps - 1))
-    weights[[0, -1]] *= 0.5
-    return alphas, weights
+@contextmanager
+def _nothing():
+    yield
 
 
-def _check(method, steps, rule, samples, noise_level, batch_size):
-    where = "gradient_attribution"
-    check_choice(where, "method", method, METHODS)
-    steps = check_int(where, "steps", steps, minimum=2, maximum=100_000)
-    check_choice(where, "rule", rule, IG_RULES)
-    samples = check_int(where, "samples", samples, minimum=1, maximum=100_000)
-    noise_level = check_float(where, "noise_level", noise_level, minimum=0.0, maximum=10.0)
-    batch = check_batch_size(where, batch_size)
-    return steps, samples, noise_level, DEFAULT_BATCH if batch == "auto" else batch
-
-
-def pixel_attributions(net, image, label, *, method="autodiff", steps=50, rule="gausslegendre",
-                       baseline=None, samples=25, noise_level=0.15, random_state=None,
-                       batch_size="auto", verbose=False):
-    """Raw attributions (K, C, H, W) float32 for one image (H x W its own size; C its channels)."""
-    steps, samples, noise_level, batch = _check(method, steps, rule, samples, noise_level, batch_size)
-    pixels, is_batch, indices, _ = images_and_labels(net, image, label, "gradient_attribution")
-    if is_batch:
-        raise InvalidParameterError("pixel_attributions: takes one image; got a batch.")
-    return _attribute(torch_engine(net), pixels[0], indices, method, steps, rule, baseline, samples,
-                      noise_level, random_state, batch, verbose)
-
-
-def _attribute(engine, pixels, indices, method, steps, rule, baseline, samples, noise_level,
-               random_state, batch, verbose):
-    import torch
+def progress(iterable, desc: str, verbose: bool, unit: int = 1):
+    """A progress bar over batches of ``unit`` passes each (silent with verbose=False)."""
     from tqdm.auto import tqdm
 
-    x = engine.tensor(pixels).permute(2, 0, 1)[None]
-    k = len(indices)
-    if method in ("autodiff", "guided-backprop"):
-        grads = _gradients(engine, x.repeat(k, 1, 1, 1), indices, method == "guided-backprop")
-        return grads.cpu().numpy().astype(np.float32)
-    if method == "integrated-gradients":
-        base = _baseline(baseline, x)
-        alphas, weights = _ig_rule(steps, rule)
-        total = torch.zeros((k, *x.shape[1:]), dtype=torch.float64, device=x.device)
-        jobs = [(a, w, j) for a, w in zip(alphas, weights) for j in range(k)]
-        for start in tqdm(range(0, len(jobs), batch), desc="integrated gradients", disable=not verbose):
-            part = jobs[start:start + batch]
-            xs = torch.cat([base + float(a) * (x - base) for a, _, _ in part])
-            g = _gradients(engine, xs, [indices[j] for _, _, j in part], False).double()
-            for (a, w, j), gi in zip(part, g):
-                total[j] += w * gi
-        return ((x - base).double() * total).cpu().numpy().astype(np.float32)
-    # smoothgrad: mean over noisy copies of |gradient| (Captum: NoiseTunnel(Saliency) with abs=True)
-    seed = int(random_state) if isinstance(random_state, (int, np.integer)) else \
-        int(np.random.SeedSequence().generate_state(1)[0])
-    generator = torch.Generator().manual_seed(seed)
-    # drawn on the CPU generator, so CPU and GPU runs with the same seed see the same noise
-    noise = torch.normal(0.0, noise_level * 255.0, size=(samples, *x.shape[1:]), generator=generator).to(x.device)
-    total = torch.zeros((k, *x.shape[1:]), dtype=torch.float64, device=x.device)
-    jobs = [(s, j) for j in range(k) for s in range(samples)]
-    for start in tqdm(range(0, len(jobs), batch), desc="smoothgrad", disable=not verbose):
-        part = jobs[start:start + batch]
-        xs = torch.stack([x[0] + noise[s] for s, _ in part])
-        g = _gradients(engine, xs, [indices[j] for _, j in part], False).abs().double()
-        for (s, j), gi in zip(part, g):
-            total[j] += gi
-    return (total / samples).cpu().numpy().astype(np.float32)
+    return tqdm(iterable, desc=desc, disable=not verbose, leave=False, unit=f"x{unit}" if unit > 1 else "it")
 
 
-def _baseline(baseline, x):
-    import torch
+def gradient_maps(net, image, label, where: str, raw) -> np.ndarray:
+    """Maps from ``raw(engine, x, indices)``: per image, the sum over channels of |attribution|,
+    rescaled to [0, 1] per map; (H, W), (K, H, W), or one per image of a batch."""
+    pixels, is_batch, indices, several = images_and_labels(net, image, label, where)
+    engine = torch_engine(net)
+    maps = []
+    for p in pixels:
+        attributions = raw(engine, engine.tensor(p).permute(2, 0, 1)[None], indices)
+        maps.append(rescale(np.abs(attributions.cpu().numpy()).sum(axis=1)))
+    return finish(maps, is_batch, several, where)
 
-    if baseline is None:
-        return torch.zeros_like(x)
-    if isinstance(baseline, (int, float)):
-        return torch.full_like(x, float(baseline))
-    from ..io import to_pixels
 
-    b = to_pixels(baseline, "baseline")
-    if b.shape[:2] != tuple(x.shape[-2:]):
-        raise InvalidParameterError(
-            f"gradient_attribution: baseline must be a number (pixel value 0..255) or an image of the "
-            f"same size as the image {tuple(x.shape[-2:])}; got size {b.shape[:2]}.")
-    return torch.from_numpy(b).to(x.device).permute(2, 0, 1)[None].expand_as(x).clone()
+def _dispatch(method: str, options: dict, where: str):
+    """(the registered method, the options it takes), every given option validated, also those the
+    chosen method does not use."""
+    from .registry import get_method
+
+    check_choice(where, "method", method, tuple(METHODS))
+    target = get_method(METHODS[method])
+    declared = {}
+    for name in METHODS.values():
+        declared.update(get_method(name).options)
+    for name, value in options.items():
+        declared[name].check(where, value)
+    return target, {k: v for k, v in options.items() if k in target.options}
 
 
 def gradient_attribution(net, image, label, *, method="autodiff", steps=50, rule="gausslegendre",
@@ -155,15 +102,28 @@ def gradient_attribution(net, image, label, *, method="autodiff", steps=50, rule
     method: "autodiff" (d score / d pixel; score = class score before any softmax),
     "guided-backprop" (ReLUs pass back only positive gradients), "integrated-gradients" (``steps``,
     ``rule``, ``baseline``: a pixel value or an image, default black), "smoothgrad" (``samples``
-    noisy copies, noise std ``noise_level`` x 255, ``random_state`` for reproducibility).
+    noisy copies, noise std ``noise_level`` x 255, ``random_state`` for reproducibility). The same as
+    the registered methods "gradient", "guided_backprop", "integrated_gradients" and "smoothgrad".
     """
-    where = "gradient_attribution"
-    steps, samples, noise_level, batch = _check(method, steps, rule, samples, noise_level, batch_size)
-    pixels, is_batch, indices, several = images_and_labels(net, image, label, where)
+    target, options = _dispatch(method, dict(steps=steps, rule=rule, baseline=baseline, samples=samples,
+                                             noise_level=noise_level, random_state=random_state,
+                                             batch_size=batch_size, verbose=verbose), "gradient_attribution")
+    return target(net, image, label, **options)
+
+
+def pixel_attributions(net, image, label, *, method="autodiff", steps=50, rule="gausslegendre",
+                       baseline=None, samples=25, noise_level=0.15, random_state=None,
+                       batch_size="auto", verbose=False):
+    """Raw attributions (K, C, H, W) float32 for one image (H x W its own size; C its channels)."""
+    where = "pixel_attributions"
+    target, options = _dispatch(method, dict(steps=steps, rule=rule, baseline=baseline, samples=samples,
+                                             noise_level=noise_level, random_state=random_state,
+                                             batch_size=batch_size, verbose=verbose), where)
+    options = target.validate(net, options, where)
+    pixels, is_batch, indices, _ = images_and_labels(net, image, label, where)
+    if is_batch:
+        raise InvalidParameterError(f"{where}: takes one image; got a batch.")
     engine = torch_engine(net)
-    maps = []
-    for p in pixels:
-        raw = _attribute(engine, p, indices, method, steps, rule, baseline, samples, noise_level,
-                         random_state, batch, verbose)
-        maps.append(rescale(np.abs(raw).sum(axis=1)))
-    return finish(maps, is_batch, several, where)
+    raw = importlib.import_module(target.function.__module__).raw
+    x = engine.tensor(pixels[0]).permute(2, 0, 1)[None]
+    return raw(engine, x, indices, **options).cpu().numpy().astype(np.float32)

@@ -23,27 +23,19 @@ import math
 
 import numpy as np
 
-from ..errors import InvalidParameterError, InvalidParameterTypeError
-from ..validation import check_choice, check_int
+from ..errors import InvalidParameterError
 from ._common import finish, images_and_labels, resize_map
 from ._perturb import BACKENDS, Canvas, forward_fn, stream_probabilities
+from .registry import FORWARD_ONLY, BatchSize, Choice, Flag, PixelValue, Size, method
 
 UPSAMPLING = ("bicubic", "nearest", "none", "coverage")
 
 
-def _pair(value, name, size, default_fraction, rounding):
-    where = "occlusion_sensitivity"
-    if isinstance(value, str):
-        if value != "auto":
-            raise InvalidParameterError(f"{where}: {name} must be 'auto', a positive integer or a pair; got {value!r}.")
+def _resolve(value, size, default_fraction, rounding) -> tuple[int, int]:
+    """A validated size option ('auto' or (h, w)) as (h, w) pixels."""
+    if value == "auto":
         return tuple(max(1, int(rounding(default_fraction * s))) for s in size)
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        value = (value, value)
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise InvalidParameterTypeError(
-            f"{where}: {name} must be 'auto', a positive integer or a (height, width) pair; got {value!r}.")
-    out = tuple(check_int(where, name, v, minimum=1) for v in value)
-    return out
+    return value
 
 
 def mask_positions(size: int, mask: int, stride: int, clipping: bool) -> list[tuple[int, int]]:
@@ -54,27 +46,33 @@ def mask_positions(size: int, mask: int, stride: int, clipping: bool) -> list[tu
     return [(t, t + mask) for t in range(0, size - mask + 1, stride)]
 
 
+@method("occlusion", kind=FORWARD_ONLY,
+        options=dict(mask_size=Size(help="occluding patch: 'auto' = 20 % of the input's height and width"),
+                     stride=Size(help="step between patches: 'auto' = 10 % of the input size, rounded up"),
+                     mask_value=PixelValue(help="the patch's colour: 'auto' = the image's mean colour"),
+                     output_upsampling=Choice(UPSAMPLING), mask_clipping=Flag(), batch_size=BatchSize(),
+                     backend=Choice(BACKENDS), verbose=Flag()),
+        answers="how much the class probability drops when each region of the image is hidden",
+        returns="maps at the image's size: probability drops (positive: the region supports the class)",
+        cost="one forward pass per patch position (all labels share them)",
+        reference="Captum's Occlusion (mask_clipping=False, output_upsampling='coverage')")
 def occlusion_sensitivity(net, image, label, *, mask_size="auto", stride="auto", mask_value="auto",
                           output_upsampling="bicubic", mask_clipping=True, batch_size="auto",
                           backend="onnxruntime", verbose=True):
     """Occlusion map(s): (H, W) for one label, (K, H, W) for several (all labels share the forward
     passes); values are probability drops (positive: the region supports the class)."""
     where = "occlusion_sensitivity"
-    check_choice(where, "output_upsampling", output_upsampling, UPSAMPLING)
-    check_choice(where, "backend", backend, BACKENDS)
-    if not isinstance(mask_clipping, (bool, np.bool_)):
-        raise InvalidParameterTypeError(f"{where}: mask_clipping must be True or False; got {mask_clipping!r}.")
     size = net.input.size
-    mask = _pair(mask_size, "mask_size", size, 0.2, round)
-    step = _pair(stride, "stride", size, 0.1, math.ceil)
+    mask = _resolve(mask_size, size, 0.2, round)
+    step = _resolve(stride, size, 0.1, math.ceil)
     if mask[0] > size[0] or mask[1] > size[1]:
         raise InvalidParameterError(
             f"{where}: mask_size {mask} is larger than the network's input size {size}; it must be at "
             f"most {size}.")
     batch = net.resolve_batch_size(batch_size, where, backend)
     pixels, is_batch, indices, several = images_and_labels(net, image, label, where)
-    rows = mask_positions(size[0], mask[0], step[0], bool(mask_clipping))
-    cols = mask_positions(size[1], mask[1], step[1], bool(mask_clipping))
+    rows = mask_positions(size[0], mask[0], step[0], mask_clipping)
+    cols = mask_positions(size[1], mask[1], step[1], mask_clipping)
     maps = []
     for p in pixels:
         small = net.fit_pixels(p)
@@ -85,19 +83,11 @@ def occlusion_sensitivity(net, image, label, *, mask_size="auto", stride="auto",
 
 
 def _fill_value(mask_value, small: np.ndarray) -> np.ndarray:
+    """The fill colour per channel: the image's mean colour for 'auto', else the validated value."""
     c = small.shape[-1]
-    if isinstance(mask_value, str):
-        if mask_value != "auto":
-            raise InvalidParameterError(
-                f"occlusion_sensitivity: mask_value must be 'auto', a pixel value 0..255 or one per "
-                f"channel; got {mask_value!r}.")
+    if isinstance(mask_value, str):  # "auto"
         return small.reshape(-1, c).mean(axis=0).astype(np.float32)
-    value = np.atleast_1d(np.asarray(mask_value, dtype=np.float64))
-    if value.ndim != 1 or len(value) not in (1, c) or not np.all((value >= 0) & (value <= 255)):
-        raise InvalidParameterError(
-            f"occlusion_sensitivity: mask_value must be 'auto' or pixel values in 0..255 (one, or one "
-            f"per channel); got {mask_value!r}.")
-    return np.broadcast_to(value, (c,)).astype(np.float32)
+    return np.broadcast_to(mask_value, (c,)).astype(np.float32)
 
 
 def _drops(net, small, fill, rows, cols, indices, batch, backend, verbose):

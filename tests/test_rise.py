@@ -1,0 +1,134 @@
+"""RISE: the paper's masks (eclique/RISE's skimage upsampling) and formula, computed here independently on
+the same masks; seeds reproduce; labels share the passes; a toy graph whose score reads one region gets
+that region ranked highest; memory does not grow with the number of masks."""
+import tracemalloc
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import explainer
+from explainer.errors import InvalidParameterError, InvalidParameterTypeError
+from explainer.methods.rise import rise, rise_masks
+
+
+@pytest.fixture(scope="module")
+def image224(chelsea):
+    from explainer.model.preprocess import resize
+
+    return np.rint(resize(chelsea.astype(np.float32), (224, 224))).astype(np.uint8)
+
+
+def region_net(size=32, region=(slice(0, 16), slice(16, 32))):
+    """Two classes; logit 0 = 0.03 x (mean of the region's pixels, all channels) - 3, logit 1 = 0."""
+    weight = np.zeros((3, size, size), np.float32)
+    weight[:, region[0], region[1]] = 1.0
+    weight = 0.03 * weight / weight.sum()
+    w = np.stack([weight.ravel(), np.zeros(weight.size, np.float32)], axis=1)
+    nodes = [helper.make_node("Flatten", ["image"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "W", "B"], ["logits"])]
+    graph = helper.make_graph(nodes, "region", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
+                                                                               ["N", 3, size, size])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+                              initializer=[numpy_helper.from_array(w, "W"),
+                                           numpy_helper.from_array(np.array([-3.0, 0.0], np.float32), "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return explainer.load(model, preprocessing="none")
+
+
+def test_masks_are_the_papers():
+    """eclique/RISE generate_masks: resize(grid, (s+1) * cell, order=1, mode='reflect'), then a crop."""
+    from skimage.transform import resize
+
+    net = region_net(size=30)  # 30 / 4 is not whole: cell 8, upsampled to 40, cropped to 30
+    masks = rise_masks(net, 20, 4, 0.3, random_state=0)
+    full = masks.masks()
+    assert full.shape == (20, 30, 30) and full.dtype == np.float32
+    for i in range(20):
+        dy, dx = masks.shifts[i]
+        grid = masks.grids[i].astype(np.float32)
+        ref = resize(grid, (40, 40), order=1, mode="reflect", anti_aliasing=False)[dy:dy + 30, dx:dx + 30]
+        np.testing.assert_allclose(full[i], ref, atol=1e-6)
+    assert masks.grids.dtype == bool and masks.shifts.min() >= 0 and masks.shifts.max() < 8
+    np.testing.assert_array_equal(masks.masks(5, 9), full[5:9])
+
+
+def test_equals_the_papers_formula(default_net, image224):
+    """sum_i P(masked_i) M_i / (N p) with masked images blended in pixels here and probabilities from
+    onnxruntime on the graph as loaded (not the library's normalised copy)."""
+    import onnxruntime as ort
+
+    net, n, p = default_net, 48, 0.4
+    ours = rise(net, image224, 285, num_masks=n, keep_probability=p, random_state=3, estimator="paper",
+                verbose=False)
+    masks = rise_masks(net, n, 7, p, random_state=3).masks()[..., None]
+    pixels = image224.astype(np.float32)
+    fill = pixels.reshape(-1, 3).mean(axis=0)
+    masked = masks * pixels + (1 - masks) * fill
+    pre = net.preprocessing
+    x = ((masked - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)).transpose(0, 3, 1, 2)
+    session = ort.InferenceSession(net.source_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {net.input.name: np.ascontiguousarray(x, np.float32)})[0].astype(np.float64)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    expected = np.tensordot(probs[:, 285], masks[..., 0], axes=1) / (n * p)
+    assert ours.shape == (224, 224) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, expected, rtol=1e-5)
+    # the centred estimator: sum_i (P_i - mean P) M_i / (N p) + mean P (the same expectation)
+    centred = rise(net, image224, 285, num_masks=n, keep_probability=p, random_state=3, estimator="centred",
+                   verbose=False)
+    mean = probs[:, 285].mean()
+    expected = np.tensordot(probs[:, 285] - mean, masks[..., 0], axes=1) / (n * p) + mean
+    np.testing.assert_allclose(centred, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_seeds_and_labels(default_net, chelsea):
+    net, kw = default_net, dict(num_masks=16, random_state=7, verbose=False)
+    one = rise(net, chelsea, 285, **kw)
+    assert one.shape == chelsea.shape[:2]
+    np.testing.assert_array_equal(one, rise(net, chelsea, 285, **kw))
+    assert not np.allclose(one, rise(net, chelsea, 285, **{**kw, "random_state": 8}))
+    both = rise(net, chelsea, [285, 282], **kw)
+    assert both.shape == (2, *chelsea.shape[:2])
+    np.testing.assert_allclose(both[0], one, rtol=1e-6)
+    np.testing.assert_allclose(both[1], rise(net, chelsea, 282, **kw), rtol=1e-6)
+    batch = rise(net, np.stack([chelsea, chelsea[:, ::-1]]), 285, **kw)
+    assert batch.shape == (2, *chelsea.shape[:2])
+    np.testing.assert_allclose(batch[0], one, rtol=1e-6)
+
+
+def test_region_ranked_highest():
+    """Only the top-right quadrant moves the score: RISE must put its highest values there."""
+    net = region_net()
+    image = np.full((32, 32, 3), 200, np.uint8)
+    sal = rise(net, image, 0, num_masks=1000, grid_size=4, mask_value=0, batch_size=250, random_state=0,
+               verbose=False)
+    inside, far = sal[:16, 16:], sal[16:, :16]
+    assert inside.mean() > far.mean() + 0.05
+    top = np.argsort(-sal.ravel())[:256]
+    assert np.mean((top // 32 < 16) & (top % 32 >= 16)) > 0.8
+    # keeping everything (p = 1) leaves the image as it is: the map is its probability everywhere
+    full = rise(net, image, 0, num_masks=3, keep_probability=1.0, mask_value=0, verbose=False)
+    np.testing.assert_allclose(full, net.predict(image)[0], rtol=1e-5)
+
+
+def test_memory_does_not_grow_with_masks():
+    """Masks are made per batch: 3200 more masks (52 MB if held at once) take hardly more memory."""
+    net = region_net(size=64)
+    image = np.full((64, 64, 3), 200, np.uint8)
+    peaks = []
+    for n in (800, 4000):
+        tracemalloc.start()
+        rise(net, image, 0, num_masks=n, batch_size=50, random_state=0, verbose=False)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[1] - peaks[0] < 8e6, peaks
+
+
+def test_options_are_validated(default_net, chelsea):
+    for bad in (dict(num_masks=0), dict(keep_probability=0.0), dict(grid_size=1.5), dict(mask_value=300)):
+        with pytest.raises((InvalidParameterError, InvalidParameterTypeError)):
+            rise(default_net, chelsea, 285, verbose=False, **bad)
