@@ -68,3 +68,11 @@ def test_the_progress_bar_says_why_sampling_stopped_and_verbose_false_prints_not
     assert "stopped at 64/1000: top-2 stable in 40/40 resamples" in capfd.readouterr().err
     explainer.image_lime(tiny, _flat(), LABEL, **{**KW, "num_samples": 200, "verbose": True})
     assert "drew all 200: top-2 not stable at the last check" in capfd.readouterr().err
+
+
+def test_the_answer_does_not_depend_on_the_batch_size(default_net, chelsea):
+    """Stop checks fall at fixed sample counts, not at batch boundaries: one seed, one answer."""
+    kw = dict(segmentation="grid", num_features=16, num_samples=600, model="linear", random_state=0, verbose=False)
+    runs = [explainer.lime_explanation(default_net, chelsea, 285, batch_size=b, **kw) for b in (4, 24)]
+    assert len(runs[0].samples) == len(runs[1].samples) and runs[0].stop_reason == runs[1].stop_reason
+    np.testing.assert_allclose(runs[0].weights, runs[1].weights, rtol=1e-4, atol=1e-7)

@@ -270,18 +270,20 @@ def _explain(net, source, indices, *, num_features, num_samples, segmentation, m
         for start, stop, p in stream:
             probs[start:stop] = p[:, indices]
             bar.update(stop - start)
-            if stop < check or stop == num_samples:
-                continue
-            checked = stop
-            differ = differing_resamples(samples[:stop], probs[:stop].astype(np.float64), all_weights[:stop],
-                                         model, k, allowed, resampling, random_state)
-            if differ <= allowed:
-                used = stop
-                reason = (f"stopped at {stop}/{num_samples}: top-{k} stable in {STOP_RESAMPLES - differ}/"
-                          f"{STOP_RESAMPLES} resamples")
+            # checks at fixed sample counts, whatever the batch size: the same seed, the same answer
+            while check <= stop and check < num_samples and not reason:
+                checked = check
+                differ = differing_resamples(samples[:check], probs[:check].astype(np.float64),
+                                             all_weights[:check], model, k, allowed, resampling, random_state)
+                if differ <= allowed:
+                    used = check
+                    reason = (f"stopped at {check}/{num_samples}: top-{k} stable in {STOP_RESAMPLES - differ}/"
+                              f"{STOP_RESAMPLES} resamples")
+                else:
+                    bar.set_postfix_str(f"top-{k} not stable at {check}", refresh=False)
+                    check = math.ceil(check * STOP_GROWTH)
+            if reason:
                 break
-            bar.set_postfix_str(f"top-{k} not stable at {stop}", refresh=False)
-            check = math.ceil(stop * STOP_GROWTH)
         if stopping and not reason:
             reason = f"drew all {num_samples}: " + (f"top-{k} not stable at the last check ({checked})" if checked
                                                     else "too few for a stop check")

@@ -25,9 +25,10 @@ from ..validation import closest
 FORWARD_ONLY, GRADIENT = "forward-only", "gradient"
 KINDS = (FORWARD_ONLY, GRADIENT)
 
-#: the modules that define methods, imported (and so registered) on first use of the registry
-METHOD_MODULES = ("gradcam", "gradcam_plus_plus", "score_cam", "occlusion", "lime", "rise", "kernel_shap",
-                  "saliency", "guided_backprop", "integrated_gradients", "smoothgrad")
+#: the order ``list_methods`` shows the built-in methods in; a method added in a new file of this
+#: folder is found without being named here, and listed after them
+DISPLAY_ORDER = ("gradcam", "gradcam_plus_plus", "score_cam", "occlusion", "lime", "rise", "kernel_shap",
+                 "gradient", "guided_backprop", "integrated_gradients", "smoothgrad")
 
 
 def _fail(where: str, name: str, allowed: str, value, type_error: bool = False):
@@ -418,16 +419,32 @@ def method(name: str, *, kind: str, options: dict[str, Option], answers: str, re
     return wrap
 
 
+def method_modules() -> list[str]:
+    """The modules of this folder (private ones, starting with "_", excluded): each may define methods."""
+    import pkgutil
+    from pathlib import Path
+
+    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if not m.name.startswith("_"))
+
+
 def _load_all() -> None:
-    for module in METHOD_MODULES:
-        importlib.import_module(f"{__package__}.{module}")
+    """Imports every method module once, so that each registers its methods: adding a method is adding
+    one file."""
+    global _LOADED
+    if not _LOADED:
+        for module in method_modules():
+            importlib.import_module(f"{__package__}.{module}")
+        _LOADED = True
+
+
+_LOADED = False
 
 
 def list_methods() -> list[Method]:
-    """Every registered explanation method, in the order of ``METHOD_MODULES``."""
+    """Every registered explanation method: the built-in ones in ``DISPLAY_ORDER``, then others by name."""
     _load_all()
-    order = {f"{__package__}.{module}": i for i, module in enumerate(METHOD_MODULES)}
-    return sorted(_METHODS.values(), key=lambda m: order.get(m.function.__module__, len(order)))
+    order = {name: i for i, name in enumerate(DISPLAY_ORDER)}
+    return sorted(_METHODS.values(), key=lambda m: (order.get(m.name, len(order)), m.name))
 
 
 def method_names() -> list[str]:
