@@ -72,7 +72,7 @@ def test_the_progress_bar_says_why_sampling_stopped_and_verbose_false_prints_not
 
 def test_the_answer_does_not_depend_on_the_batch_size(default_net, chelsea):
     """Stop checks fall at fixed sample counts, not at batch boundaries: one seed, one answer."""
-    kw = dict(segmentation="grid", num_features=16, num_samples=600, model="linear", random_state=0, verbose=False)
+    kw = dict(segmentation="grid", num_features=16, num_samples=320, model="linear", random_state=0, verbose=False)
     runs = [explainer.lime_explanation(default_net, chelsea, 285, batch_size=b, **kw) for b in (4, 24)]
     assert len(runs[0].samples) == len(runs[1].samples) and runs[0].stop_reason == runs[1].stop_reason
     np.testing.assert_allclose(runs[0].weights, runs[1].weights, rtol=1e-4, atol=1e-7)

@@ -157,8 +157,7 @@ def test_a_wrong_quantized_conversion_is_refused(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("exporter,variant", [("legacy", "int8-dynamic"), ("legacy", "int8-qdq"),
-                                              ("dynamo", "int8-qdq")])
+@pytest.mark.parametrize("exporter,variant", [("legacy", "int8-dynamic"), ("dynamo", "int8-qdq")])
 def test_int8_vit(exporter, variant, photo):
     parent = explainer.load(exports.export("vit_tiny", exporter))
     net = explainer.load(exports.export("vit_tiny", exporter, variant))
