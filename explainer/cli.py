@@ -97,7 +97,7 @@ def cmd_methods(args) -> int:
 def cmd_walkthrough(args) -> int:
     from .walkthrough import walkthrough
 
-    print(walkthrough(args.out, verbose=not args.quiet))
+    print(walkthrough(args.out, verbose=not args.quiet, quick=args.quick))
     return 0
 
 
@@ -159,6 +159,8 @@ def build_parser(describe_methods: bool = False) -> argparse.ArgumentParser:
     p = sub.add_parser("walkthrough", help="every step of MATLAB's example on the embedded model")
     p.add_argument("--out", default="walkthrough", help="output folder")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quick", action="store_true", help="every figure, the detailed deep dream sketched (15 "
+                                                         "iterations, 2 levels instead of 100, 4)")
     p.set_defaults(func=cmd_walkthrough)
     p = sub.add_parser("evaluate", help="deletion/insertion AUC per image of a folder (CSV, resumable)")
     p.add_argument("folder")

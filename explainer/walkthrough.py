@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 
-def walkthrough(out_dir="walkthrough", verbose: bool = True) -> Path:
+def walkthrough(out_dir="walkthrough", verbose: bool = True, quick: bool = False) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,11 +109,14 @@ def walkthrough(out_dir="walkthrough", verbose: bool = True) -> Path:
     step("deepdream")
     scores = explainer.gradcam_layers(net)[1]
     plain = explainer.deep_dream_image(net, scores, labels, random_state=0, verbose=False)
-    detailed = explainer.deep_dream_image(net, scores, labels, num_iterations=100, pyramid_levels=4,
+    # quick: every figure, with the detailed deep dream cut to a sketch (it is most of the time)
+    iterations, levels = (15, 2) if quick else (100, 4)
+    detailed = explainer.deep_dream_image(net, scores, labels, num_iterations=iterations, pyramid_levels=levels,
                                           random_state=0, verbose=False)
     fig, axes = plt.subplots(2, 3, figsize=(10, 7))
     for k, name in enumerate(labels):
-        for row, imgs, what in ((0, plain, "10 iterations, 3 levels"), (1, detailed, "100 iterations, 4 levels")):
+        for row, imgs, what in ((0, plain, "10 iterations, 3 levels"),
+                                (1, detailed, f"{iterations} iterations, {levels} levels")):
             axes[row, k].imshow(imgs[k])
             axes[row, k].set_title(f"{name}\n{what}", fontsize=8)
             axes[row, k].axis("off")
