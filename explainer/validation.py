@@ -9,24 +9,25 @@ from typing import Iterable, Sequence
 from .errors import InvalidParameterError, InvalidParameterTypeError
 
 
-def _fail(where: str, name: str, allowed: str, value, type_error: bool = False):
+def refuse(where: str, name: str, allowed: str, value, type_error: bool = False):
+    """Raise the one message format for a refused parameter."""
     cls = InvalidParameterTypeError if type_error else InvalidParameterError
     raise cls(f"{where}: {name} must be {allowed}; got {value!r}.")
 
 
 def check_choice(where: str, name: str, value, allowed: Sequence):
     if not isinstance(value, str) or value not in allowed:
-        _fail(where, name, "one of " + ", ".join(repr(a) for a in allowed), value,
+        refuse(where, name, "one of " + ", ".join(repr(a) for a in allowed), value,
               type_error=not isinstance(value, str))
     return value
 
 
 def check_int(where: str, name: str, value, *, minimum=None, maximum=None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        _fail(where, name, "an integer", value, type_error=True)
+        refuse(where, name, "an integer", value, type_error=True)
     value = int(value)
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        _fail(where, name, f"an integer in [{minimum if minimum is not None else '-inf'}, "
+        refuse(where, name, f"an integer in [{minimum if minimum is not None else '-inf'}, "
                            f"{maximum if maximum is not None else 'inf'}]", value)
     return value
 
@@ -34,12 +35,12 @@ def check_int(where: str, name: str, value, *, minimum=None, maximum=None) -> in
 def check_float(where: str, name: str, value, *, minimum=None, maximum=None,
                 min_inclusive=True) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        _fail(where, name, "a number", value, type_error=True)
+        refuse(where, name, "a number", value, type_error=True)
     value = float(value)
     low_ok = minimum is None or (value >= minimum if min_inclusive else value > minimum)
     if value != value or not low_ok or (maximum is not None and value > maximum):
         lo = "[" if min_inclusive else "("
-        _fail(where, name, f"a number in {lo}{minimum if minimum is not None else '-inf'}, "
+        refuse(where, name, f"a number in {lo}{minimum if minimum is not None else '-inf'}, "
                            f"{maximum if maximum is not None else 'inf'}]", value)
     return value
 
@@ -48,7 +49,7 @@ def check_batch_size(where: str, value) -> "int | str":
     if value == "auto":
         return value
     if isinstance(value, str):
-        _fail(where, "batch_size", "'auto' or a positive integer", value)
+        refuse(where, "batch_size", "'auto' or a positive integer", value)
     return check_int(where, "batch_size", value, minimum=1, maximum=65536)
 
 

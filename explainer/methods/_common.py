@@ -44,3 +44,12 @@ def finish(maps: list[np.ndarray], is_batch: bool, several: bool, method: str):
     if len({m.shape for m in out}) == 1:
         return np.stack(out)
     return out
+
+
+def fill_colour(mask_value, small: np.ndarray) -> np.ndarray:
+    """The colour hidden pixels take, per channel: the image's mean colour for "auto", else the value
+    the option's declaration validated (one, or one per channel)."""
+    c = small.shape[-1]
+    if isinstance(mask_value, str):  # "auto"
+        return small.reshape(-1, c).mean(axis=0).astype(np.float32)
+    return np.broadcast_to(np.asarray(mask_value, np.float32), (c,)).copy()

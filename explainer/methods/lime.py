@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidParameterError, InvalidParameterTypeError
-from ._common import finish, images_and_labels, resize_map
+from ._common import fill_colour, finish, images_and_labels, resize_map
 from ._perturb import BACKENDS, Canvas, stream_probabilities
 from .registry import FORWARD_ONLY, BatchSize, Choice, Custom, Flag, Float, Int, Optional, PixelValue, Seed, method
 
@@ -298,15 +298,12 @@ def _explain(net, source, indices, *, num_features, num_samples, segmentation, m
 def _fill(mask_value, small: np.ndarray, segments: np.ndarray) -> np.ndarray:
     """What switched-off pixels show: the image's mean colour ('auto'), each segment's own mean colour
     ('segment-mean', the lime package's default hide_color=None) or the validated pixel value(s)."""
-    c = small.shape[-1]
-    if isinstance(mask_value, str):
-        if mask_value == "auto":
-            return small.reshape(-1, c).mean(axis=0)
-        flat = small.reshape(-1, c)  # "segment-mean"
+    if isinstance(mask_value, str) and mask_value == "segment-mean":
+        flat = small.reshape(-1, small.shape[-1])
         counts = np.bincount(segments.ravel())
-        means = np.stack([np.bincount(segments.ravel(), flat[:, i]) / counts for i in range(c)], 1)
+        means = np.stack([np.bincount(segments.ravel(), flat[:, i]) / counts for i in range(flat.shape[1])], 1)
         return means[segments].astype(np.float32)
-    return np.broadcast_to(mask_value, (c,)).astype(np.float32)
+    return fill_colour(mask_value, small)  # the Canvas takes it in float32 either way
 
 
 @method("lime", **METHOD_DECLARATION)

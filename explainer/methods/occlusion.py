@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from ..errors import InvalidParameterError
-from ._common import finish, images_and_labels, resize_map
+from ._common import fill_colour, finish, images_and_labels, resize_map
 from ._perturb import BACKENDS, Canvas, forward_fn, stream_probabilities
 from .registry import FORWARD_ONLY, BatchSize, Choice, Flag, PixelValue, Size, method
 
@@ -76,18 +76,10 @@ def occlusion_sensitivity(net, image, label, *, mask_size="auto", stride="auto",
     maps = []
     for p in pixels:
         small = net.fit_pixels(p)
-        fill = _fill_value(mask_value, small)
+        fill = fill_colour(mask_value, small)
         grid = _drops(net, small, fill, rows, cols, indices, batch, backend, verbose)
         maps.append(_upsample(grid, rows, cols, size, p.shape[:2], output_upsampling))
     return finish(maps, is_batch, several, where)
-
-
-def _fill_value(mask_value, small: np.ndarray) -> np.ndarray:
-    """The fill colour per channel: the image's mean colour for 'auto', else the validated value."""
-    c = small.shape[-1]
-    if isinstance(mask_value, str):  # "auto"
-        return small.reshape(-1, c).mean(axis=0).astype(np.float32)
-    return np.broadcast_to(mask_value, (c,)).astype(np.float32)
 
 
 def _drops(net, small, fill, rows, cols, indices, batch, backend, verbose):

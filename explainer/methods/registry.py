@@ -13,14 +13,13 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ..errors import InvalidParameterError, InvalidParameterTypeError
-from ..validation import closest
+from ..validation import check_batch_size, check_choice, check_float, check_int, closest, refuse
 
 FORWARD_ONLY, GRADIENT = "forward-only", "gradient"
 KINDS = (FORWARD_ONLY, GRADIENT)
@@ -29,11 +28,6 @@ KINDS = (FORWARD_ONLY, GRADIENT)
 #: folder is found without being named here, and listed after them
 DISPLAY_ORDER = ("gradcam", "gradcam_plus_plus", "score_cam", "occlusion", "lime", "rise", "kernel_shap",
                  "gradient", "guided_backprop", "integrated_gradients", "smoothgrad")
-
-
-def _fail(where: str, name: str, allowed: str, value, type_error: bool = False):
-    cls = InvalidParameterTypeError if type_error else InvalidParameterError
-    raise cls(f"{where}: {name} must be {allowed}; got {value!r}.")
 
 
 # options ------------------------------------------------------------------------------------------
@@ -101,12 +95,7 @@ class Int(Option):
                 f"{self.maximum if self.maximum is not None else 'inf'}]")
 
     def check(self, where, value, net=None):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            _fail(where, self.name, "an integer", value, type_error=True)
-        value = int(value)
-        if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):
-            _fail(where, self.name, self.describe(), value)
-        return value
+        return check_int(where, self.name, value, minimum=self.minimum, maximum=self.maximum)
 
     def invalid(self) -> list:
         out = [1.5, "many", True]
@@ -127,13 +116,8 @@ class Float(Option):
                 f"{self.maximum if self.maximum is not None else 'inf'}]")
 
     def check(self, where, value, net=None):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            _fail(where, self.name, "a number", value, type_error=True)
-        value = float(value)
-        low_ok = self.minimum is None or (value >= self.minimum if self.min_inclusive else value > self.minimum)
-        if value != value or not low_ok or (self.maximum is not None and value > self.maximum):
-            _fail(where, self.name, self.describe(), value)
-        return value
+        return check_float(where, self.name, value, minimum=self.minimum, maximum=self.maximum,
+                           min_inclusive=self.min_inclusive)
 
     def invalid(self) -> list:
         out = ["high", float("nan"), None]
@@ -175,9 +159,7 @@ class Choice(Option):
         return "one of " + ", ".join(repr(c) for c in self.choices)
 
     def check(self, where, value, net=None):
-        if not isinstance(value, str) or value not in self.choices:
-            _fail(where, self.name, self.describe(), value, type_error=not isinstance(value, str))
-        return value
+        return check_choice(where, self.name, value, self.choices)
 
     def parse(self, text: str):
         return text.strip()
@@ -192,7 +174,7 @@ class Flag(Option):
 
     def check(self, where, value, net=None):
         if not isinstance(value, (bool, np.bool_)):
-            _fail(where, self.name, self.describe(), value, type_error=True)
+            refuse(where, self.name, self.describe(), value, type_error=True)
         return bool(value)
 
     def invalid(self) -> list:
@@ -205,9 +187,9 @@ class Seed(Option):
 
     def check(self, where, value, net=None):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
-            _fail(where, self.name, "None or an integer", value, type_error=True)
+            refuse(where, self.name, "None or an integer", value, type_error=True)
         if value is not None and not 0 <= int(value) < 2 ** 32:
-            _fail(where, self.name, "None or an integer in [0, 2**32)", value)
+            refuse(where, self.name, "None or an integer in [0, 2**32)", value)
         return None if value is None else int(value)
 
     def invalid(self) -> list:
@@ -219,11 +201,7 @@ class BatchSize(Option):
         return "'auto' or an integer in [1, 65536]"
 
     def check(self, where, value, net=None):
-        if value == "auto":
-            return value
-        if isinstance(value, str):
-            _fail(where, self.name, self.describe(), value)
-        return Int(1, 65536).bind(self.name, None).check(where, value)
+        return check_batch_size(where, value)
 
     def invalid(self) -> list:
         return ["fast", 0, 2.5]
@@ -238,14 +216,13 @@ class Size(Option):
     def check(self, where, value, net=None):
         if isinstance(value, str):
             if value != "auto":
-                _fail(where, self.name, self.describe(), value)
+                refuse(where, self.name, self.describe(), value)
             return value
         if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
             value = (value, value)
         if not isinstance(value, (tuple, list)) or len(value) != 2:
-            _fail(where, self.name, self.describe(), value, type_error=True)
-        positive = Int(1).bind(self.name, None)
-        return tuple(positive.check(where, v) for v in value)
+            refuse(where, self.name, self.describe(), value, type_error=True)
+        return tuple(check_int(where, self.name, v, minimum=1) for v in value)
 
     def invalid(self) -> list:
         return ["big", 0, (3, 0), (1, 2, 3), 2.5]
@@ -265,15 +242,15 @@ class PixelValue(Option):
     def check(self, where, value, net=None):
         if isinstance(value, str):
             if value not in self.words:
-                _fail(where, self.name, self.describe(), value)
+                refuse(where, self.name, self.describe(), value)
             return value
         try:
             array = np.atleast_1d(np.asarray(value, dtype=np.float64))
         except (TypeError, ValueError):
-            _fail(where, self.name, self.describe(), value, type_error=True)
+            refuse(where, self.name, self.describe(), value, type_error=True)
         channels = net.input.channels if net is not None else 3
         if array.ndim != 1 or len(array) not in (1, channels) or not np.all((array >= 0) & (array <= 255)):
-            _fail(where, self.name, self.describe(), value)
+            refuse(where, self.name, self.describe(), value)
         return array
 
     def invalid(self) -> list:
@@ -290,7 +267,7 @@ class LayerName(Option):
         if value is None:
             return None
         if not isinstance(value, str):
-            _fail(where, self.name, self.describe(), value, type_error=True)
+            refuse(where, self.name, self.describe(), value, type_error=True)
         if net is not None:
             from ..errors import UnknownLayerError
 

@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from ._common import finish, images_and_labels, resize_map
+from ._common import fill_colour, finish, images_and_labels, resize_map
 from ._perturb import BACKENDS, stream_probabilities
 from .registry import FORWARD_ONLY, BatchSize, Choice, Flag, Float, Int, PixelValue, Seed, method
 
@@ -111,18 +111,10 @@ def rise(net, image, label, *, num_masks=2000, grid_size=7, keep_probability=0.5
     maps = []
     for p in pixels:
         small = net.fit_pixels(p)
-        sal = _saliency(net, small, _fill(mask_value, small), masks, indices, batch, backend, verbose,
+        sal = _saliency(net, small, fill_colour(mask_value, small), masks, indices, batch, backend, verbose,
                         centred=estimator == "centred")
         maps.append(resize_map(sal, p.shape[:2]))
     return finish(maps, is_batch, several, where)
-
-
-def _fill(mask_value, small: np.ndarray) -> np.ndarray:
-    """The fill colour per channel: validated already (``PixelValue``), "auto" resolved here."""
-    c = small.shape[-1]
-    if isinstance(mask_value, str):
-        return small.reshape(-1, c).mean(axis=0).astype(np.float32)
-    return np.broadcast_to(np.asarray(mask_value, np.float32), (c,)).copy()
 
 
 def _saliency(net, small, fill, masks: RiseMasks, indices, batch, backend, verbose, centred=False) -> np.ndarray:

@@ -56,6 +56,22 @@ class OrtEngine:
             options.inter_op_num_threads = 1
         return options
 
+    def _serialised(self, extra: Sequence[str]) -> bytes:
+        """The model's bytes with ``extra`` tensors as further graph outputs (typed from shape
+        inference); they are added for the serialisation only, so the weights are not copied."""
+        outputs = self.model.graph.output
+        with self._lock:
+            if extra and self._types is None:
+                self._types = infer_shapes(self.model)
+            for name in extra:
+                vi = self._types.get(name)
+                elem = vi.type.tensor_type.elem_type if vi is not None else onnx.TensorProto.FLOAT
+                outputs.append(onnx.helper.make_tensor_value_info(name, elem or 1, None))
+            try:
+                return self.model.SerializeToString()
+            finally:
+                del outputs[len(self.default_outputs):]
+
     @property
     def on_cuda(self) -> bool:
         return "CUDAExecutionProvider" in self.providers
@@ -80,18 +96,7 @@ class OrtEngine:
             return self._sessions[key]
         import onnxruntime as ort
 
-        outputs = self.model.graph.output
-        with self._lock:  # outputs added for the serialisation only: the weights are not copied
-            if extra and self._types is None:
-                self._types = infer_shapes(self.model)
-            for name in extra:
-                vi = self._types.get(name)
-                elem = vi.type.tensor_type.elem_type if vi is not None else onnx.TensorProto.FLOAT
-                outputs.append(onnx.helper.make_tensor_value_info(name, elem or 1, None))
-            try:
-                data = self.model.SerializeToString()
-            finally:
-                del outputs[len(self.default_outputs):]
+        data = self._serialised(extra)
         if self.on_cuda:
             sess = _quiet_session(data, self.providers)
         else:
@@ -109,15 +114,8 @@ class OrtEngine:
 
         options = self._session_options()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        with self._lock:
-            extra = [o for o in dict.fromkeys(outputs) if o not in self.default_outputs]
-            graph_outputs = self.model.graph.output
-            graph_outputs.extend(onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in extra)
-            try:
-                data = self.model.SerializeToString()
-            finally:
-                del graph_outputs[len(self.default_outputs):]
-        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        extra = [o for o in dict.fromkeys(outputs) if o not in self.default_outputs]
+        session = ort.InferenceSession(self._serialised(extra), options, providers=["CPUExecutionProvider"])
         return session.run(list(outputs), {self.input_name: batch})
 
     @property
