@@ -6,31 +6,58 @@
 """
 from __future__ import annotations
 
-from . import errors, evaluate, limits
+from . import errors, limits, threads
 from .errors import ExplainerError
-from .methods.deepdream import deep_dream_image
-from .methods.gradcam import gradcam, gradcam_layers
-from .methods.gradcam_plus_plus import gradcam_plus_plus
-from .methods.gradients import gradient_attribution
-from .methods.guided_backprop import guided_backprop
-from .methods.integrated_gradients import integrated_gradients
-from .methods.kernel_shap import kernel_shap, kernel_shap_explanation
-from .methods.lime import image_lime, lime_explanation
-from .methods.occlusion import occlusion_sensitivity
-from .methods.registry import get_method, list_methods
-from .methods.rise import rise
-from .methods.saliency import saliency
-from .methods.score_cam import score_cam
-from .methods.smoothgrad import smoothgrad
-from .model import Classifier, Layer, Prediction, Preprocessing
-from .samples import sample_image
-from .viz import imtile, mat2gray, overlay, plot_maps
+
+threads.prefer_passive_openmp()  # before anything imports torch: see explainer/threads.py
+
+#: public name -> the module that defines it. Imported on first use (PEP 562), so that ``import
+#: explainer`` and ``explainer --help`` do not pay for torch, onnxruntime and every method (seconds).
+_LAZY = {
+    "evaluate": None,
+    "deep_dream_image": "methods.deepdream",
+    "gradcam": "methods.gradcam", "gradcam_layers": "methods.gradcam",
+    "gradcam_plus_plus": "methods.gradcam_plus_plus",
+    "gradient_attribution": "methods.gradients",
+    "guided_backprop": "methods.guided_backprop",
+    "integrated_gradients": "methods.integrated_gradients",
+    "kernel_shap": "methods.kernel_shap", "kernel_shap_explanation": "methods.kernel_shap",
+    "image_lime": "methods.lime", "lime_explanation": "methods.lime",
+    "occlusion_sensitivity": "methods.occlusion",
+    "get_method": "methods.registry", "list_methods": "methods.registry",
+    "rise": "methods.rise",
+    "saliency": "methods.saliency",
+    "score_cam": "methods.score_cam",
+    "smoothgrad": "methods.smoothgrad",
+    "Classifier": "model", "Layer": "model", "Prediction": "model", "Preprocessing": "model",
+    "sample_image": "samples",
+    "imtile": "viz", "mat2gray": "viz", "overlay": "viz", "plot_maps": "viz", "map_figure": "viz",
+    "top_k_figure": "viz",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'explainer' has no attribute {name!r}")
+    import importlib
+
+    module = _LAZY[name]
+    value = importlib.import_module(f".{module or name}", __name__)
+    if module is not None:
+        value = getattr(value, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 
 
 def load(source=None, *, preprocessing=None, labels=None, input_layout=None, device="auto",
-         batch_size="auto", allow_external_data=True, torch_device="auto") -> Classifier:
+         batch_size="auto", allow_external_data=True, torch_device="auto") -> "Classifier":
     """Load an ONNX image classifier.
 
     source: a path, bytes, an ``onnx.ModelProto``, a registry name (``explainer.zoo.registry.REGISTRY``)
@@ -41,6 +68,7 @@ def load(source=None, *, preprocessing=None, labels=None, input_layout=None, dev
     from it; the arguments override. ``device`` picks onnxruntime's execution provider (forward
     methods); ``torch_device`` the device of the converted module (gradient methods, ``backend="torch"``).
     """
+    from .model import Classifier
     from .model.load import load_model
 
     loaded = load_model(source, allow_external_data=allow_external_data)
@@ -53,5 +81,5 @@ __all__ = ["load", "list_methods", "get_method",
            "kernel_shap_explanation", "score_cam",
            "gradcam", "gradcam_plus_plus", "gradcam_layers", "gradient_attribution", "saliency", "guided_backprop",
            "integrated_gradients", "smoothgrad", "deep_dream_image",
-           "sample_image", "plot_maps", "imtile", "mat2gray", "overlay", "evaluate",
+           "sample_image", "plot_maps", "map_figure", "top_k_figure", "imtile", "mat2gray", "overlay", "evaluate",
            "Classifier", "Layer", "Prediction", "Preprocessing", "ExplainerError", "errors", "limits"]

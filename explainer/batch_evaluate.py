@@ -46,7 +46,7 @@ def evaluate_folder(net, folder, *, methods=("gradcam", "occlusion", "lime"), cs
                     deletion_baseline="zero", verbose=True) -> str:
     """Append a CSV row per image and method (skipping those already there for this deletion
     baseline), then return the summary table."""
-    from tqdm.auto import tqdm
+    from . import progress
 
     from .evaluate import deletion, insertion
 
@@ -75,7 +75,7 @@ def evaluate_folder(net, folder, *, methods=("gradcam", "occlusion", "lime"), cs
         if new_file:
             writer.writeheader()
             f.flush()
-        for path in tqdm(images, desc="images", disable=not verbose):
+        for path in progress.bar(images, desc="images", unit="img", verbose=verbose, leave=True):
             todo = [m for m in methods if (path.name, m, deletion_baseline) not in done]
             if not todo:
                 continue

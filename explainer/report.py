@@ -60,15 +60,19 @@ def resolve_labels(net, image, spec: str) -> list[int]:
     return out
 
 
+DPI = 150
+
+
 def explain(net, image, *, methods=DEFAULT_METHODS, labels="top3", out_dir="explanations", evaluate: bool = True,
             deletion_baseline: str = "zero", options=None, verbose: bool = True) -> Path:
     """Compute the maps and write the report; returns the path of index.html. ``methods``: names of
     the method registry (``explainer.list_methods()``); ``options``: {method: {option: value}};
-    ``deletion_baseline``: what the deletion curves fill removed pixels with (see ``explainer.evaluate``)."""
+    ``deletion_baseline``: what the deletion curves fill removed pixels with (see ``explainer.evaluate``).
+    One progress bar counts the phases (a method, then the deletion/insertion curves of each label)."""
     from PIL import Image
 
+    from . import progress
     from .methods.registry import get_method
-    from .viz import overlay
 
     if isinstance(methods, str) or not methods:
         raise InvalidParameterError(f"explain: methods must be a non-empty list of method names; got {methods!r}.")
@@ -88,21 +92,29 @@ def explain(net, image, *, methods=DEFAULT_METHODS, labels="top3", out_dir="expl
     indices = resolve_labels(net, image, labels) if isinstance(labels, str) else \
         net.class_indices(labels, "labels")[0]
     probs = net.predict(image)
-    top = net.top_k(image, 5)
+    top = net.top_k(image, min(5, len(net.class_names)))
     results = []
-    for name in methods:
-        start = time.perf_counter()
-        maps, params = run_method(net, name, image, indices, verbose, **dict(options.get(name, {})))
-        seconds = time.perf_counter() - start
-        maps = np.asarray(maps).reshape(len(indices), *pixels.shape[:2])
-        files, metrics = [], []
-        for k, idx in enumerate(indices):
-            file = f"{name}_{idx}.png"
-            Image.fromarray(overlay(image, maps[k])).save(out / file)
-            files.append(file)
-            if evaluate:
-                metrics.append(_metrics(net, image, maps[k], idx, out, f"{name}_{idx}", deletion_baseline))
-        results.append(dict(method=name, params=params, seconds=seconds, files=files, metrics=metrics))
+    phases = progress.bar(total=len(methods) * (1 + (len(indices) if evaluate else 0)), desc="explain",
+                          unit="phase", verbose=verbose, leave=True)
+    with phases:
+        for name in methods:
+            phases.set_description_str(f"explain: {name}")
+            start = time.perf_counter()
+            maps, params = run_method(net, name, image, indices, verbose, **dict(options.get(name, {})))
+            seconds = time.perf_counter() - start
+            phases.update()
+            maps = np.asarray(maps).reshape(len(indices), *pixels.shape[:2])
+            files, metrics = [], []
+            for k, idx in enumerate(indices):
+                file = f"{name}_{idx}.png"
+                _map_figure(net, image, maps[k], name, idx, params).savefig(out / file, dpi=DPI, bbox_inches="tight")
+                files.append(file)
+                if evaluate:
+                    phases.set_description_str(f"explain: deletion/insertion of {name}, {net.class_names[idx]}")
+                    metrics.append(_metrics(net, image, maps[k], idx, out, f"{name}_{idx}", deletion_baseline))
+                    phases.update()
+            results.append(dict(method=name, params=params, seconds=seconds, files=files, metrics=metrics))
+        phases.set_description_str("explain")
     page = _html(net, top, probs, indices, results)
     (out / "index.html").write_text(page, encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(dict(
@@ -111,33 +123,43 @@ def explain(net, image, *, methods=DEFAULT_METHODS, labels="top3", out_dir="expl
     return out / "index.html"
 
 
+def _map_figure(net, image, m, name, idx, params):
+    """The map over the image with its colour bar; titled with the method, the class and, for a method
+    with a layer, what the layer is."""
+    from .viz import map_figure
+
+    title = f"{name}: {net.class_names[idx]}"
+    layer = params.get("feature_layer")
+    if isinstance(layer, str):
+        title += f"\non {layer}: {net.describe_layer(layer)}"
+    return map_figure(image, m, title)
+
+
 def _metrics(net, image, saliency, label, out, stem, deletion_baseline):
     """Deletion/insertion AUC and a curve PNG."""
     from .evaluate import deletion, insertion
+    from .viz import figure
 
     d = deletion(net, image, saliency, label, baseline=deletion_baseline, verbose=False)
     i = insertion(net, image, saliency, label, verbose=False)
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(3.2, 2.4))
+    fig = figure(3.6, 2.6)
+    ax = fig.subplots()
     ax.plot(d.fractions, d.scores, label=f"deletion ({deletion_baseline}) AUC {d.auc:.3f}")
     ax.plot(i.fractions, i.scores, label=f"insertion AUC {i.auc:.3f}")
-    ax.set_xlabel("fraction of pixels")
-    ax.set_ylabel("probability")
+    ax.set_xlabel("fraction of pixels", fontsize=8)
+    ax.set_ylabel("probability", fontsize=8)
+    ax.tick_params(labelsize=7)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / f"{stem}_curves.png", dpi=80)
-    plt.close(fig)
+    fig.savefig(out / f"{stem}_curves.png", dpi=DPI)
     return {"deletion_auc": d.auc, "deletion_baseline": deletion_baseline, "insertion_auc": i.auc,
             "curves": f"{stem}_curves.png"}
 
 
 def _html(net, top, probs, indices, results) -> str:
+    from .pages import page, score_table
+
     esc = html.escape
-    rows = "".join(f"<tr><td>{r + 1}</td><td>{esc(p.label)}</td><td>{p.score:.4f}</td></tr>" for r, p in enumerate(top))
     sections = []
     for k, idx in enumerate(indices):
         cells = []
@@ -146,22 +168,19 @@ def _html(net, top, probs, indices, results) -> str:
             extra = ""
             if m:
                 extra = (f"<br>deletion ({m['deletion_baseline']}) AUC {m['deletion_auc']:.3f} · "
-                         f"insertion AUC {m['insertion_auc']:.3f}"
-                         f"<br><img src=\"{esc(m['curves'])}\" alt=\"curves\" width=\"240\">")
-            cells.append(f"<figure><img src=\"{esc(r['files'][k])}\" alt=\"{esc(r['method'])}\" width=\"300\">"
+                         f"insertion AUC {m['insertion_auc']:.3f} (lower deletion and higher insertion are "
+                         f"more faithful)<br><img src=\"{esc(m['curves'])}\" alt=\"deletion and insertion curves\" "
+                         f"width=\"300\">")
+            cells.append(f"<figure><img src=\"{esc(r['files'][k])}\" alt=\"{esc(r['method'])}\" width=\"380\">"
                          f"<figcaption><b>{esc(r['method'])}</b> · {r['seconds']:.2f} s{extra}</figcaption></figure>")
-        sections.append(f"<h2>{esc(net.class_names[idx])} (p = {probs[idx]:.4f})</h2><div class=\"row\">{''.join(cells)}</div>")
-    params = "".join(f"<li><b>{esc(r['method'])}</b>: {esc(json.dumps(r['params']))} — {r['seconds']:.2f} s</li>" for r in results)
-    return f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>onnx-explainer: {esc(net.name)}</title>
-<style>body{{font-family:sans-serif;margin:24px}} .row{{display:flex;flex-wrap:wrap;gap:12px}}
-figure{{margin:0}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px}}</style></head>
-<body><h1>Why did {esc(net.name)} say that?</h1>
-<div class="row"><img src="image.png" alt="image" width="300">
-<table><tr><th>#</th><th>class</th><th>probability</th></tr>{rows}</table></div>
-{''.join(sections)}
-<h2>Parameters and timings</h2><ul>{params}</ul>
-<script>window.addEventListener("load", () => {{ const imgs = [...document.images];
-document.body.dataset.imagesLoaded = imgs.filter(i => i.naturalWidth > 0).length + "/" + imgs.length; }});</script>
-</body></html>
-"""
+        sections.append(f"<section><h2>{esc(net.class_names[idx])} (p = {probs[idx]:.4f})</h2>"
+                        f"<div class=\"row\">{''.join(cells)}</div></section>")
+    params = "".join(f"<tr><td><b>{esc(r['method'])}</b></td><td><code>{esc(json.dumps(r['params']))}</code></td>"
+                     f"<td class='num'>{r['seconds']:.2f} s</td></tr>" for r in results)
+    body = (f"<section><h2>The image and the top five classes</h2><div class=\"row\">"
+            f"<img src=\"image.png\" alt=\"image\" width=\"300\">{score_table(top)}</div></section>"
+            f"{''.join(sections)}"
+            f"<section><h2>Parameters and timings</h2><table><tr><th>method</th><th>options</th><th>time</th></tr>"
+            f"{params}</table><p>Colours: signed maps (evidence for and against) on a diverging map, red for "
+            f"and blue against, white at 0; unsigned maps on jet; pixel-level maps fade where small.</p></section>")
+    return page(f"Why did {net.name} say that?", "onnx-explainer report", body)

@@ -8,6 +8,8 @@ import time
 import numpy as np
 import pytest
 
+import explainer  # noqa: F401  (first: it chooses OpenMP's wait policy before anything imports torch)
+
 # Tests build models into their own cache, never the user's, and remove it when they end.
 if "ONNX_EXPLAINER_CACHE" not in os.environ:
     os.environ["ONNX_EXPLAINER_CACHE"] = tempfile.mkdtemp(prefix="onnx-explainer-test-cache-")

@@ -51,3 +51,18 @@ def test_unknown_layer_lists_closest(default_net, chelsea):
     name = default_net.layers()[10].name
     with pytest.raises(UnknownLayerError, match="Closest: .*" + name[:8].replace(".", r"\.")):
         default_net.activations(chelsea, name[:-1] + "X")
+
+
+def test_describe_layer_says_what_where_and_what_shape(default_net, chelsea):
+    """Titles say what a layer is: its family's ordinal, op, shape (H x W x C, from its activations)
+    and depth, counted from the graph itself."""
+    convs = [n for n in default_net.model.graph.node if n.op_type == "Conv"]
+    first, middle, last = convs[0], convs[len(convs) // 2], convs[-1]
+    for node, position in ((first, "first conv layer"), (middle, f"conv layer {len(convs) // 2 + 1} of {len(convs)}"),
+                           (last, "last conv layer")):
+        c, h, w = default_net.activations(chelsea, node.name).shape
+        text = default_net.describe_layer(node.name)
+        assert text.startswith(f"{position} (Conv), {h}\u00d7{w}\u00d7{c}, "), text
+        assert text.endswith("% deep")
+    gemm = default_net.describe_layer("/_fc/Gemm")
+    assert gemm.startswith("dense layer (Gemm), 1000") and gemm.endswith("100% deep")

@@ -16,6 +16,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .. import progress
+
 BACKENDS = ("onnxruntime", "torch")
 
 
@@ -94,22 +96,25 @@ class Canvas:
 
 def stream_probabilities(net, make_batch: Callable[[int, int], np.ndarray], total: int, *,
                          batch_size: int, backend: str = "onnxruntime", verbose: bool = True,
-                         desc: str = "", logits: bool = False) -> Iterator[tuple[int, int, np.ndarray]]:
+                         desc: str = "", logits: bool = False,
+                         forward: Callable[[bool], Callable] | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield (start, stop, probabilities) for perturbed images ``0 .. total-1`` in batches, in order
-    (``logits``: pre-softmax scores instead, see ``forward_fn``)."""
-    from tqdm.auto import tqdm
-
+    (``logits``: pre-softmax scores instead, see ``forward_fn``). ``forward(single_thread)``, when
+    given, replaces ``forward_fn``: it returns the function that maps what ``make_batch`` returns to
+    probabilities (occlusion's incremental path feeds mask positions through it)."""
+    if forward is None:
+        forward = lambda single_thread: forward_fn(net, backend, single_thread=single_thread, logits=logits)  # noqa: E731
     spans = [(start, min(start + batch_size, total)) for start in range(0, total, batch_size)]
     streams = min(net.ort.parallel_streams() if backend == "onnxruntime" else 1, len(spans))
-    with tqdm(total=total, desc=desc, unit="img", disable=not verbose, leave=False) as bar:
+    with progress.bar(total=total, desc=desc, unit="img", verbose=verbose) as bar:
         if streams <= 1:
-            run = forward_fn(net, backend, logits=logits)
+            run = forward(False)
             for start, stop in spans:
                 probs = run(make_batch(start, stop))
                 bar.update(stop - start)
                 yield start, stop, probs
             return
-        run = forward_fn(net, backend, single_thread=True, logits=logits)
+        run = forward(True)
         work = lambda span: run(make_batch(*span))  # noqa: E731
         pool = ThreadPoolExecutor(streams, thread_name_prefix="explainer-stream")
         try:

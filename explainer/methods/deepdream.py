@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import progress
 from ..errors import InvalidParameterError, InvalidParameterTypeError
 from ..model.torch_engine import torch_engine
 from ..validation import check_choice, check_float, check_int
@@ -85,11 +86,7 @@ def deep_dream_image(net, layer, channels, *, num_iterations=10, pyramid_levels=
     idx = torch.arange(k, device=x.device)
     chan_t = torch.as_tensor(chans, device=x.device)
     gen = torch.Generator().manual_seed(int(rng.integers(2 ** 31)))
-    if verbose:
-        print("|==============================================|")
-        print("|  Iteration  |  Activation  |  Pyramid Level  |")
-        print("|             |   Strength   |                 |")
-        print("|==============================================|")
+    bar = progress.bar(total=len(sizes) * num_iterations, desc="deep dream", verbose=verbose)
     for level, size in enumerate(sizes):
         x = F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 255)
         for it in range(num_iterations):
@@ -119,10 +116,11 @@ def deep_dream_image(net, layer, channels, *, num_iterations=10, pyramid_levels=
             x = (x + STEP * grad / scale).clamp(0, 255)
             if blur:
                 x = _gaussian_blur(x, blur)
-            if verbose:
-                print(f"|  {it + 1:9d}  |  {float(strength.detach().mean()):10.2f}  |  {level + 1:13d}  |")
-    if verbose:
-        print("|==============================================|")
+            # MATLAB prints a table of these; a bar's note keeps them on one line
+            bar.set_postfix_str(f"level {level + 1}/{len(sizes)}, activation strength "
+                                f"{float(strength.detach().mean()):.2f}", refresh=False)
+            bar.update()
+    bar.close()
     out = x.detach().permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
     if output_scaling == "linear":
         for i in range(k):

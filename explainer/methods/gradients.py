@@ -59,13 +59,6 @@ def _nothing():
     yield
 
 
-def progress(iterable, desc: str, verbose: bool, unit: int = 1):
-    """A progress bar over batches of ``unit`` passes each (silent with verbose=False)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, disable=not verbose, leave=False, unit=f"x{unit}" if unit > 1 else "it")
-
-
 def gradient_maps(net, image, label, where: str, raw) -> np.ndarray:
     """Maps from ``raw(engine, x, indices)``: per image, the sum over channels of |attribution|,
     rescaled to [0, 1] per map; (H, W), (K, H, W), or one per image of a batch."""

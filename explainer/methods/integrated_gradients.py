@@ -9,7 +9,8 @@ import numbers
 import numpy as np
 
 from ..errors import InvalidParameterError
-from .gradients import class_gradients, gradient_maps, progress
+from .. import progress
+from .gradients import class_gradients, gradient_maps
 from .registry import GRADIENT, BatchSize, Choice, Custom, Flag, Int, method
 
 RULES = ("gausslegendre", "riemann_trapezoid")
@@ -70,7 +71,8 @@ def raw(engine, x, indices, *, steps, rule, baseline, batch_size, verbose):
     alphas, weights = rule_points(steps, rule)
     total = torch.zeros((len(indices), *x.shape[1:]), dtype=torch.float64, device=x.device)
     jobs = [(a, w, j) for a, w in zip(alphas, weights) for j in range(len(indices))]
-    for start in progress(range(0, len(jobs), batch), "integrated gradients", verbose, unit=batch):
+    for start in progress.bar(range(0, len(jobs), batch), desc="integrated gradients", verbose=verbose,
+                              unit=f"x{batch}" if batch > 1 else "it"):
         part = jobs[start:start + batch]
         xs = torch.cat([base + float(a) * (x - base) for a, _, _ in part])
         g = class_gradients(engine, xs, [indices[j] for _, _, j in part], guided=False).double()

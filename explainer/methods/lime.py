@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import progress
 from ..errors import InvalidParameterError, InvalidParameterTypeError
 from ._common import fill_colour, finish, images_and_labels, resize_map
 from ._perturb import BACKENDS, Canvas, stream_probabilities
@@ -238,8 +239,6 @@ def _explain(net, source, indices, *, num_features, num_samples, segmentation, m
              mask_value, kernel_width, stop_tolerance, stop_top_k, batch, backend, random_state,
              verbose) -> LimeExplanation:
     """LIME for one canonical image (H x W x C pixels, 0..255) and class indices."""
-    from tqdm.auto import tqdm
-
     small = net.fit_pixels(source)
     segments = segment(small, segmentation, num_features)
     n_feat = int(segments.max()) + 1
@@ -264,7 +263,7 @@ def _explain(net, source, indices, *, num_features, num_samples, segmentation, m
     used, reason, checked = num_samples, "", 0
     # LIME drives its own bar (the stream's is off) to show the checks and why sampling stopped; the
     # line stays on screen when there is a reason to read
-    with tqdm(total=num_samples, desc="LIME", unit="img", disable=not verbose, leave=stopping) as bar, \
+    with progress.bar(total=num_samples, desc="LIME", unit="img", verbose=verbose) as bar, \
             closing(stream_probabilities(net, make_batch, num_samples, batch_size=batch, backend=backend,
                                          verbose=False)) as stream:
         for start, stop, p in stream:
@@ -287,7 +286,9 @@ def _explain(net, source, indices, *, num_features, num_samples, segmentation, m
         if stopping and not reason:
             reason = f"drew all {num_samples}: " + (f"top-{k} not stable at the last check ({checked})" if checked
                                                     else "too few for a stop check")
-        if reason:
+        if used < num_samples:
+            bar.stopped_early(reason)
+        elif reason:
             bar.set_postfix_str(reason)
     samples, probs, weights_k = samples[:used], probs[:used], all_weights[:used]
     importance = fit_surrogate(samples, probs.astype(np.float64), weights_k, model, random_state)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 
-from .gradients import class_gradients, gradient_maps, progress
+from .. import progress
+from .gradients import class_gradients, gradient_maps
 from .registry import GRADIENT, BatchSize, Flag, Float, Int, Seed, method
 
 DEFAULT_BATCH = 16
@@ -23,7 +24,8 @@ def raw(engine, x, indices, *, samples, noise_level, random_state, batch_size, v
     noise = torch.normal(0.0, noise_level * 255.0, size=(samples, *x.shape[1:]), generator=generator).to(x.device)
     total = torch.zeros((len(indices), *x.shape[1:]), dtype=torch.float64, device=x.device)
     jobs = [(s, j) for j in range(len(indices)) for s in range(samples)]
-    for start in progress(range(0, len(jobs), batch), "smoothgrad", verbose, unit=batch):
+    for start in progress.bar(range(0, len(jobs), batch), desc="smoothgrad", verbose=verbose,
+                              unit=f"x{batch}" if batch > 1 else "it"):
         part = jobs[start:start + batch]
         xs = torch.stack([x[0] + noise[s] for s, _ in part])
         g = class_gradients(engine, xs, [indices[j] for _, j in part], guided=False).abs().double()

@@ -373,6 +373,12 @@ class Classifier:
             raise InvalidParameterError(not_a_feature_map(where, layer))
         return found
 
+    def describe_layer(self, name: str) -> str:
+        """What a layer is, in words, for titles: 'first conv layer (Conv), 112×112×32, 2% deep'."""
+        from .describe import describe_layer
+
+        return describe_layer(self, name)
+
     def layer(self, name: str) -> Layer:
         """A layer by node name or by tensor name; unknown names list the closest ones."""
         if not isinstance(name, str):

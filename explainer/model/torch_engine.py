@@ -8,6 +8,7 @@ converted graph. Gradients therefore reach the image the user passed, through ev
 """
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 import weakref
@@ -35,60 +36,67 @@ def _torch():
     return torch
 
 
-class PixelModel(_torch().nn.Module):
-    """Pixels (N, C, h, w) in 0..255, RGB → logits (N, K) of the converted graph."""
+@functools.cache
+def pixel_model_class():
+    """The ``PixelModel`` class, defined on first use: subclassing ``torch.nn.Module`` at import would
+    make every ``import explainer`` (and ``explainer --help``) pay for importing torch."""
 
-    def __init__(self, graph_module, spec, preprocessing, logits_index: int, one_at_a_time: bool = False):
-        super().__init__()
-        torch = _torch()
-        self.graph = graph_module
-        self.one_at_a_time = one_at_a_time
-        self.size = spec.size
-        self.nhwc = spec.layout == "NHWC"
-        c = spec.channels
-        self.to_gray = c == 1
-        self.bgr = preprocessing.channel_order == "BGR" and c == 3
-        mean = preprocessing.mean if len(preprocessing.mean) == 3 else preprocessing.mean * 3
-        std = preprocessing.std if len(preprocessing.std) == 3 else preprocessing.std * 3
-        if self.bgr:
-            mean, std = mean[::-1], std[::-1]  # applied before the flip, so in RGB order
-        self.register_buffer("mean", torch.tensor(mean[:c] if c == 3 else mean[:1], dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std[:c] if c == 3 else std[:1], dtype=torch.float32).view(1, -1, 1, 1))
-        self.scale = float(preprocessing.scale)
-        self.logits_index = logits_index
+    class PixelModel(_torch().nn.Module):
+        """Pixels (N, C, h, w) in 0..255, RGB → logits (N, K) of the converted graph."""
 
-    def model_input(self, pixels):
-        torch = _torch()
-        F = torch.nn.functional
-        # one memory layout whatever the caller passes (a permuted HWC array is channels-last): the
-        # kernels, and so the float rounding that decides ReLU gates near zero, are then the same
-        x = pixels.contiguous()
-        if tuple(x.shape[-2:]) != tuple(self.size):
-            x = F.interpolate(x, size=self.size, mode="bicubic", antialias=True, align_corners=False)
-            x = x.clamp(0.0, 255.0)
-        if self.to_gray and x.shape[1] == 3:
-            x = (x * torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        elif not self.to_gray and x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = (x * self.scale - self.mean) / self.std
-        if self.bgr:
-            x = x.flip(1)
-        if self.nhwc:
-            x = x.permute(0, 2, 3, 1)
-        return x
+        def __init__(self, graph_module, spec, preprocessing, logits_index: int, one_at_a_time: bool = False):
+            super().__init__()
+            torch = _torch()
+            self.graph = graph_module
+            self.one_at_a_time = one_at_a_time
+            self.size = spec.size
+            self.nhwc = spec.layout == "NHWC"
+            c = spec.channels
+            self.to_gray = c == 1
+            self.bgr = preprocessing.channel_order == "BGR" and c == 3
+            mean = preprocessing.mean if len(preprocessing.mean) == 3 else preprocessing.mean * 3
+            std = preprocessing.std if len(preprocessing.std) == 3 else preprocessing.std * 3
+            if self.bgr:
+                mean, std = mean[::-1], std[::-1]  # applied before the flip, so in RGB order
+            self.register_buffer("mean", torch.tensor(mean[:c] if c == 3 else mean[:1], dtype=torch.float32).view(1, -1, 1, 1))
+            self.register_buffer("std", torch.tensor(std[:c] if c == 3 else std[:1], dtype=torch.float32).view(1, -1, 1, 1))
+            self.scale = float(preprocessing.scale)
+            self.logits_index = logits_index
 
-    def forward(self, pixels):
-        return self.logits(self.model_input(pixels))
+        def model_input(self, pixels):
+            torch = _torch()
+            F = torch.nn.functional
+            # one memory layout whatever the caller passes (a permuted HWC array is channels-last): the
+            # kernels, and so the float rounding that decides ReLU gates near zero, are then the same
+            x = pixels.contiguous()
+            if tuple(x.shape[-2:]) != tuple(self.size):
+                x = F.interpolate(x, size=self.size, mode="bicubic", antialias=True, align_corners=False)
+                x = x.clamp(0.0, 255.0)
+            if self.to_gray and x.shape[1] == 3:
+                x = (x * torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            elif not self.to_gray and x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)
+            x = (x * self.scale - self.mean) / self.std
+            if self.bgr:
+                x = x.flip(1)
+            if self.nhwc:
+                x = x.permute(0, 2, 3, 1)
+            return x
 
-    def logits(self, x):
-        """Logits (N, K) for a batch in the graph's input form; a graph that keeps its exported batch
-        of 1 runs image by image (gradients flow through the concatenation)."""
-        if self.one_at_a_time and len(x) > 1:
-            return _torch().cat([self.logits(x[i:i + 1]) for i in range(len(x))])
-        out = self.graph(x)
-        if isinstance(out, (tuple, list)):
-            out = out[self.logits_index]
-        return out.reshape(out.shape[0], -1)
+        def forward(self, pixels):
+            return self.logits(self.model_input(pixels))
+
+        def logits(self, x):
+            """Logits (N, K) for a batch in the graph's input form; a graph that keeps its exported batch
+            of 1 runs image by image (gradients flow through the concatenation)."""
+            if self.one_at_a_time and len(x) > 1:
+                return _torch().cat([self.logits(x[i:i + 1]) for i in range(len(x))])
+            out = self.graph(x)
+            if isinstance(out, (tuple, list)):
+                out = out[self.logits_index]
+            return out.reshape(out.shape[0], -1)
+
+    return PixelModel
 
 
 class TorchEngine:
@@ -137,7 +145,7 @@ class TorchEngine:
         for node in model.graph.node:
             for k, out in enumerate(node.output):
                 self.producers[out] = (node.name, k)
-        self.pixel_model = PixelModel(graph_module, net.input, net.preprocessing, outputs.index(safe_logits),
+        self.pixel_model = pixel_model_class()(graph_module, net.input, net.preprocessing, outputs.index(safe_logits),
                                       one_at_a_time).eval()
         self.pixel_model.to(self.device)
         self.max_relative_error = self._check_against_onnxruntime(logits)
