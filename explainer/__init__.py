@@ -31,6 +31,7 @@ _LAZY = {
     "smoothgrad": "methods.smoothgrad",
     "Classifier": "model", "Layer": "model", "Prediction": "model", "Preprocessing": "model",
     "sample_image": "samples",
+    "explain_dataset": "dataset",
     "imtile": "viz", "mat2gray": "viz", "overlay": "viz", "plot_maps": "viz", "map_figure": "viz",
     "top_k_figure": "viz",
 }
@@ -76,7 +77,7 @@ def load(source=None, *, preprocessing=None, labels=None, input_layout=None, dev
                       device=device, batch_size=batch_size, torch_device=torch_device)
 
 
-__all__ = ["load", "list_methods", "get_method",
+__all__ = ["load", "list_methods", "get_method", "explain_dataset",
            "occlusion_sensitivity", "image_lime", "lime_explanation", "rise", "kernel_shap",
            "kernel_shap_explanation", "score_cam",
            "gradcam", "gradcam_plus_plus", "gradcam_layers", "gradient_attribution", "saliency", "guided_backprop",

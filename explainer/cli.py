@@ -112,6 +112,31 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    from .dataset import explain_dataset
+    from .dataset.summary import markdown
+
+    ray = args.ray is not None
+    summary = explain_dataset(args.source, _load(args), methods=_method_names(args.methods), labels=args.labels,
+                              metrics=tuple(m for m in args.metrics.split(",") if m.strip()), out=args.out,
+                              engine="ray" if ray else "local", ray_address=(args.ray or None) if ray else None,
+                              workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                              resume=not args.no_resume, options=_method_options(args.set), steps=args.steps,
+                              deletion_baseline=args.deletion_baseline, path_column=args.path_column,
+                              verbose=not args.quiet)
+    print(markdown(summary), end="")
+    return 0
+
+
+def _workers(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'auto' or an integer is needed; got {text!r}") from None
+
+
 def _deletion_baseline_arg(p) -> None:
     p.add_argument("--deletion-baseline", default="zero", choices=("zero", "black", "blur", "impute"),
                    help="what removed pixels become in deletion curves: zero (RISE), black, blur, or impute "
@@ -172,6 +197,30 @@ def build_parser(describe_methods: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     _model_arg(p)
     p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("batch", help="explain and score a whole image folder or list: Parquet rows + summary, "
+                                     "resumable, locally or on Ray")
+    p.add_argument("source", help="a folder (recursive), a .txt/.csv list of paths, or a .parquet/.csv table")
+    p.add_argument("--out", required=True, help="output folder (rows/, errors/, summary.json, summary.md)")
+    p.add_argument("--methods", default="gradcam", help=_methods_help(describe_methods))
+    p.add_argument("--set", action="append", metavar="METHOD.OPTION=VALUE", help="an option of one method (repeatable)")
+    p.add_argument("--labels", default="top1", help="topK, or comma-separated class names or indices")
+    p.add_argument("--metrics", default="deletion,insertion", help="comma-separated: deletion, insertion ('' for none)")
+    p.add_argument("--steps", type=int, default=50, help="points per deletion/insertion curve")
+    _deletion_baseline_arg(p)
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on Ray: a cluster's address (ray://host:10001 or host:6379), or none for a local Ray")
+    p.add_argument("--workers", type=_workers, default="auto", help="Ray actors (auto: one per CPU, or per GPU share)")
+    p.add_argument("--gpus-per-worker", type=float, default=0)
+    p.add_argument("--path-column", default=None, help="the image-path column of a table source")
+    p.add_argument("--no-resume", action="store_true", help="refuse an output folder that holds results")
+    p.add_argument("--quiet", action="store_true")
+    _model_arg(p)
+    p.set_defaults(func=cmd_batch)
+    from .serve import cli as serve_cli  # argparse only: the service's own imports wait for run()
+
+    p = sub.add_parser("serve", help="an HTTP service and an interactive page next to the model (FastAPI)")
+    serve_cli.add_arguments(p)
+    p.set_defaults(func=serve_cli.run)
     return parser
 
 

@@ -1,0 +1,19 @@
+"""The local engine: one process streams the images through ``explain_image`` and the store, one
+image in memory at a time."""
+from __future__ import annotations
+
+from .. import progress
+from .plan import explain_image
+
+
+def run_local(net, refs, total: int, plan, store, verbose: bool = True) -> None:
+    """Explain ``refs`` in order; finished images are written whatever stops the loop (an interrupt
+    leaves a readable, resumable folder)."""
+    try:
+        with progress.bar(total=total, desc="images", unit="img", verbose=verbose, leave=True) as bar:
+            for ref in refs:
+                result = explain_image(net, ref, plan)
+                store.add(result.rows, result.errors)
+                bar.update()
+    finally:
+        store.flush()
