@@ -1,6 +1,8 @@
 """``explainer evaluate DIR``: deletion and insertion AUC of several methods for every image of a
-folder. Each finished image appends its rows to a CSV at once, so an interrupted run loses nothing and
-a rerun skips what is done; a summary (mean ± sd per method) closes the run."""
+folder, on the dataset machinery (``explain_dataset``: validated plan, typed error rows, resume). The
+rows are kept as a Parquet dataset beside the CSV (one per deletion baseline) and exported to the CSV
+as they are; an interrupted run exports what it finished, and a rerun does only what is missing. A
+summary (mean ± sd per method) closes the run. ``random`` (a registered method) is the chance level."""
 from __future__ import annotations
 
 import csv
@@ -10,93 +12,83 @@ import numpy as np
 
 from .errors import InvalidParameterError
 from .evaluate import DELETION_BASELINES
-from .io import ALLOWED_FORMATS
 from .validation import check_choice
 
 FIELDS = ["image", "method", "label", "deletion_baseline", "deletion_auc", "insertion_auc"]
-SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm"}
-
-
-#: a baseline beside the registered methods: a random map (what chance scores)
-RANDOM = "random"
-
-
-def _map(net, method, image, label):
-    if method == RANDOM:
-        from .io import to_pixels
-
-        return np.random.default_rng(0).random(to_pixels(image).shape[:2]).astype(np.float32)
-    from .report import run_method
-
-    return run_method(net, method, image, label, verbose=False)[0]
 
 
 def _canonical(method: str, strict: bool = True) -> str:
     from .methods.registry import get_method
 
     try:
-        return method if method == RANDOM else get_method(method, "evaluate").name
+        return get_method(method, "evaluate").name
     except InvalidParameterError:
         if strict:
             raise
         return method
 
 
+def _csv_rows(csv_path: Path) -> list[dict]:
+    if not csv_path.is_file():
+        return []
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames and reader.fieldnames != FIELDS:
+            raise InvalidParameterError(
+                f"evaluate: {str(csv_path)!r} has columns {reader.fieldnames}, not {FIELDS}; pass another "
+                "--csv path (or move the old file) to start a new evaluation.")
+        return list(reader)
+
+
+def dataset_folder(csv_path: Path, deletion_baseline: str) -> Path:
+    """Where the Parquet rows of one deletion baseline are kept, beside the CSV."""
+    return csv_path.with_name(f"{csv_path.stem}-{deletion_baseline}")
+
+
 def evaluate_folder(net, folder, *, methods=("gradcam", "occlusion", "lime"), csv_path=None, steps=50,
                     deletion_baseline="zero", verbose=True) -> str:
-    """Append a CSV row per image and method (skipping those already there for this deletion
-    baseline), then return the summary table."""
-    from . import progress
-
-    from .evaluate import deletion, insertion
+    """Evaluate every image of ``folder`` (recursively) with each method on its top-1 class, append the
+    new rows to the CSV, and return the summary table."""
+    from .dataset import explain_dataset
 
     folder = Path(folder)
     if not folder.is_dir():
         raise InvalidParameterError(f"evaluate: {str(folder)!r} is not a folder.")
     check_choice("evaluate", "deletion_baseline", deletion_baseline, DELETION_BASELINES)
     methods = [_canonical(m) for m in methods]  # every name validated before any work
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES and p.is_file())
-    if not images:
-        raise InvalidParameterError(f"evaluate: no images ({', '.join(ALLOWED_FORMATS)}) in {str(folder)!r}.")
     csv_path = Path(csv_path) if csv_path else folder / "explainer_evaluation.csv"
-    done = set()
-    if csv_path.is_file():
-        with open(csv_path, newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames and reader.fieldnames != FIELDS:
-                raise InvalidParameterError(
-                    f"evaluate: {str(csv_path)!r} has columns {reader.fieldnames}, not {FIELDS}; pass another "
-                    "--csv path (or move the old file) to start a new evaluation.")
-            # names written before the registry ("guided-backprop") count under today's names
-            done = {(r["image"], _canonical(r["method"], strict=False), r["deletion_baseline"]) for r in reader}
-    new_file = not csv_path.is_file()
-    with open(csv_path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new_file:
-            writer.writeheader()
-            f.flush()
-        for path in progress.bar(images, desc="images", unit="img", verbose=verbose, leave=True):
-            todo = [m for m in methods if (path.name, m, deletion_baseline) not in done]
-            if not todo:
-                continue
-            label = net.top_k(path, 1)[0]
-            rows = []
-            for method in todo:
-                saliency = _map(net, method, path, label.index)
-                removed = deletion(net, path, saliency, label.index, steps=steps, baseline=deletion_baseline,
-                                   verbose=False)
-                inserted = insertion(net, path, saliency, label.index, steps=steps, verbose=False)
-                rows.append(dict(image=path.name, method=method, label=label.label,
-                                 deletion_baseline=deletion_baseline, deletion_auc=f"{removed.auc:.6f}",
-                                 insertion_auc=f"{inserted.auc:.6f}"))
-            writer.writerows(rows)  # one image at a time: an interruption keeps every finished image
-            f.flush()
+    _csv_rows(csv_path)  # a CSV of another format is refused before any work
+    out = dataset_folder(csv_path, deletion_baseline)
+    try:
+        explain_dataset(folder, net, methods=methods, labels="top1", metrics=("deletion", "insertion"), out=out,
+                        steps=steps, deletion_baseline=deletion_baseline, verbose=verbose)
+    finally:  # an interruption exports what finished
+        _export(out, csv_path, deletion_baseline)
     return summarise(csv_path)
 
 
+def _export(out: Path, csv_path: Path, deletion_baseline: str) -> None:
+    """Append the rows of the dataset folder that the CSV lacks."""
+    from .dataset import read_rows
+
+    if not out.is_dir():
+        return
+    # names written before the registry ("guided-backprop") count under today's names
+    have = {(r["image"], _canonical(r["method"], strict=False), r["deletion_baseline"]) for r in _csv_rows(csv_path)}
+    rows = read_rows(out, columns=["image_id", "method", "label_name", "deletion_auc", "insertion_auc"])
+    new = [dict(image=r.image_id, method=r.method, label=r.label_name, deletion_baseline=deletion_baseline,
+                deletion_auc=f"{r.deletion_auc:.6f}", insertion_auc=f"{r.insertion_auc:.6f}")
+           for r in rows.itertuples() if (r.image_id, r.method, deletion_baseline) not in have]
+    first = not csv_path.is_file()
+    with open(csv_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if first:
+            writer.writeheader()
+        writer.writerows(new)
+
+
 def summarise(csv_path) -> str:
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = _csv_rows(Path(csv_path))
     lines = ["| method | deletion baseline | images | deletion AUC (lower is better) | "
              "insertion AUC (higher is better) |", "|---|---|---|---|---|"]
     for method, baseline in dict.fromkeys((r["method"], r["deletion_baseline"]) for r in rows):

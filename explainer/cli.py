@@ -190,7 +190,7 @@ def build_parser(describe_methods: bool = False) -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="deletion/insertion AUC per image of a folder (CSV, resumable)")
     p.add_argument("folder")
     p.add_argument("--methods", default="gradcam,occlusion,lime",
-                   help=_methods_help(describe_methods) + "; also random (a chance baseline)")
+                   help=_methods_help(describe_methods) + " (random: the chance level)")
     p.add_argument("--csv", default=None, help="CSV path (default: FOLDER/explainer_evaluation.csv)")
     p.add_argument("--steps", type=int, default=50)
     _deletion_baseline_arg(p)

@@ -48,7 +48,7 @@ FAMILIES = {
                                                               num_heads=(1, 2, 4, 8))),
     "mobilevit_xxs": ("timm", "mobilevit_xxs", {}),
     "levit_128s": ("timm", "levit_128s", {}),
-    "cait_xxs24": ("timm", "cait_xxs24_224", {}),  # class-attention blocks at the end
+    "cait_xxs24": ("timm", "cait_xxs24_224", dict(depth=4)),  # 4 of its 24 blocks, then class attention
     "edgenext_xx_small": ("timm", "edgenext_xx_small", {}),  # F.normalize: Clip(x, eps, "")
 }
 

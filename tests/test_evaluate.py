@@ -129,25 +129,21 @@ def test_randomising_top_layers_changes_gradient_maps(default_net, chelsea):
     assert all(c < 0.9 for c in correlations.values()), correlations
 
 
-def test_folder_evaluation_resumes(tmp_path, chelsea, coffee, default_net, monkeypatch):
+def test_folder_evaluation_resumes(tmp_path, chelsea, coffee, default_net):
+    from explainer import progress
+
     Image.fromarray(chelsea).save(tmp_path / "a.png")
     Image.fromarray(coffee).save(tmp_path / "b.png")
-    real = batch_evaluate._map
-    calls = []
 
-    def flaky(net, method, image, label):
-        calls.append((str(image), method))
-        if str(image).endswith("b.png"):
-            raise KeyboardInterrupt  # the run is interrupted on the second image
-        return real(net, method, image, label)
+    def interrupt_after_one(step):
+        if step.desc == "images" and step.done == 1:
+            raise KeyboardInterrupt  # the run is interrupted after the first image
 
-    monkeypatch.setattr(batch_evaluate, "_map", flaky)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), progress.observe(interrupt_after_one):
         batch_evaluate.evaluate_folder(default_net, tmp_path, methods=["gradcam", "random"], steps=10, verbose=False)
     with open(tmp_path / "explainer_evaluation.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["image"], r["method"]) for r in rows] == [("a.png", "gradcam"), ("a.png", "random")]
-    monkeypatch.setattr(batch_evaluate, "_map", real)
     summary = batch_evaluate.evaluate_folder(default_net, tmp_path, methods=["gradcam", "random"], steps=10,
                                              verbose=False)
     with open(tmp_path / "explainer_evaluation.csv") as f:
@@ -155,6 +151,12 @@ def test_folder_evaluation_resumes(tmp_path, chelsea, coffee, default_net, monke
     assert sorted((r["image"], r["method"]) for r in rows) == [
         ("a.png", "gradcam"), ("a.png", "random"), ("b.png", "gradcam"), ("b.png", "random")]
     assert "| gradcam | zero | 2 |" in summary and "±" in summary
+    # the AUCs are the library's own on the image's top-1 class
+    label = default_net.top_k(chelsea, 1)[0].index
+    direct = explainer.evaluate.deletion(default_net, chelsea / 255.0, explainer.gradcam(default_net, chelsea / 255.0, label),
+                                         label, steps=10, verbose=False).auc
+    row = next(r for r in rows if r["image"] == "a.png" and r["method"] == "gradcam")
+    assert float(row["deletion_auc"]) == pytest.approx(direct, abs=1e-6)
     # another deletion baseline is another evaluation: new rows, summarised apart
     summary = batch_evaluate.evaluate_folder(default_net, tmp_path, methods=["gradcam"], steps=4,
                                              deletion_baseline="impute", verbose=False)

@@ -104,3 +104,15 @@ def test_the_readme_table_is_the_registry():
     start = readme.index("<!-- methods table")
     table = readme[readme.index("\n", start) + 1:readme.index("<!-- end of methods table -->")]
     assert table == registry.methods_table(), "regenerate the README table with registry.methods_table()"
+
+
+def test_random_baseline_is_numpys_generator(default_net, chelsea):
+    """The chance-level method draws numpy's generator in order: per pixel, or a grid upsampled."""
+    from explainer.methods._common import resize_map
+
+    h, w = chelsea.shape[:2]
+    maps = explainer.get_method("random")(default_net, chelsea, [1, 2], random_state=3)
+    np.testing.assert_array_equal(maps, np.random.default_rng(3).random((2, h, w)).astype(np.float32))
+    smooth = explainer.get_method("random")(default_net, chelsea, 5, cells=7, random_state=3)
+    expected = resize_map(np.random.default_rng(3).random((1, 7, 7)).astype(np.float32), (h, w))[0]
+    np.testing.assert_array_equal(smooth, expected)

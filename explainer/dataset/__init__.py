@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import InvalidParameterError
 from .plan import METRICS, Plan
 from .sources import Source
-from .store import Store, map_of
+from .store import ALL, Store, map_of
 
 ENGINES = ("local", "ray")
 
@@ -52,8 +52,13 @@ def explain_dataset(source, net_or_model=None, *, methods=("gradcam",), labels="
     plan = Plan.validated(net, methods, labels, metrics, options, steps, deletion_baseline)
     store = Store(out, resume=resume)
     done = store.done()
-    total = sum(1 for ref in images if ref.id not in done)  # a pass over the names only: the bar's total
-    todo = (ref for ref in images if ref.id not in done)  # streamed: memory does not grow with the images
+
+    def missing(ref):
+        have = done.get(ref.id, ())
+        return () if ALL in have else tuple(m for m in plan.methods if m not in have)
+
+    total = sum(1 for ref in images if missing(ref))  # a pass over the names only: the bar's total
+    todo = ((ref, missing(ref)) for ref in images if missing(ref))  # streamed, with what each image lacks
     if engine == "local":
         from .local import run_local
 

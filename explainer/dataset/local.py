@@ -7,12 +7,12 @@ from .plan import explain_image
 
 
 def run_local(net, refs, total: int, plan, store, verbose: bool = True) -> None:
-    """Explain ``refs`` in order; finished images are written whatever stops the loop (an interrupt
+    """Explain ``refs`` ((image ref, methods to run) pairs) in order; finished images are written whatever stops the loop (an interrupt
     leaves a readable, resumable folder)."""
     try:
         with progress.bar(total=total, desc="images", unit="img", verbose=verbose, leave=True) as bar:
-            for ref in refs:
-                result = explain_image(net, ref, plan)
+            for ref, methods in refs:
+                result = explain_image(net, ref, plan, methods=methods)
                 store.add(result.rows, result.errors)
                 bar.update()
     finally:

@@ -88,8 +88,8 @@ def error_row(ref: ImageRef, exc: BaseException, method: str | None = None) -> d
                 message=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
-def explain_image(net, ref: ImageRef, plan: Plan, worker: str = "local") -> ImageResult:
-    """The rows of one image: one per (label, method). Errors of the library (a corrupt image, a bomb,
+def explain_image(net, ref: ImageRef, plan: Plan, worker: str = "local", methods=None) -> ImageResult:
+    """The rows of one image: one per (label, method) of ``methods`` (default: the plan's). Errors of the library (a corrupt image, a bomb,
     non-finite outputs) become error rows; anything else is a bug and propagates."""
     from ..evaluate import deletion, insertion
     from ..io import to_pixels
@@ -108,7 +108,7 @@ def explain_image(net, ref: ImageRef, plan: Plan, worker: str = "local") -> Imag
                top_k_scores=[float(probs[i]) for i in order])
     h, w = net.input.size
     rows, errors = [], []
-    for name in plan.methods:
+    for name in plan.methods if methods is None else methods:
         options = plan.options.get(name, {})
         start = time.perf_counter()
         try:

@@ -45,8 +45,10 @@ class ExplainActor:
         from .store import error_schema, rows_table
 
         kinds, payloads = [], []
-        for image_id, path in zip(batch["id"].to_pylist(), batch["path"].to_pylist()):
-            result = explain_image(self.net, ImageRef(image_id, path), self.plan, worker=self.worker)
+        for image_id, path, methods in zip(batch["id"].to_pylist(), batch["path"].to_pylist(),
+                                           batch["methods"].to_pylist()):
+            result = explain_image(self.net, ImageRef(image_id, path), self.plan, worker=self.worker,
+                                   methods=methods)
             for kind, table in (("rows", rows_table(result.rows) if result.rows else None),
                                 ("errors", pa.Table.from_pylist(result.errors, schema=error_schema())
                                  if result.errors else None)):
@@ -89,10 +91,10 @@ def run_ray(net, refs, total: int, plan, store, *, address=None, workers="auto",
             cpus = int(ray.cluster_resources().get("CPU", 1))
             workers = max(1, cpus if not gpus_per_worker else int(ray.cluster_resources().get("GPU", 1) / gpus_per_worker))
         model = ray.put(net.source_model.SerializeToString())
-        ds = ray.data.from_items([{"id": r.id, "path": r.path} for r in refs])
+        ds = ray.data.from_items([{"id": r.id, "path": r.path, "methods": list(m)} for r, m in refs])
         out = ds.map_batches(ExplainActor, fn_constructor_kwargs=dict(model=model, load_options=_load_options(net),
                                                                        plan=plan),
-                             batch_size=1, batch_format="pyarrow", concurrency=workers,
+                             batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
                              num_gpus=gpus_per_worker or None, num_cpus=1)
         seen: set[str] = set()
         pending: dict[str, list] = {"rows": [], "errors": []}

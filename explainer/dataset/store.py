@@ -17,6 +17,9 @@ import numpy as np
 
 from ..errors import InvalidParameterError
 
+#: in ``Store.done``: the image failed as a whole (it could not be read), so no method is left to do
+ALL = "*"
+
 
 def row_schema():
     import pyarrow as pa
@@ -84,15 +87,18 @@ class Store:
         self._count = 0
         self._parts = 0
 
-    def done(self) -> set[str]:
-        """Ids of the images this folder has rows or errors of (the ones a resumed run skips)."""
+    def done(self) -> dict[str, set]:
+        """{image id: the methods it has rows or errors of}; an image that failed as a whole (an error
+        with no method) maps to ``ALL``. A resumed run does only what is missing."""
         import pyarrow.parquet as pq
 
-        ids: set[str] = set()
+        found: dict[str, set] = {}
         for d in ("rows", "errors"):
             for part in sorted((self.out / d).glob("part-*.parquet")):
-                ids.update(pq.read_table(part, columns=["image_id"]).column(0).to_pylist())
-        return ids
+                table = pq.read_table(part, columns=["image_id", "method"]).to_pydict()
+                for image_id, method in zip(table["image_id"], table["method"]):
+                    found.setdefault(image_id, set()).add(ALL if method is None else method)
+        return found
 
     def add(self, rows: list[dict], errors: list[dict]) -> None:
         """One image's rows and errors (kept together: a part holds whole images)."""
