@@ -39,10 +39,14 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'explainer' has no attribute {name!r}")
     import importlib
+    import importlib.util
 
+    if name not in _LAZY:
+        # a subpackage or module (explainer.dataset, explainer.model, ...), imported on first use too
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)
+        raise AttributeError(f"module 'explainer' has no attribute {name!r}")
     module = _LAZY[name]
     value = importlib.import_module(f".{module or name}", __name__)
     if module is not None:

@@ -92,3 +92,12 @@ def test_help_and_argument_errors_import_nothing_heavy(argv):
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("RC") and last.split(" ", 2)[1] in ("0", "2"), out.stdout[-500:] + out.stderr[-500:]
     assert last.endswith("[]"), last
+
+
+def test_the_package_loads_what_is_used_on_first_use():
+    """``import explainer`` is light; public names and subpackages load when first touched."""
+    code = ("import sys, explainer; light = 'torch' not in sys.modules; "
+            "print(light, callable(explainer.gradcam), callable(explainer.dataset.map_of), "
+            "callable(explainer.model.preprocess.resize), hasattr(explainer, 'no_such_name'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "True", "True", "True", "False"], out.stderr[-800:]
