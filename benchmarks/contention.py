@@ -109,34 +109,43 @@ def main(argv=None) -> int:
     parser.add_argument("--suite-args", default="", help="pytest arguments for the suite runs")
     parser.add_argument("--quick", action="store_true", help="the walkthrough's --quick variant")
     parser.add_argument("--load", type=int, default=CORES, help="busy processes (default: one per core)")
+    parser.add_argument("--parts", default="cli,dream,walkthrough",
+                        help="what to measure (cli, dream, walkthrough; --suite adds suite); parts not measured "
+                             "keep their figures from the last results file")
     args = parser.parse_args(argv)
-    rows: dict = dict(cores=CORES, load_processes=args.load, machine=platform.platform(),
-                      python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M"))
+    parts = set(args.parts.split(",")) | ({"suite"} if args.suite else set())
+    previous = RESULTS / "contention.json"
+    rows: dict = json.loads(previous.read_text()) if previous.is_file() else {}
+    rows.update(cores=CORES, load_processes=args.load, machine=platform.platform(),
+                python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M"))
 
-    rows["cli"] = {"explainer --help": cli_seconds(["--help"]),
-                   "explainer explain --help": cli_seconds(["explain", "--help"]),
-                   "unknown method": cli_seconds(["explain", "sample:chelsea", "--methods", "nope"]),
-                   "unknown option": cli_seconds(["explain", "sample:chelsea", "--set", "occlusion.strid=3"])}
-    print("cli", rows["cli"], flush=True)
+    if "cli" in parts:
+        rows["cli"] = {"explainer --help": cli_seconds(["--help"]),
+                       "explainer explain --help": cli_seconds(["explain", "--help"]),
+                       "unknown method": cli_seconds(["explain", "sample:chelsea", "--methods", "nope"]),
+                       "unknown option": cli_seconds(["explain", "sample:chelsea", "--set", "occlusion.strid=3"])}
+        print("cli", rows["cli"], flush=True)
 
-    dream = {}
-    for policy in POLICIES:
-        dream[policy] = {"idle": dream_seconds(policy)}
+    if "dream" in parts:
+        dream = {}
+        for policy in POLICIES:
+            dream[policy] = {"idle": dream_seconds(policy)}
+            with busy(args.load):
+                dream[policy]["loaded"] = dream_seconds(policy)
+            dream[policy]["ratio"] = dream[policy]["loaded"] / dream[policy]["idle"]
+            print("deep dream", policy, dream[policy], flush=True)
+        rows["deep_dream_by_policy"] = dream
+
+    if "walkthrough" in parts:
+        idle, idle_steps = walkthrough_seconds(args.quick)
+        print("walkthrough idle", idle, flush=True)
         with busy(args.load):
-            dream[policy]["loaded"] = dream_seconds(policy)
-        dream[policy]["ratio"] = dream[policy]["loaded"] / dream[policy]["idle"]
-        print("deep dream", policy, dream[policy], flush=True)
-    rows["deep_dream_by_policy"] = dream
+            loaded, loaded_steps = walkthrough_seconds(args.quick)
+        print("walkthrough loaded", loaded, flush=True)
+        rows["walkthrough"] = dict(quick=args.quick, idle_s=idle, loaded_s=loaded, ratio=loaded / idle,
+                                   idle_steps=idle_steps, loaded_steps=loaded_steps)
 
-    idle, idle_steps = walkthrough_seconds(args.quick)
-    print("walkthrough idle", idle, flush=True)
-    with busy(args.load):
-        loaded, loaded_steps = walkthrough_seconds(args.quick)
-    print("walkthrough loaded", loaded, flush=True)
-    rows["walkthrough"] = dict(quick=args.quick, idle_s=idle, loaded_s=loaded, ratio=loaded / idle,
-                               idle_steps=idle_steps, loaded_steps=loaded_steps)
-
-    if args.suite:
+    if "suite" in parts:
         logs = Path(tempfile.gettempdir())
         idle, idle_summary = suite_seconds(args.suite_args, logs / "contention-suite-idle.log")
         print("suite idle", idle, idle_summary, flush=True)

@@ -57,7 +57,10 @@ def _run(net, folder, method, engine, workers="auto") -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=24)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of " + ", ".join(METHODS))
+    parser.add_argument("--out", default="dataset", help="results file stem under benchmarks/results/")
     args = parser.parse_args(argv)
+    chosen = [m for m in args.methods.split(",") if m in METHODS]
     import ray
 
     import explainer
@@ -69,7 +72,7 @@ def main(argv=None) -> int:
     ray_start = time.perf_counter() - start
     rows = []
     try:
-        for method in METHODS:
+        for method in chosen:
             local = _run(net, folder, method, "local")
             on_ray = {w: _run(net, folder, method, "ray", workers=w) for w in range(1, CORES + 1)}
             best = min(on_ray.values())
@@ -84,8 +87,8 @@ def main(argv=None) -> int:
     result = dict(date=time.strftime("%Y-%m-%d %H:%M"), cores=CORES, machine=platform.platform(),
                   python=platform.python_version(), ray=ray.__version__, ray_start_s=ray_start, rows=rows)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "dataset.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / "dataset.md").write_text(_markdown(result))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / f"{args.out}.md").write_text(_markdown(result))
     print(_markdown(result))
     return 0
 

@@ -6,10 +6,15 @@
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from . import errors, limits, threads
 from .errors import ExplainerError
 
 threads.prefer_passive_openmp()  # before anything imports torch: see explainer/threads.py
+
+if TYPE_CHECKING:
+    from .model import Classifier
 
 #: public name -> the module that defines it. Imported on first use (PEP 562), so that ``import
 #: explainer`` and ``explainer --help`` do not pay for torch, onnxruntime and every method (seconds).

@@ -128,7 +128,8 @@ def cmd_batch(args) -> int:
     return 0
 
 
-def _workers(text: str):
+def auto_or_int(text: str):
+    """An argparse type: 'auto' or an integer (worker and queue counts)."""
     if text == "auto":
         return text
     try:
@@ -209,7 +210,7 @@ def build_parser(describe_methods: bool = False) -> argparse.ArgumentParser:
     _deletion_baseline_arg(p)
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run on Ray: a cluster's address (ray://host:10001 or host:6379), or none for a local Ray")
-    p.add_argument("--workers", type=_workers, default="auto", help="Ray actors (auto: one per CPU, or per GPU share)")
+    p.add_argument("--workers", type=auto_or_int, default="auto", help="Ray actors (auto: one per node, or one per GPU share)")
     p.add_argument("--gpus-per-worker", type=float, default=0)
     p.add_argument("--path-column", default=None, help="the image-path column of a table source")
     p.add_argument("--no-resume", action="store_true", help="refuse an output folder that holds results")

@@ -29,7 +29,7 @@ def explain_dataset(source, net_or_model=None, *, methods=("gradcam",), labels="
     (None: the embedded default). labels: "top1" (any k) or class names/indices. metrics: deletion,
     insertion (AUC per map; () for none). out: the output folder (Parquet rows and errors, summary).
     engine: "local" (no Ray needed) or "ray" (``ray_address``, else a local Ray; ``workers`` actors,
-    ``gpus_per_worker`` GPUs each). resume: skip images already in ``out``. options: {method: {option:
+    "auto": one per node, or one per ``gpus_per_worker`` GPUs). resume: skip images already in ``out``. options: {method: {option:
     value}}. batch_size: the classifier's forward batch size when a model is loaded here.
     """
     from ..validation import check_choice

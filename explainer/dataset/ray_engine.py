@@ -81,15 +81,16 @@ def run_ray(net, refs, total: int, plan, store, *, address=None, workers="auto",
     context.enable_progress_bars = False  # ours counts images; Ray Data's would count blocks
     quiet = logging.getLogger("ray.data")
     level = quiet.level
-    quiet.setLevel(logging.WARNING)  # its per-second execution reports, restored when done
+    quiet.setLevel(logging.ERROR)  # its per-second execution reports and notes, restored when done
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                  configure_logging=False)
     try:
-        if workers == "auto":
-            cpus = int(ray.cluster_resources().get("CPU", 1))
-            workers = max(1, cpus if not gpus_per_worker else int(ray.cluster_resources().get("GPU", 1) / gpus_per_worker))
+        if workers == "auto":  # an actor keeps its node's cores busy (one onnxruntime stream per core)
+            nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+            gpus = ray.cluster_resources().get("GPU", 0)
+            workers = max(1, int(gpus / gpus_per_worker) if gpus_per_worker else nodes)
         model = ray.put(net.source_model.SerializeToString())
         ds = ray.data.from_items([{"id": r.id, "path": r.path, "methods": list(m)} for r, m in refs])
         out = ds.map_batches(ExplainActor, fn_constructor_kwargs=dict(model=model, load_options=_load_options(net),

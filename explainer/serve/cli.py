@@ -11,17 +11,9 @@ import os
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
-def _auto_or_int(text: str):
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'auto' or an integer is needed; got {text!r}") from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``explainer serve``."""
+    from ..cli import auto_or_int
     parser.add_argument("model", nargs="?", default=None,
                         help="ONNX file or registry name (default: the embedded EfficientNet-Lite0)")
     parser.add_argument("--host", default="127.0.0.1",
@@ -31,9 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=None,
                         help="bearer token every /v1 request must send (Authorization: Bearer T); default: "
                              "the EXPLAINER_SERVE_TOKEN environment variable, else none")
-    parser.add_argument("--workers", type=_auto_or_int, default="auto",
+    parser.add_argument("--workers", type=auto_or_int, default="auto",
                         help="requests worked on at once (default auto: one per available core)")
-    parser.add_argument("--queue", type=_auto_or_int, default="auto",
+    parser.add_argument("--queue", type=auto_or_int, default="auto",
                         help="requests that may wait for a worker; more get 503 with Retry-After (default "
                              "auto: 4 per worker)")
     parser.add_argument("--time-limit", type=float, default=120.0,
