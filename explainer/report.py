@@ -23,10 +23,7 @@ def run_method(net, name: str, image, labels, verbose: bool = True, **options):
     from .methods.registry import get_method
 
     method = get_method(name, "explain")
-    if method.seeded:
-        options.setdefault("random_state", 0)
-    if "verbose" in method.options:
-        options["verbose"] = verbose
+    options = method.reproducible(options, verbose)
     resolved = method.validate(net, options, "explain")
     maps = method(net, image, labels, **options)
     params = {k: _plain(v) for k, v in resolved.items() if k != "verbose"}

@@ -58,7 +58,7 @@ def explain_dataset(source, net_or_model=None, *, methods=("gradcam",), labels="
         return () if ALL in have else tuple(m for m in plan.methods if m not in have)
 
     total = sum(1 for ref in images if missing(ref))  # a pass over the names only: the bar's total
-    todo = ((ref, missing(ref)) for ref in images if missing(ref))  # streamed, with what each image lacks
+    todo = ((ref, lacking) for ref in images if (lacking := missing(ref)))  # streamed, with what each lacks
     if engine == "local":
         from .local import run_local
 

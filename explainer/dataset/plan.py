@@ -48,11 +48,7 @@ class Plan:
         resolved = {}
         for name in names:
             method = get_method(name)
-            opts = given.get(name, {})
-            if method.seeded:
-                opts.setdefault("random_state", 0)  # one seed: a rerun and a resume give the same maps
-            if "verbose" in method.options:
-                opts["verbose"] = False
+            opts = method.reproducible(given.get(name, {}), verbose=False)  # a resume gives the same maps
             method.validate(net, opts, where)
             resolved[name] = opts
         metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics or ())

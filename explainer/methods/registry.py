@@ -22,6 +22,8 @@ from ..errors import InvalidParameterError, InvalidParameterTypeError
 from ..validation import check_batch_size, check_choice, check_float, check_int, closest, refuse
 
 FORWARD_ONLY, GRADIENT = "forward-only", "gradient"
+#: the seed of seeded methods where the caller gives none (``Method.reproducible``)
+SEED = 0
 KINDS = (FORWARD_ONLY, GRADIENT)
 
 #: the order ``list_methods`` shows the built-in methods in; a method added in a new file of this
@@ -319,6 +321,17 @@ class Method:
     @property
     def seeded(self) -> bool:
         return "random_state" in self.options
+
+    def reproducible(self, options: dict, verbose: bool | None = None) -> dict:
+        """The options as a report, an audit or the service run them: a seeded method gets
+        ``random_state=SEED`` unless one is given (equal runs give equal maps), and ``verbose``, when
+        given and the method declares it, is set."""
+        out = dict(options)
+        if self.seeded:
+            out.setdefault("random_state", SEED)
+        if verbose is not None and "verbose" in self.options:
+            out["verbose"] = verbose
+        return out
 
     def defaults(self) -> dict:
         return {name: option.default for name, option in self.options.items()}

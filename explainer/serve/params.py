@@ -22,13 +22,12 @@ import re
 from dataclasses import dataclass
 
 from ..errors import InvalidParameterError, InvalidParameterTypeError
-from ..methods.registry import Custom, Int, Method, get_method
+from ..methods.registry import SEED, Custom, Int, Method, get_method
 
 #: options the service sets itself: the value it passes
 SERVICE_SET = {"verbose": False}
 #: options the service leaves at their default and refuses in requests
 SERVICE_OWNED = ("verbose", "batch_size")
-SERVICE_SEED = 0
 OUTPUTS = ("maps", "overlays", "heatmaps")
 DEFAULT_OUTPUTS = ("maps", "overlays")
 _TOP = re.compile(r"^top(\d+)$")
@@ -104,9 +103,7 @@ def parse_options(value, methods: list[Method], max_option_value: int) -> dict[s
                                         f"request does not ask for ({', '.join(wanted)}).")
         out[method.name].update(_method_options(method, given, max_option_value))
     for method in methods:
-        if method.seeded and "random_state" not in out[method.name]:
-            out[method.name]["random_state"] = SERVICE_SEED
-        out[method.name].update({k: v for k, v in SERVICE_SET.items() if k in method.options})
+        out[method.name] = method.reproducible(out[method.name], verbose=SERVICE_SET["verbose"])
     return out
 
 
@@ -196,8 +193,8 @@ def describe_methods(max_option_value: int) -> list[dict]:
             if option.name in SERVICE_OWNED:
                 continue
             if option.name == "random_state":
-                described = {**described, "default": SERVICE_SEED,
-                             "service": f"the service seeds with {SERVICE_SEED} unless a request gives one"}
+                described = {**described, "default": SEED,
+                             "service": f"the service seeds with {SEED} unless a request gives one"}
             if isinstance(option, Int) and (option.maximum is None or option.maximum > max_option_value):
                 described = {**described, "service": f"at most {max_option_value} in this service"}
             options.append(described)
