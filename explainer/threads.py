@@ -1,19 +1,21 @@
 """CPU threads that stay fast on a busy machine.
 
-torch's CPU kernels run on OpenMP (libgomp), whose threads by default spin at every barrier waiting
-for each other. On an idle machine that saves microseconds; when other processes hold the cores, a
-spinning thread burns the time slice its partner needs, and every one of the thousands of small
-kernels of a backward pass waits for the scheduler. Measured on 2 cores with 2 busy processes
-(benchmarks/contention.py): deep dream 5.3x (in another run 38x) slower than idle with libgomp's
-default, 2.3x with ``OMP_WAIT_POLICY=PASSIVE`` (waiting threads sleep instead of spinning); two
-busy processes alone make 2x the floor. The price: on an idle machine, torch-heavy work is about 1.5x
-slower (deep dream 4.0 s against 2.6 s), since sleeping threads must be woken for every kernel.
+torch's CPU kernels run on OpenMP (libgomp), whose threads by default spin at every barrier for up
+to 300,000 rounds waiting for each other. On an idle machine that saves microseconds; when other
+processes hold the cores, a spinning thread burns the time slice its partner needs, and every one of
+the thousands of small kernels of a backward pass waits for the scheduler. ``OMP_WAIT_POLICY=PASSIVE``
+makes waiting threads sleep at once. Measured on 2 cores, idle / beside two busy processes
+(benchmarks/contention.py): the walkthrough 63 / 115 s with PASSIVE, 57 / 130 s with a short spin of
+``GOMP_SPINCOUNT=3000`` rounds; deep dream alone (3 classes, 4 levels x 10 iterations) 3.9 / 5.6 s
+with PASSIVE, 3.2 / 7.9 s with the short spin, 2.8 / 12.7 s (and up to 38x in other runs) with
+libgomp's default. PASSIVE costs about 10 % on an idle machine and is the fastest and steadiest
+when the cores are shared, which is where the time goes.
 
-libgomp reads the policy once, when torch is first imported, so it is chosen at ``import explainer``:
-PASSIVE unless the user set ``OMP_WAIT_POLICY`` (their choice wins) or torch was imported before
-explainer (then it is too late). onnxruntime keeps its own thread
-pool: its spinning is bounded, and the batch methods run one single-threaded session per core, which
-has no barriers at all.
+libgomp reads these once, when torch is first imported, so the choice is made at ``import explainer``:
+PASSIVE unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` (their choice wins) or torch was
+imported before explainer (then it is too late). onnxruntime keeps its own thread pool: its spinning
+is bounded, and the batch methods run one single-threaded session per core, which has no barriers at
+all.
 """
 from __future__ import annotations
 
@@ -22,9 +24,9 @@ import sys
 
 
 def prefer_passive_openmp() -> bool:
-    """Set ``OMP_WAIT_POLICY=PASSIVE`` for this process unless the user chose a policy or torch's
-    OpenMP runtime is already loaded; True when it was set here."""
-    if "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
+    """Set ``OMP_WAIT_POLICY=PASSIVE`` for this process unless the user chose a wait policy or spin
+    count or torch's OpenMP runtime is already loaded; True when it was set here."""
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ or "torch" in sys.modules:
         return False
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     return True

@@ -72,6 +72,22 @@ def linear_classifier(k=4, c=3, *, size=(8, 8), layout="NCHW", dtype=TensorProto
     return model, reference
 
 
+def dense_classifier(k=4, c=3, *, size=(16, 16), seed=0) -> onnx.ModelProto:
+    """Conv1x1 -> Relu -> Flatten -> Gemm: scores from every pixel's features, so the graph runs only
+    at its input size (as VGG's and AlexNet's dense layers do)."""
+    w, b = weights(k, c, seed)
+    h, wd = size
+    dense = (0.01 * np.random.default_rng(seed + 1).standard_normal((k, k * h * wd))).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["image", "W", "B"], ["conv"], name="conv1"),
+             helper.make_node("Relu", ["conv"], ["relu"], name="relu1"),
+             helper.make_node("Flatten", ["relu"], ["flat"], name="flatten"),
+             helper.make_node("Gemm", ["flat", "D", "B"], ["logits"], name="dense", transB=1)]
+    inits = [numpy_helper.from_array(w.reshape(k, c, 1, 1), "W"), numpy_helper.from_array(b, "B"),
+             numpy_helper.from_array(dense, "D")]
+    return _model(nodes, [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", c, h, wd])],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", k])], inits)
+
+
 def nhwc_uint8_softmax_variant(model: onnx.ModelProto, mean=127.0, std=128.0) -> onnx.ModelProto:
     """The same classifier behind an NHWC uint8 input with the normalisation inside the graph, and a
     Softmax on the output: what many production exports look like."""

@@ -63,13 +63,15 @@ def pixel_model_class():
             self.scale = float(preprocessing.scale)
             self.logits_index = logits_index
 
-        def model_input(self, pixels):
+        def model_input(self, pixels, native_size: bool = False):
+            """The graph's input for ``pixels``, resized to the graph's input size unless
+            ``native_size`` (for fully convolutional graphs run at another size, as deep dream does)."""
             torch = _torch()
             F = torch.nn.functional
             # one memory layout whatever the caller passes (a permuted HWC array is channels-last): the
             # kernels, and so the float rounding that decides ReLU gates near zero, are then the same
             x = pixels.contiguous()
-            if tuple(x.shape[-2:]) != tuple(self.size):
+            if not native_size and tuple(x.shape[-2:]) != tuple(self.size):
                 x = F.interpolate(x, size=self.size, mode="bicubic", antialias=True, align_corners=False)
                 x = x.clamp(0.0, 255.0)
             if self.to_gray and x.shape[1] == 3:
@@ -83,8 +85,8 @@ def pixel_model_class():
                 x = x.permute(0, 2, 3, 1)
             return x
 
-        def forward(self, pixels):
-            return self.logits(self.model_input(pixels))
+        def forward(self, pixels, native_size: bool = False):
+            return self.logits(self.model_input(pixels, native_size))
 
         def logits(self, x):
             """Logits (N, K) for a batch in the graph's input form; a graph that keeps its exported batch
@@ -149,6 +151,9 @@ class TorchEngine:
                                       one_at_a_time).eval()
         self.pixel_model.to(self.device)
         self.max_relative_error = self._check_against_onnxruntime(logits)
+        #: whether the module runs on images smaller than its input size (fully convolutional, with a
+        #: global pool before the scores); None until deep dream first tries
+        self.runs_at_any_size: bool | None = None
 
     @property
     def net(self):
