@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import InvalidParameterError
 from .evaluate import DELETION_BASELINES
 from .validation import check_choice
+
+if TYPE_CHECKING:
+    from .model.classifier import Classifier
 
 FIELDS = ["image", "method", "label", "deletion_baseline", "deletion_auc", "insertion_auc"]
 
@@ -45,7 +49,7 @@ def dataset_folder(csv_path: Path, deletion_baseline: str) -> Path:
     return csv_path.with_name(f"{csv_path.stem}-{deletion_baseline}")
 
 
-def evaluate_folder(net, folder, *, methods=("gradcam", "occlusion", "lime"), csv_path=None, steps=50,
+def evaluate_folder(net: Classifier, folder, *, methods=("gradcam", "occlusion", "lime"), csv_path=None, steps=50,
                     deletion_baseline="zero", verbose=True) -> str:
     """Evaluate every image of ``folder`` (recursively) with each method on its top-1 class, append the
     new rows to the CSV, and return the summary table."""

@@ -16,6 +16,7 @@ input size; ties in saliency keep raster order); AUC by the trapezoid rule over 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from .io import to_pixels
 from .methods._perturb import BACKENDS, Canvas, stream_probabilities
 from .model.preprocess import resize
 from .validation import check_choice, check_int
+
+if TYPE_CHECKING:
+    from .model.classifier import Classifier
 
 DELETION_BASELINES = ("zero", "black", "blur", "impute")
 INSERTION_BASELINES = ("zero", "black", "blur")
@@ -42,7 +46,7 @@ def _blurred(pixels: np.ndarray) -> np.ndarray:
     return cv2.GaussianBlur(pixels, (11, 11), 5, borderType=cv2.BORDER_REFLECT_101)
 
 
-def _curve(net, image, saliency, label, steps, mode, baseline, batch_size, backend, verbose) -> Curve:
+def _curve(net: Classifier, image, saliency, label, steps, mode, baseline, batch_size, backend, verbose) -> Curve:
     where = mode
     steps = check_int(where, "steps", steps, minimum=1, maximum=1_000_000)
     check_choice(where, "backend", backend, BACKENDS)
@@ -98,7 +102,7 @@ def _curve(net, image, saliency, label, steps, mode, baseline, batch_size, backe
     return Curve(fractions, scores, auc)
 
 
-def _zero_input_pixels(net) -> np.ndarray:
+def _zero_input_pixels(net: Classifier) -> np.ndarray:
     """The pixel colour (RGB, 0..255) that the preprocessing maps to zero."""
     pre = net.preprocessing
     mean = np.broadcast_to(np.asarray(pre.mean, np.float64), (3,))
@@ -108,7 +112,7 @@ def _zero_input_pixels(net) -> np.ndarray:
     return value[:1] if net.input.channels == 1 else value
 
 
-def deletion(net, image, saliency_map, label, *, steps=100, baseline="zero", batch_size="auto",
+def deletion(net: Classifier, image, saliency_map, label, *, steps=100, baseline="zero", batch_size="auto",
              backend="onnxruntime", verbose=True) -> Curve:
     """Probability as the most salient pixels are removed first (to ``baseline``: "zero" (the
     network's zero input, RISE), "black", "blur", "impute" (from the neighbours, ROAD) or pixel
@@ -116,13 +120,13 @@ def deletion(net, image, saliency_map, label, *, steps=100, baseline="zero", bat
     return _curve(net, image, saliency_map, label, steps, "deletion", baseline, batch_size, backend, verbose)
 
 
-def insertion(net, image, saliency_map, label, *, steps=100, baseline="blur", batch_size="auto",
+def insertion(net: Classifier, image, saliency_map, label, *, steps=100, baseline="blur", batch_size="auto",
               backend="onnxruntime", verbose=True) -> Curve:
     """Probability as the most salient pixels are inserted first into ``baseline`` (default blurred)."""
     return _curve(net, image, saliency_map, label, steps, "insertion", baseline, batch_size, backend, verbose)
 
 
-def random_map_auc(net, image, label, *, seeds=10, steps=100, cells=None, deletion_baseline="zero",
+def random_map_auc(net: Classifier, image, label, *, seeds=10, steps=100, cells=None, deletion_baseline="zero",
                    verbose=False) -> dict:
     """Mean deletion and insertion AUC of random maps (the chance level): uniform noise per pixel, or
     with ``cells=n`` an n x n grid of uniform values upsampled (bicubic), whose smoothness matches
@@ -142,7 +146,7 @@ def random_map_auc(net, image, label, *, seeds=10, steps=100, cells=None, deleti
     return {"deletion_auc": float(np.mean(dels)), "insertion_auc": float(np.mean(ins))}
 
 
-def model_randomisation(net, image, label, *, method="gradient", top_layers=3, random_state=0, **kwargs) -> dict:
+def model_randomisation(net: Classifier, image, label, *, method="gradient", top_layers=3, random_state=0, **kwargs) -> dict:
     """Adebayo et al.'s cascading randomisation: re-initialise the last 1..``top_layers`` weighted
     layers (Conv/Gemm/MatMul, from the output backwards) and recompute the map of ``method`` (a name
     of the method registry; ``kwargs`` are its options). Returns, per number

@@ -6,6 +6,7 @@ import html
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,10 +15,13 @@ from .evaluate import DELETION_BASELINES
 from .io import to_pixels
 from .validation import check_choice
 
+if TYPE_CHECKING:
+    from .model.classifier import Classifier
+
 DEFAULT_METHODS = ("gradcam", "occlusion", "lime", "gradient", "guided_backprop")
 
 
-def run_method(net, name: str, image, labels, verbose: bool = True, **options):
+def run_method(net: Classifier, name: str, image, labels, verbose: bool = True, **options):
     """(maps, the options it ran with) for a registered method: seeded methods get random_state=0
     unless given, so that a report is reproducible; the options recorded are the resolved ones."""
     from .methods.registry import get_method
@@ -43,7 +47,7 @@ def _plain(value):
     return value
 
 
-def resolve_labels(net, image, spec: str) -> list[int]:
+def resolve_labels(net: Classifier, image, spec: str) -> list[int]:
     """'top3' (any k) or comma-separated class names / indices → class indices."""
     spec = spec.strip()
     if spec.startswith("top") and spec[3:].isdigit():
@@ -60,7 +64,7 @@ def resolve_labels(net, image, spec: str) -> list[int]:
 DPI = 150
 
 
-def explain(net, image, *, methods=DEFAULT_METHODS, labels="top3", out_dir="explanations", evaluate: bool = True,
+def explain(net: Classifier, image, *, methods=DEFAULT_METHODS, labels="top3", out_dir="explanations", evaluate: bool = True,
             deletion_baseline: str = "zero", options=None, verbose: bool = True) -> Path:
     """Compute the maps and write the report; returns the path of index.html. ``methods``: names of
     the method registry (``explainer.list_methods()``); ``options``: {method: {option: value}};
@@ -120,7 +124,7 @@ def explain(net, image, *, methods=DEFAULT_METHODS, labels="top3", out_dir="expl
     return out / "index.html"
 
 
-def _map_figure(net, image, m, name, idx, params):
+def _map_figure(net: Classifier, image, m, name, idx, params):
     """The map over the image with its colour bar; titled with the method, the class and, for a method
     with a layer, what the layer is."""
     from .viz import map_figure
@@ -132,7 +136,7 @@ def _map_figure(net, image, m, name, idx, params):
     return map_figure(image, m, title)
 
 
-def _metrics(net, image, saliency, label, out, stem, deletion_baseline):
+def _metrics(net: Classifier, image, saliency, label, out, stem, deletion_baseline):
     """Deletion/insertion AUC and a curve PNG."""
     from .evaluate import deletion, insertion
     from .viz import figure
@@ -153,7 +157,7 @@ def _metrics(net, image, saliency, label, out, stem, deletion_baseline):
             "curves": f"{stem}_curves.png"}
 
 
-def _html(net, top, probs, indices, results) -> str:
+def _html(net: Classifier, top, probs, indices, results) -> str:
     from .pages import page, score_table
 
     esc = html.escape

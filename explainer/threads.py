@@ -5,11 +5,12 @@ to 300,000 rounds waiting for each other. On an idle machine that saves microsec
 processes hold the cores, a spinning thread burns the time slice its partner needs, and every one of
 the thousands of small kernels of a backward pass waits for the scheduler. ``OMP_WAIT_POLICY=PASSIVE``
 makes waiting threads sleep at once. Measured on 2 cores, idle / beside two busy processes
-(benchmarks/contention.py): the walkthrough 63 / 115 s with PASSIVE, 57 / 130 s with a short spin of
-``GOMP_SPINCOUNT=3000`` rounds; deep dream alone (3 classes, 4 levels x 10 iterations) 3.9 / 5.6 s
-with PASSIVE, 3.2 / 7.9 s with the short spin, 2.8 / 12.7 s (and up to 38x in other runs) with
-libgomp's default. PASSIVE costs about 10 % on an idle machine and is the fastest and steadiest
-when the cores are shared, which is where the time goes.
+(benchmarks/contention.py, one run each): the walkthrough 66 / 115 s with PASSIVE, 57 / 130 s with a
+short spin of ``GOMP_SPINCOUNT=3000`` rounds; deep dream alone (3 classes, 4 levels x 10 iterations,
+medians of 3) 4.1 / 6.7 s with PASSIVE, 3.0 / 5.8 s with the short spin (in another run 3.0 / 7.9),
+2.4 / 12.3 s with libgomp's default (38x in a first probe). The short spin wins on an idle machine;
+under load PASSIVE won the walkthrough by 15 s and deep dream's two runs were within their noise, so
+PASSIVE, the steadier of the two when the cores are shared, is the default.
 
 libgomp reads these once, when torch is first imported, so the choice is made at ``import explainer``:
 PASSIVE unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` (their choice wins) or torch was

@@ -7,6 +7,10 @@ import html
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .model.classifier import Classifier
 
 
 
@@ -142,7 +146,7 @@ def walkthrough(out_dir="walkthrough", verbose: bool = True, quick: bool = False
     return out / "index.html"
 
 
-def _page(net, top5, figures, timings) -> str:
+def _page(net: Classifier, top5, figures, timings) -> str:
     """The walkthrough's index.html: the scores, each figure with its caption, the timings."""
     from .pages import page, score_table
 

@@ -126,6 +126,13 @@ def test_an_interrupted_run_is_readable_and_a_resume_adds_each_image_once(tiny, 
     kept = again[again.method != "random"].sort_values(["image_id", "method"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(kept.drop(columns="map"), rows.sort_values(["image_id", "method"])
                                   .reset_index(drop=True).drop(columns="map"))
+    # readers leave a job's folder as they find it (a running job may be writing a part beside)
+    writing = out / "rows" / ".part-being-written.tmp"
+    writing.write_bytes(b"half")
+    assert len(read_rows(out)) == 5 * 3 and writing.exists()
+    with pytest.raises(InvalidParameterError, match="not a dataset job's folder"):
+        read_errors(tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()
 
 
 @pytest.mark.slow

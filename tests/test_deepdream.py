@@ -34,7 +34,7 @@ def test_dreams_reach_their_classes(default_net, scores_layer):
 
 @pytest.mark.slow
 def test_pyramid_gives_large_scale_structure(default_net, scores_layer):
-    kw = dict(num_iterations=30, random_state=0, verbose=False)  # 30 x 3 levels: low share 3.0x flat's
+    kw = dict(num_iterations=30, random_state=0, verbose=False)  # 30 x 3 levels: low share 4.5x flat's
     flat = explainer.deep_dream_image(default_net, scores_layer, "tabby", pyramid_levels=1, **kw)[0]
     deep = explainer.deep_dream_image(default_net, scores_layer, "tabby", pyramid_levels=3, **kw)[0]
     assert default_net.predict(deep)[281] > 0.9
@@ -57,11 +57,12 @@ def test_levels_run_at_their_own_size_where_the_graph_allows(default_net, scores
         return sizes
 
     assert set(seen_sizes(default_net, scores_layer)) == {(114, 114), (160, 160), (224, 224)}
-    assert torch_engine(default_net).runs_at_any_size is True
+    tried = torch_engine(default_net).runs_at_size  # the session's net: other tests may have tried more
+    assert {(114, 114), (160, 160)} <= tried.keys() and all(tried.values())
     dense = explainer.load(dense_classifier(), preprocessing="none")
-    sizes = seen_sizes(dense, "logits")  # one try at the first level's size, then the input size
-    assert sizes[0] == (8, 8) and sizes[1:] == [(16, 16)] * 3
-    assert torch_engine(dense).runs_at_any_size is False
+    sizes = seen_sizes(dense, "logits")  # one try at each level's size, then the input size
+    assert sizes == [(8, 8), (16, 16), (11, 11), (16, 16), (16, 16)]
+    assert torch_engine(dense).runs_at_size == {(8, 8): False, (11, 11): False}
 
 
 def test_any_layer_seeded_and_regularised(default_net, capfd):

@@ -156,3 +156,44 @@ def test_hooks_never_leak(default_net, image224, monkeypatch):
     monkeypatch.undo()
     with torch.no_grad():
         np.testing.assert_array_equal(engine.pixel_model(x).numpy(), before.numpy())
+
+
+def test_threads_take_turns_on_one_network(default_net, image224):
+    """Grad-CAM records a layer and guided backpropagation rewrites every ReLU's backward on the
+    module itself, and occlusion on the torch backend runs the same module: threads sharing one
+    network take turns on it, and each gets what it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = {
+        "gradcam": lambda: explainer.gradcam(default_net, image224, "tabby"),
+        "guided": lambda: explainer.gradient_attribution(default_net, image224, "tabby", method="guided-backprop",
+                                                         verbose=False),
+        "occlusion": lambda: explainer.occlusion_sensitivity(default_net, image224, "tabby", mask_size=64, stride=32,
+                                                             backend="torch", batch_size=4, verbose=False),
+    }
+    alone = {name: job() for name, job in jobs.items()}
+    with ThreadPoolExecutor(3) as pool:
+        together = [(name, pool.submit(job)) for _ in range(3) for name, job in jobs.items()]
+        for name, future in together:
+            _close(future.result(), alone[name])
+
+
+def test_tf32_is_off_only_while_the_module_runs_on_cuda(default_net, image224):
+    """TF32 would round the module's CUDA matmuls to 10 bits; the library switches it off around its
+    own work and leaves the user's process-wide choice as it was."""
+    from explainer.model.torch_engine import float32_exact
+
+    backends = torch.backends
+    saved = backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32
+    try:
+        backends.cuda.matmul.allow_tf32 = backends.cudnn.allow_tf32 = True  # the user's choice
+        with float32_exact("cuda"):
+            assert not backends.cuda.matmul.allow_tf32 and not backends.cudnn.allow_tf32
+            with float32_exact("cuda"):
+                pass
+            assert not backends.cuda.matmul.allow_tf32
+        assert backends.cuda.matmul.allow_tf32 and backends.cudnn.allow_tf32
+        explainer.gradcam(default_net, image224, "tabby")
+        assert backends.cuda.matmul.allow_tf32 and backends.cudnn.allow_tf32
+    finally:
+        backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = saved

@@ -51,7 +51,7 @@ def fold(model: onnx.ModelProto, ops=FOLDABLE) -> int:
     if folded:
         del g.node[:]
         g.node.extend(keep)
-        _drop_unused_initializers(g)
+        drop_unused_initializers(g)
     return folded
 
 
@@ -81,7 +81,7 @@ def _check_size(shape, value_tensor) -> None:
             f"limits.MAX_TENSOR_BYTES={limits.MAX_TENSOR_BYTES}; raise it only for a trusted model.")
 
 
-def _drop_unused_initializers(g: onnx.GraphProto) -> None:
+def drop_unused_initializers(g: onnx.GraphProto) -> None:
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
     dropped = {t.name for t in g.initializer if t.name not in used}
     for i in reversed([i for i, t in enumerate(g.initializer) if t.name in dropped]):

@@ -9,7 +9,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..model.graph import attribute
-from .constants import _drop_unused_initializers
+from .constants import drop_unused_initializers
 from .passes import register
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
@@ -62,7 +62,7 @@ def dequantize_weights(model: onnx.ModelProto, ctx) -> int:
     if changed:
         del g.node[:]
         g.node.extend(keep)
-        _drop_unused_initializers(g)
+        drop_unused_initializers(g)
     return changed
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import InvalidParameterError
 from .plan import METRICS, Plan
 from .sources import Source
-from .store import ALL, Store, map_of
+from .store import ALL, Store, map_of, read_parts
 
 ENGINES = ("local", "ray")
 
@@ -88,11 +88,11 @@ def _classifier(net_or_model, batch_size):
 
 def read_rows(out, columns=None):
     """The rows of a dataset job as a pandas DataFrame (``map_of(row)`` gives a row's map)."""
-    return Store(out).read_rows(columns).to_pandas()
+    return read_parts(out, "rows", columns).to_pandas()
 
 
 def read_errors(out):
-    return Store(out).read_errors().to_pandas()
+    return read_parts(out, "errors").to_pandas()
 
 
 __all__ = ["explain_dataset", "read_rows", "read_errors", "map_of", "Plan", "Source", "Store"]

@@ -2,11 +2,16 @@
 image in memory at a time."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .. import progress
 from .plan import explain_image
 
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
 
-def run_local(net, refs, total: int, plan, store, verbose: bool = True) -> None:
+
+def run_local(net: Classifier, refs, total: int, plan, store, verbose: bool = True) -> None:
     """Explain ``refs`` ((image ref, methods to run) pairs) in order; finished images are written whatever stops the loop (an interrupt
     leaves a readable, resumable folder)."""
     try:

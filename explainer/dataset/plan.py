@@ -7,11 +7,15 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import ExplainerError, InvalidParameterError
 from .sources import ImageRef
+
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
 
 METRICS = ("deletion", "insertion")
 
@@ -84,7 +88,7 @@ def error_row(ref: ImageRef, exc: BaseException, method: str | None = None) -> d
                 message=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
-def explain_image(net, ref: ImageRef, plan: Plan, worker: str = "local", methods=None) -> ImageResult:
+def explain_image(net: Classifier, ref: ImageRef, plan: Plan, worker: str = "local", methods=None) -> ImageResult:
     """The rows of one image: one per (label, method) of ``methods`` (default: the plan's). Errors of the library (a corrupt image, a bomb,
     non-finite outputs) become error rows; anything else is a bug and propagates."""
     from ..evaluate import deletion, insertion

@@ -6,8 +6,13 @@ store, so resume, errors and the summary are one code path. Ray retries a task w
 Ray stays an optional import (``pip install 'onnx-explainer[ray]'``)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .. import progress
 from ..errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
 
 
 def _ray():
@@ -63,14 +68,14 @@ class ExplainActor:
         return pa.table({"kind": pa.array(kinds, pa.string()), "payload": pa.array(payloads, pa.binary())})
 
 
-def _load_options(net) -> dict:
+def _load_options(net: Classifier) -> dict:
     """What rebuilds the same classifier from the model's bytes on another process or node."""
     p = net.preprocessing
     return dict(preprocessing=dict(mean=tuple(p.mean), std=tuple(p.std), scale=p.scale, channel_order=p.channel_order),
                 labels=list(net.class_names), input_layout=net.input.layout, device=net.device)
 
 
-def run_ray(net, refs, total: int, plan, store, *, address=None, workers="auto", gpus_per_worker=0,
+def run_ray(net: Classifier, refs, total: int, plan, store, *, address=None, workers="auto", gpus_per_worker=0,
             verbose: bool = True) -> None:
     import pyarrow as pa
 

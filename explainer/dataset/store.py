@@ -68,7 +68,24 @@ def map_of(row) -> np.ndarray:
     return np.asarray(row["map"], np.float16).reshape(int(row["map_height"]), int(row["map_width"]))
 
 
+def read_parts(out, kind: str, columns=None):
+    """The whole parts of ``kind`` ("rows" or "errors") in a job's folder as one pyarrow Table, read
+    without touching the folder (a job may be writing it: parts appear whole, by rename)."""
+    import pyarrow.parquet as pq
+
+    folder = Path(out) / kind
+    if not folder.is_dir():
+        raise InvalidParameterError(f"read_{kind}: {str(out)!r} is not a dataset job's folder (it has no {kind}/); give "
+                                    "the out= folder of explain_dataset or explainer batch --out.")
+    parts = sorted(folder.glob("part-*.parquet"))
+    empty = row_schema() if kind == "rows" else error_schema()
+    return pq.read_table([str(p) for p in parts], columns=columns) if parts else empty.empty_table()
+
+
 class Store:
+    """A job's folder opened for writing: made if missing, half-written parts of an interrupted run
+    removed, new parts added whole."""
+
     def __init__(self, out, resume: bool = True, part_rows: int = 256):
         self.out = Path(out)
         if self.out.exists() and not self.out.is_dir():
@@ -134,13 +151,7 @@ class Store:
         os.replace(tmp, self.out / kind / name)  # atomic: readers see whole parts only
 
     def read_rows(self, columns=None):
-        import pyarrow.parquet as pq
-
-        parts = sorted((self.out / "rows").glob("part-*.parquet"))
-        return pq.read_table([str(p) for p in parts], columns=columns) if parts else row_schema().empty_table()
+        return read_parts(self.out, "rows", columns)
 
     def read_errors(self):
-        import pyarrow.parquet as pq
-
-        parts = sorted((self.out / "errors").glob("part-*.parquet"))
-        return pq.read_table([str(p) for p in parts]) if parts else error_schema().empty_table()
+        return read_parts(self.out, "errors")

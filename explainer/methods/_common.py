@@ -1,14 +1,19 @@
 """What every method does before and after its own work: images in, labels resolved, maps out."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from ..errors import NonFiniteOutputError
 from ..io import to_pixel_batch
 from ..model.preprocess import resize
 
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
 
-def images_and_labels(net, image, label, where: str):
+
+def images_and_labels(net: Classifier, image, label, where: str):
     """(list of canonical H x W x C pixel arrays, whether a batch was given, class indices, several?)"""
     pixels, is_batch = to_pixel_batch(image)
     indices, several = net.class_indices(label, f"{where}: label")

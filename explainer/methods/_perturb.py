@@ -12,16 +12,19 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
 from .. import progress
 
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
+
 BACKENDS = ("onnxruntime", "torch")
 
 
-def forward_fn(net, backend: str, single_thread: bool = False, logits: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+def forward_fn(net: Classifier, backend: str, single_thread: bool = False, logits: bool = False) -> Callable[[np.ndarray], np.ndarray]:
     """Model-input batch → (N, K) float32 probabilities on ``backend`` (``logits``: the pre-softmax
     scores; for a graph that outputs only probabilities, their logarithm); ``single_thread``: on a
     one-core onnxruntime session, for parallel streams."""
@@ -53,7 +56,7 @@ def forward_fn(net, backend: str, single_thread: bool = False, logits: bool = Fa
     already_probabilities = net.output.is_probability and not net.output.softmax_input
 
     def run_torch(x):
-        with torch.no_grad():
+        with engine.exclusive(), torch.no_grad():
             out = engine.logits_from_model_input(engine.tensor(x)).cpu().numpy()
         if not np.all(np.isfinite(out)):
             return net.scores_from_outputs([out])  # raises the library's NonFiniteOutputError
@@ -94,7 +97,7 @@ class Canvas:
         return np.where(m, self.fill, self.base)
 
 
-def stream_probabilities(net, make_batch: Callable[[int, int], np.ndarray], total: int, *,
+def stream_probabilities(net: Classifier, make_batch: Callable[[int, int], np.ndarray], total: int, *,
                          batch_size: int, backend: str = "onnxruntime", verbose: bool = True,
                          desc: str = "", logits: bool = False,
                          forward: Callable[[bool], Callable] | None = None) -> Iterator[tuple[int, int, np.ndarray]]:

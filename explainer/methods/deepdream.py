@@ -4,13 +4,17 @@ chosen channels of any named layer, including the class scores.
 Algorithm, as MATLAB's: gradient ascent on the mean activation of each channel, over an image pyramid
 (the image is optimised at ``pyramid_levels`` sizes, each ``pyramid_scale`` times the last, ending at
 the network's input size; coarse levels give large-scale structure, fine levels detail), with steps
-normalised by the gradient's mean magnitude. All channels are optimised together as one batch.
+normalised by the gradient's mean magnitude. All channels are optimised together as one batch. As in
+the classic algorithm, the network runs at each level's own size where the graph allows it (fully
+convolutional, with a global pool); other graphs see each level resized up to their input size.
 
 Optional regularisation beyond MATLAB, all off by default (as in Lucid's transformation robustness):
 ``jitter`` (random shift of up to N pixels before each step), ``blur`` (Gaussian sigma applied to the
 image after each step), ``tv_weight`` (total-variation penalty on the image).
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,11 +23,14 @@ from ..errors import InvalidParameterError, InvalidParameterTypeError
 from ..model.torch_engine import torch_engine
 from ..validation import check_choice, check_float, check_int
 
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
+
 SCALINGS = ("linear", "none")
 STEP = 2.0  # pixels (0..255) per iteration, times the normalised gradient
 
 
-def _channels(net, layer_name: str, channels, is_scores: bool) -> list[int]:
+def _channels(net: Classifier, layer_name: str, channels, is_scores: bool) -> list[int]:
     if isinstance(channels, (int, np.integer, str)):
         channels = [channels]
     if not isinstance(channels, (list, tuple, np.ndarray)) or len(channels) == 0:
@@ -42,7 +49,7 @@ def _channels(net, layer_name: str, channels, is_scores: bool) -> list[int]:
     return out
 
 
-def deep_dream_image(net, layer, channels, *, num_iterations=10, pyramid_levels=3, pyramid_scale=1.4,
+def deep_dream_image(net: Classifier, layer, channels, *, num_iterations=10, pyramid_levels=3, pyramid_scale=1.4,
                      output_scaling="linear", initial_image=None, random_state=None, verbose=True,
                      jitter=0, blur=0.0, tv_weight=0.0):
     """(K, H, W, C) images, one per channel, at the network's input size. With
@@ -91,16 +98,15 @@ def deep_dream_image(net, layer, channels, *, num_iterations=10, pyramid_levels=
         x = F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 255)
         # the classic algorithm runs the network at each level's own size (a quarter of the work at
         # half the side); graphs that only run at their input size see the level resized up to it
-        own_size = tuple(size) != (h, w) and engine.runs_at_any_size is not False
+        own_size = tuple(size) != (h, w) and engine.runs_at_size.get(tuple(size), True)
         for it in range(num_iterations):
             xi = x.detach().requires_grad_(True)
             shifted = xi
             if jitter:
                 dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=gen))
                 shifted = torch.roll(xi, shifts=(dy, dx), dims=(2, 3))
-            if own_size and engine.runs_at_any_size is None:
-                engine.runs_at_any_size = _runs_at(engine, shifted, target.name, layout)
-                own_size = engine.runs_at_any_size
+            if own_size and tuple(size) not in engine.runs_at_size:
+                own_size = engine.runs_at_size[tuple(size)] = _runs_at(engine, shifted, target.name, layout)
             with torch.enable_grad(), engine.capture([target.name]) as captured:
                 _forward(engine.pixel_model, shifted, own_size)
                 acts = _chw(captured[target.name], layout)

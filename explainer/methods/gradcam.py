@@ -6,6 +6,8 @@ overrides one method, ``channel_weights``.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from ..errors import InvalidParameterError
@@ -13,6 +15,9 @@ from ..model.classifier import not_a_feature_map
 from ..model.torch_engine import torch_engine
 from ._common import finish, images_and_labels, resize_map
 from .registry import GRADIENT, LayerName, method
+
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
 
 
 class LayerChoice(tuple):
@@ -43,7 +48,7 @@ def _ancestors(graph, tensor: str) -> set[str]:
 _INTEGER_VALUED = ("QuantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger")
 
 
-def default_feature_layer(net) -> tuple[str, str]:
+def default_feature_layer(net: Classifier) -> tuple[str, str]:
     """(layer name, why): the last feature map the class score depends on, whatever the activation:
     on CNNs the last (C, H, W) map before the global pooling; on transformers pooling the mean of their
     tokens (Swin, LeViT) the last token grid; on transformers reading class tokens (ViT, DeiT), whose
@@ -81,7 +86,7 @@ def default_feature_layer(net) -> tuple[str, str]:
                          f"{chosen_layout.describe()}")
 
 
-def gradcam_layers(net, feature_layer=None, reduction_layer=None) -> LayerChoice:
+def gradcam_layers(net: Classifier, feature_layer=None, reduction_layer=None) -> LayerChoice:
     """The (feature, reduction) layer names Grad-CAM uses, with ``.reason`` saying why. Defaults: the
     feature layer of ``default_feature_layer``; the reduction is the class score before any trailing
     Softmax."""
@@ -173,7 +178,7 @@ LAYER_OPTIONS = dict(
         returns="maps at the image's size, >= 0, in the feature layer's units",
         cost="1 forward and 1 backward pass per image (all labels in one batch)",
         reference="pytorch-grad-cam's GradCAM on the converted module")
-def gradcam(net, image, label, *, feature_layer=None, reduction_layer=None):
+def gradcam(net: Classifier, image, label, *, feature_layer=None, reduction_layer=None):
     """Grad-CAM map(s) upsampled (bicubic) to the image size: (H, W) for one label, (K, H, W) for
     several; a batch of images gives one such map per image. ``gradcam_layers(net)`` tells the
     defaults and why; transformer tokens are laid out on their grid (``net.layout(layer)``)."""

@@ -3,8 +3,13 @@ location, each weighted by the closed-form alpha of the paper's eq. 19 (an expon
 assumed), so that several instances of a class each light up."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .gradcam import BaseCAM, LAYER_OPTIONS
 from .registry import GRADIENT, method
+
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
 
 
 class GradCAMPlusPlus(BaseCAM):
@@ -28,7 +33,7 @@ class GradCAMPlusPlus(BaseCAM):
         returns="maps at the image's size, >= 0, in the feature layer's units",
         cost="1 forward and 1 backward pass per image (all labels in one batch)",
         reference="pytorch-grad-cam's GradCAMPlusPlus on the converted module")
-def gradcam_plus_plus(net, image, label, *, feature_layer=None, reduction_layer=None):
+def gradcam_plus_plus(net: Classifier, image, label, *, feature_layer=None, reduction_layer=None):
     """Grad-CAM++ map(s): (H, W) for one label, (K, H, W) for several, at the image's size; layers as
     in ``gradcam``."""
     return GradCAMPlusPlus(net, feature_layer, reduction_layer)(image, label)

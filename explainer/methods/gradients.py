@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from ..errors import InvalidParameterError
 from ..model.torch_engine import torch_engine
 from ..validation import check_choice
 from ._common import finish, images_and_labels, rescale
+
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
 
 #: MATLAB's method names (``gradientAttribution``'s "autodiff" and "guided-backprop") → registered methods
 METHODS = {"autodiff": "gradient", "guided-backprop": "guided_backprop", "integrated-gradients": "integrated_gradients",
@@ -48,7 +52,7 @@ def class_gradients(engine, x, indices, guided: bool = False):
     import torch
 
     x = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad(), (guided_relus(engine.graph_module) if guided else _nothing()):
+    with engine.exclusive(), torch.enable_grad(), (guided_relus(engine.graph_module) if guided else _nothing()):
         out = engine.pixel_model(x)
         target = out[torch.arange(len(x), device=x.device), torch.as_tensor(indices, device=x.device)].sum()
         return torch.autograd.grad(target, x)[0]
@@ -59,7 +63,7 @@ def _nothing():
     yield
 
 
-def gradient_maps(net, image, label, where: str, raw) -> np.ndarray:
+def gradient_maps(net: Classifier, image, label, where: str, raw) -> np.ndarray:
     """Maps from ``raw(engine, x, indices)``: per image, the sum over channels of |attribution|,
     rescaled to [0, 1] per map; (H, W), (K, H, W), or one per image of a batch."""
     pixels, is_batch, indices, several = images_and_labels(net, image, label, where)
@@ -86,7 +90,7 @@ def _dispatch(method: str, options: dict, where: str):
     return target, {k: v for k, v in options.items() if k in target.options}
 
 
-def gradient_attribution(net, image, label, *, method="autodiff", steps=50, rule="gausslegendre",
+def gradient_attribution(net: Classifier, image, label, *, method="autodiff", steps=50, rule="gausslegendre",
                          baseline=None, samples=25, noise_level=0.15, random_state=None,
                          batch_size="auto", verbose=True):
     """Pixel attribution map(s): (H, W) for one label, (K, H, W) for several, at the image's size;
@@ -104,7 +108,7 @@ def gradient_attribution(net, image, label, *, method="autodiff", steps=50, rule
     return target(net, image, label, **options)
 
 
-def pixel_attributions(net, image, label, *, method="autodiff", steps=50, rule="gausslegendre",
+def pixel_attributions(net: Classifier, image, label, *, method="autodiff", steps=50, rule="gausslegendre",
                        baseline=None, samples=25, noise_level=0.15, random_state=None,
                        batch_size="auto", verbose=False):
     """Raw attributions (K, C, H, W) float32 for one image (H x W its own size; C its channels)."""

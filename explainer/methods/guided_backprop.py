@@ -2,8 +2,13 @@
 every ReLU on the way back, so that only what excites the class shows."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .gradients import class_gradients, gradient_maps
 from .registry import GRADIENT, method
+
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
 
 
 def raw(engine, x, indices):
@@ -16,6 +21,6 @@ def raw(engine, x, indices):
         returns="maps at the image's size in [0, 1]: the sum over channels of |guided gradient|, rescaled per map",
         cost="1 forward and 1 backward pass per image (all labels in one batch)",
         reference="Captum's GuidedBackprop on the converted module")
-def guided_backprop(net, image, label):
+def guided_backprop(net: Classifier, image, label):
     """Guided-backpropagation map(s): (H, W) for one label, (K, H, W) for several, at the image's size."""
     return gradient_maps(net, image, label, "guided_backprop", raw)

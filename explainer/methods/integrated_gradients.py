@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -12,6 +13,9 @@ from ..errors import InvalidParameterError
 from .. import progress
 from .gradients import class_gradients, gradient_maps
 from .registry import GRADIENT, BatchSize, Choice, Custom, Flag, Int, method
+
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
 
 RULES = ("gausslegendre", "riemann_trapezoid")
 DEFAULT_BATCH = 16
@@ -89,7 +93,7 @@ def raw(engine, x, indices, *, steps, rule, baseline, batch_size, verbose):
         returns="maps at the image's size in [0, 1]: the sum over channels of |attribution|, rescaled per map",
         cost="`steps` forward and backward passes per label",
         reference="Captum's IntegratedGradients on the converted module")
-def integrated_gradients(net, image, label, *, steps=50, rule="gausslegendre", baseline=None, batch_size="auto",
+def integrated_gradients(net: Classifier, image, label, *, steps=50, rule="gausslegendre", baseline=None, batch_size="auto",
                          verbose=True):
     """Integrated-gradients map(s): (H, W) for one label, (K, H, W) for several, at the image's size."""
     return gradient_maps(net, image, label, "integrated_gradients", functools.partial(

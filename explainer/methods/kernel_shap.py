@@ -2,7 +2,7 @@
 
 The image is resized to the network's input size and cut into features as LIME cuts it (SLIC
 superpixels, a grid or a label matrix; ``lime.segment``, the option declared once as
-``lime.SEGMENTATION``); a feature "off" takes the mask value (``lime._fill``); values are painted on
+``lime.SEGMENTATION``); a feature "off" takes the mask value (``lime.segment_fill``); values are painted on
 their superpixels and resized as LIME's maps (``lime.paint``). KernelSHAP is LIME with the weights
 that make the surrogate's coefficients the features' Shapley values for the class probabilities:
 
@@ -22,14 +22,18 @@ same samples, not for the same seed); all labels share their forward passes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import InvalidParameterError
 from ._common import finish, images_and_labels
 from ._perturb import BACKENDS, Canvas, stream_probabilities
-from .lime import SEGMENTATION, UPSAMPLING, _fill, paint, segment
+from .lime import SEGMENTATION, UPSAMPLING, paint, segment, segment_fill
 from .registry import FORWARD_ONLY, BatchSize, Choice, Flag, Int, PixelValue, Seed, method
+
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
 
 INF_WEIGHT = 1e6  # Captum's weight of the all-on and all-off samples
 
@@ -76,12 +80,12 @@ def fit_values(samples: np.ndarray, targets: np.ndarray, weights: np.ndarray) ->
     return np.atleast_2d(reg.coef_), np.atleast_1d(reg.intercept_)
 
 
-def _explain(net, source, indices, *, num_features, num_samples, segmentation, mask_value, output_upsampling,
+def _explain(net: Classifier, source, indices, *, num_features, num_samples, segmentation, mask_value, output_upsampling,
              batch, backend, random_state, verbose) -> KernelShapExplanation:
     """KernelSHAP for one canonical image (H x W x C pixels, 0..255) and class indices."""
     small = net.fit_pixels(source)
     segments = segment(small, segmentation, num_features)
-    canvas = Canvas(net, small, _fill(mask_value, small, segments))
+    canvas = Canvas(net, small, segment_fill(mask_value, small, segments))
     samples = draw_samples(int(segments.max()) + 1, num_samples, random_state)
     off = samples == 0
 
@@ -114,7 +118,7 @@ def _explain(net, source, indices, *, num_features, num_samples, segmentation, m
                 "superpixels sum to about p(image) - p(all masked)",
         cost="num_samples forward passes (all labels share them)",
         reference="Captum's KernelShap given the same samples, feature mask and baseline")
-def kernel_shap(net, image, label, *, num_features=49, num_samples=2048, segmentation="superpixels",
+def kernel_shap(net: Classifier, image, label, *, num_features=49, num_samples=2048, segmentation="superpixels",
                 mask_value="auto", output_upsampling="bicubic", batch_size="auto", backend="onnxruntime",
                 random_state=None, verbose=True):
     """KernelSHAP map(s): (H, W) for one label, (K, H, W) for several (labels share the samples).
@@ -127,7 +131,7 @@ def kernel_shap(net, image, label, *, num_features=49, num_samples=2048, segment
     return finish(maps, is_batch, several, "kernel_shap")
 
 
-def kernel_shap_explanation(net, image, label, **options) -> KernelShapExplanation:
+def kernel_shap_explanation(net: Classifier, image, label, **options) -> KernelShapExplanation:
     """KernelSHAP for one image with all intermediate results (segments, samples, values); the
     options are ``kernel_shap``'s, validated by its declarations."""
     where = "kernel_shap_explanation"

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from contextlib import closing
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -43,6 +44,9 @@ from ..errors import InvalidParameterError, InvalidParameterTypeError
 from ._common import fill_colour, finish, images_and_labels, resize_map
 from ._perturb import BACKENDS, Canvas, stream_probabilities
 from .registry import FORWARD_ONLY, BatchSize, Choice, Custom, Flag, Float, Int, Optional, PixelValue, Seed, method
+
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
 
 MODELS = ("tree", "linear")
 SEGMENTATIONS = ("superpixels", "grid")
@@ -212,7 +216,7 @@ METHOD_DECLARATION = dict(
     reference="the lime package's LimeImageExplainer (model='linear', same segments and samples)")
 
 
-def lime_explanation(net, image, label, *, num_features=49, num_samples=2048, segmentation="superpixels",
+def lime_explanation(net: Classifier, image, label, *, num_features=49, num_samples=2048, segmentation="superpixels",
                      model="tree", output_upsampling="bicubic", mask_value="auto", kernel_width=0.25,
                      stop_tolerance=0.1, stop_top_k=5, batch_size="auto", backend="onnxruntime", random_state=None,
                      verbose=True) -> LimeExplanation:
@@ -229,20 +233,20 @@ def lime_explanation(net, image, label, *, num_features=49, num_samples=2048, se
     return _explain(net, pixels[0], indices, **_resolved(net, options))
 
 
-def _resolved(net, options: dict) -> dict:
+def _resolved(net: Classifier, options: dict) -> dict:
     options = dict(options)
     options["batch"] = net.resolve_batch_size(options.pop("batch_size"), "image_lime", options["backend"])
     return options
 
 
-def _explain(net, source, indices, *, num_features, num_samples, segmentation, model, output_upsampling,
+def _explain(net: Classifier, source, indices, *, num_features, num_samples, segmentation, model, output_upsampling,
              mask_value, kernel_width, stop_tolerance, stop_top_k, batch, backend, random_state,
              verbose) -> LimeExplanation:
     """LIME for one canonical image (H x W x C pixels, 0..255) and class indices."""
     small = net.fit_pixels(source)
     segments = segment(small, segmentation, num_features)
     n_feat = int(segments.max()) + 1
-    canvas = Canvas(net, small, _fill(mask_value, small, segments))
+    canvas = Canvas(net, small, segment_fill(mask_value, small, segments))
 
     rng = np.random.RandomState(random_state)
     samples = rng.randint(0, 2, num_samples * n_feat).reshape(num_samples, n_feat)
@@ -296,7 +300,7 @@ def _explain(net, source, indices, *, num_features, num_samples, segmentation, m
                            importance.astype(np.float32), samples, probs, weights_k, indices, reason)
 
 
-def _fill(mask_value, small: np.ndarray, segments: np.ndarray) -> np.ndarray:
+def segment_fill(mask_value, small: np.ndarray, segments: np.ndarray) -> np.ndarray:
     """What switched-off pixels show: the image's mean colour ('auto'), each segment's own mean colour
     ('segment-mean', the lime package's default hide_color=None) or the validated pixel value(s)."""
     if isinstance(mask_value, str) and mask_value == "segment-mean":
@@ -308,7 +312,7 @@ def _fill(mask_value, small: np.ndarray, segments: np.ndarray) -> np.ndarray:
 
 
 @method("lime", **METHOD_DECLARATION)
-def image_lime(net, image, label, *, num_features=49, num_samples=2048, segmentation="superpixels",
+def image_lime(net: Classifier, image, label, *, num_features=49, num_samples=2048, segmentation="superpixels",
                model="tree", output_upsampling="bicubic", mask_value="auto", kernel_width=0.25,
                stop_tolerance=0.1, stop_top_k=5, batch_size="auto", backend="onnxruntime", random_state=None,
                verbose=True):

@@ -27,6 +27,7 @@ returns the grid (K, gh, gw), "coverage" gives each pixel the mean drop of the m
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,6 +36,9 @@ from ..validation import refuse
 from ._common import fill_colour, finish, images_and_labels, resize_map
 from ._perturb import BACKENDS, Canvas, forward_fn, stream_probabilities
 from .registry import FORWARD_ONLY, BatchSize, Choice, Custom, Flag, PixelValue, Size, method
+
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
 
 UPSAMPLING = ("bicubic", "nearest", "none", "coverage")
 
@@ -75,7 +79,7 @@ def mask_positions(size: int, mask: int, stride: int, clipping: bool) -> list[tu
         returns="maps at the image's size: probability drops (positive: the region supports the class)",
         cost="one forward pass per patch position (all labels share them)",
         reference="Captum's Occlusion (mask_clipping=False, output_upsampling='coverage')")
-def occlusion_sensitivity(net, image, label, *, mask_size="auto", stride="auto", mask_value="auto",
+def occlusion_sensitivity(net: Classifier, image, label, *, mask_size="auto", stride="auto", mask_value="auto",
                           output_upsampling="bicubic", mask_clipping=True, batch_size="auto",
                           backend="onnxruntime", verbose=True, incremental="auto"):
     """Occlusion map(s): (H, W) for one label, (K, H, W) for several (all labels share the forward
@@ -104,7 +108,7 @@ def occlusion_sensitivity(net, image, label, *, mask_size="auto", stride="auto",
     return finish(maps, is_batch, several, where)
 
 
-def _occluder(net, canvas, rows, cols, batch, incremental):
+def _occluder(net: Classifier, canvas, rows, cols, batch, incremental):
     """The incremental forward passes, or None for the plain path (its reason kept for
     ``incremental.last_decision``)."""
     from ..model import incremental as inc
@@ -126,7 +130,7 @@ def _occluder(net, canvas, rows, cols, batch, incremental):
     return occluder
 
 
-def _drops(net, small, fill, rows, cols, indices, batch, backend, verbose, incremental="auto"):
+def _drops(net: Classifier, small, fill, rows, cols, indices, batch, backend, verbose, incremental="auto"):
     positions = [(r, c) for r in rows for c in cols]
     canvas = Canvas(net, small, fill)
 

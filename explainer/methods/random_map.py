@@ -3,10 +3,15 @@ mean little alone; they should beat a random map's (``evaluate.random_map_auc`` 
 Folder and dataset audits list it beside the methods (``--methods gradcam,random``)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from ._common import finish, images_and_labels, resize_map
 from .registry import FORWARD_ONLY, Int, Optional, Seed, method
+
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
 
 
 @method("random", kind=FORWARD_ONLY,
@@ -18,7 +23,7 @@ from .registry import FORWARD_ONLY, Int, Optional, Seed, method
         returns="maps at the image's size: uniform values in [0, 1) per pixel, or a smooth grid of them",
         cost="no forward pass",
         reference="numpy's generator drawn in the same order (test)")
-def random_map(net, image, label, *, cells=None, random_state=None):
+def random_map(net: Classifier, image, label, *, cells=None, random_state=None):
     """Random map(s): (H, W) for one label, (K, H, W) for several (one independent map per label)."""
     pixels, is_batch, indices, several = images_and_labels(net, image, label, "random")
     rng = np.random.default_rng(random_state)

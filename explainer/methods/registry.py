@@ -14,7 +14,7 @@ import functools
 import importlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from ..errors import InvalidParameterError, InvalidParameterTypeError
 from ..validation import check_batch_size, check_choice, check_float, check_int, closest, refuse
 
 FORWARD_ONLY, GRADIENT = "forward-only", "gradient"
+
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
 #: the seed of seeded methods where the caller gives none (``Method.reproducible``)
 SEED = 0
 KINDS = (FORWARD_ONLY, GRADIENT)
@@ -395,7 +398,7 @@ def method(name: str, *, kind: str, options: dict[str, Option], answers: str, re
         bound = {k: options[k].bind(k, keywords[k]) for k in keywords}
 
         @functools.wraps(fn)
-        def validated(net, image, label, **given):
+        def validated(net: Classifier, image, label, **given):
             return fn(net, image, label, **entry.validate(net, given, fn.__name__))
 
         entry = Method(name, kind, validated, bound, answers, returns, cost, reference, tuple(aliases))

@@ -21,12 +21,16 @@ mean-subtracting preprocessing is ``mask_value=`` the preprocessing's mean.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ._common import fill_colour, finish, images_and_labels, resize_map
 from ._perturb import BACKENDS, stream_probabilities
 from .registry import FORWARD_ONLY, BatchSize, Choice, Flag, Float, Int, PixelValue, Seed, method
+
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
 
 ESTIMATORS = ("paper", "centred")
 
@@ -72,7 +76,7 @@ class RiseMasks:
         return rows @ self.grids[start:stop].astype(np.float32) @ cols.transpose(0, 2, 1)
 
 
-def rise_masks(net, num_masks: int = 2000, grid_size: int = 7, keep_probability: float = 0.5,
+def rise_masks(net: Classifier, num_masks: int = 2000, grid_size: int = 7, keep_probability: float = 0.5,
                random_state=None) -> RiseMasks:
     """The masks ``rise`` uses with the same arguments and seed (``.masks()`` gives them all: keep
     ``num_masks`` small, they take H x W x 4 bytes each)."""
@@ -101,7 +105,7 @@ def rise_masks(net, num_masks: int = 2000, grid_size: int = 7, keep_probability:
         reference="the paper's formula (estimator='paper') and the centred one on the same masks, computed "
                   "independently (tests/test_rise.py); "
                   "masks equal to eclique/RISE generate_masks' skimage upsampling")
-def rise(net, image, label, *, num_masks=2000, grid_size=7, keep_probability=0.5, mask_value="auto",
+def rise(net: Classifier, image, label, *, num_masks=2000, grid_size=7, keep_probability=0.5, mask_value="auto",
          estimator="centred", batch_size="auto", backend="onnxruntime", random_state=None, verbose=True):
     """RISE map(s): (H, W) for one label, (K, H, W) for several, at the image's size."""
     where = "rise"
@@ -117,7 +121,7 @@ def rise(net, image, label, *, num_masks=2000, grid_size=7, keep_probability=0.5
     return finish(maps, is_batch, several, where)
 
 
-def _saliency(net, small, fill, masks: RiseMasks, indices, batch, backend, verbose, centred=False) -> np.ndarray:
+def _saliency(net: Classifier, small, fill, masks: RiseMasks, indices, batch, backend, verbose, centred=False) -> np.ndarray:
     """(K, h, w) RISE map at the network's size for one network-size image. ``centred``: the paper's sum
     minus mean(P) x (how often each pixel was kept) / (N p), plus mean(P): the same expectation, without
     the noise of the masks' uneven coverage (which the paper's sum carries, weighted by mean(P))."""

@@ -2,8 +2,13 @@
 small change of each pixel changes the class score."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .gradients import class_gradients, gradient_maps
 from .registry import GRADIENT, method
+
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
 
 
 def raw(engine, x, indices):
@@ -17,6 +22,6 @@ def raw(engine, x, indices):
                 "per map",
         cost="1 forward and 1 backward pass per image (all labels in one batch)",
         reference="Captum's Saliency on the converted module")
-def saliency(net, image, label):
+def saliency(net: Classifier, image, label):
     """Gradient map(s): (H, W) for one label, (K, H, W) for several, at the image's size."""
     return gradient_maps(net, image, label, "gradient", raw)

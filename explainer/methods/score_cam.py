@@ -10,12 +10,17 @@ image), and the map is ReLU(sum_c w_c A_c).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from ._common import finish, images_and_labels, resize_map
 from ._perturb import BACKENDS, stream_probabilities
 from .gradcam import default_feature_layer
 from .registry import FORWARD_ONLY, BatchSize, Choice, Flag, LayerName, method
+
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
 
 
 def _bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
@@ -49,7 +54,7 @@ def channel_masks(activations: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         returns="maps at the image's size, >= 0, in the feature layer's units",
         cost="one forward pass per channel of the feature layer (all labels share them)",
         reference="pytorch-grad-cam's ScoreCAM on the converted module")
-def score_cam(net, image, label, *, feature_layer=None, batch_size="auto", backend="onnxruntime", verbose=True):
+def score_cam(net: Classifier, image, label, *, feature_layer=None, batch_size="auto", backend="onnxruntime", verbose=True):
     """Score-CAM map(s): (H, W) for one label, (K, H, W) for several, at the image's size."""
     where = "score_cam"
     layer = net.layer(feature_layer if feature_layer is not None else default_feature_layer(net)[0])
@@ -63,7 +68,7 @@ def score_cam(net, image, label, *, feature_layer=None, batch_size="auto", backe
     return finish(maps, is_batch, several, where)
 
 
-def low_resolution(net, small: np.ndarray, layer, indices, batch: int, backend: str = "onnxruntime",
+def low_resolution(net: Classifier, small: np.ndarray, layer, indices, batch: int, backend: str = "onnxruntime",
                    verbose: bool = False) -> np.ndarray:
     """(K, h, w) Score-CAM maps at the layer's resolution for one network-size image (0..255 pixels)."""
     layout = net.layout(layer)

@@ -3,10 +3,14 @@ away the gradient's pixel-level noise."""
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 from .. import progress
 from .gradients import class_gradients, gradient_maps
 from .registry import GRADIENT, BatchSize, Flag, Float, Int, Seed, method
+
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
 
 DEFAULT_BATCH = 16
 
@@ -42,7 +46,7 @@ def raw(engine, x, indices, *, samples, noise_level, random_state, batch_size, v
         returns="maps at the image's size in [0, 1]: the sum over channels of the mean |gradient|, rescaled per map",
         cost="`samples` forward and backward passes per label",
         reference="Captum's NoiseTunnel(Saliency, smoothgrad, abs) on the converted module")
-def smoothgrad(net, image, label, *, samples=25, noise_level=0.15, random_state=None, batch_size="auto", verbose=True):
+def smoothgrad(net: Classifier, image, label, *, samples=25, noise_level=0.15, random_state=None, batch_size="auto", verbose=True):
     """SmoothGrad map(s): (H, W) for one label, (K, H, W) for several, at the image's size."""
     return gradient_maps(net, image, label, "smoothgrad", functools.partial(
         raw, samples=samples, noise_level=noise_level, random_state=random_state, batch_size=batch_size,

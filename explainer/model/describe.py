@@ -2,6 +2,11 @@
 ("first conv layer (Conv), 112x112x32, 2% deep"), since graph names like ``/Clip_1`` say none of it."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .classifier import Classifier
+
 #: op types grouped into the families a reader knows; others are named by their op type
 FAMILIES = {
     **dict.fromkeys(("Conv", "ConvTranspose", "ConvInteger", "QLinearConv"), "conv"),
@@ -16,7 +21,7 @@ FAMILIES = {
 UNICODE_TIMES = "\u00d7"
 
 
-def describe_layer(net, name: str) -> str:
+def describe_layer(net: Classifier, name: str) -> str:
     """'first conv layer (Conv), 112×112×32, 2% deep'; 'sum layer 9 of 16 (Add), 14×14×112, 61% deep'.
     Shapes read height × width × channels as in MATLAB; token layers say so."""
     layer = net.layer(name)
@@ -37,7 +42,7 @@ def describe_layer(net, name: str) -> str:
     return f"{position} ({layer.op_type}){_shape(net, layer)}{depth}"
 
 
-def _shape(net, layer) -> str:
+def _shape(net: Classifier, layer) -> str:
     x = UNICODE_TIMES
     try:
         layout = net.layout(layer)

@@ -46,13 +46,16 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from .graph import attribute, constant_value, dims, infer_shapes, opset, producers
+
+if TYPE_CHECKING:
+    from .classifier import Classifier
 
 _log = logging.getLogger("explainer")
 
@@ -544,7 +547,7 @@ class Split:
         return memo[cut]
 
 
-def split_of(net) -> Split:
+def split_of(net: Classifier) -> Split:
     """The net's Split, made once per Classifier (kept on it)."""
     found = net.__dict__.get("_incremental_split")
     if found is None:
@@ -927,7 +930,7 @@ def estimates(split: Split, rows, cols) -> list[Estimate]:
     return sorted(found.values(), key=lambda e: e.share)
 
 
-def _key(net, rows, cols, batch: int, mode) -> str:
+def _key(net: Classifier, rows, cols, batch: int, mode) -> str:
     import hashlib
 
     geometry = hashlib.sha256(repr((tuple(net.input.size), tuple(rows), tuple(cols))).encode()).hexdigest()[:16]
@@ -935,7 +938,7 @@ def _key(net, rows, cols, batch: int, mode) -> str:
             f"s{net.ort.parallel_streams()}|{'auto' if mode == 'auto' else 'forced'}")
 
 
-def last_decision(net) -> Decision | None:
+def last_decision(net: Classifier) -> Decision | None:
     """The decision the latest occlusion on ``net`` ran with (None before any)."""
     return net.__dict__.get("_incremental_last")
 

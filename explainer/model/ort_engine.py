@@ -25,7 +25,7 @@ import onnx
 from .. import cache
 from ..errors import CacheError
 from .graph import infer_shapes
-from .providers import _quiet_session
+from .providers import quiet_session
 
 BATCH_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
 MAX_CACHED_SESSIONS = 4
@@ -98,7 +98,7 @@ class OrtEngine:
 
         data = self._serialised(extra)
         if self.on_cuda:
-            sess = _quiet_session(data, self.providers)
+            sess = quiet_session(data, self.providers)
         else:
             sess = ort.InferenceSession(data, self._session_options(single_thread), providers=self.providers)
         self._sessions[key] = sess

@@ -17,7 +17,7 @@ CPU = ["CPUExecutionProvider"]
 CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def _quiet_session(model_bytes: bytes, providers):
+def quiet_session(model_bytes: bytes, providers):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -49,7 +49,7 @@ def cuda_available() -> bool:
                                    [onnx.helper.make_tensor_value_info("y", 1, [1])])
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
     try:
-        session = _quiet_session(model.SerializeToString(), CUDA)
+        session = quiet_session(model.SerializeToString(), CUDA)
     except Exception:
         return False
     return "CUDAExecutionProvider" in session.get_providers()

@@ -13,7 +13,7 @@ import threading
 import warnings
 import weakref
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -23,6 +23,9 @@ from ..convert.ops import check_differentiable
 from ..convert.precision import is_half
 from ..convert.quantized import is_quantized, output_quantisation_step
 from ..errors import ConversionError, UnknownLayerError
+
+if TYPE_CHECKING:
+    from .classifier import Classifier
 
 MAX_RELATIVE_ERROR = 1e-4
 #: for graphs computing in float16: onnxruntime rounds every intermediate to 11 bits, torch does not
@@ -150,10 +153,12 @@ class TorchEngine:
         self.pixel_model = pixel_model_class()(graph_module, net.input, net.preprocessing, outputs.index(safe_logits),
                                       one_at_a_time).eval()
         self.pixel_model.to(self.device)
-        self.max_relative_error = self._check_against_onnxruntime(logits)
-        #: whether the module runs on images smaller than its input size (fully convolutional, with a
-        #: global pool before the scores); None until deep dream first tries
-        self.runs_at_any_size: bool | None = None
+        self._turn = threading.RLock()
+        with self.exclusive():
+            self.max_relative_error = self._check_against_onnxruntime(logits)
+        #: image sizes other than the input's at which the module was tried, and whether it runs there
+        #: (fully convolutional, with a global pool before the scores); filled by deep dream
+        self.runs_at_size: dict[tuple[int, int], bool] = {}
 
     @property
     def net(self):
@@ -274,23 +279,34 @@ class TorchEngine:
                 "depends on the image.") from None
 
     @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Held while a thread uses the module: hooks (Grad-CAM's recorded layers, guided
+        backpropagation's ReLUs) belong to the module, not to a call, so a second thread's forward pass
+        would feed or be rewritten by them. Re-entrant; onnxruntime sessions need no such turn. On
+        CUDA, TF32 is off meanwhile (see ``float32_exact``)."""
+        with self._turn, float32_exact(self.device):
+            yield
+
+    @contextmanager
     def capture(self, layer_names: Sequence[str]) -> Iterator["Captured"]:
-        """Records the output tensors of the given layers during forward passes; hooks always removed."""
+        """Records the output tensors of the given layers during forward passes; hooks always removed.
+        The engine is held meanwhile (``exclusive``)."""
         captured = Captured()
         handles = []
-        try:
-            for name in layer_names:
-                module, index = self.module_for(name)
+        with self.exclusive():
+            try:
+                for name in layer_names:
+                    module, index = self.module_for(name)
 
-                def hook(mod, args, output, name=name, index=index):
-                    captured.parts.setdefault(name, []).append(
-                        output[index] if isinstance(output, (tuple, list)) else output)
+                    def hook(mod, args, output, name=name, index=index):
+                        captured.parts.setdefault(name, []).append(
+                            output[index] if isinstance(output, (tuple, list)) else output)
 
-                handles.append(module.register_forward_hook(hook))
-            yield captured
-        finally:
-            for h in handles:
-                h.remove()
+                    handles.append(module.register_forward_hook(hook))
+                yield captured
+            finally:
+                for h in handles:
+                    h.remove()
 
 
 @contextmanager
@@ -339,9 +355,25 @@ class Captured:
 TORCH_DEVICES = ("auto", "cpu", "cuda")
 
 
+@contextmanager
+def float32_exact(device: str) -> Iterator[None]:
+    """TF32 off while the block runs on CUDA, as it was after: TF32 matmuls and convolutions round
+    to 10 bits, and the module must keep matching onnxruntime's float32 results (relative error 1e-4).
+    The switches are process-wide, so they are set here, not for the user's other torch work."""
+    if device != "cuda":
+        yield
+        return
+    backends = _torch().backends
+    before = backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32
+    backends.cuda.matmul.allow_tf32 = backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = before
+
+
 def resolve_torch_device(device: str) -> str:
-    """'auto' → 'cuda' when torch sees a GPU, else 'cpu'. On CUDA, TF32 is switched off so that the
-    module keeps matching onnxruntime's float32 results (relative error 1e-4)."""
+    """'auto' → 'cuda' when torch sees a GPU, else 'cpu'."""
     from ..errors import DeviceError, InvalidParameterError
 
     if device not in TORCH_DEVICES:
@@ -350,14 +382,10 @@ def resolve_torch_device(device: str) -> str:
     available = torch.cuda.is_available()
     if device == "cuda" and not available:
         raise DeviceError("torch_device='cuda' was requested but torch sees no CUDA GPU; use 'cpu' or 'auto'.")
-    if device == "cpu" or not available:
-        return "cpu"
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    return "cuda"
+    return "cpu" if device == "cpu" or not available else "cuda"
 
 
-def torch_engine(net) -> TorchEngine:
+def torch_engine(net: Classifier) -> TorchEngine:
     """The converted module of a classifier, made on first use and kept by the classifier (so it goes
     when the classifier goes), one per torch device (``load(..., torch_device=)``)."""
     device = resolve_torch_device(getattr(net, "torch_device", "auto"))

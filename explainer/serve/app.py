@@ -12,6 +12,7 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -30,6 +31,9 @@ from .schemas import (ClassifyRequest, ClassifyResponse, ErrorResponse, ExplainR
                       multipart_schema)
 from . import work
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
 
 STATIC = Path(__file__).with_name("static")
 log = logging.getLogger("explainer.serve")
@@ -54,7 +58,7 @@ def status_of(exc: errors.ExplainerError) -> int:
     return 422
 
 
-def create_app(net, settings: Settings | None = None, *, warmup: bool = True) -> FastAPI:
+def create_app(net: Classifier, settings: Settings | None = None, *, warmup: bool = True) -> FastAPI:
     """The service for ``net`` (an ``explainer.load()`` classifier) under ``settings``' limits.
     ``warmup``: measure batch sizes and list layers before serving, so no request pays for it."""
     settings = settings or Settings()
@@ -205,7 +209,7 @@ def _wrap(app: FastAPI, settings: Settings):
     return app
 
 
-def _warm(net) -> None:
+def _warm(net: Classifier) -> None:
     """Batch sizes measured, layers listed, one forward pass made: before the first request."""
     net.batch_size, net.stream_batch_size, net.layers()
     net.predict(np.full((*net.input_size, 3), 128, np.uint8))

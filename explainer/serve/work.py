@@ -14,6 +14,7 @@ import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,13 +24,17 @@ from .images import decode, for_library
 from .params import DEFAULT_OUTPUTS, Labels
 from .progress import JobState
 
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
+
 
 
 class TorchLane:
     """One method at a time on the network's converted torch module. The library's gradient methods
     hook the module itself (Grad-CAM records a layer's output, guided backpropagation rewrites every
     ReLU's backward), so two of them at once on one network would see each other's hooks; onnxruntime
-    sessions, which the forward-only methods use, run concurrently."""
+    sessions, which the forward-only methods use, run concurrently. The engine takes turns by itself
+    (``TorchEngine.exclusive``); the lane queues before it so that a waiting job can be cancelled."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -81,7 +86,7 @@ def _seconds(since: float) -> float:
     return round(time.perf_counter() - since, 4)
 
 
-def classify(net, data: bytes, k: int, max_pixels: int, job: JobState) -> dict:
+def classify(net: Classifier, data: bytes, k: int, max_pixels: int, job: JobState) -> dict:
     timings, start = {"queue_s": round(job.started - job.created, 4)}, time.perf_counter()
     job.set_stage("decode")
     pixels = decode(data, max_pixels)
@@ -93,7 +98,7 @@ def classify(net, data: bytes, k: int, max_pixels: int, job: JobState) -> dict:
             "predictions": [p._asdict() for p in predictions], "timings": timings}
 
 
-def explain(net, spec: ExplainJob, max_pixels: int, job: JobState, lane: TorchLane,
+def explain(net: Classifier, spec: ExplainJob, max_pixels: int, job: JobState, lane: TorchLane,
             max_output_pixels: int) -> dict:
     from .. import overlay
 
