@@ -155,7 +155,8 @@ def table(rows: list[tuple[tuple[str, str, str], dict[str, str], float]]) -> str
 
     lines = ["# Compatibility", "",
              "Every public method on real exports of torchvision and timm classifiers (seeded weights, "
-             "BatchNorm calibrated on random images), written by `python tests/compat.py --write "
+             "BatchNorm calibrated on random images; the families' real shapes, some with fewer blocks: Swin "
+             "1-1-2-1 at width 32, CaiT 4 of its 24 blocks; see tests/exports.py), written by `python tests/compat.py --write "
              "docs/compatibility.md`; `tests/test_compatibility.py` runs the same checks. "
              f"torch {torch.__version__}, timm {timm.__version__}, onnx {onnx.__version__}, onnxruntime "
              f"{onnxruntime.__version__}.", "",
