@@ -98,15 +98,16 @@ def deep_dream_image(net: Classifier, layer, channels, *, num_iterations=10, pyr
         x = F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 255)
         # the classic algorithm runs the network at each level's own size (a quarter of the work at
         # half the side); graphs that only run at their input size see the level resized up to it
-        own_size = tuple(size) != (h, w) and engine.runs_at_size.get(tuple(size), True)
+        own_size = size != (h, w)
+        if own_size and size not in engine.runs_at_size:
+            engine.runs_at_size[size] = _runs_at(engine, x, target.name, layout)
+        own_size = own_size and engine.runs_at_size[size]
         for it in range(num_iterations):
             xi = x.detach().requires_grad_(True)
             shifted = xi
             if jitter:
                 dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=gen))
                 shifted = torch.roll(xi, shifts=(dy, dx), dims=(2, 3))
-            if own_size and tuple(size) not in engine.runs_at_size:
-                own_size = engine.runs_at_size[tuple(size)] = _runs_at(engine, shifted, target.name, layout)
             with torch.enable_grad(), engine.capture([target.name]) as captured:
                 _forward(engine.pixel_model, shifted, own_size)
                 acts = _chw(captured[target.name], layout)
