@@ -38,6 +38,16 @@ class UnknownLayerError(InvalidParameterError):
     """A layer (node or tensor) name that is not in the graph."""
 
 
+class LayerNotFeatureMapError(InvalidParameterError):
+    """A layer that cannot be read as a feature map of the image: attention, a tensor the image does not
+    reach, or activations with no place in the image."""
+
+
+class DegenerateMapError(ExplainerError, ArithmeticError):
+    """A method's map carries no signal (zero everywhere, or at float32 noise level): returning it would
+    be a silent wrong answer; the message names the layer or setting to change."""
+
+
 class UnknownClassError(InvalidParameterError):
     """A class name or index that the classifier does not have."""
 

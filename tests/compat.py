@@ -139,9 +139,15 @@ def _finite(m, shape):
 
 
 # the matrix of the table: every family by both exporters, variants on a few
-def cases() -> list[tuple[str, str, str]]:
-    found = [(f, e, "plain") for f in exports.FAMILIES for e in ("legacy", "dynamo")]
+def cases(published: bool = False) -> list[tuple[str, str, str]]:
+    """The main suite's cases; ``published``: the families at their published size (exports.PUBLISHED),
+    by both exporters and as older torch versions wrote them (opset 14)."""
+    if published:
+        return [(f, e, "plain") for f in exports.PUBLISHED for e in ("legacy", "legacy-old", "dynamo")]
+    found = [(f, e, "plain") for f in exports.FAMILIES if f not in exports.PUBLISHED or f == "levit_128s"
+             for e in ("legacy", "dynamo")]
     found += [(f, e, "plain") for f in ("resnet18", "vit_tiny", "swin_timm") for e in ("legacy-dynamic", "dynamo-dynamic")]
+    found += [(f, "legacy-old", "plain") for f in ("resnet18", "vit_tiny", "deit_tiny_distilled", "swin_timm")]
     found += [(f, "legacy", v) for f in ("resnet18", "vit_tiny") for v in ("production", "fp16", "mixed", "slim")]
     found += [(f, "dynamo", v) for f in ("efficientnet_b0", "deit_tiny_distilled") for v in ("production", "slim")]
     return found

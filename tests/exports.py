@@ -7,7 +7,10 @@ export, variant, torch and timm versions) in ``EXPORT_CACHE`` (default ``~/.cach
 outside the per-run test cache) and reused.
 
 Exports: ``legacy`` (``torch.onnx.export(dynamo=False)``, opset 17, batch 1), ``legacy-dynamic``
-(the same with a dynamic batch axis), ``dynamo`` (the default exporter, opset 18+, weights in
+(the same with a dynamic batch axis), ``legacy-old`` (the oldest opset the legacy exporter writes for
+the model, 13, else 14 where attention needs it, with a dynamic batch axis: files made with older torch
+versions, LayerNormalization written as ReduceMean/Sub/Pow/Sqrt/Div, ranks that shape inference loses),
+``dynamo`` (the default exporter, opset 18+, weights in
 ``NAME.onnx.data``), ``dynamo-dynamic``. Variants: ``production`` (NHWC uint8 input, normalisation and
 softmax inside the graph), ``fp16`` (the whole model in half precision), ``mixed`` (float32 input and
 output, float16 inside), ``slim`` (onnxslim's copy), ``ingraph-LAYOUT-DTYPE`` (pixels 0..255 in that
@@ -24,13 +27,14 @@ import warnings
 import zlib
 from pathlib import Path
 
-EXPORTS = ("legacy", "legacy-dynamic", "dynamo", "dynamo-dynamic")
+EXPORTS = ("legacy", "legacy-dynamic", "legacy-old", "dynamo", "dynamo-dynamic")
 VARIANTS = ("plain", "production", "fp16", "mixed", "slim", "ingraph-nchw-float", "ingraph-nhwc-float",
             "ingraph-nchw-uint8", "int8-qdq", "int8-dynamic")
 BUILD_VERSION = 3
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-# name -> (library, constructor, keyword arguments); small configurations keep the suite fast
+# name -> (library, constructor, keyword arguments); small configurations keep the suite fast, and
+# every family built smaller here also runs at its published size (PUBLISHED)
 FAMILIES = {
     "resnet18": ("torchvision", "resnet18", {}),
     "mobilenet_v3_small": ("torchvision", "mobilenet_v3_small", {}),
@@ -50,7 +54,16 @@ FAMILIES = {
     "levit_128s": ("timm", "levit_128s", {}),
     "cait_xxs24": ("timm", "cait_xxs24_224", dict(depth=4)),  # 4 of its 24 blocks, then class attention
     "edgenext_xx_small": ("timm", "edgenext_xx_small", {}),  # F.normalize: Clip(x, eps, "")
+    # published sizes: the shrunk families above at their real depth and width, and families whose
+    # full size hid failures the small ones did not show
+    "swin_t": ("torchvision", "swin_t", {}),  # 2-2-6-2 blocks, width 96
+    "swin_tiny": ("timm", "swin_tiny_patch4_window7_224", {}),
+    "cait_xxs24_full": ("timm", "cait_xxs24_224", {}),  # all 24 blocks, then class attention
+    "efficientvit_b0": ("timm", "efficientvit_b0", {}),
+    "poolformerv2_s12": ("timm", "poolformerv2_s12", {}),
 }
+#: the families at their published configuration (run by `pytest -m published`, after the main suite)
+PUBLISHED = ("swin_t", "swin_tiny", "cait_xxs24_full", "efficientvit_b0", "poolformerv2_s12", "levit_128s")
 
 
 def cache_root() -> Path:
@@ -181,13 +194,19 @@ def _export_to(path: Path, family: str, exporter: str, variant: str) -> None:
         model = InGraph(model, layout == "nhwc").eval()
         x = torch.randint(0, 256, (1, *size, 3) if layout == "nhwc" else (1, 3, *size),
                           dtype=torch.uint8 if dtype == "uint8" else torch.float32)
-    dynamic = exporter.endswith("dynamic")
+    dynamic = exporter.endswith("dynamic") or exporter == "legacy-old"
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if exporter.startswith("legacy"):
-            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17,
-                              input_names=["input"], output_names=["scores"],
-                              dynamic_axes={"input": {0: "N"}, "scores": {0: "N"}} if dynamic else None)
+            for opset in (13, 14) if exporter == "legacy-old" else (17,):
+                try:
+                    torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset,
+                                      input_names=["input"], output_names=["scores"],
+                                      dynamic_axes={"input": {0: "N"}, "scores": {0: "N"}} if dynamic else None)
+                    break
+                except torch.onnx.errors.UnsupportedOperatorError:  # scaled_dot_product_attention: 14
+                    if opset == 14:
+                        raise
         else:
             shapes = ({0: torch.export.Dim("N", min=1, max=1024)},) if dynamic else None
             program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=shapes, verbose=False)

@@ -22,6 +22,50 @@ def test_every_method_on_real_exports(case):
     assert not failed and set(result) == set(METHODS), failed
 
 
+@pytest.mark.published
+@pytest.mark.parametrize("case", [pytest.param(c, id="-".join(c)) for c in cases(published=True)])
+def test_every_method_at_published_size(case):
+    """Swin-T (torchvision and timm), CaiT-XXS24 with all its blocks, LeViT-128S, EfficientViT-B0 and
+    PoolFormerV2-S12 as published, by both exporters and at opset 14: shrinking hid failures before."""
+    result = check(*case)
+    failed = {m: r for m, r in result.items() if r != "ok"}
+    assert not failed and set(result) == set(METHODS), failed
+
+
+# family -> where pytorch-grad-cam's tutorials put the target layer, as our layouts see it
+TRANSFORMER_TARGETS = {"vit_tiny": ("norm", 1), "deit_tiny_distilled": ("norm", 2), "cait_xxs24": ("norm", 1),
+                       "swin_timm": ("grid", 0), "swin_tv": ("grid", 0)}
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=() if f == "vit_tiny" else pytest.mark.slow)
+                                    for f in TRANSFORMER_TARGETS])
+def test_default_gradcam_layer_is_never_attention_whatever_the_exporter(family, chelsea):
+    """The legacy exporter at opset 14 writes LayerNormalization as ReduceMean/Sub/Pow/Sqrt/Div, where
+    the attention scores (heads, T, T) once passed for a (C, H, W) map and Grad-CAM returned noise
+    (peak 1.8e-14). Every export of one model picks the same place — the norm before the last attention
+    for class-token models, the last token grid for Swin — never attention, and the three give the same
+    map (the same weights)."""
+    from explainer.methods.gradcam import GradCAM
+
+    kind, prefix = TRANSFORMER_TARGETS[family]
+    maps = {}
+    for exporter in ("legacy", "legacy-old", "dynamo"):
+        net = explainer.load(exports.export(family, exporter))
+        cam = GradCAM(net)
+        layer = net.layer(cam.feature_layer)
+        assert net.structure.attention, (family, exporter, "no attention found")
+        assert layer.output not in net.structure.attention and layer.op_type not in ("Softmax", "MatMul"), \
+            (family, exporter, cam.feature_layer.reason if hasattr(cam.feature_layer, "reason") else cam.feature_layer)
+        assert cam.layout.prefix == prefix and cam.layout.grid == (7, 7) if family.startswith("swin") else \
+            cam.layout.grid == (14, 14), (family, exporter, cam.layout)
+        if kind == "norm":
+            assert layer.output in net.structure.norms, (family, exporter, layer)
+        maps[exporter] = cam.low_resolution(net.fit_pixels(chelsea.astype(np.float32)), [285])[0]
+        assert maps[exporter].max() > 0
+    for exporter in ("legacy-old", "dynamo"):
+        np.testing.assert_allclose(maps[exporter], maps["legacy"], rtol=1e-3, atol=1e-4 * maps["legacy"].max())
+
+
 def _reference_cam(engine, module, x, target, reshape_transform):
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget

@@ -46,3 +46,54 @@ def test_resize_is_antialiased_bicubic_like_pillow(chelsea):
     board = (np.indices((400, 400)).sum(0) % 2 * 255).astype(np.float32)[:, :, None]
     small = resize(board, (100, 100))
     assert np.abs(small[5:-5, 5:-5] - 127.5).max() < 2
+
+
+@pytest.mark.parametrize("producer, version, says", [
+    ("tf2onnx", "1.17.0 abc", "'caffe'"), ("keras", "3.12", "'tf'"), ("PaddlePaddle", "3.0", "'imagenet'"),
+    ("paddle2onnx", "2.0", "'imagenet'"), ("jax2onnx", "0.9", "'unit'"), ("pytorch", "2.14.1", "0.5"),
+    ("some-tool", "1", "no known convention"), ("", "", "does not say")])
+def test_guessed_preprocessing_names_the_producer(caplog, producer, version, says):
+    """With no metadata and no normalisation in the graph, the warning says which program wrote the
+    file and what that program's models usually expect; never a silent guess."""
+    import logging
+
+    import explainer
+    from graphs import linear_classifier
+
+    model, _ = linear_classifier()
+    model.producer_name, model.producer_version = producer, version
+    with caplog.at_level(logging.WARNING, logger="explainer"):
+        net = explainer.load(model)
+    warned = [r.getMessage() for r in caplog.records if "guessed" in r.getMessage()]
+    assert len(warned) == 1 and says in warned[0] and says in net.preprocessing.origin
+    if producer:
+        assert producer in warned[0]
+
+
+@pytest.mark.parametrize("nominal, fmt, expected", [
+    ("Normalized_0_1", "Rgb8", lambda x: x / 255), ("Normalized_1_1", None, lambda x: x / 127.5 - 1),
+    ("NominalRange_0_255", "Bgr8", lambda x: x[..., ::-1]), (None, "Bgr8", lambda x: x[..., ::-1])])
+def test_onnx_standard_image_metadata_is_read(pixels, nominal, fmt, expected):
+    """ONNX's own image metadata (Image.NominalPixelRange, Image.BitmapPixelFormat) states the input's
+    range and channel order: read, not guessed."""
+    import explainer
+    from graphs import linear_classifier
+
+    model, _ = linear_classifier()
+    for key, value in (("Image.NominalPixelRange", nominal), ("Image.BitmapPixelFormat", fmt)):
+        if value is not None:
+            model.metadata_props.add(key=key, value=value)
+    net = explainer.load(model)
+    assert net.preprocessing.origin.startswith("metadata")
+    np.testing.assert_allclose(net.preprocessing.normalise(pixels), expected(pixels.astype(np.float64)),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_standard_image_metadata_is_refused():
+    import explainer
+    from graphs import linear_classifier
+
+    model, _ = linear_classifier()
+    model.metadata_props.add(key="Image.NominalPixelRange", value="NominalRange_16_235")
+    with pytest.raises(InvalidParameterError, match="NominalRange_16_235.*preprocessing="):
+        explainer.load(model)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InvalidParameterError
+from ..errors import DegenerateMapError, InvalidParameterError
 from ..model.classifier import not_a_feature_map
 from ..model.torch_engine import torch_engine
 from ._common import finish, images_and_labels, resize_map
@@ -45,6 +45,9 @@ def _ancestors(graph, tensor: str) -> set[str]:
     return needed
 
 
+#: a CAM whose peak is below this fraction of its unaveraged gradient x activation is float32 noise
+NOISE = 1e-6
+
 _INTEGER_VALUED = ("QuantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger")
 
 
@@ -59,8 +62,9 @@ def default_feature_layer(net: Classifier) -> tuple[str, str]:
     layers = net.layers()
     # quantized graphs: the integers QuantizeLinear makes are not activations; their dequantized
     # values (DequantizeLinear's output) are, with gradients through the straight-through estimator
+    reached = net.structure.image_dependent
     candidates = [(i, l, net.layout(l)) for i, l in enumerate(layers)
-                  if l.output in ancestors and l.op_type not in _INTEGER_VALUED]
+                  if l.output in ancestors and l.output in reached and l.op_type not in _INTEGER_VALUED]
     candidates = [(i, l, lay) for i, l, lay in candidates if lay is not None]
     if not candidates:
         raise InvalidParameterError(
@@ -77,12 +81,13 @@ def default_feature_layer(net: Classifier) -> tuple[str, str]:
     attention = [i for i, l in enumerate(layers) if l.op_type == "Softmax" and l.shape and len(l.shape) >= 2
                  and l.shape[-1] == layout.prefix + layout.grid[0] * layout.grid[1]]
     before = [(i, l, lay) for i, l, lay in candidates if attention and i < attention[-1]]
-    norms = [c for c in before if c[1].op_type == "LayerNormalization"] or before
+    norms = [c for c in before if c[1].output in net.structure.norms] or before
     if not norms:
         return last.name, f"the last token layer the score depends on: {layout.describe()}"
     _, chosen, chosen_layout = norms[-1]
+    what = "layer norm" if chosen.output in net.structure.norms else chosen.op_type
     return chosen.name, (f"the score reads the class token, which patch tokens reach only through "
-                         f"attention: the last {chosen.op_type} before the last attention, "
+                         f"attention: the last {what} before the last attention, "
                          f"{chosen_layout.describe()}")
 
 
@@ -94,7 +99,7 @@ def gradcam_layers(net: Classifier, feature_layer=None, reduction_layer=None) ->
         feature_layer, reason = default_feature_layer(net)
     else:
         layer = net.layer(feature_layer)
-        layout = net.layout(layer)
+        layout = net.feature_map_layout(layer, "gradcam")
         if layout is None and layer.shape is not None:
             raise InvalidParameterError(not_a_feature_map("gradcam: feature_layer needs spatial dimensions", layer))
         reason = "given" if layout is None else f"given: {layout.describe()}"
@@ -146,9 +151,32 @@ class BaseCAM:
             raise InvalidParameterError(
                 f"gradcam: feature_layer {self.feature_layer!r} has rank-{acts.ndim} activations; a "
                 "(N, C, H, W) layer is needed.")
-        weights = self.channel_weights(acts.detach(), grads.detach())
-        cam = torch.relu((weights[:, :, None, None] * acts.detach()).sum(1))
+        acts, grads = acts.detach(), grads.detach()
+        weights = self.channel_weights(acts, grads)
+        cam = torch.relu((weights[:, :, None, None] * acts).sum(1))
+        self._refuse_degenerate(cam, acts, grads, indices)
         return cam.cpu().numpy().astype(np.float32)
+
+    def _refuse_degenerate(self, cam, acts, grads, indices) -> None:
+        """A map with no signal is an error naming the layer, never a returned map: zero everywhere (no
+        location raises the score), or at float32 noise level next to what the same activations and
+        gradients give without the averaging that cancelled (on attention scores before their Softmax
+        the gradient sums to zero over each row, and Grad-CAM's weights are rounding errors)."""
+        scale = (grads.abs().mean(dim=(2, 3))[:, :, None, None] * acts.abs()).sum(1).flatten(1).amax(1)
+        peak = cam.flatten(1).amax(1)
+        for k, index in enumerate(indices):
+            if float(scale[k]) == 0.0 or float(peak[k]) <= NOISE * float(scale[k]):
+                what = ("its gradient with respect to this layer is zero" if float(scale[k]) == 0.0
+                        else f"its peak {float(peak[k]):.2e} is at float32 noise level "
+                             f"({float(peak[k]) / float(scale[k]):.1e} of the layer's unaveraged "
+                             "gradient x activation)")
+                if float(scale[k]) > 0.0 and float(peak[k]) == 0.0:
+                    what = ("it is zero everywhere: at every location the weighted channels lower the class "
+                            "score (the ReLU keeps none)")
+                raise DegenerateMapError(
+                    f"{self.where}: the map of class {index} at layer {self.feature_layer!r} carries no "
+                    f"signal: {what}. Pick another feature_layer (gradcam_layers(net) gives the default "
+                    "and why), or another method (gradient, occlusion).")
 
     def __call__(self, image, label):
         pixels, is_batch, indices, several = images_and_labels(self.net, image, label, self.where)

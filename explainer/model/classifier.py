@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from ..convert import BATCH_PASSES, normalise
-from ..errors import (BatchFallbackWarning, InvalidParameterError, InvalidParameterTypeError,
+from ..errors import (BatchFallbackWarning, InvalidParameterError, InvalidParameterTypeError, LayerNotFeatureMapError,
                       NonFiniteOutputError, UnknownClassError, UnknownLayerError, UnsupportedModelError)
 from ..io import to_pixel_batch
 from ..validation import check_batch_size, check_int, closest
@@ -21,6 +21,8 @@ from . import labels as labels_mod
 from . import preprocess as preprocess_mod
 from .graph import dims, infer_shapes, layer_name
 from .layouts import FeatureLayout, feature_layout
+from .structure import Structure
+from .structure import analyse as analyse_structure
 from .load import LoadedModel
 from .ort_engine import OrtEngine
 from .providers import resolve_device
@@ -38,9 +40,10 @@ def _expose_logits(model, output: OutputSpec) -> None:
         model.graph.output.append(onnx.helper.make_tensor_value_info(output.softmax_input, elem, None))
 
 
-def not_a_feature_map(where: str, layer: "Layer") -> str:
+def not_a_feature_map(where: str, layer: "Layer", attention: bool = False) -> str:
+    what = "attention (scores or probabilities over tokens)" if attention else "not a feature map"
     return (f"{where}: layer {layer.name!r} ({layer.op_type}) has activations of shape {layer.shape} per "
-            "image, which are not a feature map: feature maps are (C, H, W), tokens (T, C) on the "
+            f"image, which are {what}: feature maps are (C, H, W), tokens (T, C) on the "
             "image's grid (after class tokens) or a channels-last (H, W, C) grid. Attention "
             "probabilities and q/k/v split into heads have no place in the image; net.layers() lists "
             "the layers.")
@@ -104,7 +107,7 @@ class Classifier:
                           f"only slower): {why}", BatchFallbackWarning, stacklevel=3)
         self.class_names: list[str] = labels_mod.resolve(labels, metadata, self.output.num_classes)
         self._layers: list[Layer] | None = None
-        self._token_channels: set[int] | None | bool = False  # False: not computed yet
+        self._structure: Structure | None = None  # read from the graph on first use
 
     def _default_preprocessing(self) -> tuple[str, str]:
         """(preset, why) when neither an argument nor the metadata says: "none" (or "unit", 0..1, where
@@ -120,8 +123,9 @@ class Classifier:
             return "none", why
         if self.input.dtype == np.uint8:
             return "none", "the graph takes uint8 pixels"
+        hint = preprocess_mod.producer_hint(self.source_model.producer_name, self.source_model.producer_version)
         why = ("guessed: no preprocessing in the metadata, float input, no normalisation in the graph; "
-               "pass preprocessing= if the model was trained otherwise")
+               f"{hint}; pass preprocessing= if the model was trained otherwise")
         _log.warning("model %r: preprocessing 'imagenet' %s", self.name, why)
         return "imagenet", why
 
@@ -349,28 +353,45 @@ class Classifier:
         return self._layers
 
     @property
+    def structure(self) -> Structure:
+        """What the graph's wiring says of its tensors: image-dependent, attention, token widths."""
+        if self._structure is None:
+            shapes = {l.output: l.shape for l in self.layers()}
+            self._structure = analyse_structure(self.model.graph, self.input.name, shapes)
+        return self._structure
+
+    @property
     def token_channels(self) -> set[int] | None:
-        """The channel counts of a transformer's token stream (those its LayerNormalizations normalise);
-        None for a network without tokens."""
-        if self._token_channels is False:
-            norms = [l.shape[-1] for l in self.layers()
-                     if l.op_type == "LayerNormalization" and l.shape and len(l.shape) in (2, 3)]
-            self._token_channels = set(norms) if norms else None
-        return self._token_channels
+        """The channel counts of a transformer's token stream (those its layer norms normalise over the
+        last axis: LayerNormalization nodes or their ReduceMean/Sub form); None for a network without
+        tokens."""
+        return set(self.structure.token_channels) or None
 
     def layout(self, layer) -> "FeatureLayout | None":
         """How ``layer`` (a name or a Layer) shows itself as (C, H, W): a feature map, tokens on the
-        image's grid or a channels-last grid; None when it is not a feature map."""
+        image's grid or a channels-last grid; None when it is not a feature map (attention scores and
+        probabilities never are)."""
         layer = self.layer(layer) if isinstance(layer, str) else layer
+        if layer.output in self.structure.attention:
+            return None
         return feature_layout(layer.shape, self.input.size, self.token_channels)
 
     def feature_map_layout(self, layer, where: str) -> "FeatureLayout | None":
-        """``layout(layer)``; in a network of tokens, a layer with several dims per image that is no
-        feature map (attention probabilities, q/k/v) is refused (InvalidParameterError). Vectors pass."""
+        """``layout(layer)``; a layer the image does not reach, attention, and in a network of tokens a
+        layer with several dims per image that is no feature map (q/k/v) are refused
+        (LayerNotFeatureMapError). Vectors pass."""
         layer = self.layer(layer) if isinstance(layer, str) else layer
+        if layer.output not in self.structure.image_dependent:
+            raise LayerNotFeatureMapError(
+                f"{where}: layer {layer.name!r} ({layer.op_type}) does not depend on the image: its values "
+                "come from the graph's constants and the input's shape only (a mask or position table), "
+                "so it has nothing to show or explain about an image. Pick a layer the image reaches; "
+                "net.layers() lists them.")
+        if layer.output in self.structure.attention:
+            raise LayerNotFeatureMapError(not_a_feature_map(where, layer, attention=True))
         found = self.layout(layer)
         if found is None and self.token_channels and layer.shape is not None and len(layer.shape) >= 2:
-            raise InvalidParameterError(not_a_feature_map(where, layer))
+            raise LayerNotFeatureMapError(not_a_feature_map(where, layer))
         return found
 
     def describe_layer(self, name: str) -> str:

@@ -5,8 +5,9 @@ prefix being class and distillation tokens (ViT, DeiT), or none (Swin's windows 
 some give channels-last grids (H, W, C) (torchvision's Swin, ConvNeXt's norms). The grid (h, w) is
 one the image is cut into: ceil(size / stride) for some stride, as patch embeddings and strided
 convolutions make it. Grad-CAM, activations and deep dream read every layer through its layout, so a
-layer that is not a feature map (attention probabilities (heads, T, T), q/k/v split into heads) is
-refused by all three with the same InvalidParameterError (``Classifier.feature_map_layout``).
+layer that is not a feature map (attention scores and probabilities, found from the graph's wiring by
+``structure``; q/k/v split into heads; tensors the image does not reach) is refused by all three with
+the same LayerNotFeatureMapError (``Classifier.feature_map_layout``).
 """
 from __future__ import annotations
 
@@ -74,12 +75,15 @@ def feature_layout(shape, size: tuple[int, int], token_channels: set[int] | None
         return None
     grids = image_grids(size)
     if len(shape) == 3:
-        c, h, w = shape
-        if ((h, w) in grids or token_channels is None) and h > 1 and w > 1:
-            return FeatureLayout("CHW", c, (h, w))
-        h, w, c = shape
-        if (h, w) in grids and h > 1 and w > 1 and (token_channels is None or c in token_channels):
-            return FeatureLayout("HWC", c, (h, w))
+        # (C, H, W) where (H, W) is one of the image's grids; else (H, W, C) where (H, W) is, whatever
+        # its width (NHWC exports keep whole stretches channels-last: tf2onnx, ConvNeXt's norms); else,
+        # in a network without tokens, (C, H, W) still (maps padded before a convolution)
+        if (shape[1], shape[2]) in grids and shape[1] > 1 and shape[2] > 1:
+            return FeatureLayout("CHW", shape[0], (shape[1], shape[2]))
+        if (shape[0], shape[1]) in grids and shape[0] > 1 and shape[1] > 1:
+            return FeatureLayout("HWC", shape[2], (shape[0], shape[1]))
+        if token_channels is None and shape[1] > 1 and shape[2] > 1:
+            return FeatureLayout("CHW", shape[0], (shape[1], shape[2]))
         return None
     if len(shape) == 2:
         t, c = shape

@@ -76,6 +76,71 @@ PRESETS = {
 }
 
 
+#: ONNX's standard image metadata (docs/MetadataProps.md: what WinMLTools, Custom Vision and other
+#: exporters write): the pixel range the input expects, and its channel order
+NOMINAL_RANGES = {"NominalRange_0_255": ("none", 1.0), "Normalized_0_1": ("unit", 1 / 255),
+                  "Normalized_1_1": ("tf", 1 / 127.5)}
+PIXEL_FORMATS = {"Rgb8": "RGB", "Bgr8": "BGR", "Rgba8": "RGB", "Bgra8": "BGR", "Gray8": "RGB"}
+
+
+def from_image_metadata(metadata: dict) -> Preprocessing | None:
+    """The preprocessing ONNX's standard image metadata states (``Image.NominalPixelRange``,
+    ``Image.BitmapPixelFormat``), or None where the model carries none."""
+    nominal = metadata.get("Image.NominalPixelRange")
+    pixel_format = metadata.get("Image.BitmapPixelFormat")
+    if nominal is None and pixel_format is None:
+        return None
+    if nominal is not None and nominal not in NOMINAL_RANGES:
+        raise InvalidParameterError(
+            f"the model's metadata Image.NominalPixelRange={nominal!r} is not one of {sorted(NOMINAL_RANGES)} "
+            "(NominalRange_16_235 is video range, not supported); pass preprocessing= explicitly.")
+    if pixel_format is not None and pixel_format not in PIXEL_FORMATS:
+        raise InvalidParameterError(
+            f"the model's metadata Image.BitmapPixelFormat={pixel_format!r} is not one of "
+            f"{sorted(PIXEL_FORMATS)}; pass preprocessing= explicitly.")
+    name, scale = NOMINAL_RANGES[nominal or "NominalRange_0_255"]
+    base = PRESETS[name]
+    order = PIXEL_FORMATS.get(pixel_format or "Rgb8", "RGB")
+    return replace(base, channel_order=order, name=name if order == "RGB" else f"{name}-bgr",
+                   origin=f"metadata (Image.NominalPixelRange={nominal}, Image.BitmapPixelFormat={pixel_format})")
+
+
+#: producer_name (lower case, a prefix) -> (the framework, what its image classifiers usually expect)
+PRODUCER_CONVENTIONS = (
+    ("tf2onnx", "TensorFlow/Keras (tf2onnx)",
+     "Keras applications: MobileNet/MobileNetV2/Inception/Xception/NASNet 'tf' (x/127.5 - 1); ResNet50/VGG "
+     "'caffe' (BGR, mean subtracted); EfficientNet/EfficientNetV2/ConvNeXt/RegNet normalise inside the "
+     "graph ('none'); a model trained with Rescaling(1/255) 'unit'"),
+    ("keras", "Keras",
+     "as Keras applications: 'tf' for MobileNets/Inception, 'caffe' for ResNet50/VGG, 'none' for "
+     "EfficientNet/ConvNeXt (normalised inside); 'unit' after Rescaling(1/255)"),
+    ("paddle", "PaddlePaddle (paddle2onnx)",
+     "paddle.vision and PaddleClas models: 'imagenet' (x/255, ImageNet mean and std, RGB)"),
+    ("jax2onnx", "JAX/Flax (jax2onnx)",
+     "no convention: Flax examples train on x/255 ('unit') or ImageNet statistics ('imagenet'); check the "
+     "training pipeline"),
+    ("pytorch", "PyTorch (torch.onnx)",
+     "torchvision, most timm models and Hugging Face ConvNeXt/Swin/ResNet: 'imagenet'; Hugging Face "
+     "ViT/BEiT and timm's ViTs trained with mean = std = 0.5: "
+     "preprocessing={'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5), 'scale': 1/255}"),
+    ("onnxmltools", "ONNXMLTools", "whatever the source framework's training used"),
+)
+
+
+def producer_hint(producer_name: str, producer_version: str = "") -> str:
+    """Which framework wrote the file and what its image classifiers usually expect, for the warning
+    given when the preprocessing is guessed."""
+    key = (producer_name or "").strip().lower()
+    for prefix, framework, expects in PRODUCER_CONVENTIONS:
+        if key.startswith(prefix) or (prefix == "paddle" and "paddle" in key):
+            version = f" {producer_version}" if producer_version else ""
+            return (f"the file was written by {producer_name}{version} ({framework}), whose image classifiers "
+                    f"usually expect: {expects}")
+    if key:
+        return f"the file was written by {producer_name} {producer_version}".rstrip() + ", a producer with no known convention"
+    return "the file does not say which program wrote it (producer_name is empty)"
+
+
 def resolve(value, metadata: dict | None = None, default="imagenet", given_by: str = "argument") -> Preprocessing:
     """``preprocessing=`` argument → ``Preprocessing``: a preset name, a dict of fields, an instance,
     or None (the graph's metadata, else ``default``: a preset name, or a function giving (preset,
@@ -89,6 +154,9 @@ def resolve(value, metadata: dict | None = None, default="imagenet", given_by: s
                 raise InvalidParameterError(
                     f"the model's metadata {METADATA_KEY!r} is not a valid preprocessing spec ({exc}); "
                     "pass preprocessing= explicitly.") from None
+        standard = from_image_metadata(metadata or {})
+        if standard is not None:
+            return standard
         name, why = default() if callable(default) else (default, "default")
         return replace(PRESETS[name], origin=why)
     if isinstance(value, Preprocessing):
