@@ -65,7 +65,15 @@ def test_levels_run_at_their_own_size_where_the_graph_allows(default_net, scores
     assert torch_engine(dense).runs_at_size == {(8, 8): False, (11, 11): False}
 
 
-def test_any_layer_seeded_and_regularised(default_net, capfd):
+def test_any_layer_seeded_and_regularised(default_net, capfd, monkeypatch):
+    from functools import partialmethod
+
+    from explainer import progress
+
+    # every step drawn (tqdm draws at most every 0.1 s by default: what the screen showed depended on
+    # the machine's speed)
+    bar_class = progress._bar_class()
+    monkeypatch.setattr(bar_class, "__init__", partialmethod(bar_class.__init__, mininterval=0))
     layer = "/_blocks.6/Add"
     a = explainer.deep_dream_image(default_net, layer, [0, 3], num_iterations=2, pyramid_levels=2,
                                    random_state=4, verbose=True)
