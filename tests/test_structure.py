@@ -45,7 +45,26 @@ def _decomposed_norm(nodes, inits, x, out, axis=-1):
               helper.make_node("Div", [f"{out}_centred", f"{out}_std"], [out], name=out)]
 
 
-def attention_classifier(k=5, seed=0, class_token=False) -> onnx.ModelProto:
+def _tf2onnx_norm(nodes, inits, x, out):
+    """Keras's LayerNormalization as tf2onnx writes it: moments by GlobalAveragePool over (N, T, C)'s last
+    axis, then x * inv + (-mean) * inv with inv = gamma / sqrt(var + eps)."""
+    inits += [numpy_helper.from_array(np.array(1e-3, np.float32), f"{out}_eps"),
+              numpy_helper.from_array(np.full(C, 1.1, np.float32), f"{out}_gamma")]
+    nodes += [helper.make_node("GlobalAveragePool", [x], [f"{out}_mean"]),
+              helper.make_node("Neg", [f"{out}_mean"], [f"{out}_neg"]),
+              helper.make_node("Sub", [x, f"{out}_mean"], [f"{out}_diff"]),
+              helper.make_node("Mul", [f"{out}_diff", f"{out}_diff"], [f"{out}_sq"]),
+              helper.make_node("GlobalAveragePool", [f"{out}_sq"], [f"{out}_var"]),
+              helper.make_node("Add", [f"{out}_var", f"{out}_eps"], [f"{out}_vareps"]),
+              helper.make_node("Sqrt", [f"{out}_vareps"], [f"{out}_std"]),
+              helper.make_node("Reciprocal", [f"{out}_std"], [f"{out}_rstd"]),
+              helper.make_node("Mul", [f"{out}_rstd", f"{out}_gamma"], [f"{out}_inv"]),
+              helper.make_node("Mul", [x, f"{out}_inv"], [f"{out}_scaled"]),
+              helper.make_node("Mul", [f"{out}_neg", f"{out}_inv"], [f"{out}_shift"]),
+              helper.make_node("Add", [f"{out}_scaled", f"{out}_shift"], [out], name=out)]
+
+
+def attention_classifier(k=5, seed=0, class_token=False, norm=_decomposed_norm) -> onnx.ModelProto:
     """Patch conv → tokens (N, 16, 8) [after a class token] → decomposed norm → one self-attention →
     residual → token mean [the class token] → Gemm. Attention: MatMul(q, kᵀ) → Mul(scale) → Softmax →
     MatMul(·, v)."""
@@ -71,7 +90,7 @@ def attention_classifier(k=5, seed=0, class_token=False) -> onnx.ModelProto:
                   helper.make_node("Concat", ["cls_batch", "patch_tokens"], ["tokens"], name="tokens", axis=1)]
     else:
         nodes.append(helper.make_node("Identity", ["patch_tokens"], ["tokens"], name="tokens"))
-    _decomposed_norm(nodes, inits, "tokens", "norm1")
+    norm(nodes, inits, "tokens", "norm1")
     nodes += [helper.make_node("MatMul", ["norm1", "wq"], ["q"], name="q"),
               helper.make_node("MatMul", ["norm1", "wk"], ["k"], name="k"),
               helper.make_node("MatMul", ["norm1", "wv"], ["v"], name="v"),
@@ -165,9 +184,10 @@ def _ort_output(model, tensor, pixels):
     return session.run([tensor], {"image": pixels})[0]
 
 
-@pytest.mark.parametrize("class_token", [False, True])
-def test_attention_found_from_the_wiring_and_never_a_default_layer(class_token):
-    net = explainer.load(attention_classifier(class_token=class_token), preprocessing="unit")
+@pytest.mark.parametrize("class_token, norm", [(False, _decomposed_norm), (True, _decomposed_norm),
+                                               (True, _tf2onnx_norm)])
+def test_attention_found_from_the_wiring_and_never_a_default_layer(class_token, norm):
+    net = explainer.load(attention_classifier(class_token=class_token, norm=norm), preprocessing="unit")
     structure = net.structure
     assert {"scores", "scaled", "attn"} <= structure.attention
     assert not {"q", "kt", "v", "mixed", "residual", "norm1", "tokens"} & structure.attention

@@ -131,14 +131,23 @@ def layer_norms(graph: onnx.GraphProto, shapes: dict[str, tuple | None], flows: 
         if node.op_type == "LayerNormalization" and attribute(node, "axis", -1) in (-1, len(shape)):
             widths.add(shape[-1])
             outputs.add(node.output[0])
-        elif node.op_type == "ReduceMean" and _last_axis_only(graph, node, len(shape) + 1):
+        elif _mean_over_last_axis(graph, node, shape):
             centring = [u for u in used_by.get(x, []) if u.op_type == "Sub" and list(u.input) == [x, node.output[0]]]
             if centring:
                 widths.add(shape[-1])
-                end = _normalised(centring[0].output[0], used_by, flows)
+                end = (_normalised(centring[0].output[0], used_by, flows)
+                       or _rescaled(x, used_by, flows))
                 if end:
                     outputs.add(end)
     return widths, outputs
+
+
+def _mean_over_last_axis(graph: onnx.GraphProto, node: onnx.NodeProto, shape: tuple) -> bool:
+    """ReduceMean over the last axis, or GlobalAveragePool of (N, T, C) activations, which averages
+    over the last axis (tf2onnx writes a layer norm's moments so)."""
+    if node.op_type == "ReduceMean":
+        return _last_axis_only(graph, node, len(shape) + 1)
+    return node.op_type == "GlobalAveragePool" and len(shape) == 2
 
 
 def _normalised(centred: str, used_by, flows: set[str]) -> str | None:
@@ -155,6 +164,23 @@ def _normalised(centred: str, used_by, flows: set[str]) -> str | None:
         if len(following) == 1 and following[0].op_type == op and sum(i in flows for i in following[0].input) == 1:
             out = following[0].output[0]
     return out
+
+
+def _rescaled(x: str, used_by, flows: set[str]) -> str | None:
+    """The output of the norm written as ``x * inv + (beta - mean * inv)`` (Keras's layer norm through
+    tf2onnx): the Add after the Mul of ``x`` by a factor computed from it, then a constant bias."""
+    for node in used_by.get(x, []):
+        if node.op_type != "Mul" or x not in node.input:
+            continue
+        factor = [i for i in node.input if i != x]
+        following = used_by.get(node.output[0], [])
+        if factor and factor[0] in flows and len(following) == 1 and following[0].op_type == "Add":
+            out = following[0].output[0]
+            after = used_by.get(out, [])
+            if len(after) == 1 and after[0].op_type == "Add" and sum(i in flows for i in after[0].input) == 1:
+                out = after[0].output[0]
+            return out
+    return None
 
 
 def _last_axis_only(graph: onnx.GraphProto, node: onnx.NodeProto, rank: int) -> bool:
