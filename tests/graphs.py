@@ -116,3 +116,115 @@ def nhwc_uint8_softmax_variant(model: onnx.ModelProto, mean=127.0, std=128.0) ->
     del m.metadata_props[:]
     onnx.checker.check_model(m)
     return m
+
+
+# --- single ops and shapes that inference loses (tests/test_converters.py) ----------------------------
+
+def single_op(op, attrs=None, *, shape=(1, 3, 8, 8), inits=(), extra_inputs=(), opset=17, outputs=1,
+              domain_version=None) -> onnx.ModelProto:
+    """``image`` (float, ``shape``) -> one ``op`` node -> its outputs ``y0``..; ``inits``: (name, array)
+    pairs fed after the image (``extra_inputs``: names of further inputs, "" for an absent one, placed
+    before the initialisers)."""
+    inits = list(inits)
+    node = helper.make_node(op, ["image", *extra_inputs, *[n for n, _ in inits]],
+                            [f"y{i}" for i in range(outputs)], name=f"the_{op.lower()}", **(attrs or {}))
+    graph = helper.make_graph([node], "single", [helper.make_tensor_value_info("image", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(outputs)],
+                              initializer=[numpy_helper.from_array(np.asarray(v), n) for n, v in inits])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8 if opset <= 18 else 10
+    return model
+
+
+def _bn_weights(c, rng, eps_sensitive=False):
+    var = (rng.uniform(1e-4, 2e-3, c) if eps_sensitive else rng.uniform(0.5, 2.0, c)).astype(np.float32)
+    return [rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32),
+            (0.1 * rng.standard_normal(c)).astype(np.float32), var]
+
+
+def rank_lost_classifier(op="BatchNormalization", attrs=None, *, k=4, size=(8, 8), opset=13, seed=0,
+                         through="reshape") -> onnx.ModelProto:
+    """image (N, 3, H, W) -> Conv 1x1 (k channels) -> a tensor of the same shape whose rank shape
+    inference cannot tell -> ``op`` -> GlobalAveragePool -> Flatten -> Gemm (k scores).
+
+    ``through="reshape"``: a Reshape to its own shape computed at run time (Shape -> Concat): a Reshape
+    of opset <= 13 gives no shape at all for a computed target (timm's LeViT and PoolFormer, torchvision's
+    Swin, exported at opset 11-13). ``"pad"``: a Pad whose pads are computed (zero here). The op has
+    the weights it needs (BatchNormalization: scale, bias, mean, var; InstanceNormalization: scale, bias;
+    Conv: k x k x 3 x 3)."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    inits = [numpy_helper.from_array((0.01 * rng.standard_normal((k, 3, 1, 1))).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal(k).astype(np.float32), "B"),
+             numpy_helper.from_array(rng.standard_normal((k, k)).astype(np.float32), "D"),
+             numpy_helper.from_array(np.zeros(k, np.float32), "DB")]
+    nodes = [helper.make_node("Conv", ["image", "W", "B"], ["conv"], name="conv")]
+    if through == "reshape":
+        inits += [numpy_helper.from_array(np.array([0], np.int64), "zero"),
+                  numpy_helper.from_array(np.array([2], np.int64), "two"),
+                  numpy_helper.from_array(np.array([4], np.int64), "four")]
+        nodes += [helper.make_node("Shape", ["conv"], ["shape"]),
+                  helper.make_node("Slice", ["shape", "zero", "two"], ["head"]),
+                  helper.make_node("Slice", ["shape", "two", "four"], ["tail"]),
+                  helper.make_node("Concat", ["head", "tail"], ["target"], axis=0),
+                  helper.make_node("Reshape", ["conv", "target"], ["lost"], name="reshape")]
+    else:
+        inits.append(numpy_helper.from_array(np.array(0, np.int64), "nought"))
+        nodes += [helper.make_node("Shape", ["conv"], ["shape"]),
+                  helper.make_node("Concat", ["shape", "shape"], ["twice"], axis=0),
+                  helper.make_node("Mul", ["twice", "nought"], ["pads"]),
+                  helper.make_node("Pad", ["conv", "pads"], ["lost"], name="pad")]
+    extra = []
+    if op == "BatchNormalization":
+        extra = [f"{op}_{i}" for i in range(4)]
+        inits += [numpy_helper.from_array(v, n) for v, n in zip(_bn_weights(k, rng), extra)]
+    elif op == "Conv":
+        extra = ["Conv_w"]
+        inits.append(numpy_helper.from_array((0.3 * rng.standard_normal((k, k, 3, 3))).astype(np.float32), "Conv_w"))
+    elif op in ("InstanceNormalization", "LayerNormalization"):
+        extra = [f"{op}_{i}" for i in range(2)]
+        c = k if op == "InstanceNormalization" else w
+        inits += [numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), n) for n in extra]
+    nodes += [helper.make_node(op, ["lost", *extra], ["normed"], name="the_op", **(attrs or {})),
+              helper.make_node("GlobalAveragePool", ["normed"], ["gap"], name="gap"),
+              helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+              helper.make_node("Gemm", ["flat", "D", "DB"], ["logits"], name="head")]
+    return _model(nodes, [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, h, w])],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", k])], inits,
+                  opset=[helper.make_opsetid("", opset)])
+
+
+def keras_batchnorm_classifier(epsilon=1e-3, *, k=4, size=(8, 8), seed=0) -> onnx.ModelProto:
+    """Conv 3x3 -> BatchNormalization (Keras' epsilon 1e-3, variances small enough that epsilon
+    matters, kept as a node as tf2onnx keeps it) -> Relu -> GlobalAveragePool -> Flatten."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    names = ["scale", "bias", "mean", "var"]
+    inits = [numpy_helper.from_array((0.01 * rng.standard_normal((k, 3, 3, 3))).astype(np.float32), "W")]
+    inits += [numpy_helper.from_array(v, n) for v, n in zip(_bn_weights(k, rng, eps_sensitive=True), names)]
+    nodes = [helper.make_node("Conv", ["image", "W"], ["conv"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["conv", *names], ["bn"], name="bn", epsilon=epsilon,
+                              momentum=0.99),
+             helper.make_node("Relu", ["bn"], ["relu"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["relu"], ["gap"], name="gap"),
+             helper.make_node("Flatten", ["gap"], ["logits"], name="flatten")]
+    return _model(nodes, [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, h, w])],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", k])], inits)
+
+
+def with_recorded_shapes(model: onnx.ModelProto, how: str) -> onnx.ModelProto:
+    """A copy whose ``value_info`` is: ``"none"`` (cleared, as tools that strip it leave it),
+    ``"wrong-rank"`` (every intermediate recorded as rank 2) or ``"stale"`` (every intermediate
+    recorded with the shape inference gives at another input size, rank kept)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.value_info[:]
+    if how == "none":
+        return m
+    inferred = onnx.shape_inference.infer_shapes(m).graph.value_info
+    for vi in inferred:
+        t = vi.type.tensor_type
+        rank = len(t.shape.dim) if t.HasField("shape") else 4
+        shape = [7, 5] if how == "wrong-rank" else [d + 3 for d in range(2, rank + 2)]
+        m.graph.value_info.append(helper.make_tensor_value_info(vi.name, t.elem_type, shape))
+    return m

@@ -49,7 +49,9 @@ def test_default_and_nhwc_uint8_softmax_variant(default_net):
     assert (net.input.layout, net.input.dtype, net.output.softmax_input) == ("NHWC", np.uint8, "logits")
     _check_against_ort(net)
     # gradients reach the user's pixels through the graph's own preprocessing
-    g = explainer.methods.gradients.pixel_attributions(net, np.full((64, 80, 3), 100, np.uint8), 1)
+    from explainer.methods import gradients
+
+    g = gradients.pixel_attributions(net, np.full((64, 80, 3), 100, np.uint8), 1)
     assert g.shape == (1, 3, 64, 80) and np.abs(g).sum() > 0
 
 
@@ -138,3 +140,47 @@ def test_clip_with_empty_trailing_bound_converts(chelsea):
     assert "trailing-empty-inputs: 1 change(s)" in torch_engine(net).log
     image = np.random.default_rng(0).integers(0, 256, (8, 8, 3)).astype(np.uint8)
     assert explainer.gradient_attribution(net, image, 0, verbose=False).shape == (8, 8)
+
+
+class _LeViTLike(torch.nn.Module):
+    """What timm's LeViT and torchvision's Swin do around reshapes whose targets the legacy exporter
+    computes from the input's shape: a BatchNorm1d over tokens flattened into the batch, then tokens
+    back to a map, average-pooled, and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.proj = torch.nn.Linear(8, 16)
+        self.bn = torch.nn.BatchNorm1d(16)
+        self.pool = torch.nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        self.head = torch.nn.Linear(16, 5)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        t = self.proj(x.flatten(2).transpose(1, 2))  # (B, HW, 16)
+        t = self.bn(t.flatten(0, 1)).reshape_as(t)
+        m = t.transpose(1, 2).reshape(b, -1, h, w)
+        m = self.pool(m)
+        return self.head(torch.nn.functional.adaptive_avg_pool2d(m, 1).flatten(1))
+
+
+@pytest.mark.parametrize("opset,dynamic", [(11, False), (13, True), (13, False), (17, True)])
+def test_legacy_exports_at_opsets_that_lose_ranks(tmp_path, opset, dynamic):
+    """Issue #26: timm LeViT / PoolFormer / EfficientViT and torchvision Swin exported with the legacy
+    exporter at opset 11-13 (onnx's Reshape-13 shape inference gives no rank for a computed target)
+    failed with "BatchNorm operation with spatial rank == -2" or at the head with "mat1 and mat2
+    shapes cannot be multiplied (1x1 and 768x1000)"."""
+    import warnings
+
+    path = tmp_path / "model.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_LeViTLike().eval(), (torch.randn(1, 3, 16, 16),), str(path), dynamo=False,
+                          opset_version=opset, input_names=["input"], output_names=["scores"],
+                          dynamic_axes={"input": {0: "N"}, "scores": {0: "N"}} if dynamic else None)
+    _check_against_ort(explainer.load(str(path), preprocessing="none"))

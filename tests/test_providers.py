@@ -30,3 +30,22 @@ def test_cpu_forced_and_bad_device():
     assert explainer.load(model, device="cpu").ort.active_providers == ["CPUExecutionProvider"]
     with pytest.raises(InvalidParameterError, match="'auto', 'cpu', 'cuda'"):
         explainer.load(model, device="gpu")
+
+
+def test_cuda_sessions_ask_for_float32_not_tf32(monkeypatch):
+    """onnxruntime's CUDA provider rounds to TF32 by default; every session the library makes passes
+    use_tf32=0 with the CUDA provider (what onnxruntime is asked, recorded here without a GPU)."""
+    import onnxruntime as ort
+
+    from explainer.model import providers
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, data, options=None, providers=None, provider_options=None):
+            seen["providers"], seen["options"] = providers, provider_options
+
+    monkeypatch.setattr(ort, "InferenceSession", Recorder)
+    providers.quiet_session(b"", providers.CUDA)
+    assert seen["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert seen["options"] == [{"use_tf32": "0"}, {}]

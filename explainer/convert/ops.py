@@ -7,8 +7,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ConversionError
-from ..model.graph import (attribute, clip_bound, constant_value, consumers, dims, infer_shapes, is_large, opset,
-                           without_weight_data)
+from ..model.graph import (attribute, clip_bound, constant_value, consumers, dims, infer_shapes, is_large,
+                           measured_dims, opset, without_weight_data)
 from .passes import register
 
 
@@ -66,6 +66,17 @@ def opset_upgrade(model: onnx.ModelProto, ctx) -> int:
     return 1
 
 
+@register("stale-shapes", targets=("torch",), order=11)
+def stale_shapes(model: onnx.ModelProto, ctx) -> int:
+    """Intermediate shapes recorded in the file (``value_info``) are dropped; shape inference gives them
+    afresh, from the normalised graph (a wrong or stale record, e.g. of another rank, would otherwise
+    win over inference and mislead the passes that read shapes). 'dynamic-batch' does it too, except
+    where a graph keeps its exported batch of 1."""
+    count = len(model.graph.value_info)
+    del model.graph.value_info[:]
+    return count
+
+
 @register("remove-dropout", targets=("torch",), order=30)
 def remove_dropout(model: onnx.ModelProto, ctx) -> int:
     """Dropout is the identity at inference; its mask output must be unused."""
@@ -83,13 +94,104 @@ def remove_dropout(model: onnx.ModelProto, ctx) -> int:
     return len(replacements)
 
 
+_AUTO_PADDED = ("Conv", "ConvTranspose", "ConvInteger", "MaxPool", "AveragePool", "LpPool")
+
+
+@register("auto-pad", targets=("torch",), order=38)
+def auto_pad(model: onnx.ModelProto, ctx) -> int:
+    """``auto_pad`` (SAME_UPPER, SAME_LOWER, VALID; JAX and TensorFlow exports use SAME) → the explicit
+    ``pads`` onnxruntime computes: for an output of ceil(in / stride), SAME pads ``total = (out - 1) *
+    stride + (kernel - 1) * dilation + 1 - in`` (at least 0), the odd pixel at the end (SAME_UPPER) or
+    the beginning (SAME_LOWER); VALID pads nothing. At stride 1 the pads do not depend on the input's
+    size; else its spatial size is read from shape inference, or measured in onnxruntime. Asymmetric
+    pads are then handled exactly as exported ones are: onnx2torch pads a Conv's input with zeros
+    first, the 'asymmetric-pool' pass does it for pools."""
+    g = model.graph
+    changed, sizes = 0, None
+    for node in g.node:
+        mode = attribute(node, "auto_pad", b"NOTSET")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if node.op_type not in _AUTO_PADDED or mode == "NOTSET":
+            continue
+        kernel = _kernel(g, node)
+        if kernel is None:
+            continue
+        rank = len(kernel)
+        strides = list(attribute(node, "strides", [1] * rank))
+        dilations = list(attribute(node, "dilations", [1] * rank))
+        if mode == "VALID":
+            pads = [0] * 2 * rank
+        elif node.op_type == "ConvTranspose":  # the output is in * stride: the pads do not depend on in
+            extra = list(attribute(node, "output_padding", [0] * rank))
+            totals = [max(0, extra[i] + (kernel[i] - 1) * dilations[i] + 1 - strides[i]) for i in range(rank)]
+            if any(t % 2 for t in totals):
+                continue  # asymmetric: onnx2torch's ConvTranspose has none; refused by name
+            pads = _split_pads(totals, mode)
+        else:
+            spatial = [None] * rank
+            if any(s != 1 for s in strides):
+                sizes = sizes if sizes is not None else _spatial_sizes(model, ctx)
+                spatial = (sizes.get(node.input[0]) or [None] * (rank + 2))[2:]
+                if len(spatial) != rank or None in spatial:
+                    continue  # left to the attribute check, which refuses it by name
+            totals = []
+            for i in range(rank):
+                span = (kernel[i] - 1) * dilations[i] + 1
+                if strides[i] == 1:
+                    totals.append(span - 1)
+                else:
+                    out = -(-spatial[i] // strides[i])
+                    totals.append(max(0, (out - 1) * strides[i] + span - spatial[i]))
+            pads = _split_pads(totals, mode)
+        kept = [a for a in node.attribute if a.name not in ("auto_pad", "pads")]
+        del node.attribute[:]
+        node.attribute.extend(kept + [helper.make_attribute("pads", pads)])
+        changed += 1
+    return changed
+
+
+def _kernel(g: onnx.GraphProto, node: onnx.NodeProto) -> list[int] | None:
+    kernel = attribute(node, "kernel_shape")
+    if kernel is not None:
+        return list(kernel)
+    weight = next((t for t in g.initializer if len(node.input) > 1 and t.name == node.input[1]), None)
+    return list(weight.dims[2:]) if weight is not None else None
+
+
+def _split_pads(totals: list[int], mode: str) -> list[int]:
+    """ONNX pads (all begins, then all ends): the odd pixel at the end for SAME_UPPER, at the beginning
+    for SAME_LOWER."""
+    small = [t // 2 for t in totals]
+    large = [t - t // 2 for t in totals]
+    return small + large if mode == "SAME_UPPER" else large + small
+
+
+def _spatial_sizes(model: onnx.ModelProto, ctx) -> dict[str, list]:
+    """Inferred shapes of every tensor, with those inference left without a full shape measured in
+    onnxruntime at batch 1 (at ``ctx.image_shape`` where the graph's own input size is symbolic)."""
+    known = {name: dims(vi) for name, vi in infer_shapes(model).items() if vi.type.tensor_type.HasField("shape")}
+    wanted = [n.input[0] for n in model.graph.node if n.op_type in _AUTO_PADDED and n.input
+              and (n.input[0] not in known or None in known[n.input[0]][2:])]
+    if wanted:
+        image = next(vi for vi in model.graph.input if vi.name == ctx.image_input)
+        size = list(ctx.image_shape) if ctx.image_shape else dims(image)
+        known.update(measured_dims(model, ctx.image_input, wanted, [1, *size[1:]]))
+    return known
+
+
 @register("asymmetric-pool", targets=("torch",), order=40)
 def asymmetric_pool(model: onnx.ModelProto, ctx) -> int:
-    """AveragePool/MaxPool with begin != end pads (zoo GoogLeNet's final 7x7 average) → explicit Pad and
-    a pool without pads, keeping ONNX semantics exactly: MaxPool pads with -inf; AveragePool with
-    count_include_pad=0 divides by the number of real pixels in each window (pooled ones mask)."""
+    """AveragePool/MaxPool with begin != end pads (zoo GoogLeNet's final 7x7 average, SAME pads made
+    explicit by 'auto-pad') or pads over half the kernel (which torch's pools refuse) → explicit Pad and
+    a pool without pads, keeping ONNX semantics exactly: MaxPool pads with the lowest float;
+    AveragePool divides by the number of pixels each window counts (the real ones, or with
+    count_include_pad=1 the padded ones too), as a ratio of two average pools (values over counts).
+    With ceil_mode, onnxruntime keeps a last window only where it starts before the end padding, which
+    a pool over the padded tensor cannot tell: the input's size (inferred, else measured) gives the
+    output's, ceil_mode becomes floor mode over an end pad long enough for those windows, and the extra
+    pixels count for nothing."""
     g = model.graph
-    replacements, shapes = {}, None
+    replacements, sizes = {}, None
     for i, node in enumerate(g.node):
         if node.op_type not in ("AveragePool", "MaxPool"):
             continue
@@ -98,51 +200,74 @@ def asymmetric_pool(model: onnx.ModelProto, ctx) -> int:
         if auto_pad not in (b"NOTSET", "NOTSET"):
             continue
         half = len(pads) // 2
-        if not pads or pads[:half] == pads[half:]:
-            continue
+        kernel = list(attribute(node, "kernel_shape", []) or [])
+        if not pads or (pads[:half] == pads[half:] and all(p <= k // 2 for p, k in zip(pads, kernel))):
+            continue  # torch pools pad symmetrically, by at most half the kernel
         if node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1]:
-            continue  # indices output: leave it to the converter
-        x, y = node.input[0], node.output[0]
-        pad_spec = _const(g, f"{y}__pads", np.array([0, 0, *pads[:half], 0, 0, *pads[half:]], np.int64))
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name not in ("pads",)}
-        new = []
-        if node.op_type == "MaxPool":
-            low = _const(g, f"{y}__low", np.array(np.finfo(np.float32).min, np.float32))
-            padded = _fresh(g, f"{y}__padded")
-            new += [helper.make_node("Pad", [x, pad_spec, low], [padded], mode="constant"),
-                    helper.make_node("MaxPool", [padded], [y], name=node.name, **attrs)]
-        else:
-            include = attrs.pop("count_include_pad", 0)
-            padded = _fresh(g, f"{y}__padded")
-            new.append(helper.make_node("Pad", [x, pad_spec], [padded], mode="constant"))
-            if include:
-                new.append(helper.make_node("AveragePool", [padded], [y], name=node.name, **attrs))
-            else:
-                shape, ones, ones_p, summed, count = (_fresh(g, f"{y}__{s}") for s in
-                                                      ("shape", "ones", "ones_padded", "sum", "count"))
-                new += [helper.make_node("Shape", [x], [shape]),
-                        helper.make_node("ConstantOfShape", [shape], [ones],
-                                         value=numpy_helper.from_array(np.ones(1, np.float32))),
-                        helper.make_node("Pad", [ones, pad_spec], [ones_p], mode="constant"),
-                        helper.make_node("AveragePool", [padded], [summed], **attrs),
-                        helper.make_node("AveragePool", [ones_p], [count], **attrs),
-                        helper.make_node("Div", [summed, count], [y], name=node.name)]
-        replacements[i] = new
-        # onnx's shape inference loses the rank after a Pad whose input dims are symbolic, and
-        # onnx2torch needs it: record the padded shapes, computed from the input's known shape.
-        if shapes is None:
-            shapes = infer_shapes(model)
-        known = dims(shapes[x]) if x in shapes else []
-        if len(known) == half + 2:
-            padded_shape = [known[0] or "N", known[1]] + [
-                None if d is None else d + pads[k] + pads[k + half] for k, d in enumerate(known[2:])]
-            for n in new:
-                if n.op_type == "Pad":
-                    g.value_info.append(helper.make_tensor_value_info(
-                        n.output[0], onnx.TensorProto.FLOAT, [d if d is not None else f"{n.output[0]}_{j}"
-                                                              for j, d in enumerate(padded_shape)]))
+            continue  # indices output: refused by the converter
+        extra = [0] * half
+        if attribute(node, "ceil_mode", 0):
+            sizes = sizes if sizes is not None else _spatial_sizes(model, ctx)
+            spatial = (sizes.get(node.input[0]) or [None] * (half + 2))[2:]
+            if len(spatial) != half or None in spatial:
+                continue  # the converter refuses the asymmetric pads by name
+            extra = _ceil_extra(node, spatial, pads)
+        replacements[i] = _padded_pool(g, node, pads, extra)
     _replace_nodes(g, replacements)
     return len(replacements)
+
+
+def _ceil_extra(node: onnx.NodeProto, spatial: list[int], pads: list[int]) -> list[int]:
+    """Per axis, the end padding a floor-mode pool needs beyond ``pads`` to give the windows
+    onnxruntime's ceil mode gives."""
+    half = len(spatial)
+    kernel = list(attribute(node, "kernel_shape"))
+    strides = list(attribute(node, "strides", [1] * half))
+    dilations = list(attribute(node, "dilations", [1] * half))
+    extra = []
+    for a in range(half):
+        span = (kernel[a] - 1) * dilations[a] + 1
+        padded = spatial[a] + pads[a] + pads[a + half]
+        out = -(-(padded - span) // strides[a]) + 1
+        if (out - 1) * strides[a] >= spatial[a] + pads[a]:  # a last window in the end padding only
+            out -= 1
+        extra.append(max(0, (out - 1) * strides[a] + span - padded))
+    return extra
+
+
+def _padded_pool(g: onnx.GraphProto, node: onnx.NodeProto, pads: list[int], extra: list[int]) -> list:
+    """Nodes computing ``node`` as a pool without pads (in floor mode) over its explicitly padded input."""
+    half = len(pads) // 2
+    x, y = node.input[0], node.output[0]
+
+    def spec(begin, end):
+        return _const(g, f"{y}__pads", np.array([0, 0, *begin, 0, 0, *end], np.int64))
+
+    ends = [p + e for p, e in zip(pads[half:], extra)]
+    total = spec(pads[:half], ends)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name not in ("pads", "ceil_mode")}
+    padded = _fresh(g, f"{y}__padded")
+    if node.op_type == "MaxPool":
+        low = _const(g, f"{y}__low", np.array(np.finfo(np.float32).min, np.float32))
+        return [helper.make_node("Pad", [x, total, low], [padded], mode="constant"),
+                helper.make_node("MaxPool", [padded], [y], name=node.name, **attrs)]
+    include = attrs.pop("count_include_pad", 0)
+    new = [helper.make_node("Pad", [x, total], [padded], mode="constant")]
+    if include and not any(extra):
+        return new + [helper.make_node("AveragePool", [padded], [y], name=node.name, **attrs)]
+    shape, ones, counted, summed, count = (_fresh(g, f"{y}__{s}") for s in ("shape", "ones", "counted", "sum", "count"))
+    new += [helper.make_node("Shape", [x], [shape]),
+            helper.make_node("ConstantOfShape", [shape], [ones], value=numpy_helper.from_array(np.ones(1, np.float32)))]
+    if include:  # the pads count, the extra does not
+        one = _const(g, f"{y}__one", np.array(1.0, np.float32))
+        inner = _fresh(g, f"{y}__ones_padded")
+        new += [helper.make_node("Pad", [ones, spec(pads[:half], pads[half:]), one], [inner], mode="constant"),
+                helper.make_node("Pad", [inner, spec([0] * half, extra)], [counted], mode="constant")]
+    else:
+        new.append(helper.make_node("Pad", [ones, total], [counted], mode="constant"))
+    return new + [helper.make_node("AveragePool", [padded], [summed], **attrs),
+                  helper.make_node("AveragePool", [counted], [count], **attrs),
+                  helper.make_node("Div", [summed, count], [y], name=node.name)]
 
 
 @register("relu6-as-relu", targets=("torch",), order=50)
@@ -192,6 +317,20 @@ _INTEGER_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProt
                   onnx.TensorProto.UINT32, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
 
 
+#: the inputs whose values flow into the output (where an op has others: a condition that selects,
+#: indices, target shapes, pads, sizes); a mask computed from the image (HF ViT's dynamo export masks
+#: attention with Where(IsNaN(p), 0, p)) then lies off the value path
+_VALUE_INPUTS = {"Where": (1, 2), "Gather": (0,), "GatherElements": (0,), "GatherND": (0,), "ScatterND": (0, 2),
+                 "ScatterElements": (0, 2), "Reshape": (0,), "Expand": (0,), "Tile": (0,), "Slice": (0,),
+                 "Pad": (0, 2), "Resize": (0,), "Upsample": (0,), "TopK": (0,), "CumSum": (0,), "Squeeze": (0,),
+                 "Unsqueeze": (0,), "ReduceMean": (0,), "ReduceSum": (0,), "ReduceMax": (0,), "ReduceMin": (0,)}
+
+
+def _value_inputs(node: onnx.NodeProto) -> list[str]:
+    positions = _VALUE_INPUTS.get(node.op_type)
+    return [i for k, i in enumerate(node.input) if i and (positions is None or k in positions)]
+
+
 def check_differentiable(model: onnx.ModelProto, image: str, score: str) -> None:
     """Raise ConversionError naming the first node on the image → score value path with no gradient."""
     g = model.graph
@@ -199,12 +338,12 @@ def check_differentiable(model: onnx.ModelProto, image: str, score: str) -> None
     for node in g.node:
         if node.op_type in _NO_VALUE_FLOW:
             continue
-        if any(i in carries for i in node.input):
+        if any(i in carries for i in _value_inputs(node)):
             carries.update(o for o in node.output if o)
     needed = {score}
     for node in reversed(g.node):
         if any(o in needed for o in node.output):
-            needed.update(i for i in node.input if i)
+            needed.update(_value_inputs(node))
     for node in g.node:
         on_path = any(i in carries for i in node.input) and any(o in needed for o in node.output)
         if not on_path:

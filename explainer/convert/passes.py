@@ -19,6 +19,9 @@ class PassContext:
     image_input: str
     log: list[str] = field(default_factory=list)
     renamed: dict = field(default_factory=dict)  # original → safe names, filled by 'safe-names'
+    #: the image input's full shape (its layout, a batch of 1) where passes need it and the graph declares
+    #: some of its dims symbolic; None: the declared shape
+    image_shape: list | None = None
 
 
 @dataclass(frozen=True)
@@ -34,12 +37,15 @@ TARGETS = ("runtime", "torch")
 
 
 def register(name: str, *, targets=("torch",), order: int = 100):
-    """Decorator adding a pass to the registry; lower ``order`` runs first."""
+    """Decorator adding a pass to the registry (a second pass of the same name is refused); lower
+    ``order`` runs first."""
     unknown = set(targets) - set(TARGETS)
     if unknown:
         raise ValueError(f"unknown pass targets {sorted(unknown)}; allowed: {TARGETS}")
 
     def wrap(fn):
+        if name in PASSES:
+            raise ValueError(f"a pass named {name!r} is already registered")
         PASSES[name] = Pass(name, fn, tuple(targets), order)
         return fn
 

@@ -149,13 +149,39 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
 def measured_shapes(model: onnx.ModelProto, image: str, names: list[str]) -> dict[str, list[int]]:
     """The shapes of tensors ``names`` in one onnxruntime run on zeros of the input's declared shape;
     {} where that cannot run (the caller's own checks say why)."""
+    vi = next(v for v in model.graph.input if v.name == image)
+    shape = dims(vi)
+    if None in shape:
+        return {}
+    return _measured(model, image, names, [shape])[0]
+
+
+def measured_dims(model: onnx.ModelProto, image: str, names: list[str], size: list | None = None) -> dict[str, list]:
+    """The shapes of tensors ``names`` measured in onnxruntime on zeros, with None for each dim that
+    depends on the batch: where the image's batch is free, the graph runs at batch 1 and 2 and dims
+    that differ are None. ``size`` gives the image's other dims where the graph declares them symbolic
+    (an export with dynamic height and width); {} where the graph cannot run so."""
+    vi = next(v for v in model.graph.input if v.name == image)
+    shape = dims(vi)
+    if size is not None and len(size) == len(shape):
+        shape = [d if d is not None else s for d, s in zip(shape, size)]
+    if not shape or None in shape[1:]:
+        return {}
+    if shape[0] is not None:
+        return {n: list(v) for n, v in _measured(model, image, names, [shape])[0].items()}
+    one, two = _measured(model, image, names, [[1, *shape[1:]], [2, *shape[1:]]])
+    return {n: [a if a == b else None for a, b in zip(one[n], two[n])]
+            for n in one if n in two and len(one[n]) == len(two[n])}
+
+
+def _measured(model: onnx.ModelProto, image: str, names: list[str], shapes: list[list[int]]) -> list[dict]:
+    """Tensor name → shape, for each input shape in ``shapes`` (one session, one run each); empty dicts
+    where the graph cannot run."""
     import onnxruntime as ort
 
     vi = next(v for v in model.graph.input if v.name == image)
-    shape = dims(vi)
-    if None in shape or elem_type(vi) not in IMAGE_TYPES:
-        return {}
-    x = np.zeros(shape, IMAGE_TYPES[elem_type(vi)])
+    if elem_type(vi) not in IMAGE_TYPES or not names:
+        return [{} for _ in shapes]
     names = list(dict.fromkeys(names))
     outputs = model.graph.output
     declared = len(outputs)
@@ -169,6 +195,7 @@ def measured_shapes(model: onnx.ModelProto, image: str, names: list[str]) -> dic
     options.log_severity_level = 4
     try:
         session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-        return {n: list(v.shape) for n, v in zip(names, session.run(names, {image: x}))}
+        return [{n: list(v.shape) for n, v in zip(names, session.run(names, {image: np.zeros(shape, IMAGE_TYPES[elem_type(vi)])}))}
+                for shape in shapes]
     except Exception:  # the probe in Classifier reports what fails
-        return {}
+        return [{} for _ in shapes]

@@ -25,7 +25,7 @@ import onnx
 from .. import cache
 from ..errors import CacheError
 from .graph import infer_shapes
-from .providers import quiet_session
+from .providers import provider_options, quiet_session
 
 BATCH_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
 MAX_CACHED_SESSIONS = 4
@@ -100,7 +100,8 @@ class OrtEngine:
         if self.on_cuda:
             sess = quiet_session(data, self.providers)
         else:
-            sess = ort.InferenceSession(data, self._session_options(single_thread), providers=self.providers)
+            sess = ort.InferenceSession(data, self._session_options(single_thread), providers=self.providers,
+                                        provider_options=provider_options(self.providers))
         self._sessions[key] = sess
         while len(self._sessions) > MAX_CACHED_SESSIONS:
             self._sessions.popitem(last=False)

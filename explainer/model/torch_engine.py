@@ -108,8 +108,6 @@ class TorchEngine:
     """The converted module of one classifier, with hooks addressed by original ONNX names."""
 
     def __init__(self, net, device: str = "auto"):
-        import onnx2torch
-
         # the classifier keeps its engines: a weak reference back, so that no cycle keeps both alive
         self._net = weakref.ref(net)
         self.device = resolve_torch_device(device)
@@ -118,7 +116,7 @@ class TorchEngine:
         check_differentiable(source, net.input.name, logits)  # on the original names, for the message
         self.half = is_half(source)
         self.quantized = is_quantized(source)
-        ctx = PassContext(net.input.name)
+        ctx = PassContext(net.input.name, image_shape=_image_shape(net.input))
         one_at_a_time = net.max_batch == 1
         model, self.log = normalise(source, "torch", net.input.name, ctx,
                                     skip=BATCH_PASSES if one_at_a_time else ())
@@ -131,12 +129,11 @@ class TorchEngine:
         self.node_names: dict[str, str] = ctx.renamed["nodes"]
         self.original_nodes = {safe: original for original, safe in self.node_names.items()}
         self.op_types = {node.name: node.op_type for node in model.graph.node}
-        from ..convert import converters  # noqa: F401  (our converters join onnx2torch's registry)
+        from ..convert.attributes import check_attributes
 
+        check_attributes(model, self.original_nodes)
         try:
-            with warnings.catch_warnings(), _shapes_inferred_without_weights(model):
-                warnings.simplefilter("ignore")
-                graph_module = onnx2torch.convert(model)
+            graph_module = _onnx2torch(model, self.tensor_names[net.input.name], ctx.image_shape)
         except Exception as exc:
             raise ConversionError(
                 f"onnx2torch cannot convert model {net.name!r}{self._failing_node(exc)}: "
@@ -309,25 +306,88 @@ class TorchEngine:
                     h.remove()
 
 
+def _onnx2torch(model: onnx.ModelProto, image: str, image_shape: list | None = None):
+    """onnx2torch's module of a graph normalised for torch (with our converters in its registry)."""
+    import onnx2torch
+
+    from ..convert import converters  # noqa: F401  (our converters join onnx2torch's registry)
+
+    with warnings.catch_warnings(), _shapes_inferred_without_weights(model, image, image_shape):
+        warnings.simplefilter("ignore")
+        return onnx2torch.convert(model)
+
+
+def convert_graph(source: onnx.ModelProto, image: str, image_shape: list | None = None,
+                  one_at_a_time: bool = False):
+    """(module, PassContext): ``source`` normalised for torch, its attributes checked and converted as
+    a classifier's graph is, outside any classifier (tests, and comparing a graph node by node with
+    onnxruntime: the context maps original names to the module's; ``one_at_a_time``: the batch passes
+    left out, as for a graph that keeps its exported batch). Raises ConversionError for an attribute
+    the conversion does not honour, onnx2torch's own error otherwise."""
+    from ..convert.attributes import check_attributes
+
+    ctx = PassContext(image, image_shape=image_shape)
+    model, _ = normalise(source, "torch", image, ctx, skip=BATCH_PASSES if one_at_a_time else ())
+    check_attributes(model, {safe: original for original, safe in ctx.renamed["nodes"].items()})
+    module = _onnx2torch(model, ctx.renamed["tensors"][image], image_shape).eval()
+    return module, ctx
+
+
+def _image_shape(spec) -> list:
+    """The image input's shape at batch 1 in the graph's layout."""
+    h, w = spec.size
+    return [1, spec.channels, h, w] if spec.layout == "NCHW" else [1, h, w, spec.channels]
+
+
 @contextmanager
-def _shapes_inferred_without_weights(model: onnx.ModelProto):
+def _shapes_inferred_without_weights(model: onnx.ModelProto, image: str | None = None,
+                                     image_shape: list | None = None):
     """onnx2torch infers shapes on the whole model, serialising every weight there and back (VGG19:
     1.7 GB more at the peak). The same inference on a copy without weight data gives the same shapes:
-    they are written into ``model`` and onnx2torch's inference is skipped while it converts."""
+    they are written into ``model`` and onnx2torch's inference is skipped while it converts. Where a
+    converter reads a shape that inference lost (``converters.SHAPE_READERS``), the shape measured in
+    onnxruntime is written instead, its batch-dependent dims symbolic (see ``_measured_value_info``)."""
     import onnx2torch.converter as converter
 
     from .graph import infer_shapes
 
     declared = {vi.name for vi in list(model.graph.input) + list(model.graph.output)}
     weights = {t.name for t in model.graph.initializer}
-    model.graph.value_info.extend(vi for name, vi in infer_shapes(model).items()
-                                  if name not in declared and name not in weights)
+    inferred = {name: vi for name, vi in infer_shapes(model).items() if name not in declared and name not in weights}
+    if image is not None:
+        inferred.update(_measured_value_info(model, image, image_shape, inferred))
+    model.graph.value_info.extend(inferred.values())
     original = converter.safe_shape_inference
     converter.safe_shape_inference = lambda m, **kwargs: m
     try:
         yield
     finally:
         converter.safe_shape_inference = original
+
+
+def _measured_value_info(model: onnx.ModelProto, image: str, image_shape: list | None,
+                         inferred: dict) -> dict[str, onnx.ValueInfoProto]:
+    """Shapes for the inputs of nodes whose converter reads one (``converters.SHAPE_READERS``) where
+    inference gave none or an incomplete one, measured in onnxruntime: at batch 1 and 2 where the batch
+    is free, the dims that differ written symbolic (``N``-like names), the others as measured. Only
+    those tensors are fetched, so the run holds little more memory than a plain one."""
+    from ..convert.converters import SHAPE_READERS
+    from .graph import dims, measured_dims
+
+    def complete(name):
+        vi = inferred.get(name)
+        return vi is not None and vi.type.tensor_type.HasField("shape") and None not in dims(vi)[1:]
+
+    wanted = [n.input[0] for n in model.graph.node if n.op_type in SHAPE_READERS and n.input and not complete(n.input[0])]
+    if not wanted:
+        return {}
+    size = None if image_shape is None else [None, *image_shape[1:]]
+    found = {}
+    for name, shape in measured_dims(model, image, wanted, size).items():
+        elem = inferred[name].type.tensor_type.elem_type if name in inferred else onnx.TensorProto.FLOAT
+        found[name] = onnx.helper.make_tensor_value_info(
+            name, elem, [d if d is not None else f"{name}_batch{j}" for j, d in enumerate(shape)])
+    return found
 
 
 class Captured:

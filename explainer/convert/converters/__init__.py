@@ -1,7 +1,11 @@
-"""Converters for ONNX ops onnx2torch lacks, registered into its registry at import, one small file per
-op family (in the style of onnx2torch's own ``node_converters``).
+"""Converters for ONNX ops onnx2torch lacks or converts into another function, registered into its
+registry at import, one small file per op family (in the style of onnx2torch's own
+``node_converters``): activations, normalization (ranks from the tensor, never from inferred shapes),
+pooling (the same), quantization, reduce, resize (every coordinate mode exactly), shaping (Flatten,
+CumSum, DepthToSpace, Split-18). Which attributes each converter honours is in ``../attributes.py``.
 
-``register(op, version)`` adds one converter and refuses a second for the same (op, version);
+``register(op, version)`` adds one converter and refuses a second for the same (op, version), unless
+``replaces`` says why onnx2torch's own is replaced;
 ``delegate`` registers a newer version of an op onto onnx2torch's converter of an older one, for the
 nodes that use none of what the newer version added (anything else is refused with the attribute
 named); ``versions.py`` does the same for every version bump that only added tensor types.
@@ -14,6 +18,14 @@ from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDe
 
 #: (op type, since version) -> where the converter comes from: "ours" or "alias of <op>-<version>"
 CONVERTERS: dict[tuple[str, int], str] = {}
+
+#: Ops whose converter reads its first input's shape from ``graph.value_info``, where shape inference can
+#: have lost it (a Reshape-5/13 with a computed target leaves everything after it without a rank):
+#: ``torch_engine`` completes those shapes by measurement before converting. onnx2torch's
+#: BatchNormalization, InstanceNormalization, AveragePool, MaxPool, GlobalAveragePool and
+#: LayerNormalization read them; ours (normalization.py, pooling.py) take the rank from the node or from
+#: the tensor at run time, so no converter in use does now (tests/test_converters.py keeps it so).
+SHAPE_READERS: frozenset[str] = frozenset()
 
 
 def register(op: str, version: int, origin: str = "ours", replaces: str = ""):
@@ -60,4 +72,5 @@ def delegate(op: str, version: int, base: int, accept: dict[str, Callable] | Non
     register(op, version, origin=f"{op}-{base} (new attributes at their defaults)")(convert)
 
 
-from . import activations, normalization, quantization, reduce, versions  # noqa: E402,F401  (registration order: explicit first)
+# registration order: explicit converters first, then ``versions`` aliases newer versions onto them
+from . import activations, normalization, pooling, quantization, reduce, resize, shaping, versions  # noqa: E402,F401

@@ -37,11 +37,6 @@ for _v in _newer_versions("Pad", 13):  # 18: an axes input; 19: mode "wrap" (ref
     delegate("Pad", _v, 13, absent_inputs=(3,))
 for _v in _newer_versions("AveragePool", 11):  # 19: dilations
     delegate("AveragePool", _v, 11, {"dilations": _all_ones})
-for _v in _newer_versions("Resize", 13):  # 18: antialias, axes, keep_aspect_ratio_policy
-    delegate("Resize", _v, 13, {"antialias": _is(0), "axes": lambda v: False,
-                                "keep_aspect_ratio_policy": _is("stretch")})
-for _v in _newer_versions("Split", 13):  # 18: num_outputs (the count of outputs Split-13 splits into)
-    delegate("Split", _v, 13)
 for _v in _newer_versions("ScatterND", 16):  # 18: reductions max and min
     delegate("ScatterND", _v, 16, {"reduction": lambda v: v in ("none", "add", "mul")})
 

@@ -1,0 +1,108 @@
+"""Rearranging ops whose onnx2torch converters differ from ONNX for some attribute values: Flatten
+with ``axis=0``, CumSum without ``reverse`` (onnx2torch's default is 1, ONNX's 0), DepthToSpace in
+DCR mode (ONNX's default, refused by onnx2torch), Split-18's ``num_outputs`` over a length it does not
+divide (onnx2torch splits into more parts than the node has outputs)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
+
+from . import register
+
+
+class Flatten(torch.nn.Module):
+    """ONNX Flatten: (prod(shape[:axis]), prod(shape[axis:])), for any axis in [-rank, rank]."""
+
+    def __init__(self, axis: int):
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, x):
+        axis = self.axis % x.dim() if self.axis < 0 else self.axis
+        return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
+
+
+def flatten(node, graph):
+    return OperationConverterResult(torch_module=Flatten(node.attributes.get("axis", 1)),
+                                    onnx_mapping=onnx_mapping_from_node(node))
+
+
+for _version in (9, 11, 13):
+    register("Flatten", _version, replaces="axis=0 fails (it flattens to 1-D, then from axis 1)")(flatten)
+
+
+class CumSum(torch.nn.Module):
+    def __init__(self, exclusive: bool, reverse: bool):
+        super().__init__()
+        self.exclusive, self.reverse = exclusive, reverse
+
+    def forward(self, x, axis):
+        axis = int(axis.reshape(-1)[0]) if isinstance(axis, torch.Tensor) else int(axis)
+        if self.reverse:
+            x = x.flip(axis)
+        y = x.cumsum(axis)
+        if self.exclusive:
+            y = y - x
+        return y.flip(axis) if self.reverse else y
+
+
+def cumsum(node, graph):
+    module = CumSum(bool(node.attributes.get("exclusive", 0)), bool(node.attributes.get("reverse", 0)))
+    return OperationConverterResult(torch_module=module, onnx_mapping=onnx_mapping_from_node(node))
+
+
+for _version in (11, 14):
+    register("CumSum", _version, replaces="a node without 'reverse' is summed in reverse (its default is 1 "
+             "there, 0 in ONNX)")(cumsum)
+
+
+class DepthToSpace(torch.nn.Module):
+    """ONNX DepthToSpace: DCR takes the block offsets from the channel's high part, CRD from its low
+    part (torch's pixel_shuffle)."""
+
+    def __init__(self, blocksize: int, mode: str):
+        super().__init__()
+        self.blocksize, self.mode = blocksize, mode
+
+    def forward(self, x):
+        b = self.blocksize
+        if self.mode == "CRD":
+            return torch.pixel_shuffle(x, b)
+        n, c, h, w = x.shape
+        y = x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
+        return y.reshape(n, c // (b * b), h * b, w * b)
+
+
+def depth_to_space(node, graph):
+    mode = node.attributes.get("mode", "DCR")
+    if mode not in ("DCR", "CRD"):
+        raise NotImplementedError(f"DepthToSpace with mode={mode!r} has no converter")
+    return OperationConverterResult(torch_module=DepthToSpace(node.attributes["blocksize"], mode),
+                                    onnx_mapping=onnx_mapping_from_node(node))
+
+
+for _version in (11, 13):
+    register("DepthToSpace", _version, replaces="it refuses mode DCR, ONNX's default")(depth_to_space)
+
+
+class Split(torch.nn.Module):
+    """ONNX Split-18: the lengths given, else ``parts`` parts of ceil(length / parts) (the last one
+    shorter)."""
+
+    def __init__(self, axis: int, parts: int):
+        super().__init__()
+        self.axis, self.parts = axis, parts
+
+    def forward(self, x, split=None):
+        if split is not None:
+            return torch.split(x, [int(s) for s in split.tolist()], dim=self.axis)
+        return torch.split(x, -(-x.shape[self.axis] // self.parts), dim=self.axis)
+
+
+@register("Split", 18)
+def split(node, graph):
+    parts = node.attributes.get("num_outputs", len(node.output_values))
+    return OperationConverterResult(torch_module=Split(node.attributes.get("axis", 0), parts),
+                                    onnx_mapping=onnx_mapping_from_node(node))

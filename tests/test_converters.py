@@ -1,0 +1,441 @@
+"""Converters and conversion passes on tiny graphs built in code, each compared with onnxruntime at a
+relative 1e-5 (and its gradient checked to reach the image): ranks and shapes that shape inference
+loses, recorded shapes that are missing, stale or wrong, attributes honoured or refused by name,
+auto_pad made explicit, and the ops whose onnx2torch converters computed another function."""
+import inspect
+import itertools
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+import explainer
+from explainer.convert.attributes import HONOURED, unhonoured
+from explainer.errors import ConversionError
+from explainer.model.graph import dims, infer_shapes, measured_dims
+from explainer.model.torch_engine import convert_graph, torch_engine
+
+from graphs import keras_batchnorm_classifier, rank_lost_classifier, single_op, with_recorded_shapes
+
+TOLERANCE = 1e-5
+
+
+def _ort(model, x):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"image": x})
+
+
+def _check(model, shape=None, *, seed=0, one_at_a_time=False, grad=True, image_shape=None, reference=None):
+    """The converted module equals onnxruntime (on ``reference``, else the same model) on a random
+    image (relative max error <= 1e-5) and passes a gradient back to it; returns the module."""
+    shape = shape or [d.dim_value or 2 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    expected = _ort(reference or model, x)
+    module, _ = convert_graph(model, "image", image_shape, one_at_a_time=one_at_a_time)
+    image = torch.from_numpy(x).requires_grad_(grad)
+    got = module(image)
+    got = list(got) if isinstance(got, (tuple, list)) else [got]
+    for g, e in zip(got, expected):
+        assert tuple(g.shape) == e.shape
+        error = np.abs(g.detach().numpy() - e).max() / max(np.abs(e).max(), 1e-12)
+        assert error <= TOLERANCE, error
+    if grad:
+        (got[0] * torch.linspace(-1, 1, got[0].numel()).reshape(got[0].shape)).sum().backward()
+        assert torch.isfinite(image.grad).all() and image.grad.abs().sum() > 0
+    return module
+
+
+def _rank(model, name):
+    vi = infer_shapes(model).get(name)
+    return len(dims(vi)) if vi is not None and vi.type.tensor_type.HasField("shape") else None
+
+
+# --- 1. ranks and shapes from the graph's own run --------------------------------------------------
+
+RANK_READERS = [("BatchNormalization", {"epsilon": 1e-3}), ("InstanceNormalization", {}),
+                ("AveragePool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}),
+                ("MaxPool", {"kernel_shape": [3, 3], "strides": [2, 2]}),
+                ("GlobalAveragePool", {}), ("GlobalMaxPool", {})]
+
+
+@pytest.mark.parametrize("op,attrs", RANK_READERS, ids=[op for op, _ in RANK_READERS])
+def test_ops_after_a_rank_inference_loses(op, attrs):
+    """LeViT, PoolFormer, Swin and EfficientViT exported at opset 11-13: a Reshape-13 with a computed
+    target leaves every later tensor without a rank; onnx2torch's BatchNorm and pools raised "spatial
+    rank == -2", its GlobalAveragePool averaged over batch and channels ("mat1 and mat2 shapes cannot
+    be multiplied (1x1 and 768x1000)" at the head)."""
+    model = rank_lost_classifier(op, attrs)
+    assert _rank(model, "lost") is None  # the precondition: inference lost the rank
+    _check(model, [2, 3, 8, 8])
+    net = explainer.load(model, preprocessing="none")
+    assert torch_engine(net).max_relative_error <= TOLERANCE
+
+
+def test_ops_after_a_pad_with_computed_pads():
+    """A Pad whose pads are computed keeps the rank but loses every dim."""
+    model = rank_lost_classifier("AveragePool", {"kernel_shape": [2, 2], "strides": [2, 2]}, through="pad")
+    assert _rank(model, "lost") == 4 and dims(infer_shapes(model)["lost"]) == [None] * 4
+    _check(model, [2, 3, 8, 8])
+
+
+@pytest.mark.parametrize("how", ["none", "wrong-rank", "stale"])
+@pytest.mark.parametrize("one_at_a_time", [False, True])
+def test_recorded_shapes_do_not_matter(how, one_at_a_time):
+    """Whatever value_info a file carries (none, of the wrong rank, of another size), the conversion
+    reads none of it, even where the batch passes are left out and nothing else drops it."""
+    clean = rank_lost_classifier("BatchNormalization", opset=17)
+    clean.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    _check(with_recorded_shapes(clean, how), [1, 3, 8, 8], one_at_a_time=one_at_a_time, reference=clean)
+
+
+def test_measured_dims_keep_the_batch_symbolic():
+    """Shapes measured in onnxruntime where inference has none: at batch 1 and 2 when the batch is
+    free, the dims that change with it None (a (N*H, W) reshape too); at the given size where the
+    graph's own height and width are symbolic."""
+    model = rank_lost_classifier("Relu")
+    model.graph.node.insert(len(model.graph.node) - 3, helper.make_node("Flatten", ["normed"], ["rows"], axis=3))
+    found = measured_dims(model, "image", ["lost", "rows", "logits"])
+    assert found == {"lost": [None, 4, 8, 8], "rows": [None, 8], "logits": [None, 4]}
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    assert measured_dims(model, "image", ["lost"]) == {}
+    assert measured_dims(model, "image", ["lost"], [None, 3, 8, 8]) == {"lost": [None, 4, 8, 8]}
+    assert measured_dims(model, "image", ["lost"], [1, 3, 8, 8]) == {"lost": [1, 4, 8, 8]}
+
+
+def test_converters_that_read_shapes_get_measured_ones(monkeypatch):
+    """Where a converter reads its input's shape (``SHAPE_READERS``) and inference has none, the shape
+    measured in onnxruntime is what it reads, the batch symbolic."""
+    from explainer.convert import PassContext, converters, normalise
+    from explainer.model import torch_engine as te
+
+    model, _ = normalise(rank_lost_classifier("BatchNormalization"), "torch", "image", PassContext("image"))
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    monkeypatch.setattr(converters, "SHAPE_READERS", frozenset({"BatchNormalization"}))
+    seen = {}
+    with te._shapes_inferred_without_weights(model, model.graph.input[0].name, [1, 3, 8, 8]):
+        seen = {vi.name: vi for vi in model.graph.value_info}
+    shape = seen[bn.input[0]].type.tensor_type.shape.dim
+    assert [d.dim_value or None for d in shape] == [None, 4, 8, 8] and shape[0].dim_param
+
+
+def test_no_converter_in_use_reads_inferred_shapes():
+    """Every onnx2torch converter still in the registry that reads ``graph.value_info`` is for an op in
+    SHAPE_READERS (whose inputs get measured shapes); today there is none."""
+    from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY
+
+    from explainer.convert import converters
+
+    readers = set()
+    for key, fn in _CONVERTER_REGISTRY.items():
+        module = inspect.getmodule(fn)
+        if module.__name__.startswith("onnx2torch.") and "value_info" in inspect.getsource(fn):
+            readers.add(key.operation_type)
+    assert readers <= converters.SHAPE_READERS, readers
+
+
+# --- 2. every attribute honoured or refused by name ------------------------------------------------
+
+def test_keras_batchnorm_epsilon_is_honoured():
+    """Keras' BatchNormalization epsilon (1e-3), kept as a node: the module uses it (with the variances
+    here, 1e-5 instead would be off by far more than the tolerance)."""
+    model = keras_batchnorm_classifier(epsilon=1e-3)
+    module = _check(model, [2, 3, 8, 8])
+    assert [m.epsilon for m in module.modules() if type(m).__name__ == "BatchNorm"] == [pytest.approx(1e-3)]
+    other = keras_batchnorm_classifier(epsilon=1e-5)
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    assert np.abs(_ort(model, x)[0] - _ort(other, x)[0]).max() > 100 * TOLERANCE * np.abs(_ort(model, x)[0]).max()
+
+
+W3 = ("W", np.full((4, 3, 3, 3), 0.1, np.float32))
+REFUSED = [  # (op, attributes, opset, initialisers, the attribute named)
+    ("BatchNormalization", {"training_mode": 1}, 15, [(f"bn{i}", np.ones(3, np.float32)) for i in range(4)],
+     "training_mode"),
+    ("ConvTranspose", {"output_shape": [10, 10]}, 17, [("W", np.ones((3, 2, 3, 3), np.float32))], "output_shape"),
+    ("AveragePool", {"kernel_shape": [3, 3], "dilations": [2, 2]}, 19, [], "dilations"),
+    ("Selu", {"alpha": 2.0}, 17, [], "alpha"),
+    ("LRN", {"size": 4}, 17, [], "size"),
+    ("Pad", {"mode": "wrap"}, 19, [("pads", np.ones(8, np.int64))], "mode"),
+    ("Resize", {"coordinate_transformation_mode": "tf_crop_and_resize"}, 13,
+     [("roi", np.zeros(0, np.float32)), ("scales", np.array([1, 1, 2, 2], np.float32))],
+     "coordinate_transformation_mode"),
+    ("Resize", {"antialias": 1, "mode": "linear"}, 18,
+     [("roi", np.zeros(0, np.float32)), ("scales", np.array([1, 1, 0.5, 0.5], np.float32))], "antialias"),
+    ("LayerNormalization", {"stash_type": 0}, 17, [("scale", np.ones(8, np.float32))], "stash_type"),
+    ("Conv", {"auto_pad": "SAME_UPPER"}, 17, [W3], "auto_pad"),  # stride 2 on an unknown size (below)
+    # an odd total padding: asymmetric, which onnx2torch's ConvTranspose lacks
+    ("ConvTranspose", {"auto_pad": "SAME_UPPER", "strides": [2, 2]}, 17, [("W", np.ones((3, 2, 3, 3), np.float32))],
+     "auto_pad"),
+]
+
+
+@pytest.mark.parametrize("op,attrs,opset,inits,named", REFUSED, ids=[r[-1] + "-" + r[0] for r in REFUSED])
+def test_unhonoured_attribute_is_refused_by_name(op, attrs, opset, inits, named):
+    shape = [1, 3, 8, 8]
+    if op == "Conv":  # an input size neither inference nor a run can tell: SAME at stride 2 stays
+        attrs = {**attrs, "strides": [2, 2]}
+        shape = [1, 3, "H", "W"]
+    model = single_op(op, attrs, shape=shape, inits=inits, opset=opset)
+    with pytest.raises(ConversionError, match=rf"'the_{op.lower()}' \({op}\) has {named}="):
+        convert_graph(model, "image")
+
+
+def test_unhonoured_attribute_refuses_gradient_methods_naming_the_node():
+    model = keras_batchnorm_classifier()
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    relu.op_type = "Selu"  # torch's SELU has ONNX's default alpha only
+    relu.attribute.append(helper.make_attribute("alpha", 2.0))
+    net = explainer.load(model, preprocessing="none")
+    with pytest.raises(ConversionError, match=r"'relu' \(Selu\) has alpha=2.0"):
+        explainer.gradient_attribution(net, np.zeros((8, 8, 3), np.uint8), 0, verbose=False)
+
+
+AT_DEFAULT = [("LeakyRelu", {"alpha": 0.01}, 17), ("Softmax", {"axis": -1}, 17), ("Softmax", {"axis": 1}, 11),
+              ("Gelu", {"approximate": "none"}, 20), ("HardSigmoid", {"alpha": 0.2, "beta": 0.5}, 17),
+              ("Elu", {"alpha": 1.0}, 17), ("Flatten", {"axis": 1}, 17),
+              ("Selu", {"alpha": 1.67326319217681884765625}, 17),
+              ("MaxPool", {"kernel_shape": [2, 2], "auto_pad": "NOTSET", "storage_order": 0, "ceil_mode": 0}, 12),
+              ("IsInf", {"detect_negative": 1, "detect_positive": 1}, 17), ("Cast", {"to": 1, "saturate": 1}, 19),
+              ("Reshape", {"allowzero": 0}, 17), ("LayerNormalization", {"stash_type": 1, "epsilon": 1e-5}, 17)]
+
+
+@pytest.mark.parametrize("op,attrs,opset", AT_DEFAULT, ids=[f"{a[0]}-{a[2]}" for a in AT_DEFAULT])
+def test_attributes_at_their_default_pass(op, attrs, opset):
+    node = helper.make_node(op, ["x"], ["y"], **attrs)
+    assert unhonoured(node, opset) is None
+
+
+@pytest.mark.parametrize("op,attrs,opset,named", [
+    ("IsInf", {"detect_negative": 0}, 17, "detect_negative"), ("GatherND", {"batch_dims": 1}, 13, "batch_dims"),
+    ("Reshape", {"allowzero": 1}, 17, "allowzero"), ("TopK", {"k": 3}, 1, "k"),
+    ("Cast", {"to": 1, "saturate": 0}, 19, "saturate"),
+    ("QuantizeLinear", {"block_size": 2}, 21, "block_size"), ("Gelu", {"approximate": "erf"}, 20, "approximate")])
+def test_unhonoured_values(op, attrs, opset, named):
+    assert unhonoured(helper.make_node(op, ["x"], ["y"], **attrs), opset)[0] == named
+
+
+def test_attribute_table_covers_every_converted_op():
+    """Each op the registry converts that has attributes in some version is in HONOURED (an explicit {}
+    where only defaults are honoured), and HONOURED names only attributes ONNX defines."""
+    from onnx import defs
+    from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY
+
+    from explainer.convert import converters  # noqa: F401
+
+    schemas = {}
+    for s in defs.get_all_schemas_with_history():
+        if s.domain in ("", "ai.onnx"):
+            schemas.setdefault(s.name, set()).update(s.attributes)
+    ops = {k.operation_type for k in _CONVERTER_REGISTRY if k.domain in ("", "ai.onnx")}
+    assert not [op for op in ops if schemas.get(op) and op not in HONOURED]
+    assert not {op: set(a) - schemas[op] for op, a in HONOURED.items() if set(a) - schemas[op]}
+
+
+# --- 3. auto_pad made explicit ----------------------------------------------------------------------
+
+CONV_CASES = [(mode, s, k, n, d) for mode, s, k, n, d in itertools.product(  # onnxruntime: no SAME with dilation
+    ("SAME_UPPER", "SAME_LOWER", "VALID"), (1, 2), (2, 3, 5), (7, 8), (1, 2)) if d == 1 or (k == 3 and mode == "VALID")]
+
+
+@pytest.mark.parametrize("mode,stride,kernel,size,dilation", CONV_CASES)
+def test_conv_auto_pad(mode, stride, kernel, size, dilation):
+    w = np.random.default_rng(1).standard_normal((4, 3, kernel, kernel)).astype(np.float32)
+    model = single_op("Conv", {"auto_pad": mode, "strides": [stride] * 2, "dilations": [dilation] * 2},
+                      shape=["N", 3, size, size], inits=[("W", w), ("B", np.arange(4, dtype=np.float32))])
+    _check(model, [2, 3, size, size])
+
+
+POOL_CASES = list(itertools.product(("MaxPool", "AveragePool0", "AveragePool1"), ("SAME_UPPER", "SAME_LOWER", "VALID"),
+                                    (1, 2), (2, 3), (7, 8)))
+
+
+@pytest.mark.parametrize("op,mode,stride,kernel,size", POOL_CASES)
+def test_pool_auto_pad(op, mode, stride, kernel, size):
+    attrs = {"auto_pad": mode, "strides": [stride] * 2, "kernel_shape": [kernel] * 2}
+    if op.startswith("AveragePool"):
+        attrs["count_include_pad"] = int(op[-1])
+    model = single_op(op.rstrip("01"), attrs, shape=["N", 3, size, size])
+    _check(model, [2, 3, size, size])
+
+
+PADDED_POOL_CASES = list(itertools.product(("MaxPool", "AveragePool0", "AveragePool1"), (1, 2), (7, 8),
+                                           ([0, 0, 1, 1], [1, 2, 1, 2], [2, 2, 2, 2]), (0, 1)))
+
+
+@pytest.mark.parametrize("op,stride,size,pads,ceil", PADDED_POOL_CASES)
+def test_pool_explicit_pads(op, stride, size, pads, ceil):
+    """Pads asymmetric or over half the kernel, with and without ceil_mode (onnxruntime keeps a last
+    window only where it starts before the end padding)."""
+    attrs = {"kernel_shape": [3, 3], "strides": [stride] * 2, "pads": pads, "ceil_mode": ceil}
+    if op.startswith("AveragePool"):
+        attrs["count_include_pad"] = int(op[-1])
+    _check(single_op(op.rstrip("01"), attrs, shape=["N", 3, size, size]), [2, 3, size, size])
+
+
+@pytest.mark.parametrize("op", ["Conv", "MaxPool", "AveragePool"])
+def test_auto_pad_at_opset_23(op):
+    """jax2onnx's Flax exports: opset 23, SAME_UPPER, stride 2."""
+    attrs = {"auto_pad": "SAME_UPPER", "strides": [2, 2]}
+    inits = []
+    if op == "Conv":
+        inits = [("W", np.random.default_rng(2).standard_normal((4, 3, 3, 3)).astype(np.float32))]
+    else:
+        attrs["kernel_shape"] = [3, 3]
+    _check(single_op(op, attrs, shape=[1, 3, 9, 9], inits=inits, opset=23), [1, 3, 9, 9])
+
+
+def test_auto_pad_measures_sizes_inference_lost():
+    """A SAME stride-2 convolution after a Pad whose pads are computed: inference knows the rank only,
+    so the input's size is measured in onnxruntime."""
+    model = rank_lost_classifier("Conv", {"auto_pad": "SAME_UPPER", "strides": [2, 2]}, through="pad", size=(9, 9))
+    _check(model, [2, 3, 9, 9])
+
+
+def test_conv_transpose_auto_pad():
+    w = np.random.default_rng(4).standard_normal((3, 2, 3, 3)).astype(np.float32)
+    for mode in ("SAME_UPPER", "SAME_LOWER", "VALID"):
+        _check(single_op("ConvTranspose", {"auto_pad": mode}, shape=[1, 3, 6, 6], inits=[("W", w)]))
+
+
+# --- ops whose onnx2torch converters computed another function ------------------------------------
+
+@pytest.mark.parametrize("op,attrs,opset,shape", [
+    ("AveragePool", {"kernel_shape": [3, 3], "pads": [2, 2, 2, 2], "count_include_pad": 0}, 17, [1, 3, 8, 8]),
+    ("MaxPool", {"kernel_shape": [2, 2], "pads": [1, 1, 1, 1], "strides": [2, 2]}, 17, [1, 3, 8, 8]),
+    ("MaxPool", {"kernel_shape": [3, 3], "dilations": [2, 2], "ceil_mode": 1, "strides": [2, 2]}, 17, [1, 3, 10, 10]),
+    ("AveragePool", {"kernel_shape": [3, 3], "ceil_mode": 1, "strides": [2, 2], "pads": [1, 1, 1, 1]}, 17,
+     [1, 3, 8, 8]),
+    ("Flatten", {"axis": 0}, 17, [2, 3, 4, 4]), ("Flatten", {"axis": -1}, 17, [2, 3, 4, 4]),
+    ("GlobalMaxPool", {}, 17, [2, 3, 5, 5]), ("DepthToSpace", {"blocksize": 2}, 13, [1, 8, 3, 3]),
+    ("DepthToSpace", {"blocksize": 2, "mode": "CRD"}, 13, [1, 8, 3, 3]), ("LRN", {"size": 3}, 17, [1, 6, 4, 4]),
+])
+def test_ops_match_onnxruntime(op, attrs, opset, shape):
+    _check(single_op(op, attrs, shape=shape, opset=opset), shape)
+
+
+def test_cumsum_default_is_forward():
+    for attrs in ({}, {"reverse": 1}, {"exclusive": 1}, {"exclusive": 1, "reverse": 1}):
+        _check(single_op("CumSum", attrs, shape=[1, 3, 4, 4], inits=[("axis", np.array(2, np.int64))]), [1, 3, 4, 4])
+
+
+def test_split_18_num_outputs_over_an_uneven_length():
+    _check(single_op("Split", {"axis": 2, "num_outputs": 3}, shape=[1, 3, 7, 4], opset=18, outputs=3))
+
+
+@pytest.mark.parametrize("opset", [18, 21])
+def test_group_normalization(opset):
+    c = 4 if opset == 21 else 2
+    rng = np.random.default_rng(5)
+    inits = [("scale", rng.standard_normal(c).astype(np.float32)), ("bias", rng.standard_normal(c).astype(np.float32))]
+    _check(single_op("GroupNormalization", {"num_groups": 2, "epsilon": 1e-3}, shape=[1, 4, 5, 5], inits=inits,
+                     opset=opset))
+
+
+RESIZE_CASES = [(mode, ctm, nearest, how) for mode, ctm, nearest, how in itertools.product(
+    ("nearest", "linear", "cubic"),
+    ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "tf_half_pixel_for_nn"),
+    ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil"),
+    ("up2", "down2", "sizes13x7", "scales1.5"))
+    if (mode == "nearest" or nearest == "round_prefer_floor") and (ctm != "tf_half_pixel_for_nn" or mode == "nearest")]
+
+
+@pytest.mark.parametrize("mode,ctm,nearest,how", RESIZE_CASES)
+def test_resize(mode, ctm, nearest, how):
+    attrs = {"mode": mode, "coordinate_transformation_mode": ctm, "nearest_mode": nearest}
+    inits = [("roi", np.zeros(0, np.float32))]
+    if how.startswith("sizes"):
+        h, w = (int(v) for v in how[5:].split("x"))
+        inits += [("scales", np.zeros(0, np.float32)), ("sizes", np.array([1, 3, h, w], np.int64))]
+    else:
+        factor = {"up2": 2.0, "down2": 0.5, "scales1.5": 1.5}[how]
+        inits.append(("scales", np.array([1, 1, factor, factor], np.float32)))
+    _check(single_op("Resize", attrs, shape=[1, 3, 6, 9], inits=inits, opset=13))
+
+
+@pytest.mark.parametrize("opset", [10, 19])
+def test_resize_other_versions(opset):
+    inits = [("scales", np.array([1, 1, 2, 0.5], np.float32))] if opset == 10 else \
+        [("roi", np.zeros(0, np.float32)), ("scales", np.array([1, 1, 2, 0.5], np.float32))]
+    _check(single_op("Resize", {"mode": "nearest"}, shape=[1, 3, 6, 8], inits=inits, opset=opset))
+
+
+_RNG = np.random.default_rng(6)
+IMG = [1, 3, 4, 4]
+
+
+def _f(*shape):
+    return _RNG.standard_normal(shape).astype(np.float32)
+
+
+def _i(*values):
+    return np.array(values, np.int64)
+
+
+_PADS = ("pads", _i(0, 0, 1, 2, 0, 0, 2, 1))
+_NO_ROI = ("roi", np.zeros(0, np.float32))
+HONOURED_CASES = [  # (op, attributes at values other than their defaults, opset, initialisers, shape)
+    ("Softmax", {"axis": 2}, 11, [], IMG), ("Softmax", {"axis": 1}, 11, [], IMG),
+    ("LogSoftmax", {"axis": 2}, 11, [], IMG), ("Softmax", {"axis": 2}, 13, [], IMG),
+    ("LeakyRelu", {"alpha": 0.3}, 17, [], IMG), ("Elu", {"alpha": 0.5}, 17, [], IMG),
+    ("Celu", {"alpha": 0.5}, 17, [], IMG), ("HardSigmoid", {"alpha": 0.3, "beta": 0.4}, 17, [], IMG),
+    ("Gelu", {"approximate": "tanh"}, 20, [], IMG), ("Selu", {}, 17, [], IMG),
+    ("Pad", {"mode": "reflect"}, 17, [_PADS], IMG), ("Pad", {"mode": "edge"}, 17, [_PADS], IMG),
+    ("Pad", {"mode": "constant"}, 17, [_PADS, ("v", np.array(1.5, np.float32))], IMG),
+    ("InstanceNormalization", {"epsilon": 0.3}, 17, [("s", _f(3)), ("b", _f(3))], IMG),
+    ("LayerNormalization", {"axis": 2, "epsilon": 0.1}, 17, [("s", _f(4, 4))], IMG),
+    ("ReduceMax", {"axes": [-2, -1], "keepdims": 0}, 13, [], IMG),
+    ("ReduceMin", {"axes": [-1, 1], "keepdims": 0}, 13, [], IMG),
+    ("ReduceMean", {"axes": [-2, -1], "keepdims": 0}, 13, [], IMG),
+    ("ReduceMax", {"keepdims": 0}, 18, [("ax", _i(-2, -1))], IMG),
+    ("ReduceSum", {"keepdims": 0}, 13, [("ax", _i(-2, -1))], IMG),
+    ("Flatten", {"axis": 3}, 17, [], IMG), ("Concat", {"axis": -1}, 17, [("c", _f(1, 3, 4, 2))], IMG),
+    ("Split", {"axis": -1}, 13, [("sp", _i(1, 3))], IMG), ("Split", {"axis": 1, "split": [1, 2]}, 11, [], IMG),
+    ("Transpose", {"perm": [0, 2, 3, 1]}, 17, [], IMG),
+    ("LRN", {"size": 5, "alpha": 0.01, "beta": 0.5, "bias": 2.0}, 17, [], [1, 6, 4, 4]),
+    ("Gemm", {"alpha": 0.5, "beta": 2.0, "transB": 1}, 17, [("B", _f(5, 4)), ("C", _f(5))], [3, 4]),
+    ("Gemm", {"alpha": 0.5, "beta": 2.0, "transA": 1}, 17, [("B", _f(3, 5)), ("C", _f(5))], [3, 4]),
+    ("Gemm", {"alpha": 0.5, "beta": 2.0}, 17, [("B", _f(4, 5)), ("C", _f(3, 5))], [3, 4]),
+    ("CumSum", {"exclusive": 1}, 17, [("ax", np.array(-1, np.int64))], IMG),
+    ("Clip", {}, 17, [("lo", np.array(-0.5, np.float32)), ("hi", np.array(0.5, np.float32))], IMG),
+    ("DepthToSpace", {"blocksize": 2, "mode": "DCR"}, 13, [], [2, 8, 3, 2]),
+    ("Resize", {"mode": "linear", "coordinate_transformation_mode": "align_corners"}, 13,
+     [_NO_ROI, ("sc", np.zeros(0, np.float32)), ("sz", _i(1, 3, 7, 9))], IMG),
+    ("Resize", {"mode": "cubic", "cubic_coeff_a": -0.5, "exclude_outside": 1}, 13,
+     [_NO_ROI, ("sc", np.array([1, 1, 2, 2], np.float32))], IMG),
+    ("Resize", {"mode": "linear"}, 13, [_NO_ROI, ("sc", np.array([1, 1, 1, 1], np.float32))], IMG),
+    ("Resize", {"mode": "linear"}, 11, [_NO_ROI, ("sc", np.array([1, 1, 2.5, 0.7], np.float32))], IMG),
+    ("GatherElements", {"axis": 2}, 13, [("i", _RNG.integers(0, 4, (1, 3, 2, 4)).astype(np.int64))], IMG),
+    ("Gather", {"axis": -1}, 13, [("i", _i(3, 0, 1))], IMG),
+]
+
+
+@pytest.mark.parametrize("op,attrs,opset,inits,shape", HONOURED_CASES,
+                         ids=[f"{c[0]}-{c[2]}-{i}" for i, c in enumerate(HONOURED_CASES)])
+def test_honoured_attributes_match_onnxruntime(op, attrs, opset, inits, shape):
+    """Attributes the table says are honoured, at values other than their defaults (ReduceMax/Min/Prod
+    with keepdims=0 over negative axes were not: onnx2torch shifted them after removing one)."""
+    model = single_op(op, attrs, shape=shape, inits=inits, opset=opset, outputs=2 if op == "Split" else 1)
+    assert unhonoured(model.graph.node[0], opset) is None
+    _check(model, shape)
+
+
+def test_a_mask_computed_from_the_image_is_off_the_gradient_path():
+    """HF ViT's dynamo export masks attention as Where(IsNaN(p), 0, p): IsNaN has no gradient but its
+    mask only selects; the values, and the gradient, flow through Where's other inputs."""
+    from graphs import linear_classifier
+
+    model, reference = linear_classifier(k=3)
+    g = model.graph
+    g.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero"))
+    relu = next(n for n in g.node if n.op_type == "Relu")
+    at = list(g.node).index(relu) + 1
+    g.node.insert(at, helper.make_node("IsNaN", ["relu"], ["nan"], name="is_nan"))
+    g.node.insert(at + 1, helper.make_node("Where", ["nan", "zero", "relu"], ["masked"], name="mask"))
+    next(n for n in g.node if n.op_type == "GlobalAveragePool").input[0] = "masked"
+    net = explainer.load(model, preprocessing="none")
+    image = np.random.default_rng(0).integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    saliency = explainer.gradient_attribution(net, image, 0, verbose=False)
+    assert saliency.shape == (8, 8) and np.abs(saliency).sum() > 0
