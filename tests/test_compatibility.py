@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import explainer
-from explainer.errors import BatchFallbackWarning, ConversionError
+from explainer.errors import BatchFallbackWarning, ConversionError, LayerNotFeatureMapError
 
 from compat import METHODS, cases, check
 import exports
@@ -148,7 +148,7 @@ def test_attention_probabilities_are_refused(chelsea):
     for call in (lambda: explainer.gradcam(net, chelsea, 0, feature_layer=attention.name),
                  lambda: net.activations(chelsea, attention.name),
                  lambda: explainer.deep_dream_image(net, attention.name, 0, num_iterations=1, verbose=False)):
-        with pytest.raises(explainer.ExplainerError, match="not a feature map"):
+        with pytest.raises(LayerNotFeatureMapError, match="attention"):
             call()
 
 

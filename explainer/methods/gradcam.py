@@ -166,7 +166,8 @@ class BaseCAM:
         peak = cam.flatten(1).amax(1)
         for k, index in enumerate(indices):
             if float(scale[k]) == 0.0 or float(peak[k]) <= NOISE * float(scale[k]):
-                what = ("its gradient with respect to this layer is zero" if float(scale[k]) == 0.0
+                what = ("the layer's activations or the score's gradient with respect to them are zero "
+                        "everywhere" if float(scale[k]) == 0.0
                         else f"its peak {float(peak[k]):.2e} is at float32 noise level "
                              f"({float(peak[k]) / float(scale[k]):.1e} of the layer's unaveraged "
                              "gradient x activation)")
