@@ -1,0 +1,131 @@
+"""The cross-framework cases: which framework builds each classifier, which exporter writes its ONNX
+file, and what the library is told about it. Plain Python (no numpy, no framework): imported by
+build.py and the checker in the main venv, and by the export scripts inside each framework's venv.
+
+A case's files live in ``$EXPORT_CACHE/frameworks/v<BUILD_VERSION>/<case>/`` (see build.py).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: bump to rebuild every case (a changed export script or requirement list rebuilds its own cases)
+BUILD_VERSION = 1
+
+#: preprocessing of Hugging Face's image processors, as the library's dict: mean/std in 0..1 units
+HF_HALF = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "scale": 1 / 255, "channel_order": "RGB"}
+HF_IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "scale": 1 / 255,
+               "channel_order": "RGB"}
+# MobileViT's processor rescales to 0..1 and flips RGB to BGR, without mean or std
+HF_MOBILEVIT = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "scale": 1 / 255, "channel_order": "BGR"}
+
+
+def _case(env, framework, exporter, model, size, preprocessing, layout, channels=3, optional=None, **extra):
+    return dict(env=env, framework=framework, exporter=exporter, model=model, input_size=list(size),
+                preprocessing=preprocessing, layout=layout, channels=channels, optional=optional, **extra)
+
+
+# name -> what build.py and the export script need. ``env``: the venv that runs the export script
+# (``main``: the main venv); ``model``: the export script's recipe; ``optional``: None, or the optional
+# subset (SUBSETS below) that the case belongs to, built and tested only on request.
+CASES: dict[str, dict] = {
+    # TensorFlow / Keras 3, tf2onnx (from_keras) ---------------------------------------------------
+    "keras-mobilenetv2-tf2onnx": _case("tf", "keras", "tf2onnx", "MobileNetV2", (224, 224), "tf", "NHWC",
+                                       opset=17),
+    "keras-efficientnetb0-tf2onnx": _case("tf", "keras", "tf2onnx", "EfficientNetB0", (224, 224), "none",
+                                          "NHWC", opset=17),
+    "keras-efficientnetv2b0-tf2onnx": _case("tf", "keras", "tf2onnx", "EfficientNetV2B0", (224, 224), "none",
+                                            "NHWC", opset=18),
+    "keras-resnet50-tf2onnx": _case("tf", "keras", "tf2onnx", "ResNet50", (224, 224), "caffe", "NHWC",
+                                    opset=18),
+    "keras-vit-tf2onnx": _case("tf", "keras", "tf2onnx", "vit", (48, 48), "none", "NHWC", opset=17),
+    "keras-graycnn-tf2onnx": _case("tf", "keras", "tf2onnx", "graycnn", (32, 32), "unit", "NHWC", channels=1,
+                                   opset=18),
+    # tf2onnx's inputs_as_nchw: an NCHW input transposed inside the graph
+    "keras-mobilenetv2-tf2onnx-nchw": _case("tf", "keras", "tf2onnx", "MobileNetV2", (224, 224), "tf", "NCHW",
+                                            opset=17, inputs_as_nchw=True, optional="extra"),
+    "keras-densenet121-tf2onnx": _case("tf", "keras", "tf2onnx", "DenseNet121", (224, 224), "imagenet", "NHWC",
+                                       opset=13, optional="extra"),
+    "keras-nasnetmobile-tf2onnx": _case("tf", "keras", "tf2onnx", "NASNetMobile", (224, 224), "tf", "NHWC",
+                                        opset=15, optional="extra"),
+    # Keras 3's own model.export(format="onnx") (tf2onnx underneath, patched by Keras)
+    "keras-mobilenetv2-export": _case("tf", "keras", "keras.export", "MobileNetV2", (224, 224), "tf", "NHWC",
+                                      opset=17),
+    # PaddlePaddle, paddle2onnx ---------------------------------------------------------------------
+    "paddle-resnet18": _case("paddle", "paddle", "paddle2onnx", "resnet18", (224, 224), "imagenet", "NCHW",
+                             opset=17),
+    "paddle-mobilenet_v3_small": _case("paddle", "paddle", "paddle2onnx", "mobilenet_v3_small", (224, 224),
+                                       "imagenet", "NCHW", opset=None),
+    "paddle-shufflenet_v2_x0_25": _case("paddle", "paddle", "paddle2onnx", "shufflenet_v2_x0_25", (224, 224),
+                                        "imagenet", "NCHW", opset=11, optional="extra"),
+    # JAX / Flax NNX, jax2onnx ----------------------------------------------------------------------
+    "flax-cnn-jax2onnx": _case("jax", "flax", "jax2onnx", "cnn", (64, 64), "imagenet", "NHWC", opset=None),
+    "flax-vit-jax2onnx": _case("jax", "flax", "jax2onnx", "vit", (32, 32), "tf", "NHWC", opset=None,
+                               optional="extra"),
+}
+
+# Hugging Face transformers (built from configurations, no hub), both torch exporters, each family at
+# two sizes: a small one (ViT, ConvNeXt and Swin shrunk: the same layer types, fewer and narrower
+# blocks; the smallest published MobileViT and ResNet, xx-small and resnet-18) with both exporters, and
+# the published checkpoints' configurations (ViT-base, ConvNeXt-tiny, Swin-tiny, MobileViT-small,
+# ResNet-50) with the dynamo exporter. CI's budget leaves out (``optional``: build.py --published,
+# pytest -m published) ViT-base (about 2.5 minutes of tests per export) and the legacy exports of the
+# published sizes.
+_HF = {  # family -> (preprocessing, input size, (default recipe, its name), (published recipe, its name))
+    "vit": (HF_HALF, (224, 224), "mini", "base"),
+    "convnext": (HF_IMAGENET, (224, 224), "mini", "tiny"),
+    "swin": (HF_IMAGENET, (224, 224), "mini", "tiny"),
+    "mobilevit": (HF_MOBILEVIT, (256, 256), "xx-small", "small"),
+    "resnet": (HF_IMAGENET, (224, 224), "18", "50"),
+}
+for _family, (_pre, _size, _small, _big) in _HF.items():
+    for _variant in (_small, _big):
+        for _exporter in ("legacy", "dynamo"):
+            _name = f"hf-{_family}{'' if _family == 'resnet' else '-'}{_variant}-{_exporter}"
+            CASES[_name] = _case("main", "transformers", f"torch.onnx-{_exporter}", f"{_family}:{_variant}",
+                                 _size, _pre, "NCHW",
+                                 optional="published" if _variant == _big and (_family == "vit" or _exporter == "legacy")
+                                 else None,
+                                 opset=17 if _exporter == "legacy" else None)
+
+
+# more Hugging Face families, one export each
+_HF_MORE = {  # name -> (recipe, exporter, preprocessing)
+    "hf-mobilenetv2-legacy": ("mobilenetv2:1.0", "legacy", HF_HALF),
+    "hf-levit-128S-legacy": ("levit:128S", "legacy", HF_IMAGENET),
+    "hf-levit-128S-dynamo": ("levit:128S", "dynamo", HF_IMAGENET),
+    "hf-dinov2-small-dynamo": ("dinov2:small", "dynamo", HF_IMAGENET),
+    "hf-beit-mini-legacy": ("beit:mini", "legacy", HF_HALF),
+}
+for _name, (_recipe, _exporter, _pre) in _HF_MORE.items():
+    CASES[_name] = _case("main", "transformers", f"torch.onnx-{_exporter}", _recipe, (224, 224), _pre, "NCHW",
+                         opset=17 if _exporter == "legacy" else None, optional="extra")
+
+
+def cache_root() -> Path:
+    """``$EXPORT_CACHE/frameworks`` (default ``~/.cache/onnx-explainer-tests/frameworks``): venvs,
+    timings and the versioned case folders."""
+    root = Path(os.environ.get("EXPORT_CACHE", Path.home() / ".cache" / "onnx-explainer-tests"))
+    return root / "frameworks"
+
+
+def cases_root() -> Path:
+    return cache_root() / f"v{BUILD_VERSION}"
+
+
+#: the optional subsets: built with build.py --NAME (or FRAMEWORKS_NAME=1), tested with pytest -m NAME
+SUBSETS = {
+    "published": "the published-size Hugging Face cases that CI's budget leaves out",
+    "extra": "more families and exporter options (CI's budget leaves them out)",
+}
+
+
+def enabled_subsets() -> set[str]:
+    """The optional subsets that FRAMEWORKS_PUBLISHED=1 / FRAMEWORKS_EXTRA=1 switch on."""
+    return {s for s in SUBSETS if os.environ.get(f"FRAMEWORKS_{s.upper()}", "") not in ("", "0")}
+
+
+def selected(subsets=None) -> list[str]:
+    """The cases built and tested: the default ones and those of ``subsets`` (default: the enabled ones)."""
+    subsets = enabled_subsets() if subsets is None else set(subsets)
+    return [name for name, case in CASES.items() if case["optional"] is None or case["optional"] in subsets]
