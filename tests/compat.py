@@ -162,11 +162,15 @@ def table(rows: list[tuple[tuple[str, str, str], dict[str, str], float]]) -> str
     lines = ["# Compatibility", "",
              "Every public method on real exports of torchvision and timm classifiers (seeded weights, "
              "BatchNorm calibrated on random images; the families' real shapes, some with fewer blocks: Swin "
-             "1-1-2-1 at width 32, CaiT 4 of its 24 blocks; see tests/exports.py), written by `python tests/compat.py --write "
+             "1-1-2-1 at width 32, CaiT 4 of its 24 blocks, which also run at their published size: swin_t, "
+             "swin_tiny, cait_xxs24_full; see tests/exports.py), then other frameworks' exporters "
+             "(below), written by `python tests/compat.py --write "
              "docs/compatibility.md`; `tests/test_compatibility.py` runs the same checks. "
              f"torch {torch.__version__}, timm {timm.__version__}, onnx {onnx.__version__}, onnxruntime "
              f"{onnxruntime.__version__}.", "",
              "Exports: `legacy` = `torch.onnx.export(dynamo=False, opset_version=17)` at batch 1; "
+             "`legacy-old` = the legacy exporter at opset 13 (14 where attention needs it) with a dynamic "
+             "batch, as older torch versions wrote files; "
              "`dynamo` = the default exporter (opset 18+, weights in `model.onnx.data`); `-dynamic` = "
              "a dynamic batch axis. Variants: `production` = NHWC uint8 input, normalisation and softmax in "
              "the graph; `fp16` = the whole model in half precision; `mixed` = float32 input and output, float16 "
@@ -184,14 +188,33 @@ def table(rows: list[tuple[tuple[str, str, str], dict[str, str], float]]) -> str
     return "\n".join(lines) + "\n"
 
 
+def frameworks_section() -> str:
+    """The cross-framework cases (tests/frameworks: every subset that is built) as a section of the page."""
+    import json
+
+    sys.path.insert(0, str(Path(__file__).parent / "frameworks"))
+    import check as frameworks  # tests/frameworks/check.py
+
+    rows = []
+    for name in frameworks.cases_mod.selected(set(frameworks.cases_mod.SUBSETS)):
+        try:
+            results, facts = frameworks.check(name)
+        except frameworks.MissingCase:
+            continue
+        info = json.loads((frameworks.cases_mod.cases_root() / name / "case.json").read_text())
+        rows.append((name, info, results, facts))
+        print(name, frameworks.failures(results) or "all ok", flush=True)
+    return frameworks.table(rows).replace("# Compatibility with", "## Compatibility with", 1)
+
+
 def main() -> None:
     rows = []
-    for case in cases():
+    for case in cases() + cases(published=True):
         start = time.perf_counter()
         result = check(*case)
         rows.append((case, result, time.perf_counter() - start))
         print(case, {k: v for k, v in result.items() if v != "ok"} or "all ok", flush=True)
-    text = table(rows)
+    text = table(rows) + "\n" + frameworks_section()
     if "--write" in sys.argv:
         Path(sys.argv[sys.argv.index("--write") + 1]).write_text(text)
     else:

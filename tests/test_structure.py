@@ -132,43 +132,45 @@ def channels_last_classifier(k=5, seed=0) -> onnx.ModelProto:
     return _finish(nodes, inits, k, opset=20)
 
 
-def image_independent_classifier(k=5, seed=0) -> onnx.ModelProto:
-    """A position table built from the input's shape only (ConstantOfShape(Shape(x))), added to the
-    feature map, as a dynamo Swin export builds its shifted-window mask."""
+def _patch_conv(k, seed):
+    """(nodes, initializers) of a 4x4 patch Conv to C channels ("patches"), and a head's weights."""
     rng = np.random.default_rng(seed)
     inits = [numpy_helper.from_array(_w(rng, C, 3, PATCH, PATCH, scale=0.01), "patch_w"),
              numpy_helper.from_array(_w(rng, k, C, scale=1.0), "head_w"),
              numpy_helper.from_array(np.zeros(k, np.float32), "head_b")]
-    nodes = [helper.make_node("Conv", ["image", "patch_w"], ["patches"], name="patch", strides=[PATCH, PATCH],
-                              kernel_shape=[PATCH, PATCH]),
-             helper.make_node("Shape", ["patches"], ["shape"], name="shape"),
-             helper.make_node("ConstantOfShape", ["shape"], ["table"], name="table",
-                              value=numpy_helper.from_array(np.array([0.5], np.float32))),
-             helper.make_node("Exp", ["table"], ["mask"], name="mask"),
-             helper.make_node("Add", ["patches", "mask"], ["placed"], name="placed"),
-             helper.make_node("Relu", ["placed"], ["relu"], name="relu"),
-             helper.make_node("GlobalAveragePool", ["relu"], ["gap"], name="gap"),
-             helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
-             helper.make_node("Gemm", ["flat", "head_w", "head_b"], ["logits"], name="head", transB=1)]
+    return [helper.make_node("Conv", ["image", "patch_w"], ["patches"], name="patch", strides=[PATCH, PATCH],
+                             kernel_shape=[PATCH, PATCH])], inits
+
+
+def _pooled_head(nodes, inits, k):
+    """relu → GlobalAveragePool → Flatten → Gemm: the finished model."""
+    nodes += [helper.make_node("GlobalAveragePool", ["relu"], ["gap"], name="gap"),
+              helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+              helper.make_node("Gemm", ["flat", "head_w", "head_b"], ["logits"], name="head", transB=1)]
     return _finish(nodes, inits, k)
+
+
+def image_independent_classifier(k=5, seed=0) -> onnx.ModelProto:
+    """A position table built from the input's shape only (ConstantOfShape(Shape(x))), added to the
+    feature map, as a dynamo Swin export builds its shifted-window mask."""
+    nodes, inits = _patch_conv(k, seed)
+    nodes += [helper.make_node("Shape", ["patches"], ["shape"], name="shape"),
+              helper.make_node("ConstantOfShape", ["shape"], ["table"], name="table",
+                               value=numpy_helper.from_array(np.array([0.5], np.float32))),
+              helper.make_node("Exp", ["table"], ["mask"], name="mask"),
+              helper.make_node("Add", ["patches", "mask"], ["placed"], name="placed"),
+              helper.make_node("Relu", ["placed"], ["relu"], name="relu")]
+    return _pooled_head(nodes, inits, k)
 
 
 def cancelling_classifier(k=5, seed=0) -> onnx.ModelProto:
     """conv → conv − its spatial mean → Relu → GAP → Gemm: the score's gradient with respect to the first
     conv sums to zero over each channel's map, so Grad-CAM's averaged weights there are rounding noise."""
-    rng = np.random.default_rng(seed)
-    inits = [numpy_helper.from_array(_w(rng, C, 3, PATCH, PATCH, scale=0.01), "patch_w"),
-             numpy_helper.from_array(_w(rng, k, C, scale=1.0), "head_w"),
-             numpy_helper.from_array(np.zeros(k, np.float32), "head_b")]
-    nodes = [helper.make_node("Conv", ["image", "patch_w"], ["patches"], name="patch", strides=[PATCH, PATCH],
-                              kernel_shape=[PATCH, PATCH]),
-             helper.make_node("ReduceMean", ["patches"], ["mean"], name="mean", axes=[2, 3], keepdims=1),
-             helper.make_node("Sub", ["patches", "mean"], ["centred"], name="centred"),
-             helper.make_node("Relu", ["centred"], ["relu"], name="relu"),
-             helper.make_node("GlobalAveragePool", ["relu"], ["gap"], name="gap"),
-             helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
-             helper.make_node("Gemm", ["flat", "head_w", "head_b"], ["logits"], name="head", transB=1)]
-    return _finish(nodes, inits, k)
+    nodes, inits = _patch_conv(k, seed)
+    nodes += [helper.make_node("ReduceMean", ["patches"], ["mean"], name="mean", axes=[2, 3], keepdims=1),
+              helper.make_node("Sub", ["patches", "mean"], ["centred"], name="centred"),
+              helper.make_node("Relu", ["centred"], ["relu"], name="relu")]
+    return _pooled_head(nodes, inits, k)
 
 
 def _image(seed=0):
