@@ -162,22 +162,23 @@ class BaseCAM:
         location raises the score), or at float32 noise level next to what the same activations and
         gradients give without the averaging that cancelled (on attention scores before their Softmax
         the gradient sums to zero over each row, and Grad-CAM's weights are rounding errors)."""
-        scale = (grads.abs().mean(dim=(2, 3))[:, :, None, None] * acts.abs()).sum(1).flatten(1).amax(1)
-        peak = cam.flatten(1).amax(1)
-        for k, index in enumerate(indices):
-            if float(scale[k]) == 0.0 or float(peak[k]) <= NOISE * float(scale[k]):
-                what = ("the layer's activations or the score's gradient with respect to them are zero "
-                        "everywhere" if float(scale[k]) == 0.0
-                        else f"its peak {float(peak[k]):.2e} is at float32 noise level "
-                             f"({float(peak[k]) / float(scale[k]):.1e} of the layer's unaveraged "
-                             "gradient x activation)")
-                if float(scale[k]) > 0.0 and float(peak[k]) == 0.0:
-                    what = ("it is zero everywhere: at every location the weighted channels lower the class "
-                            "score (the ReLU keeps none)")
-                raise DegenerateMapError(
-                    f"{self.where}: the map of class {index} at layer {self.feature_layer!r} carries no "
-                    f"signal: {what}. Pick another feature_layer (gradcam_layers(net) gives the default "
-                    "and why), or another method (gradient, occlusion).")
+        scale = (grads.abs().mean(dim=(2, 3))[:, :, None, None] * acts.abs()).sum(1).flatten(1).amax(1).tolist()
+        peak = cam.flatten(1).amax(1).tolist()
+        for index, top, unaveraged in zip(indices, peak, scale):
+            if unaveraged == 0.0:
+                what = "the layer's activations or the score's gradient with respect to them are zero everywhere"
+            elif top == 0.0:
+                what = ("it is zero everywhere: at every location the weighted channels lower the class score "
+                        "(the ReLU keeps none)")
+            elif top <= NOISE * unaveraged:
+                what = (f"its peak {top:.2e} is at float32 noise level ({top / unaveraged:.1e} of the layer's "
+                        "unaveraged gradient x activation)")
+            else:
+                continue
+            raise DegenerateMapError(
+                f"{self.where}: the map of class {index} at layer {self.feature_layer!r} carries no signal: "
+                f"{what}. Pick another feature_layer (gradcam_layers(net) gives the default and why), or "
+                "another method (gradient, occlusion).")
 
     def __call__(self, image, label):
         pixels, is_batch, indices, several = images_and_labels(self.net, image, label, self.where)

@@ -78,8 +78,7 @@ PRESETS = {
 
 #: ONNX's standard image metadata (docs/MetadataProps.md: what WinMLTools, Custom Vision and other
 #: exporters write): the pixel range the input expects, and its channel order
-NOMINAL_RANGES = {"NominalRange_0_255": ("none", 1.0), "Normalized_0_1": ("unit", 1 / 255),
-                  "Normalized_1_1": ("tf", 1 / 127.5)}
+NOMINAL_RANGES = {"NominalRange_0_255": "none", "Normalized_0_1": "unit", "Normalized_1_1": "tf"}
 PIXEL_FORMATS = {"Rgb8": "RGB", "Bgr8": "BGR", "Rgba8": "RGB", "Bgra8": "BGR", "Gray8": "RGB"}
 
 
@@ -98,10 +97,9 @@ def from_image_metadata(metadata: dict) -> Preprocessing | None:
         raise InvalidParameterError(
             f"the model's metadata Image.BitmapPixelFormat={pixel_format!r} is not one of "
             f"{sorted(PIXEL_FORMATS)}; pass preprocessing= explicitly.")
-    name, scale = NOMINAL_RANGES[nominal or "NominalRange_0_255"]
-    base = PRESETS[name]
+    name = NOMINAL_RANGES[nominal or "NominalRange_0_255"]
     order = PIXEL_FORMATS.get(pixel_format or "Rgb8", "RGB")
-    return replace(base, channel_order=order, name=name if order == "RGB" else f"{name}-bgr",
+    return replace(PRESETS[name], channel_order=order, name=name if order == "RGB" else f"{name}-bgr",
                    origin=f"metadata (Image.NominalPixelRange={nominal}, Image.BitmapPixelFormat={pixel_format})")
 
 
@@ -132,7 +130,7 @@ def producer_hint(producer_name: str, producer_version: str = "") -> str:
     given when the preprocessing is guessed."""
     key = (producer_name or "").strip().lower()
     for prefix, framework, expects in PRODUCER_CONVENTIONS:
-        if key.startswith(prefix) or (prefix == "paddle" and "paddle" in key):
+        if key.startswith(prefix):
             version = f" {producer_version}" if producer_version else ""
             return (f"the file was written by {producer_name}{version} ({framework}), whose image classifiers "
                     f"usually expect: {expects}")
