@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 #: explainer`` and ``explainer --help`` do not pay for torch, onnxruntime and every method (seconds).
 _LAZY = {
     "evaluate": None,
+    "attention_rollout": "methods.attention_rollout",
+    "transformer_attribution": "methods.transformer_attribution",
     "deep_dream_image": "methods.deepdream",
     "gradcam": "methods.gradcam", "gradcam_layers": "methods.gradcam",
     "gradcam_plus_plus": "methods.gradcam_plus_plus",
@@ -91,6 +93,7 @@ __all__ = ["load", "list_methods", "get_method", "explain_dataset",
            "occlusion_sensitivity", "image_lime", "lime_explanation", "rise", "kernel_shap",
            "kernel_shap_explanation", "score_cam",
            "gradcam", "gradcam_plus_plus", "gradcam_layers", "gradient_attribution", "saliency", "guided_backprop",
-           "integrated_gradients", "smoothgrad", "random_map", "deep_dream_image",
+           "integrated_gradients", "smoothgrad", "attention_rollout", "transformer_attribution",
+           "random_map", "deep_dream_image",
            "sample_image", "plot_maps", "map_figure", "top_k_figure", "imtile", "mat2gray", "overlay", "evaluate",
            "Classifier", "Layer", "Prediction", "Preprocessing", "ExplainerError", "errors", "limits"]

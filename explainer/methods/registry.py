@@ -32,7 +32,8 @@ KINDS = (FORWARD_ONLY, GRADIENT)
 #: the order ``list_methods`` shows the built-in methods in; a method added in a new file of this
 #: folder is found without being named here, and listed after them
 DISPLAY_ORDER = ("gradcam", "gradcam_plus_plus", "score_cam", "occlusion", "lime", "rise", "kernel_shap",
-                 "gradient", "guided_backprop", "integrated_gradients", "smoothgrad", "random")
+                 "gradient", "guided_backprop", "integrated_gradients", "smoothgrad", "attention_rollout",
+                 "transformer_attribution", "random")
 
 
 # options ------------------------------------------------------------------------------------------

@@ -1,0 +1,53 @@
+"""What the attention methods share: the attention probabilities of a class-token vision transformer,
+found in the graph's data flow (``net.structure.attention``: a Softmax of a product whose two operands
+both depend on the image), in the order the blocks run, with the token layout the class score reads
+(how many prefix tokens, the patch grid)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
+
+
+@dataclass(frozen=True)
+class Attention:
+    """``softmaxes``: the probability tensors (tensor names, in graph order), each (heads, T, T) per image;
+    ``prefix``: the class (and distillation) tokens before the ``grid`` of patch tokens, T = prefix + h*w."""
+
+    softmaxes: tuple[str, ...]
+    tokens: int
+    prefix: int
+    grid: tuple[int, int]
+
+
+def self_attention(net: Classifier, where: str) -> Attention:
+    """The self-attention probabilities of every block, or ``UnsupportedModelError`` saying why the
+    model has none the methods can follow: a CNN; a model reading no class token (Swin and LeViT pool
+    their tokens: their window attention never mixes the whole image in one block); attention of
+    varying token counts (class attention, CaiT's talking heads)."""
+    from .gradcam import gradcam_layers
+
+    found = [l for l in net.layers() if l.op_type == "Softmax" and l.output in net.structure.attention]
+    if not found:
+        raise UnsupportedModelError(
+            f"{where}: model {net.name!r} has no attention (no Softmax over a product of two image-dependent "
+            "tensors): attention methods explain transformers; use gradcam, occlusion or rise.")
+    layout = net.layout(gradcam_layers(net).feature)
+    if layout is None or layout.kind != "tokens" or layout.prefix < 1:
+        raise UnsupportedModelError(
+            f"{where}: model {net.name!r} reads no class token (its score pools a grid of tokens: "
+            f"{getattr(layout, 'kind', 'a feature map')}), so there is no class-token row of attention to "
+            "follow (Swin and LeViT attend within windows or pooled stages); use gradcam or rise.")
+    tokens = layout.prefix + layout.grid[0] * layout.grid[1]
+    odd = [(l.name, l.shape) for l in found if l.shape is None or tuple(l.shape[-2:]) != (tokens, tokens)]
+    if odd:
+        name, shape = odd[0]
+        raise UnsupportedModelError(
+            f"{where}: model {net.name!r}: attention {name!r} has shape {shape}, not ({tokens} x {tokens}) "
+            f"over all {tokens} tokens as every block's self-attention must be to be followed (class "
+            "attention 1 x T and talking-heads attention are not); use gradcam or rise.")
+    return Attention(tuple(l.output for l in found), tokens, layout.prefix, tuple(layout.grid))

@@ -1,0 +1,69 @@
+"""Attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", ACL 2020): how much
+of what the class token carries after the last block flows from each patch, following every block's
+attention with its residual connection. Forward-only: the attention probabilities are extra outputs of
+one onnxruntime pass.
+
+Per block, the heads' attention (heads, T, T) is fused (mean, max or min over heads); the lowest
+``discard_ratio`` of its T*T entries are set to 0 (never the class token's attention to itself), as in
+jacobgil/vit-explain; the residual connection adds the identity, A' = (A + I) / 2, each row renormalised
+to sum 1; the rollout is the product A'_L ... A'_1. The class token's row over the patch tokens,
+laid out on the patch grid, is the map: a fraction of the class token's input, class-agnostic.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ._attention import self_attention
+from ._common import finish, images_and_labels, resize_map
+from .registry import FORWARD_ONLY, Choice, Float, method
+
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
+
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+def rollout(attentions: list[np.ndarray], head_fusion: str = "mean", discard_ratio: float = 0.0) -> np.ndarray:
+    """(T, T) rollout of one image's per-block attention probabilities, each (heads, T, T)."""
+    tokens = attentions[0].shape[-1]
+    eye = np.eye(tokens)
+    result = eye.copy()
+    for attention in attentions:
+        fused = getattr(np, head_fusion)(attention.astype(np.float64), axis=0)
+        if discard_ratio > 0:
+            flat = fused.reshape(-1)  # a view: the entries dropped are dropped from ``fused``
+            lowest = np.argsort(flat, kind="stable")[:int(flat.size * discard_ratio)]
+            flat[lowest[lowest != 0]] = 0.0
+        a = (fused + eye) / 2
+        a /= a.sum(axis=-1, keepdims=True)
+        result = a @ result
+    return result
+
+
+@method("attention_rollout", kind=FORWARD_ONLY,
+        options=dict(head_fusion=Choice(HEAD_FUSIONS, help="how each block's heads combine"),
+                     discard_ratio=Float(0.0, 1.0, help="the fraction of each block's lowest attention "
+                                                        "entries set to 0 before the rollout (0.9 sharpens)")),
+        answers="which patches the class token's information flows from, through every block's attention "
+                "and residual connection (class-agnostic)",
+        returns="maps at the image's size: the class token's rolled-out attention to each patch (a fraction "
+                "of its input; the same map for every label)",
+        cost="one forward pass per image (the attention probabilities as extra outputs)",
+        reference="jacobgil/vit-explain's rollout on the timm model (test)")
+def attention_rollout(net: Classifier, image, label, *, head_fusion="mean", discard_ratio=0.0):
+    """Rollout map(s): (H, W) for one label, (K, H, W) for several (one map, repeated: rollout does not
+    depend on the class); ViT and DeiT-style models (a class token, self-attention over all tokens)."""
+    where = "attention_rollout"
+    pixels, is_batch, indices, several = images_and_labels(net, image, label, where)
+    found = self_attention(net, where)
+    maps = []
+    for p in pixels:
+        x = net.to_model_input(net.fit_pixels(p)[None])
+        probs = net.ort.run(x, list(found.softmaxes))
+        result = rollout([np.asarray(a, np.float64).reshape(-1, found.tokens, found.tokens) for a in probs],
+                         head_fusion, discard_ratio)
+        grid = result[0, found.prefix:].reshape(found.grid).astype(np.float32)
+        maps.append(np.repeat(resize_map(grid[None], p.shape[:2]), len(indices), axis=0))
+    return finish(maps, is_batch, several, where)
