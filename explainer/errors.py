@@ -53,7 +53,10 @@ class UnknownClassError(InvalidParameterError):
 
 
 class ResourceLimitError(ExplainerError):
-    """An input exceeds a configured limit (file size, pixels, memory budget)."""
+    """An input exceeds a configured limit (file size, pixels, memory budget). Raised too for an
+    allocation that failed inside onnxruntime or torch; such errors carry ``allocation_failed = True``."""
+
+    allocation_failed = False
 
 
 class NonFiniteOutputError(ExplainerError, FloatingPointError):

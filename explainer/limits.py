@@ -9,6 +9,10 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(os.environ[name])
     except (KeyError, ValueError):
+        pass
+    try:  # "4e9"
+        return int(float(os.environ[name]))
+    except (KeyError, ValueError, OverflowError):
         return default
 
 
@@ -23,3 +27,67 @@ MAX_IMAGE_PIXELS = _env_int("ONNX_EXPLAINER_MAX_IMAGE_PIXELS", 64_000_000)
 MAX_IMAGE_BYTES = _env_int("ONNX_EXPLAINER_MAX_IMAGE_BYTES", 256 << 20)
 #: Largest download accepted from the registry.
 MAX_DOWNLOAD_BYTES = _env_int("ONNX_EXPLAINER_MAX_DOWNLOAD_BYTES", 1 << 31)
+#: Largest memory one run may take for its intermediate tensors (onnxruntime's at the peak of a forward
+#: pass; the torch module's summed over the pass, which a backward pass keeps), estimated from the
+#: graph's shapes before the run: batch sizes (given or "auto") are held under it, and a graph whose run
+#: on a single image exceeds it is refused with ResourceLimitError. None (the default): half of the
+#: memory available when the run is checked (``available_memory``: the machine's ``MemAvailable``, less
+#: where a cgroup or the address-space limit leaves less), at least 256 MiB.
+#: Environment: EXPLAINER_MAX_RUN_BYTES (or ONNX_EXPLAINER_MAX_RUN_BYTES).
+MAX_RUN_BYTES = _env_int("EXPLAINER_MAX_RUN_BYTES", _env_int("ONNX_EXPLAINER_MAX_RUN_BYTES", 0)) or None
+#: the fraction of available memory taken as the run budget when MAX_RUN_BYTES is None
+RUN_BYTES_FRACTION = 0.5
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: the least of the machine's available memory (Linux
+    ``MemAvailable``), what its cgroup (container) leaves, and what its address-space limit
+    (``RLIMIT_AS``) leaves; None where none of them is known."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:
+            found.append(max(0, int(limit) - usage))
+        break
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/status") as f:
+                mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+            found.append(max(0, soft - mapped))
+    except (ImportError, OSError, ValueError, StopIteration):
+        pass
+    if not found:
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return min(found)
+
+
+def max_run_bytes() -> int:
+    """The run budget now: ``MAX_RUN_BYTES``, or ``RUN_BYTES_FRACTION`` of the available memory."""
+    if MAX_RUN_BYTES:
+        return int(MAX_RUN_BYTES)
+    available = available_memory()
+    if available is None:
+        return 8 << 30
+    return max(256 << 20, int(available * RUN_BYTES_FRACTION))

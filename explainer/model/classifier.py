@@ -14,11 +14,13 @@ import onnx
 
 from ..convert import BATCH_PASSES, normalise
 from ..errors import (BatchFallbackWarning, InvalidParameterError, InvalidParameterTypeError, LayerNotFeatureMapError,
-                      NonFiniteOutputError, UnknownClassError, UnknownLayerError, UnsupportedModelError)
+                      NonFiniteOutputError, ResourceLimitError, UnknownClassError, UnknownLayerError,
+                      UnsupportedModelError)
 from ..io import to_pixel_batch
 from ..validation import check_batch_size, check_int, closest
 from . import labels as labels_mod
 from . import preprocess as preprocess_mod
+from .budget import RunGuard
 from .graph import dims, infer_shapes, layer_name
 from .layouts import FeatureLayout, feature_layout
 from .structure import Structure
@@ -88,10 +90,14 @@ class Classifier:
                                                     given_by="registry" if entry is not None and
                                                     preprocessing is entry.preprocessing else "argument")
         self.device, providers = resolve_device(device)
+        # the graph as given, checked before its constants are folded (folding a Range or a
+        # ConstantOfShape computes it) and before onnxruntime sees it
+        RunGuard(loaded.proto, self.input.name, self.input.dtype, self.name).estimate_for(
+            self.per_image_shape, measure=False)
         self.model, self.normalisation_log = normalise(loaded.proto, "runtime", self.input.name)
         output = find_scores_output(self.model)
         _expose_logits(self.model, output)
-        self.ort = OrtEngine(self.model, self.input.name, providers, self.sha256[:16])
+        self.ort = self._engine(providers, self.sha256[:16])
         #: None, or 1 for a graph that only runs one image at a time (see ``_probe``)
         self.max_batch: int | None = None
         try:
@@ -100,7 +106,7 @@ class Classifier:
             self.model, self.normalisation_log = normalise(loaded.proto, "runtime", self.input.name,
                                                            skip=BATCH_PASSES)
             _expose_logits(self.model, output)
-            self.ort = OrtEngine(self.model, self.input.name, providers, self.sha256[:16] + "|batch1")
+            self.ort = self._engine(providers, self.sha256[:16] + "|batch1")
             self.output = self._probe(output, batch=1)
             self.max_batch = self._batch_size = self._stream_batch_size = 1
             warnings.warn(f"model {self.name!r} runs one image at a time (explanations are the same, "
@@ -108,6 +114,20 @@ class Classifier:
         self.class_names: list[str] = labels_mod.resolve(labels, metadata, self.output.num_classes)
         self._layers: list[Layer] | None = None
         self._structure: Structure | None = None  # read from the graph on first use
+
+    @property
+    def per_image_shape(self) -> tuple:
+        """The graph's input shape for one image, without the batch dim: (C, H, W) or (H, W, C)."""
+        i = self.input
+        return (i.channels, i.height, i.width) if i.layout == "NCHW" else (i.height, i.width, i.channels)
+
+    def _engine(self, providers, key: str) -> OrtEngine:
+        """The onnxruntime engine of ``self.model``, its guard checked before any session exists: zero
+        extents at the input's size and the memory of one image's run (``budget.RunGuard``)."""
+        engine = OrtEngine(self.model, self.input.name, providers, key)
+        engine.guard = RunGuard(self.model, self.input.name, self.input.dtype, self.name)
+        engine.guard.estimate_for(self.per_image_shape)
+        return engine
 
     def _default_preprocessing(self) -> tuple[str, str]:
         """(preset, why) when neither an argument nor the metadata says: "none" (or "unit", 0..1, where
@@ -151,17 +171,25 @@ class Classifier:
         x = self.to_model_input(pixels)
         try:
             raw = np.concatenate([self.ort.run(x[i:i + 1], [output.name])[0] for i in range(2)])
+        except ResourceLimitError:
+            raise
         except Exception as exc:
+            message = getattr(exc, "onnxruntime_message", None) or (str(exc).splitlines() or [""])[0]
             if batch > 1:  # the freed graph itself fails: the graph as exported decides
-                raise _NotBatchable(f"the graph freed for any batch fails ({str(exc).splitlines()[0][:200]})") from None
+                raise _NotBatchable(f"the graph freed for any batch fails ({message[:200]})") from None
             raise UnsupportedModelError(
                 f"onnxruntime cannot run the model on one {self.input.layout} image of "
-                f"{self.input.height}x{self.input.width}: {str(exc).splitlines()[0]}") from None
+                f"{self.input.height}x{self.input.width}: {message}") from None
+        if batch > 1 and self.ort.guard.max_batch(self.per_image_shape) < 2:
+            batch = 1  # two images at once are over the run budget: batches will hold one image
         if batch > 1:
             try:
                 together = self.ort.run(x, [output.name])[0]
+            except ResourceLimitError:
+                raise
             except Exception as exc:
-                raise _NotBatchable(f"a batch of 2 fails in onnxruntime ({str(exc).splitlines()[0][:200]})") from None
+                message = getattr(exc, "onnxruntime_message", None) or (str(exc).splitlines() or [""])[0]
+                raise _NotBatchable(f"a batch of 2 fails in onnxruntime ({message[:200]})") from None
             if together.shape != raw.shape:
                 raise _NotBatchable(f"a batch of 2 gives scores of shape {together.shape}, two single "
                                     f"images {raw.shape}")
@@ -234,9 +262,10 @@ class Classifier:
     def resolve_batch_size(self, value, where: str, backend: str | None = None) -> int:
         """``value`` validated, 'auto' resolved; ``backend``: for a perturbation method on it."""
         value = check_batch_size(where, value)
+        budget = self.ort.guard.max_batch(self.per_image_shape, torch=backend == "torch")
         if value != "auto":
-            return min(value, self.max_batch or value)
-        return self.stream_batch_size if backend == "onnxruntime" else self.batch_size
+            return min(value, self.max_batch or value, budget)
+        return min(self.stream_batch_size if backend == "onnxruntime" else self.batch_size, budget)
 
     # scores ---------------------------------------------------------------------------------------
     def scores_from_outputs(self, outputs: Sequence[np.ndarray]) -> np.ndarray:

@@ -24,7 +24,7 @@ def _parse_text(text: str, where: str) -> list[str]:
     if text.startswith("[") or text.startswith("{"):
         try:
             value = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: arrays nested thousands deep
             raise InvalidParameterError(f"labels in {where} are not valid JSON ({exc}).") from None
         return _from_json(value, where)
     lines = [l.strip() for l in text.splitlines() if l.strip()]

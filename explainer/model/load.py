@@ -194,20 +194,64 @@ def check_safe(proto: onnx.ModelProto) -> None:
             raise UnsupportedModelError(
                 f"node {node.name or node.output[0]!r} ({node.op_type}) has a subgraph; control flow "
                 "is not supported in image classifiers here.")
+    for t in g.initializer:
+        _check_stored(t, f"weight {t.name!r}")
     total = sum(_tensor_bytes(t) for t in g.initializer)
     for node in g.node:
-        if node.op_type == "ConstantOfShape":
+        if node.op_type == "ConstantOfShape" and node.input:
             shape = constant_value(g, node.input[0])
             if shape is not None:
-                total += int(np.prod(np.asarray(shape, dtype=np.float64))) * 4
+                shape = np.asarray(shape).ravel()
+                if shape.dtype.kind not in "iu" or np.any(shape < 0):
+                    raise UnsupportedModelError(
+                        f"node {node.name or node.output[0]!r} (ConstantOfShape) asks for a tensor of shape "
+                        f"{shape.tolist()}: a dim below zero is no shape; the graph is corrupt.")
+                total += int(np.prod(shape.astype(np.float64))) * 4
         if node.op_type == "Constant":
             for a in node.attribute:
                 if a.name == "value":
+                    _check_stored(a.t, f"the value of node {node.name or node.output[0]!r} (Constant)")
                     total += _tensor_bytes(a.t)
     if total > limits.MAX_TENSOR_BYTES:
         raise ResourceLimitError(
             f"the graph declares {total} bytes of weights and constants, over "
             f"limits.MAX_TENSOR_BYTES={limits.MAX_TENSOR_BYTES}; raise it only for a trusted model.")
+
+
+def _check_stored(t: onnx.TensorProto, what: str) -> None:
+    """Refuse a stored tensor whose dims are negative, whose element type ONNX does not define, or whose
+    data holds another number of values than its dims declare (reading it would fail later, or read
+    garbage)."""
+    if any(d < 0 for d in t.dims):
+        raise ModelLoadError(f"{what} declares a negative dim {list(t.dims)}; the file is corrupt.")
+    if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type == onnx.TensorProto.STRING:
+        return
+    try:
+        np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    except Exception:
+        raise ModelLoadError(f"{what} has element type {t.data_type}, which ONNX does not define; the file "
+                             "is corrupt.") from None
+    count = int(np.prod(np.asarray(list(t.dims), dtype=np.float64)))
+    if t.raw_data:
+        stored, expected, unit = len(t.raw_data), _tensor_bytes(t), "bytes"
+    else:
+        try:
+            field = onnx.helper.tensor_dtype_to_field(t.data_type)
+        except Exception:
+            return
+        stored, unit = len(getattr(t, field)), "values"
+        if t.data_type in _PACKED_4BIT:
+            expected = (count + 1) // 2
+        elif t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
+            expected = 2 * count
+        else:
+            expected = count
+        if stored == 0 and count == 0:
+            return
+    if stored != expected:
+        raise ModelLoadError(
+            f"{what} declares dims {list(t.dims)} of {onnx.helper.tensor_dtype_to_string(t.data_type)} "
+            f"({expected} {unit}) but stores {stored} {unit}; the file is corrupt or truncated.")
 
 
 _PACKED_4BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}

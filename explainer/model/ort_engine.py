@@ -23,7 +23,8 @@ import numpy as np
 import onnx
 
 from .. import cache
-from ..errors import CacheError
+from ..errors import CacheError, ExplainerError, UnsupportedModelError
+from .budget import allocation_error, is_allocation_failure
 from .graph import infer_shapes
 from .providers import provider_options, quiet_session
 
@@ -42,6 +43,9 @@ class OrtEngine:
         self._types: dict | None = None
         self.default_outputs = tuple(o.name for o in model.graph.output)
         self._lock = threading.Lock()
+        #: ``budget.RunGuard`` of the graph (set by the classifier): each run's batch is checked against
+        #: the memory budget and each new image shape for zero extents before onnxruntime sees it
+        self.guard = None
 
     # sessions -------------------------------------------------------------------------------------
     def _session_options(self, single_thread: bool = False):
@@ -116,8 +120,13 @@ class OrtEngine:
         options = self._session_options()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         extra = [o for o in dict.fromkeys(outputs) if o not in self.default_outputs]
-        session = ort.InferenceSession(self._serialised(extra), options, providers=["CPUExecutionProvider"])
-        return session.run(list(outputs), {self.input_name: batch})
+        if self.guard is not None:
+            self.guard.check(batch.shape)
+        try:
+            session = ort.InferenceSession(self._serialised(extra), options, providers=["CPUExecutionProvider"])
+            return session.run(list(outputs), {self.input_name: batch})
+        except Exception as exc:
+            raise ort_error(exc, batch.shape) from None
 
     @property
     def active_providers(self) -> list[str]:
@@ -125,8 +134,16 @@ class OrtEngine:
 
     # running --------------------------------------------------------------------------------------
     def run(self, batch: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
-        """One forward pass of the whole ``batch``."""
-        return self.session(outputs).run(list(outputs), {self.input_name: batch})
+        """One forward pass of the whole ``batch``: checked by the guard first; a failed allocation is a
+        ``ResourceLimitError``, any other onnxruntime failure an ``UnsupportedModelError``."""
+        if self.guard is not None:
+            self.guard.check(batch.shape)
+        try:
+            return self.session(outputs).run(list(outputs), {self.input_name: batch})
+        except ExplainerError:
+            raise
+        except Exception as exc:
+            raise ort_error(exc, batch.shape) from None
 
     def run_batched(self, inputs: np.ndarray, outputs: Sequence[str], batch_size: int) -> list[np.ndarray]:
         """Forward ``inputs`` in chunks of ``batch_size`` and concatenate."""
@@ -141,11 +158,15 @@ class OrtEngine:
         key = f"{self.model_key}|{','.join(self.providers)}|{os.cpu_count()}"
         if streams > 1:
             key += f"|streams={streams}"
+        # the memory budget bounds the candidates (and a size remembered under a larger budget)
+        limit = BATCH_CANDIDATES[-1]
+        if self.guard is not None:
+            limit = max(1, self.guard.max_batch(tuple(example.shape)) // max(streams, 1))
         known = cache.read_json("batch_sizes.json").get(key)
         if isinstance(known, int) and known >= 1:
-            return known
+            return min(known, limit)
         best, best_rate, worse = 1, 0.0, 0
-        for size in BATCH_CANDIDATES:
+        for size in [c for c in BATCH_CANDIDATES if c <= limit]:
             rate = self._throughput(np.repeat(example[None], size, axis=0), outputs, streams)
             if rate > best_rate * 1.05:
                 best, best_rate, worse = size, rate, 0
@@ -171,8 +192,25 @@ class OrtEngine:
                 runs += 1
             return runs
 
+        if self.guard is not None:  # the streams run at once: each gets its share of the budget
+            self.guard.check((len(batch) * streams, *batch.shape[1:]))
         with ThreadPoolExecutor(streams) as pool:
-            list(pool.map(lambda _: session.run(names, feed), range(streams)))  # warm-up
+            try:
+                list(pool.map(lambda _: session.run(names, feed), range(streams)))  # warm-up
+            except Exception as exc:
+                raise ort_error(exc, batch.shape) from None
             start = time.perf_counter()
             runs = sum(pool.map(timed, range(streams)))
             return len(batch) * runs / (time.perf_counter() - start)
+
+
+def ort_error(exc: BaseException, shape) -> Exception:
+    """The library's error for a failure inside onnxruntime on a batch of ``shape``."""
+    if is_allocation_failure(exc):
+        return allocation_error(exc, f"onnxruntime (a batch of shape {list(shape)})")
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    error = UnsupportedModelError(
+        f"onnxruntime cannot run the model on a batch of shape {list(shape)}: {first[:400]}. The graph "
+        "fails there as exported; check it with onnxruntime alone (a batch of 1 at its declared size).")
+    error.onnxruntime_message = first
+    return error

@@ -146,9 +146,13 @@ def resolve(value, metadata: dict | None = None, default="imagenet", given_by: s
     if value is None:
         if metadata and METADATA_KEY in metadata:
             try:
-                spec = {k: v for k, v in json.loads(metadata[METADATA_KEY]).items() if k != "origin"}
+                spec = json.loads(metadata[METADATA_KEY])
+                if not isinstance(spec, dict):
+                    raise ValueError(f"a JSON object of fields is needed, not {type(spec).__name__} "
+                                     f"{metadata[METADATA_KEY][:80]!r}")
+                spec = {k: v for k, v in spec.items() if k != "origin"}
                 return Preprocessing(**spec, origin="metadata")
-            except (ValueError, TypeError) as exc:
+            except (ValueError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
                 raise InvalidParameterError(
                     f"the model's metadata {METADATA_KEY!r} is not a valid preprocessing spec ({exc}); "
                     "pass preprocessing= explicitly.") from None

@@ -41,8 +41,16 @@ class OutputSpec:
 
 def _describe(vi: onnx.ValueInfoProto) -> str:
     t = elem_type(vi)
-    dtype = np.dtype(IMAGE_TYPES[t]).name if t in IMAGE_TYPES else onnx.TensorProto.DataType.Name(t)
+    dtype = np.dtype(IMAGE_TYPES[t]).name if t in IMAGE_TYPES else type_name(t)
     return f"{vi.name!r} {['?' if d is None else d for d in dims(vi)]} {dtype}"
+
+
+def type_name(elem_type: int) -> str:
+    """A TensorProto element type's name; 'unknown element type N' for a number ONNX does not define."""
+    try:
+        return onnx.TensorProto.DataType.Name(elem_type)
+    except ValueError:
+        return f"unknown element type {elem_type}"
 
 
 def find_image_input(model: onnx.ModelProto, layout: str | None = None,

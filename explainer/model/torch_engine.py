@@ -22,7 +22,8 @@ from ..convert import BATCH_PASSES, PassContext, normalise
 from ..convert.ops import check_differentiable
 from ..convert.precision import is_half
 from ..convert.quantized import is_quantized, output_quantisation_step
-from ..errors import ConversionError, UnknownLayerError
+from ..errors import ConversionError, ExplainerError, UnknownLayerError
+from .budget import allocation_error, is_allocation_failure
 
 if TYPE_CHECKING:
     from .classifier import Classifier
@@ -96,6 +97,9 @@ def pixel_model_class():
             of 1 runs image by image (gradients flow through the concatenation)."""
             if self.one_at_a_time and len(x) > 1:
                 return _torch().cat([self.logits(x[i:i + 1]) for i in range(len(x))])
+            guard = getattr(self, "guard", None)
+            if guard is not None:  # a pass that keeps its graph for backward keeps every intermediate
+                guard.check(tuple(x.shape), torch=_torch().is_grad_enabled())
             out = self.graph(x)
             if isinstance(out, (tuple, list)):
                 out = out[self.logits_index]
@@ -150,6 +154,7 @@ class TorchEngine:
         self.pixel_model = pixel_model_class()(graph_module, net.input, net.preprocessing, outputs.index(safe_logits),
                                       one_at_a_time).eval()
         self.pixel_model.to(self.device)
+        self.pixel_model.guard = net.ort.guard  # the run budget and the shape checks of onnxruntime's graph
         self._turn = threading.RLock()
         with self.exclusive():
             self.max_relative_error = self._check_against_onnxruntime(logits)
@@ -212,7 +217,11 @@ class TorchEngine:
         try:
             with torch.no_grad():
                 got = self.pixel_model(x).double().cpu().numpy()
+        except ExplainerError:
+            raise
         except Exception as exc:
+            if is_allocation_failure(exc):
+                raise allocation_error(exc, f"torch (the converted module of {net.name!r})") from None
             where = self._run_node_by_node(self.pixel_model.model_input(x[:1]))
             raise ConversionError(
                 f"the converted torch module of {net.name!r} fails{where}: {type(exc).__name__}: "
@@ -282,7 +291,14 @@ class TorchEngine:
         would feed or be rewritten by them. Re-entrant; onnxruntime sessions need no such turn. On
         CUDA, TF32 is off meanwhile (see ``float32_exact``)."""
         with self._turn, float32_exact(self.device):
-            yield
+            try:
+                yield
+            except ExplainerError:
+                raise
+            except Exception as exc:  # torch's allocators raise RuntimeError (or MemoryError)
+                if is_allocation_failure(exc):
+                    raise allocation_error(exc, "torch") from None
+                raise
 
     @contextmanager
     def capture(self, layer_names: Sequence[str]) -> Iterator["Captured"]:

@@ -7,6 +7,12 @@ more is refused at once with ``Overloaded`` (503 and Retry-After), so a crowd ge
 a hang. Each job has a deadline: when it passes, the request is answered (``TimeLimitExceeded``) and the
 job is cancelled, removed from the queue if it had not started, stopped at its next progress step if it
 had (``progress``). A job counts against the bound until its thread is really free.
+
+Threads, not worker processes (issue #29): the one model is loaded at start, where the library's checks
+refuse a graph that could crash onnxruntime natively (zero extents, found by shape inference before any
+session) or exhaust memory (the run budget, ``limits.MAX_RUN_BYTES``), and every run of a request is held
+under that budget; allocation failures are typed errors, answered like the others. A native crash these
+checks do not foresee ends the process: run the service under a supervisor that restarts it.
 """
 from __future__ import annotations
 

@@ -1,0 +1,273 @@
+"""Checks on a graph at the shape it will really run at, before onnxruntime or torch sees it.
+
+* Zero or negative extents: a Conv, pool or Resize whose input or output has an extent of 0 or less
+  (an image too small for the graph's strides and pools) is refused. onnxruntime divides by such
+  extents in some kernels: at its full optimisation level a MaxPool or AveragePool producing a height
+  of 0 (in its blocked NCHWc layout) and an InstanceNormalization reading one die with SIGFPE, taking
+  the process with them (squeezenet with its input declared 3x7x224 did).
+* Memory: the peak of the tensors alive at once during one run at batch 1 (from shape inference;
+  sizes it cannot tell are measured once, in one unoptimised run), scaled by the batch size, must stay
+  under ``limits.max_run_bytes()``; the torch path, which keeps every intermediate for the backward
+  pass, is held to the same budget with the sum of all intermediates.
+* Allocation failures in onnxruntime or torch become ``ResourceLimitError`` (``allocation_error``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .. import limits
+from ..errors import ResourceLimitError, UnsupportedModelError
+from .graph import layer_name, without_weight_data
+
+#: ops that divide by (or index with) a spatial extent of their data input or output: zero or negative
+#: extents there are refused. The ones seen to crash onnxruntime (SIGFPE, CPU provider, ORT_ENABLE_ALL)
+#: are in ``CRASHED_ONNXRUNTIME``; the others fail with an error or compute garbage, refused alike.
+ZERO_EXTENT_OPS = frozenset({
+    "Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "FusedConv", "NhwcConv", "NhwcFusedConv",
+    "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
+    "QLinearAveragePool", "QLinearGlobalAveragePool", "NhwcMaxPool", "MaxRoiPool", "MaxUnpool", "RoiAlign",
+    "Resize", "Upsample", "InstanceNormalization", "LRN", "SpaceToDepth", "DepthToSpace", "Col2Im",
+    "GridSample", "AffineGrid", "DeformConv",
+})
+#: node kinds whose zero extent was seen to kill the process inside onnxruntime 1.x at ORT_ENABLE_ALL
+#: (tests/test_fuzz.py builds each)
+CRASHED_ONNXRUNTIME = ("MaxPool", "AveragePool", "InstanceNormalization")
+
+_ALLOCATION_MARKERS = ("failed to allocate", "bad_alloc", "bfcarena", "can't allocate memory",
+                       "out of memory", "cannot allocate memory", "allocation failed", "available memory of")
+
+
+def is_allocation_failure(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(m in text for m in _ALLOCATION_MARKERS)
+
+
+def allocation_error(exc: BaseException, where: str) -> ResourceLimitError:
+    """The library's error for a failed allocation ``exc`` in ``where`` (onnxruntime, torch)."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    error = ResourceLimitError(
+        f"{where} could not allocate memory ({type(exc).__name__}: {first}); the run needs more memory "
+        f"than the process may use. Use a smaller batch_size, lower limits.MAX_RUN_BYTES (environment "
+        f"EXPLAINER_MAX_RUN_BYTES, now {limits.max_run_bytes()} bytes) so that such runs are refused "
+        "before they start, or free memory.")
+    error.allocation_failed = True
+    return error
+
+
+def _itemsize(elem: int) -> int:
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)).itemsize
+    except Exception:  # strings, unknown or 4-bit types: counted as 8 bytes a value, an upper bound
+        return 8
+
+
+def _raw_dims(vi: onnx.ValueInfoProto) -> list | None:
+    """Dims as ints (negative and zero kept), None for symbolic ones; None without a shape."""
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+
+
+def infer_at(model: onnx.ModelProto, image: str, shape: list[int]) -> dict[str, onnx.ValueInfoProto]:
+    """Every tensor's inferred type and shape with the image input fixed to ``shape``; {} where
+    inference fails outright (strict mode off: one unknown op leaves the rest inferred)."""
+    shell = without_weight_data(model)
+    if shell.ir_version < 4:  # before IR 4, inference ignores initializers not listed as inputs
+        shell.ir_version = 4
+    for vi in shell.graph.input:
+        if vi.name == image:
+            dims = vi.type.tensor_type.shape.dim
+            del dims[:]
+            for d in shape:
+                dims.add().dim_value = int(d)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(shell, strict_mode=False, data_prop=True)
+    except Exception:
+        return {}
+    g = inferred.graph
+    return {vi.name: vi for vi in list(g.value_info) + list(g.output)}
+
+
+def check_extents(model: onnx.ModelProto, image: str, shape: list[int], known: dict) -> None:
+    """UnsupportedModelError for the first node of ``ZERO_EXTENT_OPS`` whose data input or output has
+    an extent of 0 or less when the image is ``shape``."""
+    inputs = {vi.name: vi for vi in model.graph.input}
+    for node in model.graph.node:
+        if node.op_type not in ZERO_EXTENT_OPS:
+            continue
+        for role, name in (("input", node.input[0] if node.input else ""),
+                           ("output", node.output[0] if node.output else "")):
+            vi = known.get(name) or (inputs.get(name) if name != image else None)
+            dims = _raw_dims(vi) if vi is not None else None
+            if name == image:
+                dims = list(shape)
+            if not dims or len(dims) < 3:
+                continue
+            if any(d is not None and d <= 0 for d in dims):
+                raise UnsupportedModelError(
+                    f"node {layer_name(node)!r} ({node.op_type}) would compute on a tensor {name!r} of shape "
+                    f"{['?' if d is None else d for d in dims]} (its {role}) when the image input {image!r} "
+                    f"is {list(shape)}: an extent of zero or less, which onnxruntime may divide by (its "
+                    "pools crash the process so). The image is too small for the graph's strides and "
+                    "pools: declare the input size the network was trained at (e.g. 224x224) in the "
+                    "graph, or pass a larger size where the graph leaves it free.")
+
+
+@dataclass
+class Estimate:
+    """Memory of one run at batch 1, from the tensors' shapes."""
+    peak: int  # bytes alive at once at the worst node (intermediates, not weights)
+    total: int  # bytes of every intermediate (what autograd keeps for a backward pass)
+    largest: tuple[str, str, int]  # (node, op type, bytes) of the largest intermediate
+    peak_node: tuple[str, str]  # the node at which the peak is reached
+    unknown: list[str] = field(default_factory=list)  # tensors whose size was not known
+
+
+def estimate(model: onnx.ModelProto, image: str, shape: list[int], known: dict,
+             measured: dict[str, int] | None = None) -> Estimate:
+    """The live-tensor peak and the total of intermediate sizes when the graph runs on ``shape``;
+    ``measured``: byte sizes of tensors inference could not tell."""
+    g = model.graph
+    weights = {t.name for t in g.initializer}
+    outputs = {o.name for o in g.output}
+    measured = measured or {}
+    last_use: dict[str, int] = {}
+    for k, node in enumerate(g.node):
+        for name in node.input:
+            if name:
+                last_use[name] = k
+    sizes: dict[str, int] = {}
+    unknown = []
+    live, peak, total = 0, 0, 0
+    largest, peak_node = ("", "", 0), ("", "")
+    alive: dict[str, int] = {}
+    image_bytes = int(np.prod(np.asarray(shape, dtype=np.float64))) * 4
+    alive[image] = image_bytes
+    live = image_bytes
+    for k, node in enumerate(g.node):
+        for name in node.output:
+            if not name or name in weights:
+                continue
+            if name in measured:
+                size = measured[name]
+            else:
+                vi = known.get(name)
+                dims = _raw_dims(vi) if vi is not None else None
+                if dims is None or any(d is None for d in dims):
+                    unknown.append(name)
+                    continue
+                count = float(np.prod(np.asarray([max(d, 0) for d in dims], dtype=np.float64)))
+                size = int(min(count * _itemsize(vi.type.tensor_type.elem_type), 1 << 62))
+            sizes[name] = size
+            alive[name] = size
+            live += size
+            total += size
+            if size > largest[2]:
+                largest = (layer_name(node), node.op_type, size)
+        if live > peak:
+            peak, peak_node = live, (layer_name(node), node.op_type)
+        for name in [n for n in alive if last_use.get(n, -1) <= k and n not in outputs]:
+            live -= alive.pop(name)
+    return Estimate(peak, total, largest, peak_node, unknown)
+
+
+def _measure(model: onnx.ModelProto, image: str, shape: list[int], dtype, names: list[str]) -> dict[str, int]:
+    """Byte sizes of ``names`` in one unoptimised onnxruntime run at ``shape``; {} where it fails (the
+    classifier's probe reports why)."""
+    import onnxruntime as ort
+
+    outputs = model.graph.output
+    declared = len(outputs)
+    have = {o.name for o in outputs}
+    outputs.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in have)
+    try:
+        data = model.SerializeToString()
+    finally:
+        del outputs[declared:]
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        values = session.run(names, {image: np.zeros(shape, dtype)})
+    except Exception as exc:
+        if is_allocation_failure(exc):
+            raise allocation_error(exc, "onnxruntime (measuring the tensor sizes shape inference cannot "
+                                        "tell, at batch 1)") from None
+        return {}
+    return {n: int(np.asarray(v).nbytes) for n, v in zip(names, values)}
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
+
+
+class RunGuard:
+    """The checks of one graph and image input, per image shape (batch 1): made before the graph's first
+    session; ``check(shape)`` before each run."""
+
+    def __init__(self, model: onnx.ModelProto, image: str, dtype, name: str = "model"):
+        self.model = model
+        self.image = image
+        self.dtype = np.dtype(dtype)
+        self.name = name
+        self._estimates: dict[tuple, Estimate] = {}
+
+    def estimate_for(self, per_image: tuple, measure: bool = True) -> Estimate:
+        """The checks at one image shape (without the batch): zero extents, then the memory estimate
+        (unknown sizes measured once, unless ``measure`` is False); cached."""
+        per_image = tuple(int(d) for d in per_image)
+        found = self._estimates.get(per_image)
+        if found is None and not measure:
+            shape = [1, *per_image]
+            known = infer_at(self.model, self.image, shape)
+            check_extents(self.model, self.image, shape, known)
+            found = estimate(self.model, self.image, shape, known)
+            self._refuse(found, 1)
+            return found
+        if found is None:
+            shape = [1, *per_image]
+            known = infer_at(self.model, self.image, shape)
+            check_extents(self.model, self.image, shape, known)
+            found = estimate(self.model, self.image, shape, known)
+            self._refuse(found, 1)
+            if found.unknown:
+                measured = _measure(self.model, self.image, shape, self.dtype, found.unknown)
+                if measured:
+                    found = estimate(self.model, self.image, shape, known, measured)
+                    self._refuse(found, 1)
+            self._estimates[per_image] = found
+        return found
+
+    def _refuse(self, est: Estimate, batch: int, torch: bool = False) -> None:
+        budget = limits.max_run_bytes()
+        need = (est.total if torch else est.peak) * batch
+        if need <= budget:
+            return
+        node, op, size = est.largest
+        what = "the torch module (which keeps every intermediate for the backward pass)" if torch else "onnxruntime"
+        fix = ("use a smaller batch_size" if batch > 1 else
+               "the graph asks for more than the budget for a single image; raise limits.MAX_RUN_BYTES "
+               "(environment EXPLAINER_MAX_RUN_BYTES) only for a trusted model on a machine with that memory")
+        raise ResourceLimitError(
+            f"model {self.name!r}: one run of {batch} image(s) in {what} needs about {_mb(need)} of "
+            f"intermediate tensors, over the run budget limits.max_run_bytes()={_mb(budget)}; its largest "
+            f"tensor is the output of node {node!r} ({op}), {_mb(size)} a run of one image (peak at "
+            f"node {est.peak_node[0]!r}). To go on: {fix}.")
+
+    def check(self, shape, torch: bool = False) -> None:
+        """Refuses a run on a batch of ``shape`` (N, ...) over the budget (or with a zero extent)."""
+        est = self.estimate_for(tuple(shape[1:]))
+        self._refuse(est, max(int(shape[0]), 1), torch)
+
+    def max_batch(self, per_image: tuple, torch: bool = False) -> int:
+        """The largest batch the budget allows (at least 1)."""
+        est = self.estimate_for(per_image)
+        need = max(est.total if torch else est.peak, 1)
+        return max(1, limits.max_run_bytes() // need)
