@@ -33,6 +33,7 @@ KINDS = (FORWARD_ONLY, GRADIENT)
 #: folder is found without being named here, and listed after them
 DISPLAY_ORDER = ("gradcam", "gradcam_plus_plus", "score_cam", "occlusion", "lime", "rise", "kernel_shap",
                  "gradient", "guided_backprop", "integrated_gradients", "smoothgrad", "attention_rollout",
+                 "attn_lrp",
                  "transformer_attribution", "random")
 
 

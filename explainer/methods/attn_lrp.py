@@ -1,0 +1,85 @@
+"""AttnLRP (Achtibat et al., "AttnLRP: Attention-Aware Layer-Wise Relevance Propagation for
+Transformers", ICML 2024): layer-wise relevance propagation through the converted module with
+AttnLRP's rules, in the gradient x input form of its library lxt ("efficient": one forward and one
+modified backward pass; ``explainer/methods/_lrp.py`` says where each rule goes and why).
+
+The map is the relevance of the normalised image (as lxt takes its input embeddings): the graph's
+input, or, for a graph that normalises its own pixels ((x - mean) / std written in the graph), the
+tensor where that normalisation ends, carried back to the pixels unchanged (AttnLRP's identity rule
+for elementwise functions of one value; the same map as the network normalising outside). Summed
+over channels: signed, in units of the class score (the logit before any softmax), at the graph's
+input size, resized to the image's. Its sum is the score less what the biases absorb (every
+constant added on the way: linear and convolution biases, the class token and positional
+embeddings, layer norms' shifts) and what the softmax rule leaves out (the part of its output's
+relevance that its rule, R_in = x (R_out - s Σ R_out), does not pass to its input);
+``_lrp.relevance(..., account=True)`` measures both, and the three add up to the score.
+
+Models without attention are refused: there the rules reduce to gradient x input, which the
+``gradient`` family of methods already covers.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import InvalidParameterError, UnsupportedModelError
+from ..model.torch_engine import torch_engine
+from . import _lrp
+from ._common import finish, images_and_labels, resize_map
+from .registry import GRADIENT, method
+
+if TYPE_CHECKING:
+    from ..model.classifier import Classifier
+
+
+def has_attention(net: Classifier, where: str) -> None:
+    """Raises ``UnsupportedModelError`` for a model with no attention (no Softmax over a product of two
+    image-dependent tensors)."""
+    if not any(l.op_type == "Softmax" and l.output in net.structure.attention for l in net.layers()):
+        raise UnsupportedModelError(
+            f"{where}: model {net.name!r} has no attention (no Softmax over a product of two image-dependent "
+            "tensors): AttnLRP explains transformers, and without attention its rules are gradient x input; "
+            "use gradient, integrated_gradients, gradcam or occlusion.")
+
+
+def raw(engine, x, indices):
+    """(K, C, H, W) relevance of the graph's input ``x`` (1, C, H, W in the graph's layout, a tensor on
+    the engine's device) for each class index, and the (K,) scores."""
+    import torch
+
+    x = x.detach().repeat(len(indices), *[1] * (x.dim() - 1)).requires_grad_(True)
+    entries = []
+    with engine.exclusive(), torch.enable_grad():
+        scores = _lrp.logits(engine, x, entries=entries)
+        if scores.shape[1] <= max(indices):
+            raise InvalidParameterError(f"attn_lrp: class {max(indices)} is out of range ({scores.shape[1]}).")
+        picked = scores[torch.arange(len(indices), device=x.device), torch.as_tensor(indices, device=x.device)]
+        grad, = torch.autograd.grad(picked.sum(), x)
+        relevance = _lrp.input_relevance(engine.graph_module, _lrp.engine_plan(engine), x, grad, entries)
+    return relevance, picked.detach()
+
+
+@method("attn_lrp", kind=GRADIENT, options={},
+        answers="how much each pixel contributes to the class score, decomposed layer by layer with AttnLRP's "
+                "rules for attention, softmax, layer norms and activations (Achtibat et al. 2024)",
+        returns="maps at the image's size: relevance summed over channels, signed, in score units (their sum "
+                "is the score less what biases and softmaxes absorb)",
+        cost="1 forward and 1 modified backward pass per image (all labels in one batch)",
+        reference="lxt's AttnLRP rules (lxt.efficient) on the timm model (test); input, bias and softmax "
+                  "relevance add up to the logit (test)")
+def attn_lrp(net: Classifier, image, label):
+    """Relevance map(s): (H, W) for one label, (K, H, W) for several; transformers (any model whose
+    graph has attention)."""
+    where = "attn_lrp"
+    pixels, is_batch, indices, several = images_and_labels(net, image, label, where)
+    has_attention(net, where)
+    engine = torch_engine(net)
+    channels_last = engine.pixel_model.nhwc
+    maps = []
+    for p in pixels:
+        x = engine.pixel_model.model_input(engine.tensor(net.fit_pixels(p)).permute(2, 0, 1)[None])
+        relevance, _ = raw(engine, x, indices)
+        grid = relevance.sum(dim=3 if channels_last else 1).cpu().numpy().astype(np.float32)
+        maps.append(resize_map(grid, p.shape[:2]))
+    return finish(maps, is_batch, several, where)
