@@ -192,6 +192,30 @@ def test_torch_path_stays_under_the_budget(monkeypatch):
         engine.pixel_model.logits(x)
 
 
+@pytest.mark.parametrize("method", ["smoothgrad", "integrated-gradients"])
+def test_methods_batching_their_own_passes_stay_under_the_budget(monkeypatch, method):
+    """SmoothGrad's noisy copies and integrated gradients' steps run 16 to a pass by default: lowered
+    to what the budget allows, never refused, and the same attributions as one image per pass."""
+    from explainer.methods.gradients import pixel_attributions
+    from explainer.model.torch_engine import torch_engine
+
+    model = _expand_classifier(64)
+    monkeypatch.setattr(limits, "MAX_RUN_BYTES", 2 << 20)
+    net = explainer.load(model, preprocessing="none", batch_size=16)
+    engine = torch_engine(net)
+    allowed = engine.largest_batch(16)
+    assert 1 <= allowed < 16
+    passes = []
+    original = engine.pixel_model.logits
+    monkeypatch.setattr(engine.pixel_model, "logits", lambda x: passes.append(len(x)) or original(x))
+    image = np.random.default_rng(0).integers(0, 256, (24, 24, 3)).astype(np.uint8)
+    options = dict(samples=8, random_state=0) if method == "smoothgrad" else dict(steps=8)
+    got = pixel_attributions(net, image, 0, method=method, **options)
+    assert passes and max(passes) <= allowed
+    one = pixel_attributions(net, image, 0, method=method, batch_size=1, **options)
+    np.testing.assert_allclose(got, one, rtol=1e-4, atol=1e-6 * float(np.abs(one).max()))
+
+
 def test_default_budget_is_a_fraction_of_available_memory(monkeypatch):
     monkeypatch.setattr(limits, "MAX_RUN_BYTES", None)
     available = limits.available_memory()

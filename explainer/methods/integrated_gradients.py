@@ -70,7 +70,7 @@ def raw(engine, x, indices, *, steps, rule, baseline, batch_size, verbose):
     """Integrated gradients (K, C, H, W) for one image x (1, C, H, W) and K class indices."""
     import torch
 
-    batch = DEFAULT_BATCH if batch_size == "auto" else batch_size
+    batch = engine.largest_batch(DEFAULT_BATCH if batch_size == "auto" else batch_size)  # the run budget
     base = baseline_tensor(baseline, x)
     alphas, weights = rule_points(steps, rule)
     total = torch.zeros((len(indices), *x.shape[1:]), dtype=torch.float64, device=x.device)

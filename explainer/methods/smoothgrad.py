@@ -22,7 +22,7 @@ def raw(engine, x, indices, *, samples, noise_level, random_state, batch_size, v
     import numpy as np
     import torch
 
-    batch = DEFAULT_BATCH if batch_size == "auto" else batch_size
+    batch = engine.largest_batch(DEFAULT_BATCH if batch_size == "auto" else batch_size)  # the run budget
     seed = random_state if random_state is not None else int(np.random.SeedSequence().generate_state(1)[0])
     generator = torch.Generator().manual_seed(seed)
     noise = torch.normal(0.0, noise_level * 255.0, size=(samples, *x.shape[1:]), generator=generator).to(x.device)

@@ -284,6 +284,14 @@ class TorchEngine:
                 f"layer {layer_name!r} was folded into constants during conversion; pick a layer that "
                 "depends on the image.") from None
 
+    def largest_batch(self, requested: int) -> int:
+        """``requested`` images per pass, lowered to what the run budget allows for a pass that keeps
+        its graph for backward (every intermediate held); at least 1."""
+        guard = getattr(self.pixel_model, "guard", None)
+        if guard is None:
+            return requested
+        return max(1, min(requested, guard.max_batch(self.net.per_image_shape, torch=True)))
+
     @contextmanager
     def exclusive(self) -> Iterator[None]:
         """Held while a thread uses the module: hooks (Grad-CAM's recorded layers, guided
