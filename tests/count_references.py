@@ -3,7 +3,7 @@
     python tests/count_references.py [TESTS_DIR]
 
 A static count, the same rule before and after a change: an assertion is an ``assert`` statement or a
-call of ``numpy.testing.assert_*`` / ``torch.testing.assert_close``; it counts as *against a reference*
+call of ``numpy.testing.assert_*`` / ``torch.testing.assert_close`` / a helper named ``assert_*``; it counts as *against a reference*
 when the function holding it (a test, or a helper of the test modules, such as tests/compat.py's checks)
 uses a reference directly or through the helpers of its own module it calls (a test's assertions
 include those of the helpers it calls; in modules of helpers, such as compat.py, the public functions
@@ -20,12 +20,13 @@ from pathlib import Path
 
 REFERENCES = ("captum", "pytorch_grad_cam", "lime_image", "lime_base", "lime.", "sklearn", "slic", "quickshift",
               "felzenszwalb", "InferenceSession", "exports.build", "reference_scores", "_torch_scores",
-              "reference.", "efficientnet_lite_pytorch", "ActivationsAndGradients", "_reference", "source_model")
+              "reference.", "references.", "efficientnet_lite_pytorch", "ActivationsAndGradients", "_reference", "source_model",
+              "lxt")
 
 
 #: modules whose names, imported anywhere in a test module, are references where a function uses them
 REFERENCE_MODULES = ("captum", "pytorch_grad_cam", "lime", "sklearn", "skimage.segmentation", "onnxruntime",
-                     "efficientnet_lite_pytorch", "reference")
+                     "efficientnet_lite_pytorch", "reference", "references", "lxt")
 
 
 def _imported_references(tree: ast.AST) -> tuple[str, ...]:
@@ -45,7 +46,7 @@ def _is_assertion(node: ast.AST) -> bool:
     if isinstance(node, ast.Call):
         name = ast.unparse(node.func)
         return (name.startswith(("np.testing.assert", "numpy.testing.assert", "torch.testing.assert"))
-                or name in ("assert_allclose", "assert_array_equal", "assert_close"))
+                or name.rsplit(".", 1)[-1].startswith("assert_"))  # the tests' own (references.assert_close_in_units)
     return False
 
 

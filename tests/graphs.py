@@ -72,6 +72,17 @@ def linear_classifier(k=4, c=3, *, size=(8, 8), layout="NCHW", dtype=TensorProto
     return model, reference
 
 
+def linear_classifier_gradient(x_nchw: np.ndarray, label: int, k=4, c=3, *, seed=0, floor=0.0) -> np.ndarray:
+    """d logits[label] / d input of ``linear_classifier(k, c, seed=seed)`` by hand, (N, C, H, W): the
+    score is the mean over pixels of relu(w . x + b) (or of max(w . x + b, floor) where a Clip at
+    ``floor`` > 0 follows the Relu), so each pixel gets w[label] / (H W) where the unit is above its
+    lower bound, and nothing where it is not."""
+    w, b = weights(k, c, seed)
+    conv = np.einsum("c,nchw->nhw", w[label].astype(np.float64), x_nchw.astype(np.float64)) + b[label]
+    gate = (conv > floor).astype(np.float64)
+    return w[label][None, :, None, None] * gate[:, None] / (x_nchw.shape[2] * x_nchw.shape[3])
+
+
 def dense_classifier(k=4, c=3, *, size=(16, 16), seed=0) -> onnx.ModelProto:
     """Conv1x1 -> Relu -> Flatten -> Gemm: scores from every pixel's features, so the graph runs only
     at its input size (as VGG's and AlexNet's dense layers do)."""

@@ -87,6 +87,9 @@ def test_lime_linear_weights_equal_lime_package(default_net, image224):
         for feature, weight in ref.local_exp[label]:
             theirs[feature] = weight
         np.testing.assert_allclose(exp.weights[k], theirs, atol=1e-6)
+        # the map paints each superpixel with the lime package's weight for it (the image is at the
+        # network's size: no resize)
+        np.testing.assert_allclose(exp.map[k], theirs[exp.segments], atol=1e-6)
 
 
 def test_lime_seeded_reproducible_and_backends_agree(default_net, image224):
@@ -120,16 +123,70 @@ def test_lime_stops_once_the_top_superpixels_are_settled(default_net, coffee):
 
 
 def test_lime_segmentations(default_net, image224):
+    """Superpixels are scikit-image's SLIC with the documented parameters (n_segments = num_features,
+    compactness 10, on pixels scaled to [0, 1]), labels renumbered 0..F-1; a grid cuts rows and columns
+    evenly; a label matrix is resized to the network's size with nearest-neighbour sampling."""
+    from skimage.segmentation import slic
+
     exp = explainer.lime_explanation(default_net, image224, 285, num_samples=32, verbose=False)
-    assert 20 <= exp.segments.max() + 1 <= 80 and exp.map.shape == (1, 224, 224)
+    theirs = slic(image224.astype(np.float32) / 255.0, n_segments=49, compactness=10, start_label=0, channel_axis=-1)
+    theirs = np.unique(theirs, return_inverse=True)[1].reshape(theirs.shape)
+    assert 20 <= theirs.max() + 1 <= 80
+    np.testing.assert_array_equal(exp.segments, theirs)
     grid = explainer.lime_explanation(default_net, image224, 285, num_samples=32, segmentation="grid",
                                       num_features=9, verbose=False)
-    assert grid.segments.max() == 8 and np.all(np.bincount(grid.segments.ravel()) > 0)
+    rows, cols = np.meshgrid(np.arange(224), np.arange(224), indexing="ij")
+    np.testing.assert_array_equal(grid.segments, (rows * 3 // 224) * 3 + cols * 3 // 224)  # 3 x 3 cells
     labels = np.zeros((10, 10), np.int64)
     labels[5:] = 7
     custom = explainer.lime_explanation(default_net, image224, 285, num_samples=32, segmentation=labels,
                                         verbose=False)
     assert custom.weights.shape == (1, 2)
+    np.testing.assert_array_equal(custom.segments, (rows >= 112).astype(int))
+
+
+def test_lime_tree_surrogate_equals_scikit_learn():
+    """MATLAB's default surrogate, recomputed without the library on a tiny graph: the lime package's
+    sampling (RandomState(seed).randint(0, 2), the first sample all on), each sample's probabilities
+    from the graph's numpy twin, the lime kernel on the cosine distance, then scikit-learn's
+    DecisionTreeRegressor (its defaults, the same random_state) fitted with those weights: its
+    impurity-based feature importances are the weights, and the map paints them on their cells."""
+    from sklearn.tree import DecisionTreeRegressor
+
+    model, ref = linear_classifier(k=3, size=(16, 16))
+    net = explainer.load(model, preprocessing="none", batch_size=8)
+    image = np.random.default_rng(2).integers(0, 256, (16, 16, 3)).astype(np.uint8)
+    n, seed = 160, 4
+    exp = explainer.lime_explanation(net, image, [0, 2], num_features=16, num_samples=n, segmentation="grid",
+                                     model="tree", output_upsampling="none", random_state=seed,
+                                     stop_tolerance=None, verbose=False)
+    rows, cols = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
+    segments = (rows // 4) * 4 + cols // 4
+    np.testing.assert_array_equal(exp.segments, segments)
+    samples = np.random.RandomState(seed).randint(0, 2, n * 16).reshape(n, 16)
+    samples[0] = 1
+    np.testing.assert_array_equal(exp.samples, samples)
+    x = np.repeat(image.astype(np.float64)[None], n, axis=0)
+    x[samples[:, segments] == 0] = image.reshape(-1, 3).mean(axis=0)  # switched off: the mean colour
+    logits = ref(x.transpose(0, 3, 1, 2))
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs = (probs / probs.sum(1, keepdims=True))[:, [0, 2]]
+    np.testing.assert_allclose(exp.probabilities, probs, rtol=1e-5, atol=1e-7)
+    cosine = 1 - samples.sum(1) / (np.sqrt(samples.sum(1)) * np.sqrt(16))
+    kernel = np.sqrt(np.exp(-cosine ** 2 / 0.25 ** 2))
+    np.testing.assert_allclose(exp.kernel_weights, kernel, rtol=1e-12)
+    for k in range(2):
+        # fitted on the arrays just checked, bit for bit: a tree's split between two equally good
+        # features turns on the last bit of a weight
+        tree = DecisionTreeRegressor(random_state=seed).fit(samples, exp.probabilities[:, k].astype(np.float64),
+                                                           sample_weight=exp.kernel_weights)
+        theirs = tree.feature_importances_
+        assert theirs.max() > 0.1 and len(set(np.round(theirs, 6))) > 4  # a ranking worth comparing
+        np.testing.assert_allclose(exp.weights[k], theirs, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(exp.map[k], theirs[segments], rtol=1e-5, atol=1e-7)
+    public = explainer.image_lime(net, image, [0, 2], num_features=16, num_samples=n, segmentation="grid",
+                                  output_upsampling="none", random_state=seed, stop_tolerance=None, verbose=False)
+    np.testing.assert_array_equal(public, exp.map)
 
 
 @pytest.mark.parametrize("call, match", [

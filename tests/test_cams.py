@@ -1,6 +1,5 @@
 """Grad-CAM++ and Score-CAM equal pytorch-grad-cam's GradCAMPlusPlus and ScoreCAM on the converted
 module; Score-CAM itself runs on onnxruntime only."""
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -10,6 +9,8 @@ from explainer.methods.gradcam_plus_plus import GradCAMPlusPlus
 from explainer.methods.score_cam import low_resolution
 from explainer.model.torch_engine import torch_engine
 
+import references
+
 
 @pytest.fixture(scope="module")
 def image224(chelsea):
@@ -18,50 +19,47 @@ def image224(chelsea):
     return np.rint(resize(chelsea.astype(np.float32), (224, 224))).astype(np.uint8)
 
 
-def _min_max(m):
-    m = m - m.min()
-    return m / (1e-7 + m.max())
-
-
-def _as_pytorch_grad_cam_scales(low):
-    """pytorch-grad-cam's normalisation: min-max, bilinear resize to the input, min-max again."""
-    return _min_max(cv2.resize(_min_max(low), (224, 224)))
-
-
-def _reference(cam_class, engine, layer, image, target):
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-    module, _ = engine.module_for(layer)
-    x = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None].requires_grad_(True)
-    with cam_class(model=engine.pixel_model, target_layers=[module]) as cam:
-        if hasattr(cam, "batch_size"):
-            cam.batch_size = 16
-        return cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]
+def _x(image):
+    return torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]
 
 
 @pytest.mark.parametrize("model_fixture", ["default_net", "googlenet_graph"])
-def test_gradcam_plus_plus_equals_pytorch_grad_cam(request, image224, model_fixture):
+def test_gradcam_plus_plus_equals_pytorch_grad_cam(request, chelsea, model_fixture):
+    """Unscaled, in the feature layer's units: at the layer's resolution against pytorch-grad-cam's
+    own CAM (its min-max scaling switched off), and the public map at the image's size against that
+    CAM upsampled with the documented bicubic filter and clipped at 0."""
     from pytorch_grad_cam import GradCAMPlusPlus as Reference
 
     net = request.getfixturevalue(model_fixture)
     cam = GradCAMPlusPlus(net)
-    ref = _reference(Reference, cam.engine, cam.feature_layer, image224, 285)
-    low = cam.low_resolution(image224.astype(np.float32), [285])[0]
-    np.testing.assert_allclose(_as_pytorch_grad_cam_scales(low), ref, atol=1e-4)
+    module, _ = cam.engine.module_for(cam.feature_layer)
+    ref = references.raw_cam(Reference, cam.engine.pixel_model, module, _x(chelsea), 285)
+    low = cam.low_resolution(chelsea, [285])[0]
+    references.assert_close_in_units(low, ref, 1e-5, "Grad-CAM++ at the feature layer")
+    public = explainer.gradcam_plus_plus(net, chelsea, 285)
+    expected = np.maximum(references.bicubic_upsample(ref, chelsea.shape[:2]), 0)
+    references.assert_close_in_units(public, expected, 1e-5, "Grad-CAM++ at the image's size")
     # and it is not Grad-CAM: the weights differ
-    grad = explainer.gradcam(net, image224, 285)
-    assert np.corrcoef(grad.ravel(), explainer.gradcam_plus_plus(net, image224, 285).ravel())[0, 1] < 0.9999
+    grad = explainer.gradcam(net, chelsea, 285)
+    assert np.corrcoef(grad.ravel(), public.ravel())[0, 1] < 0.9999
 
 
 def test_score_cam_equals_pytorch_grad_cam(default_net, image224):
-    """On a shallow layer of 32 channels (32 forward passes on each side)."""
+    """On a shallow layer of 32 channels at 112 x 112 (32 forward passes on each side; ours on
+    onnxruntime, pytorch-grad-cam's on the converted module), unscaled: at the layer's resolution and
+    the public map upsampled to 224 x 224."""
     from pytorch_grad_cam import ScoreCAM
 
     layer = default_net.layer("/Clip")
     engine = torch_engine(default_net)
-    ref = _reference(ScoreCAM, engine, layer.name, image224, 285)
+    module, _ = engine.module_for(layer.name)
+    ref = references.raw_cam(ScoreCAM, engine.pixel_model, module, _x(image224), 285, batch_size=16)
     low = low_resolution(default_net, image224.astype(np.float32), layer, [285], batch=8)[0]
-    np.testing.assert_allclose(_as_pytorch_grad_cam_scales(low), ref, atol=1e-4)
+    assert ref.shape == low.shape == (112, 112)
+    references.assert_close_in_units(low, ref, 1e-4, "Score-CAM at the feature layer")
+    public = explainer.score_cam(default_net, image224, 285, feature_layer="/Clip", batch_size=8, verbose=False)
+    expected = np.maximum(references.bicubic_upsample(ref, (224, 224)), 0)
+    references.assert_close_in_units(public, expected, 1e-4, "Score-CAM at the image's size")
 
 
 def test_score_cam_needs_no_conversion(monkeypatch, default_net, image224):

@@ -12,7 +12,9 @@ from explainer.errors import ConversionError
 from explainer.model.torch_engine import MAX_RELATIVE_ERROR, torch_engine
 from explainer.zoo.seeded import ARCHITECTURES
 
-from graphs import linear_classifier, nhwc_uint8_softmax_variant
+from explainer.methods.gradients import pixel_attributions
+
+from graphs import linear_classifier, linear_classifier_gradient, nhwc_uint8_softmax_variant, weights
 
 
 def _check_against_ort(net, seed=7):
@@ -51,8 +53,12 @@ def test_default_and_nhwc_uint8_softmax_variant(default_net):
     # gradients reach the user's pixels through the graph's own preprocessing
     from explainer.methods import gradients
 
-    g = gradients.pixel_attributions(net, np.full((64, 80, 3), 100, np.uint8), 1)
+    image = np.random.default_rng(3).integers(0, 256, (64, 80, 3)).astype(np.uint8)
+    g = gradients.pixel_attributions(net, image, 1)
     assert g.shape == (1, 3, 64, 80) and np.abs(g).sum() > 0
+    # the same function as the default model fed (x - 127) / 128 by the library: the same gradient
+    expected = gradients.pixel_attributions(default_net, image, 1)
+    np.testing.assert_allclose(g, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 def test_conversion_cached(default_net):
@@ -139,7 +145,19 @@ def test_clip_with_empty_trailing_bound_converts(chelsea):
     net = explainer.load(model, preprocessing="none")
     assert "trailing-empty-inputs: 1 change(s)" in torch_engine(net).log
     image = np.random.default_rng(0).integers(0, 256, (8, 8, 3)).astype(np.uint8)
-    assert explainer.gradient_attribution(net, image, 0, verbose=False).shape == (8, 8)
+    # against the graph computed by hand: max(relu(conv), 0.5) averaged; its gradient w / HW where the
+    # unit is above 0.5, zero elsewhere (the clip's lower bound stops it)
+    x = image.astype(np.float64).transpose(2, 0, 1)[None]
+    w, b = weights(3, 3)
+    conv = np.einsum("kc,nchw->nkhw", w, x) + b[None, :, None, None]
+    np.testing.assert_allclose(net.logits(image), np.maximum(conv, 0.5).mean(axis=(2, 3))[0], rtol=1e-5)
+    expected = linear_classifier_gradient(x, 0, k=3, floor=0.5)[0]
+    assert 0 < (expected[0] != 0).mean() < 1  # some units below the bound, some above
+    ours = pixel_attributions(net, image, 0)[0]
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-9)
+    public = explainer.gradient_attribution(net, image, 0, verbose=False)
+    total = np.abs(expected).sum(axis=0)
+    np.testing.assert_allclose(public, (total - total.min()) / (total.max() - total.min()), atol=1e-5)
 
 
 class _LeViTLike(torch.nn.Module):

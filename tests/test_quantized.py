@@ -14,9 +14,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 import explainer
 from explainer.errors import BatchFallbackWarning, ConversionError
+from explainer.methods.gradcam import GradCAM
 from explainer.model.torch_engine import torch_engine
 
 import exports
+import references
 
 RNG = np.random.default_rng(0)
 
@@ -138,10 +140,26 @@ def test_int8_resnet_explains_like_its_float_parent(parent, photo, variant, recw
                    if issubclass(w.category, BatchFallbackWarning))
     label = parent.top_k(photo, 1)[0].index
     assert net.top_k(photo, 1)[0].index == label
-    ours, theirs = explainer.gradcam(net, photo, label), explainer.gradcam(parent, photo, label)
-    assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.95  # measured 0.994-0.995
+    # the int8 module's own Grad-CAM and gradient, against pytorch-grad-cam and Captum on that module,
+    # unscaled at the feature layer and as the public maps
+    from captum.attr import Saliency
+    from pytorch_grad_cam import GradCAM as ReferenceGradCAM
+
+    cam = GradCAM(net)
+    module, _ = engine.module_for(cam.feature_layer)
+    x = torch.from_numpy(photo.astype(np.float32)).permute(2, 0, 1)[None]
+    ref = references.raw_cam(ReferenceGradCAM, engine.pixel_model, module, x, label)
+    references.assert_close_in_units(cam.low_resolution(photo, [label])[0], ref, 1e-5, "int8 Grad-CAM")
+    ours = explainer.gradcam(net, photo, label)
+    references.assert_close_in_units(ours, np.maximum(references.bicubic_upsample(ref, photo.shape[:2]), 0), 1e-5,
+                                     "int8 Grad-CAM at the image's size")
     saliency = explainer.gradient_attribution(net, photo, label, verbose=False)
-    assert np.isfinite(saliency).all() and saliency.std() > 0
+    gradient = Saliency(engine.pixel_model).attribute(x, target=label, abs=False).detach().numpy()[0]
+    references.assert_close_in_units(saliency, references.rescale(np.abs(gradient).sum(axis=0)), 1e-4,
+                                     "int8 gradient map")
+    # and, looser, the float model it came from (its maps are the int8 model's own, not the parent's)
+    theirs = explainer.gradcam(parent, photo, label)
+    assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.95  # measured 0.994-0.995
 
 
 def test_a_wrong_quantized_conversion_is_refused(monkeypatch):
@@ -167,5 +185,20 @@ def test_int8_vit(exporter, variant, photo):
     assert net.max_batch == (1 if variant == "int8-dynamic" else None)
     assert explainer.gradcam_layers(net).feature == explainer.gradcam_layers(parent).feature  # the norm1 of the last block
     label = parent.top_k(photo, 1)[0].index
-    ours, theirs = explainer.gradcam(net, photo, label), explainer.gradcam(parent, photo, label)
+    # the int8 module's Grad-CAM against pytorch-grad-cam on that module (its ViT reshape_transform)
+    from pytorch_grad_cam import GradCAM as ReferenceGradCAM
+
+    cam = GradCAM(net)
+    layout = net.layout(cam.feature_layer)
+    assert layout.kind == "tokens" and layout.prefix == 1, layout
+    module, _ = engine.module_for(cam.feature_layer)
+    x = torch.from_numpy(photo.astype(np.float32)).permute(2, 0, 1)[None]
+    ref = references.raw_cam(ReferenceGradCAM, engine.pixel_model, module, x, label,
+                             reshape_transform=references.vit_reshape(layout.prefix, layout.grid))
+    references.assert_close_in_units(cam.low_resolution(photo, [label])[0], ref, 1e-5, "int8 ViT Grad-CAM")
+    ours = explainer.gradcam(net, photo, label)
+    references.assert_close_in_units(ours, np.maximum(references.bicubic_upsample(ref, photo.shape[:2]), 0), 1e-5,
+                                     "int8 ViT Grad-CAM at the image's size")
+    # and, looser, the float model it came from
+    theirs = explainer.gradcam(parent, photo, label)
     assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.9  # measured 0.99-1.0
