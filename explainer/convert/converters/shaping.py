@@ -106,3 +106,40 @@ def split(node, graph):
     parts = node.attributes.get("num_outputs", len(node.output_values))
     return OperationConverterResult(torch_module=Split(node.attributes.get("axis", 0), parts),
                                     onnx_mapping=onnx_mapping_from_node(node))
+
+
+class Slice(torch.nn.Module):
+    """ONNX Slice-10/11/13: ``starts``, ``ends``, ``axes``, ``steps`` as inputs (constants or computed),
+    clamped as the operator's definition says (negative steps included). onnx2torch's own indexes with a
+    list of slices, which torch deprecates (a UserWarning on every call; an error or another result once
+    torch treats such a list as a tensor index)."""
+
+    def forward(self, x, starts, ends, axes=None, steps=None):
+        starts, ends = starts.tolist(), ends.tolist()
+        axes = list(range(len(starts))) if axes is None else axes.tolist()
+        steps = [1] * len(starts) if steps is None else steps.tolist()
+        index: list = [slice(None)] * x.dim()
+        picks = []
+        for start, end, axis, step in zip(starts, ends, axes, steps):
+            axis = axis % x.dim()
+            dim = x.shape[axis]
+            start = start + dim if start < 0 else start
+            end = end + dim if end < 0 else end
+            if step > 0:
+                index[axis] = slice(min(max(start, 0), dim), min(max(end, 0), dim), step)
+            else:  # torch slices forward only: the positions, in order
+                first, stop = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+                picks.append((axis, torch.arange(first, stop, step, device=x.device)))
+        x = x[tuple(index)]
+        for axis, positions in picks:
+            x = x.index_select(axis, positions)
+        return x
+
+
+def slice_(node, graph):
+    return OperationConverterResult(torch_module=Slice(), onnx_mapping=onnx_mapping_from_node(node))
+
+
+for _version in (10, 11, 13):
+    register("Slice", _version, replaces="it indexes with a list of slices, which torch deprecates "
+                                         "(a warning on every call)")(slice_)
