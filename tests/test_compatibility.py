@@ -66,60 +66,70 @@ def test_default_gradcam_layer_is_never_attention_whatever_the_exporter(family, 
         np.testing.assert_allclose(maps[exporter], maps["legacy"], rtol=1e-3, atol=1e-4 * maps["legacy"].max())
 
 
-def _reference_cam(engine, module, x, target, reshape_transform):
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-    with GradCAM(model=engine.pixel_model, target_layers=[module], reshape_transform=reshape_transform) as cam:
-        return cam(input_tensor=x.requires_grad_(True), targets=[ClassifierOutputTarget(target)])[0]
-
-
-def _min_max(m):
-    m = m - m.min()
-    return m / (1e-7 + m.max())
-
-
-@pytest.mark.parametrize("family,prefix", [("vit_tiny", 1), ("deit_tiny_distilled", 2)])
-def test_vit_gradcam_equals_pytorch_grad_cam_with_reshape_transform(family, prefix, chelsea):
-    """pytorch-grad-cam's ViT tutorial: target blocks[-1].norm1, drop the class token(s), reshape the
-    14x14 tokens to (C, H, W); our default layer and layout give the same map."""
-    import cv2
+def _against_references(family, exporter, chelsea):
+    """Our default Grad-CAM layer's raw map (feature resolution, unnormalised) on ``family``'s export,
+    for the compatibility check's pixels and labels (compat.py: chelsea at the network's size, integer
+    pixels, its top 2 classes), against pytorch-grad-cam's raw map (reference.raw_grad_cam: its own
+    ActivationsAndGradients and get_cam_image, no min-max scaling) (1) on the source torch model at
+    reference.TARGETS' module, the layer its README documents, with its tutorial's reshape transform,
+    and (2) on our converted module at the node of our default layer, with the same transform. Returns
+    the GradCAM object for the callers' layer assertions."""
+    import reference
+    from compat import TOL
 
     from explainer.methods.gradcam import GradCAM
 
-    net = explainer.load(exports.export(family, "legacy"))
+    net = explainer.load(exports.export(family, exporter))
     cam = GradCAM(net)
-    assert cam.feature_layer == "/blocks/blocks.11/norm1/LayerNormalization"
+    pixels = np.rint(net.fit_pixels(chelsea.astype(np.float32))).astype(np.uint8)
+    top = [p.index for p in net.top_k(pixels, 2)]
+    ours = cam.low_resolution(pixels, top)
+    source = reference.references(family, pixels.astype(np.float32), top)["cam"]
+    assert ours.shape == source.shape and source.max() > 0, (ours.shape, source.shape)
+    error = np.abs(ours - source).max() / source.max()
+    assert error <= TOL, f"{family}: Grad-CAM differs from pytorch-grad-cam's on the source model by {error:.2e}"
+    module, _ = cam.engine.module_for(cam.feature_layer)
+    kind = {"CHW": "chw", "HWC": "nhwc", "tokens": "tokens"}[cam.layout.kind]  # pytorch-grad-cam's transform
+    transform = reference.reshape_transform(reference.Target("", kind, cam.layout.prefix))
+    x = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)[None].repeat(len(top), 1, 1, 1)
+    converted = reference.raw_grad_cam(cam.engine.pixel_model, module, x, top, transform)
+    error = np.abs(ours - converted).max() / converted.max()
+    assert error <= 1e-5, f"{family}: Grad-CAM differs from pytorch-grad-cam's on our module by {error:.2e}"
+    return cam
+
+
+VIT_LIKE = [pytest.param("vit_tiny", 1, "/blocks/blocks.11/norm1/LayerNormalization", id="vit_tiny"),
+            pytest.param("deit_tiny_distilled", 2, "/blocks/blocks.11/norm1/LayerNormalization", id="deit"),
+            pytest.param("cait_xxs24", 1, "/blocks_token_only.1/norm1/LayerNormalization", id="cait_xxs24",
+                         marks=pytest.mark.slow),
+            pytest.param("cait_xxs24_full", 1, "/blocks_token_only.1/norm1/LayerNormalization",
+                         id="cait_xxs24_full", marks=pytest.mark.published)]
+
+
+@pytest.mark.parametrize("family,prefix,layer", VIT_LIKE)
+def test_vit_gradcam_equals_pytorch_grad_cam_with_reshape_transform(family, prefix, layer, chelsea):
+    """pytorch-grad-cam's ViT tutorial: target blocks[-1].norm1 (CaiT: the last class-attention
+    block's norm1), drop the class token(s), reshape the 14x14 tokens to (C, H, W); our default layer
+    and layout give the same raw map, CaiT also at its published 24 blocks."""
+    cam = _against_references(family, "legacy", chelsea)
+    assert cam.feature_layer == layer
     assert (cam.layout.kind, cam.layout.grid, cam.layout.prefix) == ("tokens", (14, 14), prefix)
-    pixels = net.fit_pixels(chelsea.astype(np.float32))
-    module, _ = cam.engine.module_for(cam.feature_layer)
-
-    def reshape_transform(tensor, height=14, width=14):  # as in pytorch-grad-cam's tutorial
-        result = tensor[:, prefix:, :].reshape(tensor.size(0), height, width, tensor.size(2))
-        return result.transpose(2, 3).transpose(1, 2)
-
-    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].clone()
-    ref = _reference_cam(cam.engine, module, x, 285, reshape_transform)
-    low = cam.low_resolution(pixels, [285])[0]
-    np.testing.assert_allclose(_min_max(cv2.resize(_min_max(low), (224, 224))), ref, atol=1e-5)
 
 
-def test_swin_gradcam_equals_pytorch_grad_cam(chelsea):
-    """timm's Swin: the default layer is the last stage's (H, W, C) output; pytorch-grad-cam's Swin
-    tutorial transform (channels-last to channels-first) gives the same map."""
-    import cv2
+SWINS = [pytest.param("swin_timm", "dynamo", id="swin_timm"),
+         pytest.param("swin_tv", "dynamo", id="swin_tv", marks=pytest.mark.slow),
+         pytest.param("swin_tiny", "dynamo", id="swin_tiny-published", marks=pytest.mark.published),
+         pytest.param("swin_t", "dynamo", id="swin_t-published", marks=pytest.mark.published)]
 
-    from explainer.methods.gradcam import GradCAM
 
-    net = explainer.load(exports.export("swin_timm", "dynamo"))
-    cam = GradCAM(net)
-    assert cam.layout.kind == "HWC" and cam.layout.grid == (7, 7)
-    pixels = net.fit_pixels(chelsea.astype(np.float32))
-    module, _ = cam.engine.module_for(cam.feature_layer)
-    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].clone()
-    ref = _reference_cam(cam.engine, module, x, 285, lambda t: t.permute(0, 3, 1, 2))
-    low = cam.low_resolution(pixels, [285])[0]
-    np.testing.assert_allclose(_min_max(cv2.resize(_min_max(low), (224, 224))), ref, atol=1e-5)
+@pytest.mark.parametrize("family,exporter", SWINS)
+def test_swin_gradcam_equals_pytorch_grad_cam(family, exporter, chelsea):
+    """Swin (timm and torchvision, shrunk and at their published size): the default layer is the last
+    stage's 7 x 7 grid after the final norm, the tensor the pool reads (channels last, or channels
+    first after torchvision's permute); pytorch-grad-cam with its Swin tutorial's transform (channels
+    last to channels first) at that norm gives the same raw map."""
+    cam = _against_references(family, exporter, chelsea)
+    assert cam.layout.kind in ("HWC", "CHW") and cam.layout.grid == (7, 7), cam.layout
 
 
 def test_default_gradcam_layers_by_architecture():
