@@ -15,7 +15,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 import exports  # noqa: E402
-import reference  # noqa: E402
+import source_references  # noqa: E402
 
 METHODS = ("load", "scores", "batch", "activations", "gradcam", "occlusion", "lime", "rise", "gradient",
            "guided-backprop", "deep-dream")
@@ -108,11 +108,11 @@ def check(family: str, exporter: str, variant: str = "plain", methods=METHODS) -
     feature = run("activations", lambda: _activations(net, img))
     # every map below is of integer pixels at the network's size (no resize between them and the model
     # input) and compared with independent truth: the source torch model through pytorch-grad-cam and
-    # Captum (tests/reference.py), or the file run on onnxruntime by hand
+    # Captum (tests/source_references.py), or the file run on onnxruntime by hand
     pixels = np.rint(net.fit_pixels(img)).astype(np.uint8)
     top = [p.index for p in net.top_k(pixels, 2)]  # the classes the image moves most
     half = variant in HALF
-    refs = _lazy(lambda: reference.references(family, pixels.astype(np.float32), top))
+    refs = _lazy(lambda: source_references.references(family, pixels.astype(np.float32), top))
     path = exports.export(family, exporter, variant)
     run("gradcam", lambda: _gradcam(net, pixels, top, refs, half))
     run("occlusion", lambda: _occlusion(net, path, variant, pixels, top, half))
@@ -193,7 +193,7 @@ def _correlation(a, b) -> float:
 
 def _gradcam(net, pixels, top, refs, half):
     """Our default layer's raw map at the feature resolution equals pytorch-grad-cam's on the source
-    model at reference.TARGETS' module (unnormalised); the public map equals that reference upsampled
+    model at source_references.TARGETS' module (unnormalised); the public map equals that reference upsampled
     by PIL's bicubic (Keys, a = -0.5: what our "bicubic" is) to the image's size, negatives clipped."""
     from PIL import Image
 
@@ -214,7 +214,7 @@ def _gradcam(net, pixels, top, refs, half):
 def _gradient(net, pixels, top, refs, key, method, half):
     """Signed attributions (K, 3, H, W) equal Captum's on the source model w.r.t. the pixels; the public
     map is the sum over channels of their magnitude, rescaled to [0, 1] per map. Tolerance: TOL, or
-    twice the reference's own float32 sensitivity where that is larger (reference.py: the same
+    twice the reference's own float32 sensitivity where that is larger (source_references.py: the same
     gradient in another memory layout; GoogLeNet's 3e-2)."""
     import explainer
     from explainer.methods.gradients import pixel_attributions
@@ -231,7 +231,7 @@ def _gradient(net, pixels, top, refs, key, method, half):
 
 def _deep_dream(net, layer, start, top, refs, half):
     """One step from the image on the first label's score, and on the default Grad-CAM layer's channel
-    varying most over the image, equals the source model's gradient-ascent step (reference.py), as the
+    varying most over the image, equals the source model's gradient-ascent step (source_references.py), as the
     gradients agree (``_agree``: ReLU gates within rounding of zero; the reference's own float32
     sensitivity, here the larger of the step's and the score gradient's). The layer's step is compared
     where its mean gradient is above 1e-8: the seeded MobileNetV3's, GoogLeNet's and LeViT's last
@@ -271,7 +271,7 @@ def _occlusion(net, path, variant, pixels, top, half):
         img = pixels.astype(np.float64).copy()
         img[max(0, i * 56 - 56):i * 56 + 56, max(0, j * 56 - 56):j * 56 + 56] = _mean_colour(pixels)
         images.append(img)
-    probs = reference.ort_probabilities(path, variant, np.stack(images))[:, top]
+    probs = source_references.ort_probabilities(path, variant, np.stack(images))[:, top]
     expected = probs[0] - probs[1:]
     got = np.stack([grid[:, i, j] for i, j in cells])
     error = np.abs(got - expected).max()
@@ -297,7 +297,7 @@ def _lime(net, path, variant, pixels, top, half):
         img = pixels.astype(np.float64).copy()
         img[exp.samples[i][exp.segments] == 0] = _mean_colour(pixels)
         images.append(img)
-    expected = reference.ort_probabilities(path, variant, np.stack(images))[:, top[0]]
+    expected = source_references.ort_probabilities(path, variant, np.stack(images))[:, top[0]]
     error = np.abs(exp.probabilities[picks, 0] - expected).max()
     MEASURED["lime samples (absolute)"] = (float(error), float("nan"))
     assert error <= (PROB_TOL_HALF if half else PROB_TOL), f"LIME sample probabilities differ by {error:.2e}"
@@ -318,11 +318,9 @@ def _rise(net, path, variant, pixels, top, half):
 
     ours = explainer.rise(net, pixels, top, num_masks=4, estimator="paper", random_state=0, verbose=False)
     masks = rise_masks(net, 4, 7, 0.5, random_state=0).masks().astype(np.float64)
-    fill = _mean_colour(pixels)
-    if variant == "production":  # a uint8 input takes the mean colour as the nearest integer colour
-        fill = np.rint(fill)  # (the blend is then rounded again; rounding only the blend differs by 3e-3)
+    fill = _mean_colour(pixels)  # unrounded: a uint8 input gets the blend rounded, once
     images = fill + masks[..., None] * (pixels.astype(np.float64) - fill)
-    probs = reference.ort_probabilities(path, variant, images)[:, top]
+    probs = source_references.ort_probabilities(path, variant, images)[:, top]
     expected = np.einsum("nk,nhw->khw", probs, masks) / (4 * 0.5)
     error = np.abs(ours - expected).max()
     MEASURED["rise (absolute)"] = (float(error), float("nan"))
@@ -382,9 +380,9 @@ def table(rows: list[tuple[tuple[str, str, str], dict[str, str], float]]) -> str
              "`batch` = a batch of two equals two single runs; `activations` = the default Grad-CAM layer "
              "as (C, H, W). Every map is of the image at the network's size (integer pixels) for its top "
              "2 classes and equals an independent reference. The gradient methods: the same method on the "
-             "source torch model the file was exported from (tests/reference.py): `gradcam` = "
+             "source torch model the file was exported from (tests/source_references.py): `gradcam` = "
              "pytorch-grad-cam's raw map (no min-max scaling) at the module its README documents "
-             "(reference.TARGETS, the one table of target layers, says where ours is another tensor and "
+             "(source_references.TARGETS, the one table of target layers, says where ours is another tensor and "
              "why), at the feature resolution and as our public bicubic-upsampled map; `gradient` and "
              "`guided-backprop` = Captum's Saliency and GuidedBackprop w.r.t. the pixels (signed, per "
              "channel, and our public maps); `deep-dream` = one gradient-ascent step on the top class's "

@@ -20,13 +20,13 @@ from pathlib import Path
 
 REFERENCES = ("captum", "pytorch_grad_cam", "lime_image", "lime_base", "lime.", "sklearn", "slic", "quickshift",
               "felzenszwalb", "InferenceSession", "exports.build", "reference_scores", "_torch_scores",
-              "reference.", "references.", "efficientnet_lite_pytorch", "ActivationsAndGradients", "_reference", "source_model",
+              "source_references.", "references.", "efficientnet_lite_pytorch", "ActivationsAndGradients", "_reference", "source_model",
               "lxt")
 
 
 #: modules whose names, imported anywhere in a test module, are references where a function uses them
 REFERENCE_MODULES = ("captum", "pytorch_grad_cam", "lime", "sklearn", "skimage.segmentation", "onnxruntime",
-                     "efficientnet_lite_pytorch", "reference", "references", "lxt")
+                     "efficientnet_lite_pytorch", "source_references", "references", "lxt")
 
 
 def _imported_references(tree: ast.AST) -> tuple[str, ...]:
@@ -53,7 +53,7 @@ def _is_assertion(node: ast.AST) -> bool:
 def count(root: Path) -> dict:
     total = referenced = 0
     per_file = {}
-    for path in sorted([*root.glob("test_*.py"), *root.glob("compat.py"), *root.glob("reference.py"),
+    for path in sorted([*root.glob("test_*.py"), *root.glob("compat.py"), *root.glob("source_references.py"),
                         *root.glob("frameworks/check.py"), *root.glob("frameworks/test_*.py")]):
         tree = ast.parse(path.read_text())
         functions = {n.name: n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}

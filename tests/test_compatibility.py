@@ -69,12 +69,12 @@ def test_default_gradcam_layer_is_never_attention_whatever_the_exporter(family, 
 def _against_references(family, exporter, chelsea):
     """Our default Grad-CAM layer's raw map (feature resolution, unnormalised) on ``family``'s export,
     for the compatibility check's pixels and labels (compat.py: chelsea at the network's size, integer
-    pixels, its top 2 classes), against pytorch-grad-cam's raw map (reference.raw_grad_cam: its own
+    pixels, its top 2 classes), against pytorch-grad-cam's raw map (source_references.raw_grad_cam: its own
     ActivationsAndGradients and get_cam_image, no min-max scaling) (1) on the source torch model at
-    reference.TARGETS' module, the layer its README documents, with its tutorial's reshape transform,
+    source_references.TARGETS' module, the layer its README documents, with its tutorial's reshape transform,
     and (2) on our converted module at the node of our default layer, with the same transform. Returns
     the GradCAM object for the callers' layer assertions."""
-    import reference
+    import source_references
     from compat import TOL
 
     from explainer.methods.gradcam import GradCAM
@@ -84,15 +84,15 @@ def _against_references(family, exporter, chelsea):
     pixels = np.rint(net.fit_pixels(chelsea.astype(np.float32))).astype(np.uint8)
     top = [p.index for p in net.top_k(pixels, 2)]
     ours = cam.low_resolution(pixels, top)
-    source = reference.references(family, pixels.astype(np.float32), top)["cam"]
+    source = source_references.references(family, pixels.astype(np.float32), top)["cam"]
     assert ours.shape == source.shape and source.max() > 0, (ours.shape, source.shape)
     error = np.abs(ours - source).max() / source.max()
     assert error <= TOL, f"{family}: Grad-CAM differs from pytorch-grad-cam's on the source model by {error:.2e}"
     module, _ = cam.engine.module_for(cam.feature_layer)
     kind = {"CHW": "chw", "HWC": "nhwc", "tokens": "tokens"}[cam.layout.kind]  # pytorch-grad-cam's transform
-    transform = reference.reshape_transform(reference.Target("", kind, cam.layout.prefix))
+    transform = source_references.reshape_transform(source_references.Target("", kind, cam.layout.prefix))
     x = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)[None].repeat(len(top), 1, 1, 1)
-    converted = reference.raw_grad_cam(cam.engine.pixel_model, module, x, top, transform)
+    converted = source_references.raw_grad_cam(cam.engine.pixel_model, module, x, top, transform)
     error = np.abs(ours - converted).max() / converted.max()
     assert error <= 1e-5, f"{family}: Grad-CAM differs from pytorch-grad-cam's on our module by {error:.2e}"
     return cam

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 SCALINGS = ("linear", "none")
 STEP = 2.0  # pixels (0..255) per iteration, times the normalised gradient
+#: the gradient's mean |value| is floored here before it divides the step: a layer whose gradient is
+#: float32 noise (below it) moves the image less than STEP, rather than by amplified noise
+GRADIENT_FLOOR = 1e-12
 
 
 def _channels(net: Classifier, layer_name: str, channels, is_scores: bool) -> list[int]:
@@ -121,7 +124,7 @@ def deep_dream_image(net: Classifier, layer, channels, *, num_iterations=10, pyr
                     tv = (xi[:, :, 1:] - xi[:, :, :-1]).abs().mean() + (xi[:, :, :, 1:] - xi[:, :, :, :-1]).abs().mean()
                     objective = objective - tv_weight * tv * k
                 grad = torch.autograd.grad(objective, xi)[0]
-            scale = grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+            scale = grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(GRADIENT_FLOOR)
             x = (x + STEP * grad / scale).clamp(0, 255)
             if blur:
                 x = _gaussian_blur(x, blur)

@@ -121,15 +121,23 @@ def rise(net: Classifier, image, label, *, num_masks=2000, grid_size=7, keep_pro
     return finish(maps, is_batch, several, where)
 
 
+def _unrounded_input(net: Classifier, pixels: np.ndarray) -> np.ndarray:
+    """The model input of N x H x W x C pixels as float32, before a uint8 input's rounding: blends of
+    image and fill are made here and rounded once, as the blended pixels would be."""
+    if net.input.dtype != np.uint8:
+        return net.to_model_input(pixels.astype(np.float32)).astype(np.float32)
+    x = net.preprocessing.normalise(pixels.astype(np.float32))
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2) if net.input.layout == "NCHW" else x, np.float32)
+
+
 def _saliency(net: Classifier, small, fill, masks: RiseMasks, indices, batch, backend, verbose, centred=False) -> np.ndarray:
     """(K, h, w) RISE map at the network's size for one network-size image. ``centred``: the paper's sum
     minus mean(P) x (how often each pixel was kept) / (N p), plus mean(P): the same expectation, without
     the noise of the masks' uneven coverage (which the paper's sum carries, weighted by mean(P))."""
-    base = net.to_model_input(small[None]).astype(np.float32)
-    fill_input = net.to_model_input(np.broadcast_to(fill, small.shape)[None].astype(np.float32)).astype(np.float32)
-    diff = base - fill_input
     channels_first = net.input.layout == "NCHW"
     dtype = net.input.dtype
+    base, fill_input = (_unrounded_input(net, p) for p in (small[None], np.broadcast_to(fill, small.shape)[None]))
+    diff = base - fill_input
 
     made = {}  # each batch's masks, from make_batch (run in the streams' threads) to the sum below
 
