@@ -771,6 +771,18 @@ class Outcome:
     data: bytes = field(default=b"", repr=False)
 
 
+
+def _drain(read: int, chunks: list) -> None:
+    """Whatever the child has written so far (the pipe is non-blocking) appended to ``chunks``."""
+    try:
+        while True:
+            chunk = os.read(read, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except BlockingIOError:
+        pass
+
 def run_many(items, *, jobs: int = 2, time_limit: float = TIME_LIMIT, full: bool = False,
              cap: int | None = -1, progress=None) -> list[Outcome]:
     """Each (name, bytes) in ``items`` walked in its own forked process (``jobs`` at a time) under the
@@ -800,14 +812,7 @@ def run_many(items, *, jobs: int = 2, time_limit: float = TIME_LIMIT, full: bool
         still = []
         for entry in running:
             pid, read, chunks, name, data, start = entry
-            try:
-                while True:
-                    chunk = os.read(read, 1 << 16)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-            except BlockingIOError:
-                pass
+            _drain(read, chunks)
             done, status = os.waitpid(pid, os.WNOHANG)
             elapsed = time.monotonic() - start
             if done == 0 and elapsed < time_limit:
@@ -818,14 +823,7 @@ def run_many(items, *, jobs: int = 2, time_limit: float = TIME_LIMIT, full: bool
                 os.waitpid(pid, 0)
                 out = Outcome(name, "hang", f"over {time_limit:.0f} s", elapsed, data)
             else:
-                try:
-                    while True:
-                        chunk = os.read(read, 1 << 16)
-                        if not chunk:
-                            break
-                        chunks.append(chunk)
-                except BlockingIOError:
-                    pass
+                _drain(read, chunks)
                 try:
                     report = json.loads(b"".join(chunks).decode())
                 except ValueError:
