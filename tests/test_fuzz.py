@@ -2,7 +2,7 @@
 
 * a seeded fuzz campaign (``tests/fuzz.py``): each mutant walked through the public API in a forked
   process under an address-space cap and a time limit; only results and the library's typed errors
-  are accepted (a quick part here, a larger one marked slow);
+  are accepted (a quick part here, a larger one marked fuzz: CI runs it after the main suite);
 * the regression corpus ``tests/fuzz_corpus/`` (every mutant that ever failed) walked through the rest
   of the public API's model-facing calls;
 * the checks themselves: zero extents refused before onnxruntime sees the graph, at the input's size
@@ -58,7 +58,7 @@ def test_quick_campaign():
     _check(results)
 
 
-@pytest.mark.slow
+@pytest.mark.fuzz
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_slow_campaign(seed):
     results = fuzz.campaign(seed=seed, count=300, jobs=2)
