@@ -43,6 +43,11 @@ def self_attention(net: Classifier, where: str) -> Attention:
     return found
 
 
+def attention_softmaxes(net: Classifier) -> list:
+    """The layers holding attention probabilities (a Softmax of ``net.structure.attention``), in graph order."""
+    return [l for l in net.layers() if l.op_type == "Softmax" and l.output in net.structure.attention]
+
+
 def _find(net: Classifier) -> Attention:
     """The self-attention probabilities of every block, or ``UnsupportedModelError`` saying why the
     model has none the methods can follow: a CNN; a model reading no class token (Swin and LeViT pool
@@ -50,7 +55,7 @@ def _find(net: Classifier) -> Attention:
     varying token counts (class attention, CaiT's talking heads)."""
     from .gradcam import gradcam_layers
 
-    found = [l for l in net.layers() if l.op_type == "Softmax" and l.output in net.structure.attention]
+    found = attention_softmaxes(net)
     if not found:
         raise UnsupportedModelError(
             f"model {net.name!r} has no attention (no Softmax over a product of two image-dependent "

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import NonFiniteOutputError
+from ..errors import InvalidParameterError, NonFiniteOutputError
 from ..io import to_pixel_batch
 from ..model.preprocess import resize
 
@@ -18,6 +18,16 @@ def images_and_labels(net: Classifier, image, label, where: str):
     pixels, is_batch = to_pixel_batch(image)
     indices, several = net.class_indices(label, f"{where}: label")
     return pixels, is_batch, indices, several
+
+
+def class_scores(scores, indices: list[int], where: str):
+    """Row b's score of class ``indices[b]`` from (B, K) torch scores (one row per label), or
+    ``InvalidParameterError`` for a class beyond the K scores."""
+    import torch
+
+    if scores.shape[1] <= max(indices):
+        raise InvalidParameterError(f"{where}: class {max(indices)} is out of range ({scores.shape[1]}).")
+    return scores[torch.arange(len(indices), device=scores.device), torch.as_tensor(indices, device=scores.device)]
 
 
 def resize_map(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:

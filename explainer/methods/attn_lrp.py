@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InvalidParameterError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..model.torch_engine import torch_engine
 from . import _lrp
-from ._common import finish, images_and_labels, resize_map
+from ._attention import attention_softmaxes
+from ._common import class_scores, finish, images_and_labels, resize_map
 from .registry import GRADIENT, method
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 def has_attention(net: Classifier, where: str) -> None:
     """Raises ``UnsupportedModelError`` for a model with no attention (no Softmax over a product of two
     image-dependent tensors)."""
-    if not any(l.op_type == "Softmax" and l.output in net.structure.attention for l in net.layers()):
+    if not attention_softmaxes(net):
         raise UnsupportedModelError(
             f"{where}: model {net.name!r} has no attention (no Softmax over a product of two image-dependent "
             "tensors): AttnLRP explains transformers, and without attention its rules are gradient x input; "
@@ -52,9 +53,7 @@ def raw(engine, x, indices):
     entries = []
     with engine.exclusive(), torch.enable_grad():
         scores = _lrp.logits(engine, x, entries=entries)
-        if scores.shape[1] <= max(indices):
-            raise InvalidParameterError(f"attn_lrp: class {max(indices)} is out of range ({scores.shape[1]}).")
-        picked = scores[torch.arange(len(indices), device=x.device), torch.as_tensor(indices, device=x.device)]
+        picked = class_scores(scores, indices, "attn_lrp")
         grad, = torch.autograd.grad(picked.sum(), x)
         relevance = _lrp.input_relevance(engine.graph_module, _lrp.engine_plan(engine), x, grad, entries)
     return relevance, picked.detach()

@@ -13,10 +13,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InvalidParameterError
 from ..model.torch_engine import torch_engine
 from ._attention import self_attention
-from ._common import finish, images_and_labels, resize_map
+from ._common import class_scores, finish, images_and_labels, resize_map
 from .registry import GRADIENT, method
 
 if TYPE_CHECKING:
@@ -58,9 +57,7 @@ def transformer_attribution(net: Classifier, image, label):
         x = engine.tensor(net.fit_pixels(p)).permute(2, 0, 1)[None].repeat(len(indices), 1, 1, 1)
         with torch.enable_grad(), engine.capture(names) as captured:
             scores = engine.pixel_model(x.requires_grad_(True)).reshape(len(indices), -1)
-            if scores.shape[1] <= max(indices):
-                raise InvalidParameterError(f"{where}: class {max(indices)} is out of range ({scores.shape[1]}).")
-            target = scores[torch.arange(len(indices)), torch.as_tensor(indices)].sum()
+            target = class_scores(scores, indices, where).sum()
             parts = [captured.parts[n] for n in names]
             flat = torch.autograd.grad(target, [t for ts in parts for t in ts])
         shape = (len(indices), -1, found.tokens, found.tokens)
