@@ -58,7 +58,7 @@ def _throughput(net, sync, count: int = 256, batch: int = 64) -> float:
     """Forward passes per second of the converted module on the net's torch device."""
     import torch
 
-    from explainer.model.torch_engine import torch_engine
+    from explainer.runtime.torch_engine import torch_engine
 
     engine = torch_engine(net)
     x = engine.tensor(net.to_model_input(np.full((batch, *net.input.size, net.input.channels), 120, np.float32)))

@@ -60,7 +60,7 @@ def our_incremental(image, batch: int):
 
 
 def bench_case(net, name, image, case, options, repeats, sizes, ours_sizes):
-    from explainer.model import incremental as inc
+    from explainer.runtime import incremental as inc
 
     n = _masks(net, options)
     limit_batch = best_batch(net, n + 1, sizes)

@@ -48,7 +48,7 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
 def measure(family: str, variant: str, images: dict) -> dict:
     import explainer
     from explainer.convert.quantized import output_quantisation_step
-    from explainer.model.torch_engine import torch_engine
+    from explainer.runtime.torch_engine import torch_engine
 
     import exports
 

@@ -241,7 +241,7 @@ def converted(net):
     """The converted module (pixels → logits) and the module of the default Grad-CAM layer: what a
     Captum user gets from the graph after our conversion, without our API around it."""
     import explainer
-    from explainer.model.torch_engine import torch_engine
+    from explainer.runtime.torch_engine import torch_engine
 
     engine = torch_engine(net)
     for p in engine.pixel_model.parameters():

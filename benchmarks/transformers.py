@@ -238,7 +238,7 @@ def alternate(ours, base, rounds: int, calls: int) -> tuple[float, float, float]
 
 def speed(net, model_name: str, image, quick: bool) -> list[dict]:
     import explainer
-    from explainer.model.torch_engine import torch_engine
+    from explainer.runtime.torch_engine import torch_engine
 
     label = int(np.argmax(net.predict(image)))
     calls = max(1, int(round(0.2 / _once(lambda: net.predict(image)))))  # about 0.2 s per timing

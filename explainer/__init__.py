@@ -14,11 +14,12 @@ from .errors import ExplainerError
 threads.prefer_passive_openmp()  # before anything imports torch: see explainer/threads.py
 
 if TYPE_CHECKING:
-    from .model import Classifier
+    from .runtime import Classifier
 
 #: public name -> the module that defines it. Imported on first use (PEP 562), so that ``import
 #: explainer`` and ``explainer --help`` do not pay for torch, onnxruntime and every method (seconds).
 _LAZY = {
+    "load": "runtime",
     "evaluate": None,
     "attention_rollout": "methods.attention_rollout",
     "transformer_attribution": "methods.transformer_attribution",
@@ -38,7 +39,7 @@ _LAZY = {
     "saliency": "methods.saliency",
     "score_cam": "methods.score_cam",
     "smoothgrad": "methods.smoothgrad",
-    "Classifier": "model", "Layer": "model", "Prediction": "model", "Preprocessing": "model",
+    "Classifier": "runtime", "Layer": "runtime", "Prediction": "runtime", "Preprocessing": "model",
     "sample_image": "samples",
     "explain_dataset": "dataset",
     "imtile": "viz", "mat2gray": "viz", "overlay": "viz", "plot_maps": "viz", "map_figure": "viz",
@@ -67,27 +68,7 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
-__version__ = "0.1.0"
-
-
-def load(source=None, *, preprocessing=None, labels=None, input_layout=None, device="auto",
-         batch_size="auto", allow_external_data=True, torch_device="auto") -> "Classifier":
-    """Load an ONNX image classifier.
-
-    source: a path, bytes, an ``onnx.ModelProto``, a registry name (``explainer.zoo.registry.REGISTRY``)
-    or None for the embedded default (EfficientNet-Lite0). Weights in files beside the model (the dynamo
-    exporter's ``NAME.onnx.data``) are read from the model's folder; ``allow_external_data=False``
-    refuses them. Everything the graph tells (input name,
-    layout, size, channels, dtype, softmax, labels and preprocessing in ``metadata_props``) is read
-    from it; the arguments override. ``device`` picks onnxruntime's execution provider (forward
-    methods); ``torch_device`` the device of the converted module (gradient methods, ``backend="torch"``).
-    """
-    from .model import Classifier
-    from .model.load import load_model
-
-    loaded = load_model(source, allow_external_data=allow_external_data)
-    return Classifier(loaded, preprocessing=preprocessing, labels=labels, input_layout=input_layout,
-                      device=device, batch_size=batch_size, torch_device=torch_device)
+from .version import __version__  # noqa: E402
 
 
 __all__ = ["load", "list_methods", "get_method", "explain_dataset",

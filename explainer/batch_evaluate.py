@@ -16,7 +16,7 @@ from .evaluate import DELETION_BASELINES
 from .validation import check_choice
 
 if TYPE_CHECKING:
-    from .model.classifier import Classifier
+    from .runtime.classifier import Classifier
 
 FIELDS = ["image", "method", "label", "deletion_baseline", "deletion_auc", "insertion_auc"]
 

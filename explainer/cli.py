@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .errors import ExplainerError
+from .validation import auto_or_int
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -15,7 +16,7 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from . import load
+    from .runtime import load
 
     return load(args.model, device=args.device)
 
@@ -126,16 +127,6 @@ def cmd_batch(args) -> int:
                               verbose=not args.quiet)
     print(markdown(summary), end="")
     return 0
-
-
-def auto_or_int(text: str):
-    """An argparse type: 'auto' or an integer (worker and queue counts)."""
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'auto' or an integer is needed; got {text!r}") from None
 
 
 def _deletion_baseline_arg(p) -> None:

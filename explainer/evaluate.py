@@ -22,12 +22,12 @@ import numpy as np
 
 from .errors import InvalidParameterError
 from .io import to_pixels
-from .methods._perturb import BACKENDS, Canvas, stream_probabilities
-from .model.preprocess import resize
+from .runtime.perturb import BACKENDS, Canvas, stream_probabilities
+from .model.preprocess import resize, resize_map
 from .validation import check_choice, check_int
 
 if TYPE_CHECKING:
-    from .model.classifier import Classifier
+    from .runtime.classifier import Classifier
 
 DELETION_BASELINES = ("zero", "black", "blur", "impute")
 INSERTION_BASELINES = ("zero", "black", "blur")
@@ -133,8 +133,6 @@ def random_map_auc(net: Classifier, image, label, *, seeds=10, steps=100, cells=
     coarse maps such as Grad-CAM's. (With a fixed-colour deletion baseline, pixel-wise noise deletes
     like salt noise, which destroys a CNN's texture cues faster than any contiguous region; with
     ``deletion_baseline="impute"`` it does not.)"""
-    from .methods._common import resize_map
-
     dels, ins = [], []
     h, w = to_pixels(image).shape[:2]
     for seed in range(seeds):
@@ -144,50 +142,3 @@ def random_map_auc(net: Classifier, image, label, *, seeds=10, steps=100, cells=
         dels.append(deletion(net, image, m, label, steps=steps, baseline=deletion_baseline, verbose=verbose).auc)
         ins.append(insertion(net, image, m, label, steps=steps, verbose=verbose).auc)
     return {"deletion_auc": float(np.mean(dels)), "insertion_auc": float(np.mean(ins))}
-
-
-def model_randomisation(net: Classifier, image, label, *, method="gradient", top_layers=3, random_state=0, **kwargs) -> dict:
-    """Adebayo et al.'s cascading randomisation: re-initialise the last 1..``top_layers`` weighted
-    layers (Conv/Gemm/MatMul, from the output backwards) and recompute the map of ``method`` (a name
-    of the method registry; ``kwargs`` are its options). Returns, per number
-    of randomised layers, the Spearman rank correlation with the original map: a faithful method's
-    maps change (low correlation)."""
-    import onnx
-    from onnx import numpy_helper
-    from scipy.stats import spearmanr
-
-    from .methods.registry import get_method
-    from .model.classifier import Classifier
-    from .model.load import LoadedModel
-
-    top_layers = check_int("model_randomisation", "top_layers", top_layers, minimum=1, maximum=1000)
-    chosen = get_method(method, "model_randomisation")
-    if "verbose" in chosen.options:
-        kwargs.setdefault("verbose", False)
-    chosen.validate(net, kwargs, "model_randomisation")
-
-    def explain(n):
-        return chosen(n, image, label, **kwargs)
-
-    original = explain(net)
-    weighted = [node for node in net.source_model.graph.node if node.op_type in ("Conv", "Gemm", "MatMul")]
-    rng = np.random.default_rng(random_state)
-    model = onnx.ModelProto()
-    model.CopyFrom(net.source_model)
-    inits = {t.name: t for t in model.graph.initializer}
-    out = {}
-    for depth, node in enumerate(reversed(weighted[-top_layers:]), start=1):
-        for name in node.input[1:]:
-            if name in inits:
-                t = inits[name]
-                value = numpy_helper.to_array(t)
-                fresh = rng.standard_normal(value.shape).astype(value.dtype) * (value.std() or 1.0)
-                t.CopyFrom(numpy_helper.from_array(fresh, t.name))
-        randomised = Classifier(LoadedModel(model, f"{net.name}-randomised-{depth}",
-                                            f"{net.sha256}-rand{depth}-{random_state}"),
-                                preprocessing=net.preprocessing, labels=net.class_names,
-                                input_layout=net.input.layout, device=net.device, batch_size=net._batch_size,
-                                torch_device=net.torch_device)
-        changed = explain(randomised)
-        out[depth] = float(spearmanr(np.ravel(original), np.ravel(changed))[0])
-    return out

@@ -16,7 +16,7 @@ from .io import to_pixels
 from .validation import check_choice
 
 if TYPE_CHECKING:
-    from .model.classifier import Classifier
+    from .runtime.classifier import Classifier
 
 DEFAULT_METHODS = ("gradcam", "occlusion", "lime", "gradient", "guided_backprop")
 

@@ -17,11 +17,11 @@ def sample_image(name: str) -> np.ndarray:
         return getattr(data, name)()
     if name == "grace_hopper":
         import matplotlib.cbook
-
-        from .io import read_image
+        from PIL import Image, ImageOps
 
         path = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
-        return read_image(path).astype(np.uint8)
+        with Image.open(path) as im:  # a file of the matplotlib wheel, not user input
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.uint8)
     if name in ("china", "flower"):
         from sklearn.datasets import load_sample_image
 

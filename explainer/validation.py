@@ -2,6 +2,7 @@
 ``<function>: <parameter> must be <allowed>; got <given>.``"""
 from __future__ import annotations
 
+import argparse
 import difflib
 import numbers
 from typing import Iterable, Sequence
@@ -61,3 +62,13 @@ def closest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
         lowered = name.lower()
         found += [c for c in candidates if lowered and lowered in c.lower() and c not in found]
     return found[:n]
+
+
+def auto_or_int(text: str):
+    """An argparse type: 'auto' or an integer (worker and queue counts)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'auto' or an integer is needed; got {text!r}") from None

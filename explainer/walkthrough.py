@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .model.classifier import Classifier
+    from .runtime.classifier import Classifier
 
 
 

@@ -734,8 +734,8 @@ def prepare_parent() -> None:
     import onnx2torch  # noqa: F401
     import torch  # noqa: F401
     from explainer.methods import gradcam, occlusion, saliency  # noqa: F401
-    from explainer.model import classifier, torch_engine  # noqa: F401
-    import explainer.model.incremental  # noqa: F401
+    from explainer.runtime import classifier, torch_engine  # noqa: F401
+    import explainer.runtime.incremental  # noqa: F401
     import PIL.Image  # noqa: F401
 
     if "ONNX_EXPLAINER_CACHE" not in os.environ:  # never the user's cache; removed when the run ends

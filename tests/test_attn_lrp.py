@@ -20,7 +20,7 @@ import explainer
 from explainer.errors import UnsupportedModelError
 from explainer.methods import _lrp
 from explainer.methods.attn_lrp import raw
-from explainer.model.torch_engine import convert_graph, torch_engine
+from explainer.runtime.torch_engine import convert_graph, torch_engine
 
 import exports
 

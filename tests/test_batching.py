@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 
 import explainer
-from explainer.model import ort_engine
+from explainer.runtime import ort_engine
 from explainer.zoo.seeded import ARCHITECTURES, seeded_model
 
 
@@ -78,7 +78,7 @@ def test_parallel_streams_yield_in_order_with_bounded_memory_and_stop_early(monk
 
     from graphs import linear_classifier
 
-    from explainer.methods._perturb import stream_probabilities
+    from explainer.runtime.perturb import stream_probabilities
 
     model, reference = linear_classifier(size=(16, 16))
     net = explainer.load(model, preprocessing="none")

@@ -8,7 +8,7 @@ import torch
 
 import explainer
 from explainer.errors import InvalidParameterError
-from explainer.model.torch_engine import torch_engine
+from explainer.runtime.torch_engine import torch_engine
 
 from graphs import linear_classifier
 

@@ -7,7 +7,7 @@ import torch
 import explainer
 from explainer.methods.gradcam_plus_plus import GradCAMPlusPlus
 from explainer.methods.score_cam import low_resolution
-from explainer.model.torch_engine import torch_engine
+from explainer.runtime.torch_engine import torch_engine
 
 import references
 
@@ -64,7 +64,7 @@ def test_score_cam_equals_pytorch_grad_cam(default_net, image224):
 
 def test_score_cam_needs_no_conversion(monkeypatch, default_net, image224):
     """Forward passes only: it runs where the torch engine would refuse the graph."""
-    import explainer.model.torch_engine as te
+    import explainer.runtime.torch_engine as te
 
     def refuse(*args, **kwargs):
         raise AssertionError("Score-CAM must not convert the graph")

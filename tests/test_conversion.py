@@ -9,7 +9,7 @@ from onnx import helper
 
 import explainer
 from explainer.errors import ConversionError
-from explainer.model.torch_engine import MAX_RELATIVE_ERROR, torch_engine
+from explainer.runtime.torch_engine import MAX_RELATIVE_ERROR, torch_engine
 from explainer.zoo.seeded import ARCHITECTURES
 
 from explainer.methods.gradients import pixel_attributions
@@ -120,9 +120,9 @@ def test_non_differentiable_path_names_the_node():
 
 
 def test_mismatch_refuses_gradient_methods(default_net, monkeypatch):
-    from explainer.model import torch_engine as te
+    from explainer.runtime import torch_engine as te
 
-    monkeypatch.setitem(default_net.__dict__, "_torch_engines", {})  # convert again
+    monkeypatch.setattr(default_net.runtime, "torch_engines", {})  # convert again
     monkeypatch.setattr(te, "MAX_RELATIVE_ERROR", 0.0)  # any rounding difference is now a mismatch
     with pytest.raises(ConversionError, match="differs from onnxruntime"):
         explainer.gradcam(default_net, np.zeros((224, 224, 3), np.uint8), 0)

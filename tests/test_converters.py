@@ -14,8 +14,8 @@ from onnx import helper, numpy_helper
 import explainer
 from explainer.convert.attributes import HONOURED, unhonoured
 from explainer.errors import ConversionError
-from explainer.model.graph import dims, infer_shapes, measured_dims
-from explainer.model.torch_engine import convert_graph, torch_engine
+from explainer.graph import dims, infer_shapes, measured_dims
+from explainer.runtime.torch_engine import convert_graph, torch_engine
 
 from graphs import keras_batchnorm_classifier, rank_lost_classifier, single_op, with_recorded_shapes
 
@@ -110,7 +110,7 @@ def test_converters_that_read_shapes_get_measured_ones(monkeypatch):
     """Where a converter reads its input's shape (``SHAPE_READERS``) and inference has none, the shape
     measured in onnxruntime is what it reads, the batch symbolic."""
     from explainer.convert import PassContext, converters, normalise
-    from explainer.model import torch_engine as te
+    from explainer.runtime import torch_engine as te
 
     model, _ = normalise(rank_lost_classifier("BatchNormalization"), "torch", "image", PassContext("image"))
     bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")

@@ -46,7 +46,7 @@ def test_levels_run_at_their_own_size_where_the_graph_allows(default_net, scores
     side); one with a flatten before its dense layer, at its input size."""
     from graphs import dense_classifier
 
-    from explainer.model.torch_engine import torch_engine
+    from explainer.runtime.torch_engine import torch_engine
 
     def seen_sizes(net, layer):
         sizes = []

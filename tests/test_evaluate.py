@@ -9,7 +9,8 @@ from PIL import Image
 
 import explainer
 from explainer import batch_evaluate
-from explainer.evaluate import deletion, insertion, model_randomisation, random_map_auc
+from explainer.evaluate import deletion, insertion, random_map_auc
+from explainer.sanity import model_randomisation
 
 from graphs import linear_classifier
 

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 import explainer
 from explainer import limits
 from explainer.errors import ExplainerError, InvalidParameterError, ResourceLimitError, UnsupportedModelError
-from explainer.model import budget
+from explainer.runtime import budget
 
 import fuzz
 
@@ -184,7 +184,7 @@ def test_torch_path_stays_under_the_budget(monkeypatch):
     assert torch_batch == max(1, (2 << 20) // estimate.total) < 64
     import torch
 
-    from explainer.model.torch_engine import torch_engine
+    from explainer.runtime.torch_engine import torch_engine
 
     engine = torch_engine(net)
     x = torch.zeros((64, 3, 24, 24), requires_grad=True)
@@ -197,7 +197,7 @@ def test_methods_batching_their_own_passes_stay_under_the_budget(monkeypatch, me
     """SmoothGrad's noisy copies and integrated gradients' steps run 16 to a pass by default: lowered
     to what the budget allows, never refused, and the same attributions as one image per pass."""
     from explainer.methods.gradients import pixel_attributions
-    from explainer.model.torch_engine import torch_engine
+    from explainer.runtime.torch_engine import torch_engine
 
     model = _expand_classifier(64)
     monkeypatch.setattr(limits, "MAX_RUN_BYTES", 2 << 20)
@@ -233,7 +233,7 @@ def test_negative_dim_cannot_cancel_a_huge_constant_of_shape():
 
 
 def test_allocation_failures_are_typed():
-    from explainer.model.ort_engine import ort_error
+    from explainer.runtime.ort_engine import ort_error
 
     for exc in (RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : ... Failed to allocate memory for "
                              "requested buffer of size 536870912"),
@@ -245,7 +245,7 @@ def test_allocation_failures_are_typed():
 
 
 def test_torch_allocation_failure_is_typed():
-    from explainer.model.torch_engine import torch_engine
+    from explainer.runtime.torch_engine import torch_engine
 
     net = explainer.load(fuzz.base("resnet"), preprocessing="none", batch_size=1)
     engine = torch_engine(net)

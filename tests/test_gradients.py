@@ -8,7 +8,7 @@ import explainer
 from explainer.errors import InvalidParameterError, UnknownClassError, UnknownLayerError
 from explainer.methods.gradcam import GradCAM
 from explainer.methods.gradients import pixel_attributions
-from explainer.model.torch_engine import torch_engine
+from explainer.runtime.torch_engine import torch_engine
 
 import references
 
@@ -233,7 +233,7 @@ def test_float32_exact_switches_tf32_off_and_restores_it():
     """TF32 would round the module's CUDA matmuls to 10 bits; ``float32_exact("cuda")`` switches it off
     around the library's own work and leaves the user's process-wide choice as it was (the switches
     exist and are read on any machine)."""
-    from explainer.model.torch_engine import float32_exact
+    from explainer.runtime.torch_engine import float32_exact
 
     backends = torch.backends
     saved = backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32

@@ -1,4 +1,4 @@
-"""Incremental occlusion (explainer.model.incremental): the maps equal the plain path's, computed
+"""Incremental occlusion (explainer.runtime.incremental): the maps equal the plain path's, computed
 independently (every mask forwarded whole through the unsplit graph), on the embedded EfficientNet-Lite0,
 GoogLeNet's zoo graph, graphs built here to hit each padding and stride subtlety, and the CNN families of
 the compatibility suite; graphs it cannot analyse run the plain path with a named reason."""
@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import explainer
 from explainer.errors import InvalidParameterError, UnsupportedModelError
-from explainer.model import incremental as inc
+from explainer.runtime import incremental as inc
 
 import exports
 

@@ -9,7 +9,7 @@ import torch
 
 import explainer
 from explainer.errors import InvalidParameterError, InvalidParameterTypeError
-from explainer.methods._perturb import Canvas
+from explainer.runtime.perturb import Canvas
 from explainer.methods.kernel_shap import draw_samples, kernel_shap, kernel_shap_explanation
 
 from graphs import linear_classifier

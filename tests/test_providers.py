@@ -3,7 +3,7 @@ import pytest
 
 import explainer
 from explainer.errors import DeviceError, InvalidParameterError
-from explainer.model.providers import cuda_available
+from explainer.runtime.providers import cuda_available
 
 from graphs import linear_classifier
 
@@ -37,7 +37,7 @@ def test_cuda_sessions_ask_for_float32_not_tf32(monkeypatch):
     use_tf32=0 with the CUDA provider (what onnxruntime is asked, recorded here without a GPU)."""
     import onnxruntime as ort
 
-    from explainer.model import providers
+    from explainer.runtime import providers
 
     seen = {}
 

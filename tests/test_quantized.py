@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import explainer
 from explainer.errors import BatchFallbackWarning, ConversionError
 from explainer.methods.gradcam import GradCAM
-from explainer.model.torch_engine import torch_engine
+from explainer.runtime.torch_engine import torch_engine
 
 import exports
 import references

@@ -135,7 +135,7 @@ def test_full_disk_during_download_is_a_cache_error_and_leaves_nothing(server, t
 def test_unwritable_cache_folder_costs_a_remeasured_batch_size_not_the_result(tmp_path, monkeypatch):
     from explainer.cache import update_json
     from explainer.errors import CacheError
-    from explainer.model.ort_engine import BATCH_CANDIDATES, OrtEngine
+    from explainer.runtime.ort_engine import BATCH_CANDIDATES, OrtEngine
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -18,7 +18,7 @@ import onnx
 from onnx import defs, helper
 
 from ..errors import ConversionError
-from ..model.graph import opset
+from ..graph import opset
 
 
 class _Any:

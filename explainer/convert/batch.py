@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..model.graph import attribute, constant_value, consumers, dims, measured_shapes, producers
+from ..graph import attribute, constant_value, consumers, dims, measured_shapes, producers
 from .passes import register
 
 # Outputs that describe a tensor's shape rather than carry its batch of values.
@@ -242,7 +242,7 @@ def _free_batch(model: onnx.ModelProto, ctx) -> int:
     - a constant of batch 1 concatenated with batch-carrying tensors on another axis is expanded to N;
     - Resize to constant sizes: the batch's size becomes N.
     """
-    from ..model.graph import infer_shapes
+    from ..graph import infer_shapes
 
     g = model.graph
     image = next((vi for vi in g.input if vi.name == ctx.image_input), None)

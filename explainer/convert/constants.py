@@ -8,7 +8,7 @@ from onnx import numpy_helper
 
 from .. import limits
 from ..errors import ResourceLimitError
-from ..model.graph import attribute
+from ..graph import attribute
 from .passes import register
 
 # Ops that are safe and cheap to evaluate with onnx's reference evaluator at conversion time.

@@ -7,7 +7,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ConversionError
-from ..model.graph import (attribute, clip_bound, constant_value, consumers, dims, infer_shapes, is_large,
+from ..graph import (attribute, clip_bound, constant_value, consumers, dims, infer_shapes, is_large,
                            measured_dims, opset, without_weight_data)
 from .passes import register
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..model.graph import attribute
+from ..graph import attribute
 from .constants import drop_unused_initializers
 from .passes import register
 

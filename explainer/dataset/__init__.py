@@ -74,12 +74,12 @@ def explain_dataset(source, net_or_model=None, *, methods=("gradcam",), labels="
 
 
 def _classifier(net_or_model, batch_size):
-    from ..model import Classifier
+    from ..runtime import Classifier
 
     if isinstance(net_or_model, Classifier):
         return net_or_model
     if net_or_model is None or isinstance(net_or_model, (str, bytes, Path)) or hasattr(net_or_model, "graph"):
-        from .. import load
+        from ..runtime import load
 
         return load(net_or_model, batch_size=batch_size)
     raise InvalidParameterError(f"explain_dataset: net_or_model must be a loaded classifier, a path, bytes, a "

@@ -8,7 +8,7 @@ from .. import progress
 from .plan import explain_image
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 
 def run_local(net: Classifier, refs, total: int, plan, store, verbose: bool = True) -> None:

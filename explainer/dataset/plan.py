@@ -15,7 +15,7 @@ from ..errors import ExplainerError, InvalidParameterError
 from .sources import ImageRef
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 METRICS = ("deletion", "insertion")
 

@@ -12,7 +12,7 @@ from .. import progress
 from ..errors import InvalidParameterError
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 
 def _ray():

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from ..errors import UnsupportedModelError
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ import numpy as np
 
 from ..errors import InvalidParameterError, NonFiniteOutputError
 from ..io import to_pixel_batch
-from ..model.preprocess import resize
+from ..model.preprocess import resize_map  # noqa: F401  (the methods' import of it)
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 
 def images_and_labels(net: Classifier, image, label, where: str):
@@ -28,13 +28,6 @@ def class_scores(scores, indices: list[int], where: str):
     if scores.shape[1] <= max(indices):
         raise InvalidParameterError(f"{where}: class {max(indices)} is out of range ({scores.shape[1]}).")
     return scores[torch.arange(len(indices), device=scores.device), torch.as_tensor(indices, device=scores.device)]
-
-
-def resize_map(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bicubic resize of a float map (K, h, w) to (K, H, W), unclipped."""
-    if m.shape[-2:] == tuple(size):
-        return m.astype(np.float32)
-    return np.stack([resize(k[:, :, None].astype(np.float32), size, clip=False)[:, :, 0] for k in m])
 
 
 def rescale(m: np.ndarray) -> np.ndarray:

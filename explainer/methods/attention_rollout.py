@@ -20,7 +20,7 @@ from ._common import finish, images_and_labels, resize_map
 from .registry import FORWARD_ONLY, Choice, Float, method
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 HEAD_FUSIONS = ("mean", "max", "min")
 

@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import UnsupportedModelError
-from ..model.torch_engine import torch_engine
+from ..runtime.torch_engine import torch_engine
 from . import _lrp
 from ._attention import attention_softmaxes
 from ._common import class_scores, finish, images_and_labels, resize_map
 from .registry import GRADIENT, method
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 
 def has_attention(net: Classifier, where: str) -> None:

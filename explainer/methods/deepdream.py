@@ -20,11 +20,11 @@ import numpy as np
 
 from .. import progress
 from ..errors import InvalidParameterError, InvalidParameterTypeError
-from ..model.torch_engine import torch_engine
+from ..runtime.torch_engine import torch_engine
 from ..validation import check_choice, check_float, check_int
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 SCALINGS = ("linear", "none")
 STEP = 2.0  # pixels (0..255) per iteration, times the normalised gradient

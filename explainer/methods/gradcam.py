@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import DegenerateMapError, InvalidParameterError
-from ..model.classifier import not_a_feature_map
-from ..model.torch_engine import torch_engine
+from ..runtime.classifier import not_a_feature_map
+from ..runtime.torch_engine import torch_engine
 from ._common import finish, images_and_labels, resize_map
 from .registry import GRADIENT, LayerName, method
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 
 class LayerChoice(tuple):

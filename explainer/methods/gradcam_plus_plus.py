@@ -9,7 +9,7 @@ from .gradcam import BaseCAM, LAYER_OPTIONS
 from .registry import GRADIENT, method
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 
 class GradCAMPlusPlus(BaseCAM):

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InvalidParameterError
-from ..model.torch_engine import torch_engine
+from ..runtime.torch_engine import torch_engine
 from ..validation import check_choice
 from ._common import finish, images_and_labels, rescale
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 #: MATLAB's method names (``gradientAttribution``'s "autodiff" and "guided-backprop") → registered methods
 METHODS = {"autodiff": "gradient", "guided-backprop": "guided_backprop", "integrated-gradients": "integrated_gradients",

@@ -8,7 +8,7 @@ from .gradients import class_gradients, gradient_maps
 from .registry import GRADIENT, method
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 
 def raw(engine, x, indices):

@@ -15,7 +15,7 @@ from .gradients import class_gradients, gradient_maps
 from .registry import GRADIENT, BatchSize, Choice, Custom, Flag, Int, method
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 RULES = ("gausslegendre", "riemann_trapezoid")
 DEFAULT_BATCH = 16

@@ -28,12 +28,12 @@ import numpy as np
 
 from ..errors import InvalidParameterError
 from ._common import finish, images_and_labels
-from ._perturb import BACKENDS, Canvas, stream_probabilities
+from ..runtime.perturb import BACKENDS, Canvas, stream_probabilities
 from .lime import SEGMENTATION, UPSAMPLING, paint, segment, segment_fill
 from .registry import FORWARD_ONLY, BatchSize, Choice, Flag, Int, PixelValue, Seed, method
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 INF_WEIGHT = 1e6  # Captum's weight of the all-on and all-off samples
 

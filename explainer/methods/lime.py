@@ -42,11 +42,11 @@ import numpy as np
 from .. import progress
 from ..errors import InvalidParameterError, InvalidParameterTypeError
 from ._common import fill_colour, finish, images_and_labels, resize_map
-from ._perturb import BACKENDS, Canvas, stream_probabilities
+from ..runtime.perturb import BACKENDS, Canvas, stream_probabilities
 from .registry import FORWARD_ONLY, BatchSize, Choice, Custom, Flag, Float, Int, Optional, PixelValue, Seed, method
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 MODELS = ("tree", "linear")
 SEGMENTATIONS = ("superpixels", "grid")

@@ -13,7 +13,7 @@ each mask position is the drop of the class probability when that region is occl
 * ``batch_size="auto"``: the fastest batch size on the parallel onnxruntime streams the masks run on,
   measured once per model and machine (``Classifier.stream_batch_size``).
 * ``incremental="auto"``: on onnxruntime, recompute for each mask only what the mask can change: the
-  graph is split after its spatially local prefix (``explainer.model.incremental``), the prefix runs
+  graph is split after its spatially local prefix (``explainer.runtime.incremental``), the prefix runs
   on a crop around the mask and the rest on the clean activations with the crop pasted in; the maps
   are the plain path's (to float rounding). Used where it measures faster than the plain forward pass
   on this machine (decided on the first batches of the first run with a model and mask geometry, then
@@ -34,11 +34,11 @@ import numpy as np
 from ..errors import InvalidParameterError, UnsupportedModelError
 from ..validation import refuse
 from ._common import fill_colour, finish, images_and_labels, resize_map
-from ._perturb import BACKENDS, Canvas, forward_fn, stream_probabilities
+from ..runtime.perturb import BACKENDS, Canvas, forward_fn, stream_probabilities
 from .registry import FORWARD_ONLY, BatchSize, Choice, Custom, Flag, PixelValue, Size, method
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 UPSAMPLING = ("bicubic", "nearest", "none", "coverage")
 
@@ -111,7 +111,7 @@ def occlusion_sensitivity(net: Classifier, image, label, *, mask_size="auto", st
 def _occluder(net: Classifier, canvas, rows, cols, batch, incremental):
     """The incremental forward passes, or None for the plain path (its reason kept for
     ``incremental.last_decision``)."""
-    from ..model import incremental as inc
+    from ..runtime import incremental as inc
 
     try:
         occluder = inc.Occluder(net, canvas, rows, cols, batch, incremental)
@@ -120,7 +120,7 @@ def _occluder(net: Classifier, canvas, rows, cols, batch, incremental):
         why = f"the graph could not be split ({type(exc).__name__}: {message})"
         if incremental is True:
             raise UnsupportedModelError(f"occlusion_sensitivity: incremental=True: {why}") from None
-        net.__dict__["_incremental_last"] = inc.Decision(False, why)
+        inc.record_decision(net, inc.Decision(False, why))
         return None
     decision = occluder.decision
     if decision is not None and not decision.incremental:

@@ -11,7 +11,7 @@ from ._common import finish, images_and_labels, resize_map
 from .registry import FORWARD_ONLY, Int, Optional, Seed, method
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 
 @method("random", kind=FORWARD_ONLY,

@@ -10,6 +10,7 @@ find methods here (``list_methods``, ``get_method``) and never list them by hand
 """
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import inspect
@@ -24,7 +25,7 @@ from ..validation import check_batch_size, check_choice, check_float, check_int,
 FORWARD_ONLY, GRADIENT = "forward-only", "gradient"
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 #: the seed of seeded methods where the caller gives none (``Method.reproducible``)
 SEED = 0
 KINDS = (FORWARD_ONLY, GRADIENT)
@@ -50,8 +51,7 @@ class Option:
         self.help = help
 
     def bind(self, name: str, default) -> "Option":
-        bound = object.__new__(type(self))
-        bound.__dict__.update(self.__dict__)
+        bound = copy.copy(self)
         bound.name, bound.default = name, default
         return bound
 

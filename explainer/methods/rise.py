@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ._common import fill_colour, finish, images_and_labels, resize_map
-from ._perturb import BACKENDS, stream_probabilities
+from ..runtime.perturb import BACKENDS, stream_probabilities
 from .registry import FORWARD_ONLY, BatchSize, Choice, Flag, Float, Int, PixelValue, Seed, method
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 ESTIMATORS = ("paper", "centred")
 

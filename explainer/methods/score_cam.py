@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ._common import finish, images_and_labels, resize_map
-from ._perturb import BACKENDS, stream_probabilities
+from ..runtime.perturb import BACKENDS, stream_probabilities
 from .gradcam import default_feature_layer
 from .registry import FORWARD_ONLY, BatchSize, Choice, Flag, LayerName, method
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 
 def _bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:

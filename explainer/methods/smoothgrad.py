@@ -10,7 +10,7 @@ from .gradients import class_gradients, gradient_maps
 from .registry import GRADIENT, BatchSize, Flag, Float, Int, Seed, method
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 DEFAULT_BATCH = 16
 

@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..model.torch_engine import torch_engine
+from ..runtime.torch_engine import torch_engine
 from ._attention import self_attention
 from ._common import class_scores, finish, images_and_labels, resize_map
 from .registry import GRADIENT, method
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 
 def relevance(attentions, gradients):

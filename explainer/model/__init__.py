@@ -1,6 +1,7 @@
-"""Loading ONNX classifiers and running them: input contract, preprocessing, labels, onnxruntime."""
-from .classifier import Classifier, Layer, Prediction
+"""What the model is: loading (bytes → a checked ModelProto), the input/output contract, preprocessing,
+class names, feature-map layouts and the graph's structure. Nothing here runs the model: that is
+``explainer.runtime``."""
 from .load import LoadedModel, load_model
 from .preprocess import PRESETS, Preprocessing
 
-__all__ = ["Classifier", "Layer", "Prediction", "LoadedModel", "load_model", "PRESETS", "Preprocessing"]
+__all__ = ["LoadedModel", "load_model", "PRESETS", "Preprocessing"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 #: op types grouped into the families a reader knows; others are named by their op type
 FAMILIES = {

@@ -13,13 +13,14 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnx
 
 from .. import limits
 from ..errors import InvalidParameterTypeError, ModelLoadError, ResourceLimitError, UnsupportedModelError
-from .graph import constant_value
+from ..graph import constant_value
 
 ALLOWED_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
 
@@ -29,14 +30,13 @@ class LoadedModel:
     proto: onnx.ModelProto
     name: str
     sha256: str
-    registry_entry: object = None  # explainer.zoo.ModelEntry when loaded by registry name
+    registry_entry: object = None  # explainer.zoo.registry.ModelEntry when loaded by registry name
 
 
-def load_model(source=None, *, allow_external_data: bool = True) -> LoadedModel:
-    if source is None:
-        from ..zoo import registry
-
-        return _from_registry(registry.DEFAULT)
+def load_model(source, *, allow_external_data: bool = True, names: Sequence[str] = ()) -> LoadedModel:
+    """A path, bytes or an ``onnx.ModelProto`` → a checked ``LoadedModel``. Names of known models are
+    resolved above this floor (``explainer.zoo.load_source``); ``names`` only words the error for a
+    string that is neither a file nor one of them."""
     if isinstance(source, onnx.ModelProto):
         data = source.SerializeToString()
         return _finish(_in_memory(_parse(data, "the given ModelProto"), "ModelProto"),
@@ -48,31 +48,27 @@ def load_model(source=None, *, allow_external_data: bool = True) -> LoadedModel:
         path = Path(source)
         if path.exists():
             return _from_path(path, allow_external_data)
-        from ..zoo import registry
-
-        if isinstance(source, str) and source in registry.REGISTRY:
-            return _from_registry(source)
         raise ModelLoadError(
             f"{str(source)!r} is neither an existing file nor a registry name; registry names: "
-            f"{', '.join(sorted(registry.REGISTRY))}.")
+            f"{', '.join(sorted(names))}.")
     raise InvalidParameterTypeError(
         "load: source must be None, a path, bytes, an onnx.ModelProto or a registry name; got "
         f"{type(source).__name__}.")
 
 
-def _from_registry(name: str) -> LoadedModel:
-    from ..zoo import registry
-
-    entry = registry.REGISTRY[name]
-    if entry.make is not None:  # made here and held by nobody else: used as it is, not copied
-        proto = entry.make()
-        data = proto.SerializeToString()
-        loaded = _finish(_in_memory(proto, "ModelProto"), name, data, None)
-        del data
-    else:
-        loaded = _from_path(Path(entry.fetch()), allow_external_data=False)
+def from_built(proto: onnx.ModelProto, name: str) -> LoadedModel:
+    """A model made in memory by its builder and held by nobody else: used as it is, not copied."""
+    data = proto.SerializeToString()
+    loaded = _finish(_in_memory(proto, "ModelProto"), name, data, None)
+    del data
     loaded.name = name
-    loaded.registry_entry = entry
+    return loaded
+
+
+def from_file(path, name: str) -> LoadedModel:
+    """A known model's file (no external data), under its registry name."""
+    loaded = _from_path(Path(path), allow_external_data=False)
+    loaded.name = name
     return loaded
 
 

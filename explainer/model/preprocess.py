@@ -195,6 +195,13 @@ def resize(pixels: np.ndarray, size: tuple[int, int], clip: bool = True) -> np.n
     return np.clip(out, 0.0, 255.0) if clip else out
 
 
+def resize_map(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bicubic resize of a float map (K, h, w) to (K, H, W), unclipped."""
+    if m.shape[-2:] == tuple(size):
+        return m.astype(np.float32)
+    return np.stack([resize(k[:, :, None].astype(np.float32), size, clip=False)[:, :, 0] for k in m])
+
+
 def match_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
     """Gray images are repeated to 3 channels; colour images become gray (ITU-R BT.601) for 1-channel
     models."""

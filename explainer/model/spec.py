@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from ..errors import InvalidParameterError, UnsupportedModelError
-from .graph import IMAGE_TYPES, dims, elem_type, producers, real_inputs
+from ..graph import IMAGE_TYPES, dims, elem_type, producers, real_inputs
 
 LAYOUTS = ("NCHW", "NHWC")
 DEFAULT_SIZE = 224
@@ -156,7 +156,7 @@ def find_input_normalisation(model: onnx.ModelProto, image_input: str) -> InputN
     through casts, transposes and reshapes (Shape and Size of the input are passed by). None: the graph
     expects normalised input. The constants tell the range it expects: a division by 255 (or 127.5), a
     mean above 1 or a uint8 input mean pixels 0..255; means and scales of 0..1 images mean 0..1."""
-    from .graph import constant_value, elem_type, layer_name
+    from ..graph import constant_value, elem_type, layer_name
 
     g = model.graph
     chain, steps, big = {image_input}, [], False

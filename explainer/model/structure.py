@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .graph import attribute, constant_value, consumers, producers
+from ..graph import attribute, constant_value, consumers, producers
 
 # through these only the input's shape or size flows, not its values
 NO_VALUE_FLOW = frozenset({"Shape", "Size", "ConstantOfShape", "EyeLike"})

@@ -33,7 +33,7 @@ from . import work
 from .settings import Settings
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 STATIC = Path(__file__).with_name("static")
 log = logging.getLogger("explainer.serve")
@@ -187,7 +187,7 @@ def create_app(net: Classifier, settings: Settings | None = None, *, warmup: boo
              responses={200: {"content": {"image/png": {}}}})
     async def colourbar(cmap: str = "jet", height: int = 256):
         """The colormap as a vertical PNG bar, the maximum at the top (the maps' colour key)."""
-        from .. import overlay
+        from ..viz import overlay
 
         cmap = parse_cmap(cmap)
         if not 2 <= height <= 2048:
@@ -216,6 +216,6 @@ def _warm(net: Classifier) -> None:
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return __version__

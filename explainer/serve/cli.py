@@ -13,7 +13,7 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``explainer serve``."""
-    from ..cli import auto_or_int
+    from ..validation import auto_or_int
     parser.add_argument("model", nargs="?", default=None,
                         help="ONNX file or registry name (default: the embedded EfficientNet-Lite0)")
     parser.add_argument("--host", default="127.0.0.1",

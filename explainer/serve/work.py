@@ -25,7 +25,7 @@ from .params import DEFAULT_OUTPUTS, Labels
 from .progress import JobState
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from ..runtime.classifier import Classifier
 
 
 
@@ -100,7 +100,7 @@ def classify(net: Classifier, data: bytes, k: int, max_pixels: int, job: JobStat
 
 def explain(net: Classifier, spec: ExplainJob, max_pixels: int, job: JobState, lane: TorchLane,
             max_output_pixels: int) -> dict:
-    from .. import overlay
+    from ..viz import overlay
 
     timings, begin = {"queue_s": round(job.started - job.created, 4)}, time.perf_counter()
     job.set_stage("decode")

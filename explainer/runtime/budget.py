@@ -20,7 +20,7 @@ import onnx
 
 from .. import limits
 from ..errors import ResourceLimitError, UnsupportedModelError
-from .graph import layer_name, without_weight_data
+from ..graph import layer_name, without_weight_data
 
 #: ops that divide by (or index with) a spatial extent of their data input or output: zero or negative
 #: extents there are refused. The ones seen to crash onnxruntime (SIGFPE, CPU provider, ORT_ENABLE_ALL)

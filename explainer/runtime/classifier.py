@@ -6,7 +6,7 @@ import functools
 
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -18,17 +18,17 @@ from ..errors import (BatchFallbackWarning, InvalidParameterError, InvalidParame
                       UnsupportedModelError)
 from ..io import to_pixel_batch
 from ..validation import check_batch_size, check_int, closest
-from . import labels as labels_mod
-from . import preprocess as preprocess_mod
+from ..model import labels as labels_mod
+from ..model import preprocess as preprocess_mod
 from .budget import RunGuard
-from .graph import dims, infer_shapes, layer_name
-from .layouts import FeatureLayout, feature_layout
-from .structure import Structure
-from .structure import analyse as analyse_structure
-from .load import LoadedModel
+from ..graph import dims, infer_shapes, layer_name
+from ..model.layouts import FeatureLayout, feature_layout
+from ..model.structure import Structure
+from ..model.structure import analyse as analyse_structure
+from ..model.load import LoadedModel
 from .ort_engine import OrtEngine
 from .providers import resolve_device
-from .spec import InputSpec, OutputSpec, find_image_input, find_input_normalisation, find_scores_output
+from ..model.spec import InputSpec, OutputSpec, find_image_input, find_input_normalisation, find_scores_output
 
 _log = logging.getLogger("explainer")
 
@@ -69,6 +69,17 @@ class Layer:
     shape: tuple | None  # per image, without the batch dim; None entries are unknown
 
 
+@dataclass
+class RuntimeCaches:
+    """What running a Classifier leaves on it, declared here and written only by ``explainer.runtime``:
+    the converted torch module per torch device (``torch_engine``), and incremental occlusion's split of
+    the graph, its decisions per image size and mask, and the latest decision (``incremental``)."""
+    torch_engines: dict = field(default_factory=dict)
+    incremental_split: object | None = None
+    incremental_decisions: dict = field(default_factory=dict)
+    incremental_last: object | None = None
+
+
 class Classifier:
     def __init__(self, loaded: LoadedModel, *, preprocessing=None, labels=None, input_layout=None,
                  device="auto", batch_size="auto", torch_device="auto"):
@@ -77,6 +88,8 @@ class Classifier:
         if torch_device not in TORCH_DEVICES:
             raise InvalidParameterError(f"load: torch_device must be one of {TORCH_DEVICES}; got {torch_device!r}.")
         self.torch_device = torch_device
+        #: caches of the runtime floor (converted module, incremental occlusion's split and decisions)
+        self.runtime = RuntimeCaches()
         self.name = loaded.name
         self.sha256 = loaded.sha256
         self.source_model = loaded.proto
@@ -114,6 +127,13 @@ class Classifier:
         self.class_names: list[str] = labels_mod.resolve(labels, metadata, self.output.num_classes)
         self._layers: list[Layer] | None = None
         self._structure: Structure | None = None  # read from the graph on first use
+
+    def variant(self, loaded: LoadedModel) -> "Classifier":
+        """Another graph (e.g. with re-initialised weights) loaded with this one's settings: preprocessing,
+        labels, input layout, devices and batch size."""
+        return Classifier(loaded, preprocessing=self.preprocessing, labels=self.class_names,
+                          input_layout=self.input.layout, device=self.device, batch_size=self._batch_size,
+                          torch_device=self.torch_device)
 
     @property
     def per_image_shape(self) -> tuple:
@@ -425,7 +445,7 @@ class Classifier:
 
     def describe_layer(self, name: str) -> str:
         """What a layer is, in words, for titles: 'first conv layer (Conv), 112×112×32, 2% deep'."""
-        from .describe import describe_layer
+        from ..model.describe import describe_layer
 
         return describe_layer(self, name)
 
@@ -473,3 +493,22 @@ class Classifier:
                 f"{self.input.height}x{self.input.width}x{self.input.channels} {self.input.dtype}, "
                 f"classes={self.num_classes}, preprocessing={self.preprocessing.name!r} "
                 f"({self.preprocessing.origin}), device={self.device!r})")
+
+
+def load(source=None, *, preprocessing=None, labels=None, input_layout=None, device="auto",
+         batch_size="auto", allow_external_data=True, torch_device="auto") -> Classifier:
+    """Load an ONNX image classifier.
+
+    source: a path, bytes, an ``onnx.ModelProto``, a registry name (``explainer.zoo.registry.REGISTRY``)
+    or None for the embedded default (EfficientNet-Lite0). Weights in files beside the model (the dynamo
+    exporter's ``NAME.onnx.data``) are read from the model's folder; ``allow_external_data=False``
+    refuses them. Everything the graph tells (input name,
+    layout, size, channels, dtype, softmax, labels and preprocessing in ``metadata_props``) is read
+    from it; the arguments override. ``device`` picks onnxruntime's execution provider (forward
+    methods); ``torch_device`` the device of the converted module (gradient methods, ``backend="torch"``).
+    """
+    from ..zoo import load_source
+
+    loaded = load_source(source, allow_external_data=allow_external_data)
+    return Classifier(loaded, preprocessing=preprocessing, labels=labels, input_layout=input_layout,
+                      device=device, batch_size=batch_size, torch_device=torch_device)

@@ -373,7 +373,7 @@ def _shapes_inferred_without_weights(model: onnx.ModelProto, image: str | None =
     onnxruntime is written instead, its batch-dependent dims symbolic (see ``_measured_value_info``)."""
     import onnx2torch.converter as converter
 
-    from .graph import infer_shapes
+    from ..graph import infer_shapes
 
     declared = {vi.name for vi in list(model.graph.input) + list(model.graph.output)}
     weights = {t.name for t in model.graph.initializer}
@@ -396,7 +396,7 @@ def _measured_value_info(model: onnx.ModelProto, image: str, image_shape: list |
     is free, the dims that differ written symbolic (``N``-like names), the others as measured. Only
     those tensors are fetched, so the run holds little more memory than a plain one."""
     from ..convert.converters import SHAPE_READERS
-    from .graph import dims, measured_dims
+    from ..graph import dims, measured_dims
 
     def complete(name):
         vi = inferred.get(name)
@@ -474,7 +474,7 @@ def torch_engine(net: Classifier) -> TorchEngine:
     when the classifier goes), one per torch device (``load(..., torch_device=)``)."""
     device = resolve_torch_device(getattr(net, "torch_device", "auto"))
     with _LOCK:
-        engines = net.__dict__.setdefault("_torch_engines", {})
+        engines = net.runtime.torch_engines
         if device not in engines:
             engines[device] = TorchEngine(net, device)
         return engines[device]

@@ -52,7 +52,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .graph import attribute, constant_value, dims, infer_shapes, opset, producers
+from ..graph import attribute, constant_value, dims, infer_shapes, opset, producers
 
 if TYPE_CHECKING:
     from .classifier import Classifier
@@ -453,6 +453,9 @@ class Split:
         self._stages: dict[tuple[str, str], Stage] = {}
         self._suffixes: dict[str, object] = {}
         self._lock = threading.Lock()
+        self._deviation: dict = {}  # cut -> relative deviation of its suffix (suffix_deviation)
+        #: (cuts, key) plans checked against the plain graph, once per process
+        self.checked: set = set()
         self.candidates, self.reason = self._candidates()
 
     def _candidates(self) -> tuple[list[str], str]:
@@ -536,7 +539,7 @@ class Split:
         """How far the suffix on the clean cut is from the plain graph's scores on the clean image
         (relative; 0.0: bit for bit), measured once per cut."""
         cut = runner.cuts[-1]
-        memo = self.__dict__.setdefault("_deviation", {})
+        memo = self._deviation
         if cut not in memo:
             name, image = self.net.output.name, runner.clean[0]
             plain = self.net.ort.session([], single_thread=True).run([name], {self.net.input.name: image})[0]
@@ -549,11 +552,9 @@ class Split:
 
 def split_of(net: Classifier) -> Split:
     """The net's Split, made once per Classifier (kept on it)."""
-    found = net.__dict__.get("_incremental_split")
-    if found is None:
-        found = Split(net)
-        net.__dict__["_incremental_split"] = found
-    return found
+    if net.runtime.incremental_split is None:
+        net.runtime.incremental_split = Split(net)
+    return net.runtime.incremental_split
 
 
 # per-mask geometry --------------------------------------------------------------------------------
@@ -737,7 +738,9 @@ class Runner:
         """(n copies of the clean last cut, the regions pasted into them since), kept per thread and
         batch size: restoring the pasted regions moves far less memory than copying the whole cut
         for every mask. Valid until this thread's next batch of the same size."""
-        buffers = self._buffers.__dict__.setdefault("by_size", {})
+        if not hasattr(self._buffers, "by_size"):
+            self._buffers.by_size = {}
+        buffers = self._buffers.by_size
         if n not in buffers:
             buffers[n] = (np.repeat(self.clean[-1], n, axis=0), [])
         return buffers[n]
@@ -865,7 +868,7 @@ def estimates(split: Split, rows, cols) -> list[Estimate]:
     index, geo = split.index, split.analysis.geometry
     work = {id(n): _node_work(index, n, split.full_size) for n in index.nodes}
     total = sum(work[id(n)] for n in _needed(index, split.outputs, set())[0]) or 1.0
-    from .graph import consumers as consumers_of
+    from ..graph import consumers as consumers_of
 
     users = consumers_of(index.model.graph)
     safe = [t for t in split.candidates if fusion_safe(index, t, users)]
@@ -938,9 +941,14 @@ def _key(net: Classifier, rows, cols, batch: int, mode) -> str:
             f"s{net.ort.parallel_streams()}|{'auto' if mode == 'auto' else 'forced'}")
 
 
+def record_decision(net: Classifier, decision: Decision) -> None:
+    """Keep ``decision`` as the latest occlusion's on ``net`` (``last_decision``)."""
+    net.runtime.incremental_last = decision
+
+
 def last_decision(net: Classifier) -> Decision | None:
     """The decision the latest occlusion on ``net`` ran with (None before any)."""
-    return net.__dict__.get("_incremental_last")
+    return net.runtime.incremental_last
 
 
 class Occluder:
@@ -962,7 +970,7 @@ class Occluder:
             self._prepare()
         elif self.decision.incremental:
             self._runner(self.decision.cuts)  # raises NotLocal if the graph changed: caught by caller
-        net.__dict__["_incremental_last"] = self.decision or Decision(
+        net.runtime.incremental_last = self.decision or Decision(
             True, f"measuring: the first batches alternate between {', '.join(self.contenders)} (too few "
             "batches to decide leave this decision open)", tuple(self.contenders[-1].split(" > ")),
             self.runners[self.contenders[-1]].crops, self.estimates[-1].share)
@@ -971,7 +979,7 @@ class Occluder:
     def _known(self) -> Decision | None:
         from .. import cache
 
-        memo = self.net.__dict__.setdefault("_incremental_decisions", {})
+        memo = self.net.runtime.incremental_decisions
         if self.key in memo:
             return memo[self.key]
         stored = cache.read_json("incremental.json").get(self.key)
@@ -988,8 +996,8 @@ class Occluder:
         from ..errors import CacheError
 
         self.decision = decision
-        self.net.__dict__.setdefault("_incremental_decisions", {})[self.key] = decision
-        self.net.__dict__["_incremental_last"] = decision
+        self.net.runtime.incremental_decisions[self.key] = decision
+        self.net.runtime.incremental_last = decision
         _log.debug("occlusion: %s", decision.reason)
         if persist:
             try:
@@ -1002,7 +1010,7 @@ class Occluder:
         if name not in self.runners:
             split = split_of(self.net)
             runner = Runner(split, cuts, self.canvas, self.rows, self.cols)
-            checked = split.__dict__.setdefault("_checked", set())
+            checked = split.checked
             if (name, self.key) in checked:  # the check is of the plan, not of the image: once per process
                 self.runners[name] = runner
                 return runner
@@ -1028,7 +1036,7 @@ class Occluder:
         if self.mode == "auto" and masks < MIN_MASKS:
             self._remember(Decision(False, f"{masks} masks: fewer than {MIN_MASKS}, too few to pay for setting "
                                     "up the split graph (incremental=True uses it anyway)"), persist=False)
-            self.net.__dict__["_incremental_decisions"].pop(self.key, None)  # a later call may measure
+            self.net.runtime.incremental_decisions.pop(self.key, None)  # a later call may measure
             return
         found = [e for e in estimates(split, self.rows, self.cols) if self.mode is True or e.share < HOPELESS]
         if not found:
@@ -1137,7 +1145,7 @@ class Occluder:
     # running -----------------------------------------------------------------------------------------
     def forward(self, single_thread: bool) -> Callable:
         """positions → (N, K) probabilities; the ``forward`` of ``stream_probabilities``."""
-        from ..methods._perturb import forward_fn
+        from .perturb import forward_fn
 
         canvas = self.canvas
         runs = {name: runner.forward(single_thread) for name, runner in self.runners.items()}

@@ -19,7 +19,7 @@ import numpy as np
 from .. import progress
 
 if TYPE_CHECKING:
-    from ..model.classifier import Classifier
+    from .classifier import Classifier
 
 BACKENDS = ("onnxruntime", "torch")
 
@@ -49,7 +49,7 @@ def forward_fn(net: Classifier, backend: str, single_thread: bool = False, logit
         return run
     import torch
 
-    from ..model.torch_engine import torch_engine
+    from .torch_engine import torch_engine
 
     engine = torch_engine(net)
 

@@ -1,0 +1,142 @@
+"""Recipro-CAM (and ViT-ReciproCAM on token layers) against an independent Recipro-CAM written here from
+the papers, in torch on the source modules the ONNX files were exported from (tests/exports.py): the
+backbone to the feature layer, h*w masked copies of the features through the module's own head, the
+class's softmax score per location, min-max scaled. The masks are made here by convolving one-hot
+maps with the kernel (the library builds them by slicing a padded kernel). OpenVINO XAI's
+ReciproCAM/ViTReciproCAM on the same files: benchmarks/recipro_cam.py (map correlation there)."""
+import numpy as np
+import pytest
+import torch
+
+import explainer
+from explainer.errors import LayerNotFeatureMapError
+from explainer.methods.gradcam import default_feature_layer
+from explainer.methods.recipro_cam import HeadSplitError, low_resolution, recipro_cam
+
+import exports
+import references
+
+KERNELS = {"point": np.array([[0, 0, 0], [0, 1, 0], [0, 0, 0]], np.float64),
+           "gaussian": np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float64) / 16}
+
+
+def reference_masks(h: int, w: int, kernel: str) -> torch.Tensor:
+    """(h*w, h, w): the one-hot map of each location (row-major) convolved with the kernel, zero padded."""
+    onehot = torch.eye(h * w, dtype=torch.float64).reshape(h * w, 1, h, w)
+    k = torch.from_numpy(KERNELS[kernel])[None, None]
+    return torch.nn.functional.conv2d(onehot, k, padding=1)[:, 0]
+
+
+def min_max(cam: torch.Tensor) -> np.ndarray:
+    cam = cam.double()
+    return ((cam - cam.min()) / (cam.max() - cam.min())).numpy()
+
+
+def model_input(net, image) -> torch.Tensor:
+    return torch.from_numpy(net.to_model_input(net.fit_pixels(image)[None])).float()
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return explainer.load(exports.export("resnet18", "legacy")), exports.build("resnet18")
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return explainer.load(exports.export("vit_tiny", "legacy")), exports.build("vit_tiny")
+
+
+def resnet_reference(model, x, label: int, scores: str = "probabilities") -> np.ndarray:
+    """Recipro-CAM of torchvision's ResNet at ``layer4``: its output masked per location, then avgpool,
+    flatten and fc."""
+    with torch.no_grad():
+        f = model.layer4(model.layer3(model.layer2(model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x))))))))
+        _, c, h, w = f.shape
+        masked = f * reference_masks(h, w, "point").float()[:, None]
+        logits = model.fc(torch.flatten(model.avgpool(masked), 1))
+        s = logits.softmax(dim=1) if scores == "probabilities" else logits
+    return min_max(s[:, label].reshape(h, w))
+
+
+def vit_reference(model, x, label: int, kernel: str = "gaussian", scores: str = "probabilities") -> np.ndarray:
+    """ViT-ReciproCAM of timm's VisionTransformer at the last block (arXiv 2310.02588, as OpenVINO XAI
+    inserts it): the block's input tokens and its first LayerNorm's output masked alike per location,
+    the class token kept, then the rest of the block, the final norm and the head."""
+    with torch.no_grad():
+        t = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        for block in model.blocks[:-1]:
+            t = block(t)
+        last = model.blocks[-1]
+        n = last.norm1(t)
+        side = int(round((t.shape[1] - 1) ** 0.5))
+        keep = torch.cat([torch.ones(side * side, 1, dtype=torch.float64),
+                          reference_masks(side, side, kernel).reshape(side * side, -1)], dim=1).float()[..., None]
+        tm, nm = t * keep, n * keep
+        y = tm + last.drop_path1(last.ls1(last.attn(nm)))
+        y = y + last.drop_path2(last.ls2(last.mlp(last.norm2(y))))
+        logits = model.forward_head(model.norm(y))
+        s = logits.softmax(dim=1) if scores == "probabilities" else logits
+    return min_max(s[:, label].reshape(side, side))
+
+
+def test_cnn_equals_reference_on_the_source_module(resnet, chelsea):
+    """ResNet-18 at its last block's output (the default layer), probabilities and logits, against the
+    torch reference on the module it was exported from; the public map is the low-resolution one
+    upsampled bicubically and clipped to [0, 1]."""
+    net, model = resnet
+    layer = net.layer("/layer4/layer4.1/relu_1/Relu")
+    x = model_input(net, chelsea)
+    small = net.fit_pixels(chelsea)
+    for scores in ("probabilities", "logits"):
+        ref = resnet_reference(model, x, 285, scores)
+        ours = low_resolution(net, small, layer, [285], scores=scores)[0]
+        assert ours.shape == ref.shape == (7, 7)
+        references.assert_close_in_units(ours, ref, 1e-4, f"Recipro-CAM ({scores})")
+    public = recipro_cam(net, chelsea, 285, verbose=False)
+    expected = np.clip(references.bicubic_upsample(resnet_reference(model, x, 285), chelsea.shape[:2]), 0, 1)
+    references.assert_close_in_units(public, expected, 1e-4, "Recipro-CAM at the image's size")
+
+
+def test_vit_equals_reference_on_the_source_module(vit, chelsea):
+    """ViT-Tiny at the default layer (the last block's norm1; its input masked too), Gaussian (the
+    default on tokens) and point kernels."""
+    net, model = vit
+    layer = net.layer("/blocks/blocks.11/norm1/LayerNormalization")
+    assert default_feature_layer(net)[0] == layer.name
+    x = model_input(net, chelsea)
+    small = net.fit_pixels(chelsea)
+    for kernel, scores in (("auto", "probabilities"), ("point", "logits")):
+        ref = vit_reference(model, x, 285, "gaussian" if kernel == "auto" else kernel, scores)
+        ours = low_resolution(net, small, layer, [285], kernel=kernel, scores=scores)[0]
+        assert ours.shape == ref.shape == (14, 14)
+        references.assert_close_in_units(ours, ref, 1e-3, f"ViT-ReciproCAM ({kernel}, {scores})")
+
+
+def test_labels_images_and_batches_share_the_runs(default_net, chelsea, coffee):
+    """Several labels equal each label alone; a batch of images equals each image alone; small head
+    batches (streamed) equal one batch."""
+    both = recipro_cam(default_net, [chelsea, coffee], [285, 504], verbose=False)
+    for b, image in enumerate((chelsea, coffee)):
+        for k, label in enumerate((285, 504)):
+            alone = recipro_cam(default_net, image, label, batch_size=5, verbose=False)
+            np.testing.assert_allclose(both[b][k], alone, atol=1e-5)
+    assert [m.shape for m in both] == [(2, *chelsea.shape[:2]), (2, *coffee.shape[:2])]
+    assert all(m.min() >= 0 and m.max() <= 1 for m in both)
+
+
+def test_a_layer_the_head_bypasses_is_refused_naming_the_split(resnet, chelsea):
+    """A layer inside a residual block (the skip connection carries the image around it) cannot be
+    split: the error names the nearest layer after it that can (the block's Add), and that layer works."""
+    import re
+
+    net, _ = resnet
+    with pytest.raises(HeadSplitError, match="skip connection") as caught:
+        recipro_cam(net, chelsea, 285, feature_layer="/layer4/layer4.1/conv2/Conv", verbose=False)
+    suggested = re.search(r"e\.g\. feature_layer='([^']+)'", str(caught.value)).group(1)
+    assert suggested == "/layer4/layer4.1/Add"
+    assert recipro_cam(net, chelsea, 285, feature_layer=suggested, verbose=False).shape == chelsea.shape[:2]
+
+
+def test_a_layer_without_locations_is_refused(default_net, chelsea):
+    with pytest.raises(LayerNotFeatureMapError, match="Recipro-CAM masks one location"):
+        recipro_cam(default_net, chelsea, 285, feature_layer=default_net.output.name, verbose=False)
