@@ -1,0 +1,244 @@
+"""``export_explained``: the source model, untouched, plus a side branch computing the explanation."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..errors import InvalidParameterError, LayerNotFeatureMapError, UnsupportedModelError
+from . import EXPORTERS, _register_builtin
+from .context import ExportContext
+from .errors import ExportWriteError
+from .head import Backward, Head, constant_values
+from .resize import resize_maps
+
+MAP_SIZES = ("feature", "input")
+SALIENCY, SALIENCY_CLASS, TARGET = "saliency", "saliency_class", "target"
+TWO_GB = 2 ** 31
+
+
+def export_explained(net, out, method: str = "gradcam", feature_layer=None, top_k: int = 1,
+                     map_size: str = "feature", *, external_data: bool | None = None) -> Path:
+    """Write ``net``'s model with its explanation as extra outputs; returns the written path.
+
+    The written model keeps the source's inputs and outputs (bit-identical in onnxruntime) and adds
+    ``saliency`` float32 (N, K, h, w) -- the maps of the top ``top_k`` classes by score, as the
+    library's ``method`` computes them at the feature layer's resolution, or resized to the input
+    (``map_size="input"``, the library's bicubic) -- and ``saliency_class`` int64 (N, K). With
+    ``top_k=0`` the classes come from a new int64 input ``target`` (N,), and K = 1."""
+    _register_builtin()
+    where = "export_explained"
+    if not isinstance(method, str) or method not in EXPORTERS:
+        raise InvalidParameterError(
+            f"{where}: method {method!r} cannot be exported as a graph; exportable methods: "
+            f"{', '.join(sorted(EXPORTERS))}. Other methods run with the library (explainer.get_method).")
+    if map_size not in MAP_SIZES:
+        raise InvalidParameterError(f"{where}: map_size must be one of {MAP_SIZES}; got {map_size!r}.")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 0 <= int(top_k) <= net.num_classes:
+        raise InvalidParameterError(f"{where}: top_k must be an integer in [0, {net.num_classes}] (0: the classes "
+                                    f"come from an input 'target'); got {top_k!r}.")
+    top_k = int(top_k)
+    out = _check_destination(out, where)
+
+    feature, layer_name, layout = _feature_layer(net, feature_layer, where)
+    model = onnx.ModelProto()
+    model.CopyFrom(net.source_model)
+    graph = model.graph
+    produced = {o for n in graph.node for o in n.output}
+    if feature not in produced:
+        raise UnsupportedModelError(f"{where}: the feature tensor {feature!r} is computed only by the library's "
+                                    "normalised copy of the graph; pick another feature_layer.")
+    scores = net.gradient_scores
+    head = Head(graph, feature, scores)
+    if not head.found:
+        raise LayerNotFeatureMapError(f"{where}: the scores {scores!r} do not depend on layer {layer_name!r}; "
+                                      "pick a layer before the classifier's head (net.layers() lists them).")
+    taken = {i.name for i in graph.input} | {o.name for o in graph.output}
+    for name in (SALIENCY, SALIENCY_CLASS) + ((TARGET,) if top_k == 0 else ()):
+        if name in taken or name in produced:
+            raise UnsupportedModelError(f"{where}: the model already has a tensor named {name!r}.")
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    ctx = ExportContext(graph, opset, feature, layout, scores, net.num_classes, top_k=max(top_k, 1), head=head)
+    _measure(net, ctx, head)
+    mapping = head.copy(ctx, _distinct(ctx, feature))
+    scores_copy = mapping[scores]
+    flat = ctx.node("Flatten", [scores_copy], axis=1)
+    if top_k == 0:
+        graph.input.append(helper.make_tensor_value_info(TARGET, onnx.TensorProto.INT64, [_batch_dim(net)]))
+        classes = ctx.unsqueeze(TARGET, [1])
+    else:
+        k = ctx.const(np.asarray([top_k], np.int64), "k")
+        if opset >= 10:
+            _, classes = ctx.node("TopK", [flat, k], n_outputs=2, axis=1)
+        else:
+            _, classes = ctx.node("TopK", [flat], n_outputs=2, axis=1, k=top_k)
+    ctx.node("Identity", [classes], outputs=[SALIENCY_CLASS])
+    ctx.classes = SALIENCY_CLASS
+
+    def differentiate() -> str:
+        arange = ctx.const(np.arange(net.num_classes, dtype=np.int64), "classes")
+        hot = ctx.node("Equal", [ctx.unsqueeze(ctx.classes, [2]), arange])  # (N, K, classes)
+        seed = ctx.node("Cast", [ctx.node("Transpose", [hot], perm=[1, 0, 2])], to=ctx.elem_type(scores))
+        seed = ctx.reshape(seed, ctx.kshape(seed, scores_copy))
+        return Backward(ctx, head, mapping, constant_values(graph)).run(seed)
+
+    ctx._differentiate = differentiate
+    maps = EXPORTERS[method](ctx)
+    if map_size == "input":
+        maps = ctx.node("Relu", [resize_maps(ctx, maps, net.input_size, layout.grid)])
+    ctx.node("Identity", [maps], outputs=[SALIENCY])
+    graph.output.append(helper.make_tensor_value_info(SALIENCY, onnx.TensorProto.FLOAT, [None, max(top_k, 1), None, None]))
+    graph.output.append(helper.make_tensor_value_info(SALIENCY_CLASS, onnx.TensorProto.INT64, [None, max(top_k, 1)]))
+    _metadata(net, model, method, layer_name, top_k, map_size, layout)
+    return _write(model, out, external_data, where)
+
+
+def _distinct(ctx: ExportContext, feature: str) -> str:
+    """The feature under another name that onnxruntime's optimiser keeps apart: copied nodes reading
+    the feature itself would be merged with the originals (common subexpression elimination), and the
+    gradient's reads of the head's inner tensors would then stop fusions of the original graph
+    (a Gelu, a SkipLayerNormalization) and change its outputs' last bits. Where(true, x, x) is kept."""
+    true = ctx.const(np.asarray([True]), "true")
+    return ctx.node("Where", [true, feature, feature])
+
+
+def _feature_layer(net, feature_layer, where):
+    from ..methods.gradcam import gradcam_layers  # TODO(lead): a floor below methods/ for the default layer
+
+    choice = gradcam_layers(net, feature_layer)
+    layer = net.layer(choice.feature)
+    layout = net.feature_map_layout(layer, where)
+    if layout is None:
+        raise LayerNotFeatureMapError(
+            f"{where}: layer {layer.name!r} ({layer.op_type}) has activations of shape {layer.shape} per image, "
+            "not a feature map ((C, H, W), tokens on the image's grid, or (H, W, C)); pass feature_layer= "
+            "a layer with spatial extent (explainer.gradcam_layers(net) gives the default, net.layers() all).")
+    return layer.output, layer.name, layout
+
+
+def _batch_dim(net):
+    dims = net.source_model.graph.input
+    for i in dims:
+        if i.name == net.input.name:
+            d = i.type.tensor_type.shape.dim[0]
+            return d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
+    return None
+
+
+def _measure(net, ctx: ExportContext, head: Head) -> None:
+    """Shapes, dtypes and small integer values of the head's tensors, from one onnxruntime run of the
+    source graph (a batch of 2 where the graph takes any batch, so that broadcasting over the batch
+    shows)."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(net.source_model)
+    initialisers = {t.name for t in probe.graph.initializer}
+    existing = {o.name for o in probe.graph.output}
+    wanted = sorted((head.tensors | head.inputs | {ctx.feature}) - initialisers - existing
+                    - {i.name for i in probe.graph.input})
+    for name in wanted:
+        probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    batch = 2 if not isinstance(_batch_dim(net), int) and net.max_batch is None else 1
+    rng = np.random.default_rng(0)
+    pixels = rng.uniform(0, 255, (batch, *net.input_size, net.input.channels)).astype(np.float32)
+    x = net.to_model_input(pixels)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = {net.input.name: x}
+    for extra in session.get_inputs():
+        if extra.name not in feeds:
+            raise UnsupportedModelError(f"export_explained: the model has a second input {extra.name!r}; only "
+                                        "single-input classifiers are exported.")
+    names = [o.name for o in session.get_outputs()]
+    values = session.run(names, feeds)
+    for name, value in zip(names, values):
+        value = np.asarray(value)
+        ctx.shapes[name] = tuple(value.shape)
+        ctx.dtypes[name] = value.dtype
+        if value.dtype.kind in "iu" and value.size <= 64:
+            ctx.values[name] = value
+    for t in net.source_model.graph.initializer:
+        ctx.shapes[t.name] = tuple(t.dims)
+        ctx.dtypes[t.name] = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+    ctx.measured_batch = batch
+
+
+def _metadata(net, model, method, layer, top_k, map_size, layout) -> None:
+    from ..version import __version__
+
+    props = {p.key: p for p in model.metadata_props}
+    p = net.preprocessing
+    entries = {
+        "onnx_explainer.export.method": method,
+        "onnx_explainer.export.layer": layer,
+        "onnx_explainer.export.layout": layout.describe(),
+        "onnx_explainer.export.top_k": str(top_k),
+        "onnx_explainer.export.map_size": map_size,
+        "onnx_explainer.export.outputs": json.dumps({"saliency": "float32 (N, K, h, w)", "saliency_class": "int64 (N, K)",
+                                                     **({"target (input)": "int64 (N,)"} if top_k == 0 else {})}),
+        "onnx_explainer.version": __version__,
+        "onnx_explainer.preprocessing": json.dumps({"mean": list(p.mean), "std": list(p.std), "scale": p.scale,
+                                                    "channel_order": p.channel_order}),
+        "onnx_explainer.labels": json.dumps(list(net.class_names)),
+    }
+    for key, value in entries.items():
+        if key in props:
+            props[key].value = value
+        else:
+            model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+
+
+def _check_destination(out, where) -> Path:
+    if not isinstance(out, (str, os.PathLike)):
+        raise InvalidParameterError(f"{where}: out must be a file path; got {type(out).__name__}.")
+    path = Path(out)
+    if path.is_dir():
+        raise ExportWriteError(f"{where}: {str(path)!r} is a folder; pass a file path such as {str(path / 'model.onnx')!r}.")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ExportWriteError(f"{where}: the folder {str(parent)!r} does not exist; create it or pass another out=.")
+    if not os.access(parent, os.W_OK):
+        raise ExportWriteError(f"{where}: the folder {str(parent)!r} is not writable; pass an out= in a writable folder.")
+    return path
+
+
+def _write(model: onnx.ModelProto, path: Path, external_data, where: str) -> Path:
+    size = model.ByteSize()
+    external = external_data if external_data is not None else size >= TWO_GB
+    try:
+        if not external:
+            onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise UnsupportedModelError(f"{where}: the written graph fails onnx.checker: {str(exc)[:400]}") from None
+    tmp_dir = None
+    try:
+        tmp_dir = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.")
+        tmp = Path(tmp_dir) / path.name
+        if external:
+            data = path.name + ".data"
+            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+            onnx.checker.check_model(str(tmp), full_check=True)
+            os.replace(Path(tmp_dir) / data, path.parent / data)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(model.SerializeToString())
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ExportWriteError(f"{where}: cannot write {str(path)!r}: {exc.strerror or exc}. Free space there or pass "
+                               "another out=.") from None
+    finally:
+        if tmp_dir is not None:
+            import shutil
+
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
