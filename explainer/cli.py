@@ -129,6 +129,20 @@ def cmd_batch(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """``explainer export MODEL --out FILE``: the model with its explanation as extra outputs."""
+    from .export import export_explained
+    from .runtime import load
+
+    net = load(args.model, device="cpu")
+    path = export_explained(net, args.out, method=args.method, feature_layer=args.layer, top_k=args.top_k,
+                            map_size=args.map_size)
+    print(f"{path}: outputs {', '.join(o.name for o in net.source_model.graph.output)} as the source, plus "
+          f"saliency (N, {max(args.top_k, 1)}, h, w) and saliency_class"
+          + (" (classes from the input 'target')" if args.top_k == 0 else ""))
+    return 0
+
+
 def _deletion_baseline_arg(p) -> None:
     p.add_argument("--deletion-baseline", default="zero", choices=("zero", "black", "blur", "impute"),
                    help="what removed pixels become in deletion curves: zero (RISE), black, blur, or impute "
@@ -208,6 +222,16 @@ def build_parser(describe_methods: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     _model_arg(p)
     p.set_defaults(func=cmd_batch)
+    p = sub.add_parser("export", help="write the model with Grad-CAM (or another exportable method) as extra "
+                                      "outputs, computed by onnxruntime in the same call")
+    p.add_argument("model", help="ONNX file or registry name")
+    p.add_argument("--method", default="gradcam", help="gradcam, gradcam_plus_plus, recipro_cam")
+    p.add_argument("--out", required=True, help="the ONNX file to write")
+    p.add_argument("--layer", default=None, help="the feature layer (default: gradcam_layers(net))")
+    p.add_argument("--top-k", type=int, default=1, help="maps of the K best classes; 0: an int64 input 'target'")
+    p.add_argument("--map-size", default="feature", choices=("feature", "input"),
+                   help="maps at the feature layer's grid, or resized (bicubic) to the input")
+    p.set_defaults(func=cmd_export)
     from .serve import cli as serve_cli  # argparse only: the service's own imports wait for run()
 
     p = sub.add_parser("serve", help="an HTTP service and an interactive page next to the model (FastAPI)")
