@@ -82,7 +82,7 @@ def vit_reference(model, x, label: int, kernel: str = "gaussian", scores: str = 
 def test_cnn_equals_reference_on_the_source_module(resnet, chelsea):
     """ResNet-18 at its last block's output (the default layer), probabilities and logits, against the
     torch reference on the module it was exported from; the public map is the low-resolution one
-    upsampled bicubically and clipped to [0, 1]."""
+    upsampled bicubically and clamped at 0."""
     net, model = resnet
     layer = net.layer("/layer4/layer4.1/relu_1/Relu")
     x = model_input(net, chelsea)
@@ -93,7 +93,7 @@ def test_cnn_equals_reference_on_the_source_module(resnet, chelsea):
         assert ours.shape == ref.shape == (7, 7)
         references.assert_close_in_units(ours, ref, 1e-4, f"Recipro-CAM ({scores})")
     public = recipro_cam(net, chelsea, 285, verbose=False)
-    expected = np.clip(references.bicubic_upsample(resnet_reference(model, x, 285), chelsea.shape[:2]), 0, 1)
+    expected = np.maximum(references.bicubic_upsample(resnet_reference(model, x, 285), chelsea.shape[:2]), 0)
     references.assert_close_in_units(public, expected, 1e-4, "Recipro-CAM at the image's size")
 
 
@@ -121,7 +121,7 @@ def test_labels_images_and_batches_share_the_runs(default_net, chelsea, coffee):
             alone = recipro_cam(default_net, image, label, batch_size=5, verbose=False)
             np.testing.assert_allclose(both[b][k], alone, atol=1e-5)
     assert [m.shape for m in both] == [(2, *chelsea.shape[:2]), (2, *coffee.shape[:2])]
-    assert all(m.min() >= 0 and m.max() <= 1 for m in both)
+    assert all(m.min() >= 0 and 0.9 < m.max() < 1.1 for m in both)
 
 
 def test_a_layer_the_head_bypasses_is_refused_naming_the_split(resnet, chelsea):

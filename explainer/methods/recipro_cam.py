@@ -1,0 +1,354 @@
+"""Recipro-CAM (Byun & Lee 2022, arXiv 2209.14074) and, on token layers, ViT-ReciproCAM (Byun & Lee
+2023, arXiv 2310.02588): CAMs without gradients, from one forward pass and one re-run of the head.
+
+The image runs once to the feature layer (an extra output of the onnxruntime session). The *head*, the
+subgraph from the feature tensor to the scores, is extracted from the runtime graph and runs in its
+own onnxruntime session on ``h * w`` copies of the feature tensor, copy ``k`` keeping only spatial
+location ``k``: the map at ``k`` is the target class's score of that copy. All labels share the runs.
+
+Masks (``kernel``): ``"point"`` keeps location ``k`` alone, zeroing the others (the paper's and
+OpenVINO XAI's CNN Recipro-CAM); ``"gaussian"`` keeps its 3 x 3 neighbourhood weighted by
+[[1, 2, 1], [2, 4, 2], [1, 2, 1]] / 16, cut at the border and not renormalised (OpenVINO XAI's
+ViTReciproCAM default); ``"auto"``: point on feature maps, gaussian on tokens.
+
+Token layers (ViT, DeiT, ...): the same method, dispatched on the layer's layout. Class and
+distillation tokens are kept unmasked in every copy; the patch tokens are masked. The default layer is
+Grad-CAM's, on a ViT the first LayerNorm of the last block (``norm1``); the head from it also reads the
+block's input through the residual connection, and that tensor is masked the same way, so the LayerNorm
+normalises the unmasked tokens and both its output and the residual stream are masked: what OpenVINO
+XAI's ViTReciproCAM does (masks after the block's input Add and after its LayerNorm, last block).
+Generally: every tensor the head reads from the image other than the feature layer must have the
+feature layer's token layout (it is masked alike); on a feature map (C, h, w) or a channels-last grid
+the head must read the image through the layer alone (a layer inside a residual block is refused with
+``HeadSplitError``, naming the nearest layer that splits the graph).
+
+Scores (``scores``): ``"probabilities"`` (the paper's softmax of the re-run scores, default) or
+``"logits"`` (the pre-softmax scores; for a graph that outputs only probabilities, their logarithm):
+OpenVINO XAI 1.1.0 takes the logits (the input of a trailing Softmax where there is one). Each class's
+map is then scaled to [0, 1] (min-max, as the paper; OpenVINO XAI scales to 0..255), upsampled to the
+image's size (bicubic, as every CAM here) and clamped at 0, as the exported graph does (the bicubic
+filter may overshoot 1 by a few percent between locations). A constant map is all zeros.
+
+Memory: the masked copies stream through the shared batching loop (``stream_probabilities``), a
+batch per stream at a time, each batch bounded by the run budget: a copy counts as one image's run of
+the whole graph (the head's intermediates are a subset) plus its masked feature tensors.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .. import limits
+from ..errors import InvalidParameterError, LayerNotFeatureMapError, UnsupportedModelError
+from ..graph import infer_shapes
+from ..runtime.perturb import stream_probabilities
+from ._common import finish, images_and_labels, resize_map
+from .gradcam import default_feature_layer
+from .registry import FORWARD_ONLY, BatchSize, Choice, Flag, LayerName, method
+
+if TYPE_CHECKING:
+    from ..model.layouts import FeatureLayout
+    from ..runtime.classifier import Classifier, Layer
+
+KERNELS = ("auto", "point", "gaussian")
+SCORES = ("probabilities", "logits")
+#: OpenVINO XAI's ViTReciproCAM kernel (and the authors' ``gaussian`` option)
+GAUSSIAN = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32) / 16
+
+
+class HeadSplitError(InvalidParameterError):
+    """The scores depend on the image other than through the feature layer (and tensors masked with it):
+    the graph cannot be split there into a backbone and a head."""
+
+
+# masks --------------------------------------------------------------------------------------------
+def location_masks(grid: tuple[int, int], kernel: str) -> np.ndarray:
+    """(h*w, h, w) float32: mask ``k = i * w + j`` keeps location (i, j) ("point") or its 3 x 3
+    neighbourhood weighted by ``GAUSSIAN`` ("gaussian"), zero elsewhere."""
+    h, w = grid
+    k = np.arange(h * w)
+    if kernel == "point":
+        out = np.zeros((h * w, h, w), np.float32)
+        out[k, k // w, k % w] = 1.0
+        return out
+    padded = np.zeros((h * w, h + 2, w + 2), np.float32)
+    for index in range(h * w):
+        i, j = divmod(index, w)
+        padded[index, i:i + 3, j:j + 3] = GAUSSIAN
+    return np.ascontiguousarray(padded[:, 1:-1, 1:-1])
+
+
+def mosaic(value: np.ndarray, layout: FeatureLayout, masks: np.ndarray) -> np.ndarray:
+    """``value`` (1, *per-image shape) of ``layout`` times each of ``masks`` (n, h, w): (n, ...) in the
+    tensor's own layout and dtype; leading (class) tokens kept."""
+    n = len(masks)
+    if layout.kind == "CHW":
+        out = value.astype(np.float32) * masks[:, None]
+    elif layout.kind == "HWC":
+        out = value.astype(np.float32) * masks[..., None]
+    else:
+        out = np.repeat(value.astype(np.float32), n, axis=0)
+        out[:, layout.prefix:] *= masks.reshape(n, -1, 1)
+    return out.astype(value.dtype, copy=False)
+
+
+# the head -----------------------------------------------------------------------------------------
+@dataclass
+class Head:
+    """The subgraph from the feature layer (and the tensors masked with it) to the scores."""
+
+    feature: str
+    inputs: tuple[str, ...]  # the feature tensor first, then the other tensors masked like it
+    layout: FeatureLayout
+    outputs: tuple[str, ...]  # the graph's scores output, then the logits before its Softmax if any
+    model: onnx.ModelProto
+    engine: object  # OrtEngine of ``model``
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in graph.node for o in n.output if o}
+
+
+def head_cut(net: Classifier, feature: str) -> tuple[list, list[str]]:
+    """(head nodes in graph order, image-dependent tensors other than ``feature`` that they read): the
+    nodes between ``feature`` and the scores; tensors computed from constants alone are computed in
+    the head too."""
+    graph = net.model.graph
+    producer = _producers(graph)
+    inits = {t.name for t in graph.initializer}
+    flows = net.structure.image_dependent
+    after, downstream = {feature}, set()  # tensors and nodes the feature layer reaches
+    for node in graph.node:
+        if any(i in after for i in node.input):
+            downstream.add(id(node))
+            after.update(o for o in node.output if o)
+    targets = [net.output.name] + ([net.output.softmax_input] if net.output.softmax_input else [])
+    chosen, side, seen, todo = set(), set(), set(), list(targets)
+    while todo:
+        name = todo.pop()
+        if not name or name in seen or name == feature or name in inits:
+            continue
+        seen.add(name)
+        node = producer.get(name)
+        if node is None:  # a graph input: the image
+            side.add(name)
+            continue
+        if id(node) not in downstream and name in flows:
+            side.add(name)  # from the image, around the feature layer
+            continue
+        chosen.add(id(node))
+        todo.extend(node.input)
+    return [n for n in graph.node if id(n) in chosen], sorted(side)
+
+
+def _nearest_split(net: Classifier, layer: Layer) -> str | None:
+    """The first layer after ``layer`` (in graph order) with a feature-map layout that the head can be
+    split at; None when none is."""
+    layers = net.layers()
+    names = [l.name for l in layers]
+    start = names.index(layer.name) + 1 if layer.name in names else 0
+    for candidate in layers[start:]:
+        if candidate.output not in net.structure.image_dependent:
+            continue
+        try:
+            found = net.layout(candidate)
+        except Exception:  # noqa: BLE001 - a layer without a readable layout is no candidate
+            continue
+        if found is None or found.kind == "tokens":
+            continue
+        if not head_cut(net, candidate.output)[1]:
+            return candidate.name
+    return None
+
+
+#: the heads made per Classifier (dropped with it) and feature tensor
+_HEADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def head_of(net: Classifier, layer: Layer, where: str = "recipro_cam") -> Head:
+    """The net's head from ``layer`` (made once per layer, kept on the net); refuses layers that are
+    not feature maps or that the scores bypass."""
+    with _LOCK:
+        cache = _HEADS.setdefault(net, {})
+        if layer.output in cache:
+            return cache[layer.output]
+        layout = net.feature_map_layout(layer, where)
+        if layout is None:
+            raise LayerNotFeatureMapError(
+                f"{where}: layer {layer.name!r} ({layer.op_type}) has no spatial dimensions (shape "
+                f"{layer.shape} per image): Recipro-CAM masks one location of a feature map at a time. "
+                "Pick a (C, H, W) map, a channels-last grid or tokens on the image's grid; "
+                "feature_layer=None takes Grad-CAM's default layer.")
+        nodes, side = head_cut(net, layer.output)
+        bad = [s for s in side if s == net.input.name or layout.kind != "tokens" or net.layout(s) != layout]
+        if bad:
+            what = ("the image input itself" if bad[0] == net.input.name else
+                    f"tensor {bad[0]!r}" + (f" ({net.layer(bad[0]).op_type})" if _is_layer(net, bad[0]) else ""))
+            nearest = _nearest_split(net, layer)
+            fix = (f"pick a layer every path from the image to the scores passes through, e.g. "
+                   f"feature_layer={nearest!r} (the nearest one after it)" if nearest else
+                   "pick a layer every path from the image to the scores passes through")
+            raise HeadSplitError(
+                f"{where}: the scores depend on the image other than through layer {layer.name!r}: the "
+                f"head after it also reads {what}, around the layer (a skip connection or a second "
+                f"branch), so masking the layer alone does not mask what the head sees. To go on: "
+                f"{fix}, or feature_layer=None (the default layer).")
+        outputs = (net.output.name,) + ((net.output.softmax_input,) if net.output.softmax_input else ())
+        model = _head_model(net, nodes, (layer.output, *side), outputs)
+        from ..runtime.ort_engine import OrtEngine
+
+        engine = OrtEngine(model, layer.output, net.ort.providers, f"{net.ort.model_key}|recipro:{layer.output}")
+        head = cache[layer.output] = Head(layer.output, (layer.output, *side), layout, outputs, model, engine)
+        return head
+
+
+def _is_layer(net: Classifier, name: str) -> bool:
+    return any(n.output and n.output[0] == name for n in net.model.graph.node)
+
+
+def _head_model(net: Classifier, nodes, inputs, outputs) -> onnx.ModelProto:
+    m = net.model
+    known = infer_shapes(m)
+
+    def info(name: str, free_batch: bool):
+        vi = known.get(name)
+        elem = (vi.type.tensor_type.elem_type if vi is not None else 0) or onnx.TensorProto.FLOAT
+        shape = None
+        if free_batch and vi is not None and vi.type.tensor_type.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+            shape = ["N"] + dims[1:] if dims and None not in dims[1:] else None
+        return helper.make_tensor_value_info(name, elem, shape)
+
+    used = {i for n in nodes for i in n.input}
+    graph = helper.make_graph(list(nodes), "recipro_cam_head", [info(i, True) for i in inputs],
+                              [info(o, False) for o in outputs],
+                              initializer=[t for t in m.graph.initializer if t.name in used])
+    out = helper.make_model(graph, opset_imports=list(m.opset_import), ir_version=m.ir_version)
+    out.functions.extend(m.functions)
+    return out
+
+
+# the method ---------------------------------------------------------------------------------------
+def _scores_fn(net: Classifier, head: Head, scores: str, single_thread: bool):
+    """feed → (n, K) float32 scores: probabilities, or logits (the log of probabilities for a graph
+    that outputs only those)."""
+    session = head.engine.session([], single_thread=single_thread)
+    names = list(head.outputs)
+
+    def run(feed: dict) -> np.ndarray:
+        out = session.run(names, feed)
+        if scores == "probabilities":
+            return net.scores_from_outputs(out[:1])
+        if len(out) > 1:  # the logits before the trailing Softmax
+            raw = out[1].reshape(len(out[1]), -1)
+            if not np.all(np.isfinite(raw)):
+                net.scores_from_outputs([raw])  # raises the library's NonFiniteOutputError
+            return raw.astype(np.float32)
+        if net.output.is_probability:
+            return np.log(np.maximum(net.scores_from_outputs(out[:1]), np.finfo(np.float32).tiny))
+        raw = out[0].reshape(len(out[0]), -1)
+        if not np.all(np.isfinite(raw)):
+            net.scores_from_outputs([raw])
+        return raw.astype(np.float32)
+
+    return run
+
+
+def head_batch_size(net: Classifier, head: Head, values: list[np.ndarray], batch_size) -> int:
+    """Masked copies per run: 'auto' splits the h*w copies evenly over the parallel streams; any size is
+    held to the run budget, a copy counting as one image's run of the whole graph plus its inputs."""
+    total = head.layout.grid[0] * head.layout.grid[1]
+    per_copy = net.ort.guard.estimate_for(net.per_image_shape).peak + sum(v[0].nbytes for v in values)
+    budget = max(1, limits.max_run_bytes() // max(per_copy, 1))
+    if batch_size == "auto":
+        streams = max(1, net.ort.parallel_streams())
+        batch_size = math.ceil(total / streams)
+    return max(1, min(int(batch_size), budget, total, net.max_batch or total))
+
+
+def low_resolution(net: Classifier, small: np.ndarray, layer: Layer, indices, *, kernel: str = "auto",
+                   scores: str = "probabilities", batch_size="auto", verbose: bool = False) -> np.ndarray:
+    """(K, h, w) Recipro-CAM maps in [0, 1] at the layer's resolution for one network-size image
+    (0..255 pixels)."""
+    head = head_of(net, layer)
+    values = net.ort.run(net.to_model_input(small[None]), list(head.inputs))
+    return maps_from_values(net, head, values, indices, kernel=kernel, scores=scores, batch_size=batch_size,
+                            verbose=verbose)
+
+
+def maps_from_values(net: Classifier, head: Head, values: list[np.ndarray], indices, *, kernel: str = "auto",
+                     scores: str = "probabilities", batch_size="auto", verbose: bool = False) -> np.ndarray:
+    """(K, h, w) maps in [0, 1] from one image's head inputs ``values`` (each (1, ...))."""
+    layout = head.layout
+    h, w = layout.grid
+    masks = location_masks(layout.grid, _kernel(kernel, layout))
+    batch = head_batch_size(net, head, values, batch_size)
+
+    def make_batch(start, stop):  # depends on (start, stop) alone: batches are made in the streams
+        return {name: mosaic(v, layout, masks[start:stop]) for name, v in zip(head.inputs, values)}
+
+    out = np.empty((h * w, len(indices)), np.float64)
+    for start, stop, s in stream_probabilities(net, make_batch, h * w, batch_size=batch, verbose=verbose,
+                                               desc="Recipro-CAM",
+                                               forward=lambda single: _scores_fn(net, head, scores, single)):
+        if s.shape[1] <= max(indices):
+            raise InvalidParameterError(f"recipro_cam: class {max(indices)} is out of range ({s.shape[1]}).")
+        out[start:stop] = s[:, indices]
+    return normalise(out.T.reshape(len(indices), h, w))
+
+
+def normalise(cams: np.ndarray) -> np.ndarray:
+    """Each (h, w) map min-max scaled to [0, 1]; a constant map becomes zeros."""
+    low = cams.min(axis=(-2, -1), keepdims=True)
+    span = cams.max(axis=(-2, -1), keepdims=True) - low
+    return np.where(span > 0, (cams - low) / np.where(span > 0, span, 1), 0).astype(np.float32)
+
+
+def _kernel(kernel: str, layout: FeatureLayout) -> str:
+    if kernel == "auto":
+        return "gaussian" if layout.kind == "tokens" else "point"
+    return kernel
+
+
+@method("recipro_cam", kind=FORWARD_ONLY,
+        options=dict(feature_layer=LayerName(help="the layer whose locations are kept one at a time "
+                                                   "(default: Grad-CAM's default layer; on a ViT the "
+                                                   "last block's first LayerNorm, its input masked too)"),
+                     kernel=Choice(KERNELS, help="'point': one location kept; 'gaussian': its 3x3 "
+                                                 "neighbourhood weighted 1-2-1; 'auto': point on feature "
+                                                 "maps, gaussian on tokens (OpenVINO XAI's defaults)"),
+                     scores=Choice(SCORES, help="'probabilities' (the paper's softmax) or 'logits' (the "
+                                                "pre-softmax scores, as OpenVINO XAI 1.1.0)"),
+                     batch_size=BatchSize(help="masked copies per head run ('auto': the h*w copies split "
+                                               "over the parallel streams, within the run budget)"),
+                     verbose=Flag()),
+        answers="how strongly the class is predicted from each location of the feature layer kept alone",
+        returns="maps at the image's size, >= 0: each class's map min-max scaled to [0, 1] at the layer's "
+                "resolution, then upsampled",
+        cost="one forward pass to the feature layer, then the head (layer → scores) on h*w masked copies "
+             "of it (all labels share them)",
+        reference="an independent torch Recipro-CAM on the source module (tests/test_recipro_cam.py); "
+                  "OpenVINO XAI's ReciproCAM/ViTReciproCAM on the same file (benchmarks/recipro_cam.py)")
+def recipro_cam(net: Classifier, image, label, *, feature_layer=None, kernel="auto", scores="probabilities",
+                batch_size="auto", verbose=True):
+    """Recipro-CAM map(s): (H, W) for one label, (K, H, W) for several, at the image's size."""
+    where = "recipro_cam"
+    layer = net.layer(feature_layer if feature_layer is not None else default_feature_layer(net)[0])
+    head = head_of(net, layer, where)
+    pixels, is_batch, indices, several = images_and_labels(net, image, label, where)
+    maps = []
+    for p in pixels:
+        # one backbone pass (the feature layer and the tensors masked with it), then the head
+        values = net.ort.run(net.to_model_input(net.fit_pixels(p)[None]), list(head.inputs))
+        cam = maps_from_values(net, head, values, indices, kernel=kernel, scores=scores, batch_size=batch_size,
+                               verbose=verbose)
+        maps.append(np.maximum(resize_map(cam, p.shape[:2]), 0.0))
+    return finish(maps, is_batch, several, where)
