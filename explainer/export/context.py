@@ -28,6 +28,7 @@ class ExportContext:
     dtypes: dict = field(default_factory=dict)
     values: dict = field(default_factory=dict)  # measured values of small integer tensors
     measured_batch: int = 1
+    ir_version: int = 8
     needed_opset: int = 0
     _used: set = field(default_factory=set)
     _counter: int = 0
@@ -60,7 +61,11 @@ class ExportContext:
         if array.dtype == np.float64:
             array = array.astype(np.float32)
         name = self.name(hint)
-        self.graph.initializer.append(numpy_helper.from_array(array, name))
+        if self.ir_version < 4:  # initializers must then be graph inputs too: a Constant node instead
+            self.graph.node.append(helper.make_node("Constant", [], [name], name=self.name("Constant_node"),
+                                                    value=numpy_helper.from_array(array, name)))
+        else:
+            self.graph.initializer.append(numpy_helper.from_array(array, name))
         return name
 
     def scalar(self, value: float, like: str | None = None) -> str:

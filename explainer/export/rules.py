@@ -534,15 +534,56 @@ def _global_average_pool(b, node, grads):
 
 @rule("AveragePool")
 def _average_pool(b, node, grads):
+    """Any 2-D average pool (pads, strides, dilations, ceil_mode, count_include_pad) as the dense
+    (out positions x in positions) matrix of its weights, onnxruntime's window and divisor."""
     x = node.input[0]
     xs, ys = b.shape(x), b.shape(node.output[0])
     kernel = list(attr(node, "kernel_shape"))
-    pads = attr(node, "pads") or [0] * (2 * len(kernel))
     auto_pad = attr(node, "auto_pad", b"NOTSET")
-    if (xs is not None and ys is not None and all(v == 1 for v in ys[2:]) and list(xs[2:]) == kernel
-            and not any(pads) and auto_pad in (b"NOTSET", b"VALID", "NOTSET", "VALID")):
-        return [_spread(b, grads[0], x, list(range(2, len(xs))), 1, True)]
-    _unsupported(node, "a kernel smaller than the whole map (only whole-map average pools have a rule)")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if xs is None or ys is None or len(xs) != 4:
+        _unsupported(node, "an input that is not (N, C, H, W)")
+    pads = list(attr(node, "pads") or [0, 0, 0, 0])
+    strides = list(attr(node, "strides") or [1, 1])
+    dilations = list(attr(node, "dilations") or [1, 1])
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        for i in range(2):
+            total = max((ys[2 + i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - xs[2 + i], 0)
+            small, large = total // 2, total - total // 2
+            pads[i], pads[2 + i] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
+    elif auto_pad == "VALID":
+        pads = [0, 0, 0, 0]
+    if list(xs[2:]) == kernel and all(v == 1 for v in ys[2:]) and not any(pads):
+        return [_spread(b, grads[0], x, [2, 3], 1, True)]
+    include = attr(node, "count_include_pad", 0)
+    (height, width), (oh, ow) = xs[2:], ys[2:]
+    if oh * ow * height * width > 4_000_000:
+        _unsupported(node, f"a {height}x{width} → {oh}x{ow} pool (its weight matrix would be too large)")
+
+    def windows(size, out, k, stride, dilation, begin, end):
+        rows = []
+        for o in range(out):
+            start = o * stride - begin
+            stop = min(start + (k - 1) * dilation + 1, size + end)
+            taps = list(range(start, stop, dilation))
+            valid = [t for t in taps if 0 <= t < size]
+            rows.append((valid, len(taps)))
+        return rows
+
+    rows = windows(height, oh, kernel[0], strides[0], dilations[0], pads[0], pads[2])
+    cols = windows(width, ow, kernel[1], strides[1], dilations[1], pads[1], pads[3])
+    matrix = np.zeros((oh * ow, height * width), np.dtype(b.ctx.np_dtype(x)))
+    for i, (vy, ny) in enumerate(rows):
+        for j, (vx, nx) in enumerate(cols):
+            count = ny * nx if include else len(vy) * len(vx)
+            for y in vy:
+                for xx in vx:
+                    matrix[i * ow + j, y * width + xx] += 1.0 / count
+    g = grads[0]
+    flat = b.ctx.reshape(g, b.ctx.node("Concat", [b.ctx.shape_of(g, 0, 3),
+                                                  b.ctx.const(np.asarray([oh * ow], np.int64), "n")], axis=0))
+    spread = b.ctx.node("MatMul", [flat, b.ctx.const(matrix, "pool")])
+    return [b.reshape_like(spread, x)]
 
 
 # normalisation and softmax ------------------------------------------------------------------------

@@ -64,7 +64,8 @@ def export_explained(net, out, method: str = "gradcam", feature_layer=None, top_
             raise UnsupportedModelError(f"{where}: the model already has a tensor named {name!r}.")
 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-    ctx = ExportContext(graph, opset, feature, layout, scores, net.num_classes, top_k=max(top_k, 1), head=head)
+    ctx = ExportContext(graph, opset, feature, layout, scores, net.num_classes, top_k=max(top_k, 1), head=head,
+                        ir_version=model.ir_version)
     _measure(net, ctx, head)
     mapping = head.copy(ctx, _distinct(ctx, feature))
     scores_copy = mapping[scores]
@@ -73,9 +74,8 @@ def export_explained(net, out, method: str = "gradcam", feature_layer=None, top_
         graph.input.append(helper.make_tensor_value_info(TARGET, onnx.TensorProto.INT64, [_batch_dim(net)]))
         classes = ctx.unsqueeze(TARGET, [1])
     else:
-        k = ctx.const(np.asarray([top_k], np.int64), "k")
         if opset >= 10:
-            _, classes = ctx.node("TopK", [flat, k], n_outputs=2, axis=1)
+            _, classes = ctx.node("TopK", [flat, ctx.const(np.asarray([top_k], np.int64), "k")], n_outputs=2, axis=1)
         else:
             _, classes = ctx.node("TopK", [flat], n_outputs=2, axis=1, k=top_k)
     ctx.node("Identity", [classes], outputs=[SALIENCY_CLASS])
