@@ -181,3 +181,55 @@ def _total(ctx, names):
 
 def _is_float(dtype) -> bool:
     return np.dtype(dtype).type in FLOAT_TYPES
+
+
+def measure(model: onnx.ModelProto, feeds: dict, names) -> tuple[dict, dict, dict]:
+    """(shapes, dtypes, small integer values) of tensors ``names`` of ``model`` on ``feeds``: one
+    onnxruntime run with them as extra outputs (initializers are read from the graph)."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    initialisers = {t.name: t for t in probe.graph.initializer}
+    existing = {o.name for o in probe.graph.output}
+    inputs = {i.name for i in probe.graph.input}
+    wanted = sorted(set(names) - set(initialisers) - existing - inputs)
+    for name in wanted:
+        probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    out_names = [o.name for o in session.get_outputs()]
+    shapes, dtypes, values = {}, {}, {}
+    arrays = dict(zip(out_names, session.run(out_names, feeds)))
+    arrays.update({k: v for k, v in feeds.items()})
+    for name, value in arrays.items():
+        value = np.asarray(value)
+        shapes[name], dtypes[name] = tuple(value.shape), value.dtype
+        if value.dtype.kind in "iu" and value.size <= 64:
+            values[name] = value
+    for name, t in initialisers.items():
+        shapes[name] = tuple(t.dims)
+        dtypes[name] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    return shapes, dtypes, values
+
+
+def gradient_model(model: onnx.ModelProto, wrt: str, of: str, feeds: dict) -> onnx.ModelProto:
+    """A copy of ``model`` with one more output, ``gradient``: d sum(``of``) / d ``wrt`` written by the
+    rules (how tests check each rule against torch.autograd on a tiny graph)."""
+    from .context import ExportContext
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 1)
+    ctx = ExportContext(out.graph, opset, wrt, None, of, 0, ir_version=out.ir_version)
+    head = Head(out.graph, wrt, of)
+    ctx.shapes, ctx.dtypes, ctx.values = measure(model, feeds, head.tensors | head.inputs | {wrt})
+    mapping = head.copy(ctx, wrt)
+    seed = ctx.const(np.ones((1, *ctx.shape(of)), ctx.np_dtype(of)), "seed")
+    gradient = Backward(ctx, head, mapping, constant_values(out.graph)).run(seed)
+    ctx.node("Squeeze" if opset < 13 else "Squeeze", [gradient] + ([ctx.const(np.asarray([0], np.int64), "axes")]
+                                                                 if opset >= 13 else []),
+             outputs=["gradient"], **({} if opset >= 13 else {"axes": [0]}))
+    out.graph.output.append(onnx.helper.make_tensor_value_info("gradient", ctx.elem_type(wrt), None))
+    return out

@@ -14,7 +14,7 @@ from ..errors import InvalidParameterError, LayerNotFeatureMapError, Unsupported
 from . import EXPORTERS, _register_builtin
 from .context import ExportContext
 from .errors import ExportWriteError
-from .head import Backward, Head, constant_values
+from .head import Backward, Head, constant_values, measure
 from .resize import resize_maps
 
 MAP_SIZES = ("feature", "input")
@@ -135,39 +135,16 @@ def _measure(net, ctx: ExportContext, head: Head) -> None:
     """Shapes, dtypes and small integer values of the head's tensors, from one onnxruntime run of the
     source graph (a batch of 2 where the graph takes any batch, so that broadcasting over the batch
     shows)."""
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(net.source_model)
-    initialisers = {t.name for t in probe.graph.initializer}
-    existing = {o.name for o in probe.graph.output}
-    wanted = sorted((head.tensors | head.inputs | {ctx.feature}) - initialisers - existing
-                    - {i.name for i in probe.graph.input})
-    for name in wanted:
-        probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    batch = 2 if not isinstance(_batch_dim(net), int) and net.max_batch is None else 1
+    extra = [i.name for i in net.source_model.graph.input
+             if i.name != net.input.name and i.name not in {t.name for t in net.source_model.graph.initializer}]
+    if extra:
+        raise UnsupportedModelError(f"export_explained: the model has another input {extra[0]!r}; only "
+                                    "single-input classifiers are exported.")
+    batch = 2 if not isinstance(_batch_dim(net), int) else 1
     rng = np.random.default_rng(0)
     pixels = rng.uniform(0, 255, (batch, *net.input_size, net.input.channels)).astype(np.float32)
-    x = net.to_model_input(pixels)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feeds = {net.input.name: x}
-    for extra in session.get_inputs():
-        if extra.name not in feeds:
-            raise UnsupportedModelError(f"export_explained: the model has a second input {extra.name!r}; only "
-                                        "single-input classifiers are exported.")
-    names = [o.name for o in session.get_outputs()]
-    values = session.run(names, feeds)
-    for name, value in zip(names, values):
-        value = np.asarray(value)
-        ctx.shapes[name] = tuple(value.shape)
-        ctx.dtypes[name] = value.dtype
-        if value.dtype.kind in "iu" and value.size <= 64:
-            ctx.values[name] = value
-    for t in net.source_model.graph.initializer:
-        ctx.shapes[t.name] = tuple(t.dims)
-        ctx.dtypes[t.name] = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+    feeds = {net.input.name: net.to_model_input(pixels)}
+    ctx.shapes, ctx.dtypes, ctx.values = measure(net.source_model, feeds, head.tensors | head.inputs | {ctx.feature})
     ctx.measured_batch = batch
 
 
