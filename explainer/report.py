@@ -13,6 +13,7 @@ import numpy as np
 from .errors import InvalidParameterError
 from .evaluate import DELETION_BASELINES
 from .io import to_pixels
+from .model.labels import LabelSpec, top_indices
 from .validation import check_choice
 
 if TYPE_CHECKING:
@@ -21,21 +22,35 @@ if TYPE_CHECKING:
 DEFAULT_METHODS = ("gradcam", "occlusion", "lime", "gradient", "guided_backprop")
 
 
-def run_method(net: Classifier, name: str, image, labels, verbose: bool = True, **options):
-    """(maps, the options it ran with) for a registered method: seeded methods get random_state=0
-    unless given, so that a report is reproducible; the options recorded are the resolved ones."""
+def run_method(net: Classifier, name: str, image, labels, resolved: dict):
+    """(maps, the options it ran with) for a registered method, its options ``resolved`` already
+    (``validated_options``: checked once, before any work)."""
     from .methods.registry import get_method
 
-    method = get_method(name, "explain")
-    options = method.reproducible(options, verbose)
-    resolved = method.validate(net, options, "explain")
-    maps = method(net, image, labels, **options)
+    maps = get_method(name).function.unchecked(net, image, labels, **resolved)
     params = {k: _plain(v) for k, v in resolved.items() if k != "verbose"}
     if "feature_layer" in params and params["feature_layer"] is None:
         from .methods.gradcam import gradcam_layers
 
         params["feature_layer"] = gradcam_layers(net).feature
     return maps, params
+
+
+def validated_options(net: Classifier, methods, options, verbose: bool, where: str = "explain") -> dict:
+    """{method: its options checked and normalised}, before any work: seeded methods get random_state=0
+    unless given, so that a report is reproducible; unknown method names and options are refused."""
+    from .methods.registry import get_method
+
+    if isinstance(methods, str) or not methods:
+        raise InvalidParameterError(f"{where}: methods must be a non-empty list of method names; got {methods!r}.")
+    names = [get_method(m, where).name for m in methods]
+    given = {}
+    for name, opts in dict(options or {}).items():
+        given[get_method(name, where).name] = dict(opts)
+    checked = {name: get_method(name).validate(net, get_method(name).reproducible(opts, verbose), where)
+               for name, opts in given.items()}  # options of methods not run are checked too, as before
+    return {name: checked.get(name) or get_method(name).validate(net, get_method(name).reproducible({}, verbose), where)
+            for name in names}
 
 
 def _plain(value):
@@ -45,20 +60,6 @@ def _plain(value):
     if isinstance(value, tuple):
         return list(value)
     return value
-
-
-def resolve_labels(net: Classifier, image, spec: str) -> list[int]:
-    """'top3' (any k) or comma-separated class names / indices → class indices."""
-    spec = spec.strip()
-    if spec.startswith("top") and spec[3:].isdigit():
-        k = int(spec[3:])
-        return [p.index for p in net.top_k(image, k)]
-    out = []
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        out.append(net.class_index(int(part) if part.isdigit() else part, "labels"))
-    if not out:
-        raise InvalidParameterError(f"labels must be 'topK' or class names/indices; got {spec!r}.")
-    return out
 
 
 DPI = 150
@@ -73,16 +74,10 @@ def explain(net: Classifier, image, *, methods=DEFAULT_METHODS, labels="top3", o
     from PIL import Image
 
     from . import progress
-    from .methods.registry import get_method
+    from .runtime.classifier import Prediction
 
-    if isinstance(methods, str) or not methods:
-        raise InvalidParameterError(f"explain: methods must be a non-empty list of method names; got {methods!r}.")
-    methods = [get_method(m, "explain").name for m in methods]  # unknown names fail before any work
-    options = dict(options or {})
-    for name in list(options):
-        canonical = get_method(name, "explain").name
-        options[canonical] = options.pop(name)
-        get_method(canonical).validate(net, options[canonical], "explain")
+    resolved = validated_options(net, methods, options, verbose)
+    methods = list(resolved)
     check_choice("explain", "deletion_baseline", deletion_baseline, DELETION_BASELINES)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,10 +85,9 @@ def explain(net: Classifier, image, *, methods=DEFAULT_METHODS, labels="top3", o
     rgb = np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels
     Image.fromarray(rgb.astype(np.uint8)).save(out / "image.png")
     image = pixels / 255.0  # as the methods take it (floats in 0..1), computed once
-    indices = resolve_labels(net, image, labels) if isinstance(labels, str) else \
-        net.class_indices(labels, "labels")[0]
-    probs = net.predict(image)
-    top = net.top_k(image, min(5, len(net.class_names)))
+    probs = net.predict(image)  # one forward pass: the labels, their scores and the top 5
+    indices = LabelSpec.parse(labels).indices(net.class_index, probs)
+    top = [Prediction(net.class_names[i], i, float(probs[i])) for i in top_indices(probs, 5)]
     results = []
     phases = progress.bar(total=len(methods) * (1 + (len(indices) if evaluate else 0)), desc="explain",
                           unit="phase", verbose=verbose, leave=True)
@@ -101,7 +95,7 @@ def explain(net: Classifier, image, *, methods=DEFAULT_METHODS, labels="top3", o
         for name in methods:
             phases.set_description_str(f"explain: {name}")
             start = time.perf_counter()
-            maps, params = run_method(net, name, image, indices, verbose, **dict(options.get(name, {})))
+            maps, params = run_method(net, name, image, indices, resolved[name])
             seconds = time.perf_counter() - start
             phases.update()
             maps = np.asarray(maps).reshape(len(indices), *pixels.shape[:2])

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import ExplainerError, InvalidParameterError
+from ..model.labels import LabelSpec, top_indices
 from .sources import ImageRef
 
 if TYPE_CHECKING:
@@ -29,6 +30,8 @@ class Plan:
     steps: int = 50                   # points of each deletion / insertion curve
     deletion_baseline: str = "zero"
     top_k: int = 5                    # predictions kept per row
+    #: {method: its options checked and normalised}, what the methods run with (checked once, here)
+    checked: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def validated(cls, net, methods, labels="top1", metrics=METRICS, options=None, steps=50,
@@ -49,32 +52,24 @@ class Plan:
         if unused:
             raise InvalidParameterError(f"{where}: options given for {sorted(unused)}, which are not among the "
                                         f"methods {list(names)}.")
-        resolved = {}
+        resolved, checked = {}, {}
         for name in names:
             method = get_method(name)
-            opts = method.reproducible(given.get(name, {}), verbose=False)  # a resume gives the same maps
-            method.validate(net, opts, where)
-            resolved[name] = opts
+            resolved[name] = method.reproducible(given.get(name, {}), verbose=False)  # a resume gives the same maps
+            checked[name] = method.validate(net, resolved[name], where)
         metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics or ())
         for m in metrics:
             check_choice(where, "metrics", m, METRICS)
-        if isinstance(labels, str):
-            spec = labels.strip()
-            if not (spec.startswith("top") and spec[3:].isdigit() and int(spec[3:]) >= 1):
-                labels = tuple(s.strip() for s in spec.split(",") if s.strip())
-            else:
-                labels = spec
-        if not isinstance(labels, str):
-            labels = tuple(net.class_names[i] for i in net.class_indices(list(labels), f"{where}: labels")[0])
+        spec = LabelSpec.parse(labels, f"{where}: labels")
+        # kept as text ("top3") or class names: what a resumed job's plan is compared by
+        labels = f"top{spec.top}" if spec.top is not None else \
+            tuple(net.class_names[i] for i in spec.indices(net.class_index, where=f"{where}: labels"))
         check_choice(where, "deletion_baseline", deletion_baseline, DELETION_BASELINES)
         return cls(names, labels, metrics, resolved, check_int(where, "steps", steps, minimum=2, maximum=10_000),
-                   deletion_baseline, min(check_int(where, "top_k", top_k, minimum=1), net.num_classes))
+                   deletion_baseline, min(check_int(where, "top_k", top_k, minimum=1), net.num_classes), checked)
 
     def label_indices(self, net, probs: np.ndarray) -> list[int]:
-        if isinstance(self.labels, str):
-            k = min(int(self.labels[3:]), len(probs))
-            return [int(i) for i in np.argsort(-probs, kind="stable")[:k]]
-        return net.class_indices(list(self.labels), "labels")[0]
+        return LabelSpec.parse(self.labels).indices(net.class_index, probs)
 
 
 @dataclass
@@ -103,7 +98,7 @@ def explain_image(net: Classifier, ref: ImageRef, plan: Plan, worker: str = "loc
         labels = plan.label_indices(net, probs)
     except ExplainerError as exc:
         return ImageResult([], [error_row(ref, exc)])
-    order = np.argsort(-probs, kind="stable")[:plan.top_k]
+    order = top_indices(probs, plan.top_k)
     top = dict(top_k_indices=[int(i) for i in order], top_k_labels=[net.class_names[i] for i in order],
                top_k_scores=[float(probs[i]) for i in order])
     h, w = net.input.size
@@ -112,7 +107,9 @@ def explain_image(net: Classifier, ref: ImageRef, plan: Plan, worker: str = "loc
         options = plan.options.get(name, {})
         start = time.perf_counter()
         try:
-            maps = np.asarray(get_method(name)(net, image, labels, **options), np.float32)
+            method = get_method(name)
+            maps = np.asarray(method.function.unchecked(net, image, labels, **plan.checked[name])
+                              if name in plan.checked else method(net, image, labels, **options), np.float32)
         except ExplainerError as exc:
             errors.append(error_row(ref, exc, name))
             continue

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import InvalidParameterError, InvalidParameterTypeError
 
@@ -87,3 +91,54 @@ def resolve(labels, metadata: dict, num_classes: int | None) -> list[str] | None
             seen.add(n)
         raise InvalidParameterError(f"load: labels must be unique; repeated: {dup[:5]}.")
     return names
+
+
+# which classes to explain ------------------------------------------------------------------------
+_TOP = re.compile(r"^top(\d+)$", re.IGNORECASE)
+
+
+def top_indices(probabilities: np.ndarray, k: int) -> list[int]:
+    """The ``k`` most probable classes of one (K,) row, most probable first (ties in class order)."""
+    return [int(i) for i in np.argsort(-probabilities, kind="stable")[:k]]
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """Which classes to explain: the top ``top`` predictions (known once the image is classified) or
+    the given classes (indices or names). The one parser of "top3" / "tabby,5" for every way in: the
+    report, the CLI, the service and the dataset jobs."""
+
+    top: int | None = None
+    classes: tuple = ()
+
+    @classmethod
+    def parse(cls, value, where: str = "labels") -> "LabelSpec":
+        """None or '' (the top class), "topK" (K ≥ 1, any case), comma-separated class indices or names,
+        or a list of them."""
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return cls(top=1)
+        if isinstance(value, str):
+            match = _TOP.match(value.strip())
+            if match:
+                k = int(match.group(1))
+                if k < 1:
+                    raise InvalidParameterError(f"{where}: top{k} asks for no class; use top1 or more.")
+                return cls(top=k)
+            value = [int(v) if v.isdigit() else v for v in (v.strip() for v in value.split(",")) if v]
+        if isinstance(value, (int, np.integer, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not value:
+            raise InvalidParameterTypeError(f"{where}: 'topK', or a list of class indices or names is needed; "
+                                            f"got {value!r}.")
+        for label in value:
+            if isinstance(label, bool) or not isinstance(label, (int, np.integer, str)):
+                raise InvalidParameterTypeError(f"{where}: class indices (integers) or names (text) are "
+                                                f"needed; got {label!r}.")
+        return cls(classes=tuple(dict.fromkeys(int(v) if isinstance(v, np.integer) else v for v in value)))
+
+    def indices(self, class_index, probabilities: np.ndarray | None = None, where: str = "labels") -> list[int]:
+        """Class indices: the top classes of ``probabilities`` (one image's (K,) row), or the given
+        classes through ``class_index(label, where)`` (``Classifier.class_index``), each once."""
+        if self.top is not None:
+            return top_indices(probabilities, min(self.top, len(probabilities)))
+        return list(dict.fromkeys(class_index(c, where) for c in self.classes))

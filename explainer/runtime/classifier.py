@@ -19,6 +19,7 @@ from ..errors import (BatchFallbackWarning, InvalidParameterError, InvalidParame
 from ..io import to_pixel_batch
 from ..validation import check_batch_size, check_int, closest
 from ..model import labels as labels_mod
+from ..model.labels import top_indices
 from ..model import preprocess as preprocess_mod
 from .budget import RunGuard
 from ..graph import dims, infer_shapes, layer_name
@@ -49,6 +50,12 @@ def not_a_feature_map(where: str, layer: "Layer", attention: bool = False) -> st
             "image's grid (after class tokens) or a channels-last (H, W, C) grid. Attention "
             "probabilities and q/k/v split into heads have no place in the image; net.layers() lists "
             "the layers.")
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """(N, K) scores → float32 probabilities, computed in float64 (max subtracted first)."""
+    z = np.exp(scores.astype(np.float64) - scores.max(axis=1, keepdims=True))
+    return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 class _NotBatchable(Exception):
@@ -295,11 +302,7 @@ class Classifier:
             raise NonFiniteOutputError(
                 f"model {self.name!r} produced NaN or infinite scores; check the image and the "
                 "preprocessing (a wrong scale can overflow float16 models).")
-        if self.output.is_probability:
-            return raw.astype(np.float32)
-        z = raw.astype(np.float64)
-        z = np.exp(z - z.max(axis=1, keepdims=True))
-        return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+        return raw.astype(np.float32) if self.output.is_probability else softmax(raw)
 
     def predict_model_input(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """(N, K) probabilities for a prepared model-input batch."""
@@ -346,8 +349,7 @@ class Classifier:
         probs = self.predict(image)
         if probs.ndim != 1:
             raise InvalidParameterError("top_k: pass one image, not a batch.")
-        order = np.argsort(-probs, kind="stable")[:k]
-        return [Prediction(self.class_names[i], int(i), float(probs[i])) for i in order]
+        return [Prediction(self.class_names[i], i, float(probs[i])) for i in top_indices(probs, k)]
 
     def class_index(self, label, where: str = "label") -> int:
         """A class index from an index or a class name; unknown names list the closest ones."""

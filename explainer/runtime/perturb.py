@@ -49,6 +49,7 @@ def forward_fn(net: Classifier, backend: str, single_thread: bool = False, logit
         return run
     import torch
 
+    from .classifier import softmax
     from .torch_engine import torch_engine
 
     engine = torch_engine(net)
@@ -62,11 +63,7 @@ def forward_fn(net: Classifier, backend: str, single_thread: bool = False, logit
             return net.scores_from_outputs([out])  # raises the library's NonFiniteOutputError
         if logits:
             return np.log(np.maximum(out, np.finfo(np.float32).tiny)) if already_probabilities else out.astype(np.float32)
-        if already_probabilities:
-            return out.astype(np.float32)
-        z = out.astype(np.float64)
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        return out.astype(np.float32) if already_probabilities else softmax(out)
 
     return run_torch
 

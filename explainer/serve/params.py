@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 
 from ..errors import InvalidParameterError, InvalidParameterTypeError
+from ..model.labels import LabelSpec
 from ..methods.registry import SEED, Custom, Int, Method, get_method
 
 #: options the service sets itself: the value it passes
@@ -30,19 +30,6 @@ SERVICE_SET = {"verbose": False}
 SERVICE_OWNED = ("verbose", "batch_size")
 OUTPUTS = ("maps", "overlays", "heatmaps")
 DEFAULT_OUTPUTS = ("maps", "overlays")
-_TOP = re.compile(r"^top(\d+)$")
-
-
-@dataclass(frozen=True)
-class Labels:
-    """Either the top ``k`` predicted classes (known once the image is classified), or class indices."""
-
-    top: int | None = None
-    indices: tuple[int, ...] = ()
-
-    def resolve(self, top_k) -> list[int]:
-        """Class indices: ``top_k(k)`` gives the predictions when ``top`` is set."""
-        return [p.index for p in top_k(self.top)] if self.top is not None else list(self.indices)
 
 
 def parse_methods(value) -> list[Method]:
@@ -56,34 +43,18 @@ def parse_methods(value) -> list[Method]:
     return list({m.name: m for m in methods}.values())
 
 
-def parse_labels(value, max_labels: int, net) -> Labels:
-    """None (the top class), "topK", class indices or names (a list, or comma-separated text); names and
-    indices are checked against ``net``'s classes here (the closest names suggested)."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return Labels(top=1)
-    if isinstance(value, str):
-        match = _TOP.match(value.strip().lower())
-        if match:
-            k = int(match.group(1))
-            if not 1 <= k <= max_labels:
-                raise InvalidParameterError(f"labels: top{k} asks for {k} classes; the service explains 1 to "
-                                            f"{max_labels} per request.")
-            return Labels(top=k)
-        value = [v.strip() for v in value.split(",") if v.strip()]
-        value = [int(v) if v.isdigit() else v for v in value]
-    if isinstance(value, (int, str)) and not isinstance(value, bool):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not value:
-        raise InvalidParameterTypeError(f"labels: 'topK', or a list of class indices or names is needed; "
-                                        f"got {value!r}.")
-    for label in value:
-        if isinstance(label, bool) or not isinstance(label, (int, str)):
-            raise InvalidParameterTypeError(f"labels: class indices (integers) or names (text) are needed; "
-                                            f"got {label!r}.")
-    if len(set(value)) > max_labels:
-        raise InvalidParameterError(f"labels: {len(set(value))} classes asked for; the service explains at most "
-                                    f"{max_labels} per request.")
-    return Labels(indices=tuple(dict.fromkeys(net.class_index(label, "labels") for label in value)))
+def parse_labels(value, max_labels: int, net) -> LabelSpec:
+    """None (the top class), "topK", class indices or names (a list, or comma-separated text), as
+    ``LabelSpec.parse`` reads them; names and indices are checked against ``net``'s classes here (the
+    closest names suggested), and at most ``max_labels`` per request."""
+    spec = LabelSpec.parse(value, "labels")
+    if spec.top is not None and spec.top > max_labels:
+        raise InvalidParameterError(f"labels: top{spec.top} asks for {spec.top} classes; the service explains "
+                                    f"1 to {max_labels} per request.")
+    if len(spec.classes) > max_labels:
+        raise InvalidParameterError(f"labels: {len(spec.classes)} classes asked for; the service explains at "
+                                    f"most {max_labels} per request.")
+    return spec if spec.top is not None else LabelSpec(classes=tuple(spec.indices(net.class_index)))
 
 
 def parse_options(value, methods: list[Method], max_option_value: int) -> dict[str, dict]:

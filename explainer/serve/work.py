@@ -21,7 +21,8 @@ import numpy as np
 from ..errors import ResourceLimitError
 from ..methods.registry import GRADIENT, Method
 from .images import decode, for_library
-from .params import DEFAULT_OUTPUTS, Labels
+from ..model.labels import LabelSpec
+from .params import DEFAULT_OUTPUTS
 from .progress import JobState
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ def float16(m: np.ndarray) -> str:
 class ExplainJob:
     data: bytes
     methods: list[Method]
-    labels: Labels
+    labels: LabelSpec
     options: dict[str, dict]
     outputs: tuple[str, ...] = DEFAULT_OUTPUTS
     alpha: float = 0.5
@@ -107,8 +108,8 @@ def explain(net: Classifier, spec: ExplainJob, max_pixels: int, job: JobState, l
     image = for_library(decode(spec.data, max_pixels))
     timings["decode_s"], start = _seconds(begin), time.perf_counter()
     job.set_stage("labels")
-    indices = spec.labels.resolve(lambda k: net.top_k(image, k))
-    probabilities = net.predict(image)
+    probabilities = net.predict(image)  # one forward pass: the labels' indices and their scores
+    indices = spec.labels.indices(net.class_index, probabilities)
     labels = [{"index": i, "label": net.class_names[i], "score": float(probabilities[i])} for i in indices]
     timings["labels_s"], timings["methods"] = _seconds(start), {}
     maps_asked = len(spec.methods) * len(indices)
