@@ -474,3 +474,21 @@ def test_page_in_headless_chromium(live_server, default_net, images, tmp_path):
         assert not browser.find_element(By.ID, "error").is_displayed()
     finally:
         browser.quit()
+
+
+def test_explain_classifies_once_per_request(client, default_net, images, monkeypatch):
+    """The labels (top2) and their scores come from one forward pass, not one for each (#30)."""
+    calls = []
+    original = default_net.predict_model_input
+
+    def counted(x, *args, **kwargs):
+        calls.append(len(x))
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(default_net, "predict_model_input", counted)
+    response = client.post("/v1/explain", files=upload(images["chelsea.png"]),
+                           data={"methods": "random", "labels": "top2"})
+    assert response.status_code == 200, response.text
+    truth = default_net.top_k(decoded(images["chelsea.png"]), 2)
+    assert [l["index"] for l in response.json()["labels"]] == [p.index for p in truth]
+    assert calls[:-1] == [1]  # the request's one pass (the last call is top_k's, just above)
