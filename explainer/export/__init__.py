@@ -52,6 +52,7 @@ EXPORTERS: dict[str, Callable[[ExportContext], str]] = {}
 def exporter(name: str):
     """Register ``fn`` as the in-graph builder of method ``name`` (once)."""
     def register(fn):
+        _register_builtin()  # a name taken by a built-in exporter is refused whatever the import order
         if name in EXPORTERS:
             raise ValueError(f"an exporter for method {name!r} is registered already ({EXPORTERS[name].__module__})")
         EXPORTERS[name] = fn
@@ -65,8 +66,16 @@ def exportable_methods() -> list[str]:
     return sorted(EXPORTERS)
 
 
+_BUILTIN_LOADED = False
+
+
 def _register_builtin() -> None:
+    global _BUILTIN_LOADED
     import importlib
+
+    if _BUILTIN_LOADED:
+        return
+    _BUILTIN_LOADED = True
 
     for module in (".cams", ".recipro_cam"):
         try:

@@ -20,6 +20,8 @@ NON_DIFFERENTIABLE = {"Shape", "Size", "Equal", "Greater", "Less", "GreaterOrEqu
                       "Or", "Xor", "ArgMax", "ArgMin", "NonZero", "ConstantOfShape", "Range", "EyeLike",
                       "Floor", "Ceil", "Round", "Sign", "IsNaN", "IsInf"}
 FLOAT_TYPES = (np.float32, np.float16, np.float64)
+#: integer outputs that carry a gradient: the straight-through estimator of quantisation
+STRAIGHT_THROUGH = {"QuantizeLinear", "DequantizeLinear"}
 
 
 class Head:
@@ -100,7 +102,10 @@ class Backward:
                 continue
             if n.op_type == "Cast" and not _is_float(ctx.np_dtype(n.output[0])):
                 continue
-            if any(i in self.differentiable for i in n.input):
+            if n.op_type in STRAIGHT_THROUGH:  # its first input to its (integer or float) output
+                if n.input[0] in self.differentiable:
+                    self.differentiable.add(n.output[0])
+            elif any(i in self.differentiable for i in n.input):
                 self.differentiable.update(o for o in n.output if o and _is_float(ctx.np_dtype(o)))
         self._needs: dict = {}
 
@@ -228,8 +233,8 @@ def gradient_model(model: onnx.ModelProto, wrt: str, of: str, feeds: dict) -> on
     mapping = head.copy(ctx, wrt)
     seed = ctx.const(np.ones((1, *ctx.shape(of)), ctx.np_dtype(of)), "seed")
     gradient = Backward(ctx, head, mapping, constant_values(out.graph)).run(seed)
-    ctx.node("Squeeze" if opset < 13 else "Squeeze", [gradient] + ([ctx.const(np.asarray([0], np.int64), "axes")]
+    ctx.node("Squeeze", [gradient] + ([ctx.const(np.asarray([0], np.int64), "axes")]
                                                                  if opset >= 13 else []),
              outputs=["gradient"], **({} if opset >= 13 else {"axes": [0]}))
-    out.graph.output.append(onnx.helper.make_tensor_value_info("gradient", ctx.elem_type(wrt), None))
+    out.graph.output.append(onnx.helper.make_tensor_value_info("gradient", ctx.elem_type(wrt), list(ctx.shape(wrt))))
     return out

@@ -1,0 +1,543 @@
+"""``explainer.export_explained``: Grad-CAM (and Grad-CAM++) written into the ONNX graph.
+
+Independent truth: the library's torch Grad-CAM on the converted module (maps), the source model in
+onnxruntime (its own outputs, bit for bit), torch.autograd on the same tiny op (each gradient rule),
+and a subprocess where torch, onnx2torch and explainer cannot be imported (the file alone)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import explainer
+from explainer.errors import InvalidParameterError, LayerNotFeatureMapError, UnsupportedModelError
+from explainer.export import EXPORTERS, exportable_methods, exporter
+from explainer.export.errors import ExportWriteError, UnsupportedHeadOpError
+from explainer.export.head import gradient_model
+from explainer.export.resize import pil_bicubic_matrix
+from explainer.export.rules import RULES, rule
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+TOLERANCE = 1e-4  # of the map's range
+
+
+# helpers ------------------------------------------------------------------------------------------
+def _session(model) -> ort.InferenceSession:
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+
+
+def _inputs(net, images, batch=None):
+    pixels, _ = net.prepare(images)
+    pixels = np.rint(pixels)
+    if batch is not None:
+        pixels = pixels[:batch]
+    return pixels, net.to_model_input(pixels)
+
+
+def _source_batch(net) -> int:
+    dim = net.source_model.graph.input[0].type.tensor_type.shape.dim[0]
+    return 1 if dim.HasField("dim_value") else 2
+
+
+def _library_maps(net, pixels, classes, method="gradcam", layer=None, map_size="feature"):
+    """The library's maps of each image for its classes: (N, K, h, w)."""
+    from explainer.methods.gradcam import GradCAM
+    from explainer.methods.gradcam_plus_plus import GradCAMPlusPlus
+
+    if map_size == "input":
+        fn = explainer.gradcam if method == "gradcam" else explainer.gradcam_plus_plus
+        return np.stack([fn(net, p.astype(np.uint8), [int(c) for c in cs], feature_layer=layer)
+                         for p, cs in zip(pixels, classes)])
+    cam = (GradCAM if method == "gradcam" else GradCAMPlusPlus)(net, layer)
+    return np.stack([cam.low_resolution(p, [int(c) for c in cs]) for p, cs in zip(pixels, classes)])
+
+
+def _relative_error(ours, reference) -> float:
+    scale = float(reference.max() - reference.min()) or 1.0
+    return float(np.abs(ours - reference).max()) / scale
+
+
+def check_export(net, tmp_path, images, method="gradcam", layer=None, top_k=2, map_size="feature",
+                 name="model.onnx") -> float:
+    """Export, run the file and the source in onnxruntime; asserts the source's outputs are
+    bit-identical and returns the maps' largest error relative to their range."""
+    path = explainer.export_explained(net, tmp_path / name, method=method, feature_layer=layer, top_k=top_k,
+                                      map_size=map_size)
+    onnx.checker.check_model(str(path), full_check=True)
+    pixels, x = _inputs(net, images, _source_batch(net))
+    source = _session(net.source_model)
+    expected = source.run(None, {net.input.name: x})
+    session = _session(path)
+    names = [o.name for o in session.get_outputs()]
+    assert names == [o.name for o in net.source_model.graph.output] + ["saliency", "saliency_class"]
+    got = session.run(None, {net.input.name: x})
+    for a, b in zip(expected, got):
+        assert a.dtype == b.dtype and np.array_equal(a, b), "the source's outputs changed"
+    saliency, classes = got[-2], got[-1]
+    assert saliency.dtype == np.float32 and classes.dtype == np.int64
+    assert classes.shape == (len(x), top_k) and saliency.shape[:2] == (len(x), top_k)
+    scores = source.run([net.gradient_scores], {net.input.name: x})[0].reshape(len(x), -1) \
+        if net.gradient_scores in names else None
+    if scores is not None:  # the top K by score, best first
+        np.testing.assert_array_equal(classes, np.argsort(-scores, axis=1, kind="stable")[:, :top_k])
+    reference = _library_maps(net, pixels, classes, method, layer, map_size)
+    assert saliency.shape == reference.shape
+    return _relative_error(saliency, reference)
+
+
+# the rules, one tiny graph per op, against torch.autograd ----------------------------------------------
+def _const(name, value):
+    return numpy_helper.from_array(np.asarray(value, dtype=np.asarray(value).dtype), name)
+
+
+def _case(nodes, shape, inits=(), opset=17, positive=False, seed=0):
+    """(model with output __out = y * w, feeds, w): x -> nodes -> y."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32) * 2
+    if positive:
+        x = np.abs(x) + 0.5
+    graph = helper.make_graph(nodes, "op", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])], initializer=list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    y = _session(model).run(["y"], {"x": x})[0]
+    w = rng.standard_normal(y.shape).astype(np.float32)
+    graph = model.graph  # make_model copied it
+    graph.node.append(helper.make_node("Mul", ["y", "__w"], ["__out"]))
+    graph.initializer.append(_const("__w", w))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("__out", TensorProto.FLOAT, list(y.shape)))
+    onnx.checker.check_model(model, full_check=True)
+    return model, {"x": x}, w
+
+
+def _n(op, inputs, outputs=("y",), **attrs):
+    return helper.make_node(op, list(inputs), list(outputs), **attrs)
+
+
+def _rng(seed=1):
+    return np.random.default_rng(seed)
+
+
+W23 = _rng().standard_normal((3, 5)).astype(np.float32)
+C31 = _rng(2).standard_normal((3, 1)).astype(np.float32)
+CONV = _rng(3).standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3
+CONV_G = _rng(4).standard_normal((6, 1, 3, 3)).astype(np.float32) * 0.3
+LN_S, LN_B = _rng(5).standard_normal(5).astype(np.float32), _rng(6).standard_normal(5).astype(np.float32)
+BN = [_rng(7 + i).standard_normal(3).astype(np.float32) for i in range(4)]
+BN[3] = np.abs(BN[3]) + 0.1
+
+
+def _torch_cases():
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.as_tensor
+    i64 = lambda v: np.asarray(v, np.int64)  # noqa: E731
+    cases = {
+        # elementwise, with broadcasting (the constant's axes summed back) and both inputs the feature
+        "Add": ([_n("Add", ["x", "c"])], (2, 3, 4), [_const("c", C31)], {}, lambda x: x + t(C31)),
+        "Sub": ([_n("Sub", ["c", "x"])], (2, 3, 4), [_const("c", C31)], {}, lambda x: t(C31) - x),
+        "Mul-self": ([_n("Mul", ["x", "x"])], (2, 3, 4), [], {}, lambda x: x * x),
+        "Div": ([_n("Div", ["c", "x"])], (2, 3, 4), [_const("c", C31)], {"positive": True}, lambda x: t(C31) / x),
+        "Div-by-const": ([_n("Div", ["x", "c"])], (2, 3, 4), [_const("c", C31 + 3)], {}, lambda x: x / t(C31 + 3)),
+        "Pow": ([_n("Pow", ["x", "e"])], (2, 3), [_const("e", np.float32(2.0))], {}, lambda x: x ** 2),
+        "Sqrt": ([_n("Sqrt", ["x"])], (2, 3), [], {"positive": True}, torch.sqrt),
+        "Neg": ([_n("Neg", ["x"])], (2, 3), [], {}, lambda x: -x),
+        "Exp": ([_n("Exp", ["x"])], (2, 3), [], {}, torch.exp),
+        "Tanh": ([_n("Tanh", ["x"])], (2, 3), [], {}, torch.tanh),
+        # activations
+        "Relu": ([_n("Relu", ["x"])], (2, 3, 4), [], {}, torch.relu),
+        "Clip": ([_n("Clip", ["x", "lo", "hi"])], (2, 3, 4), [_const("lo", np.float32(-1)), _const("hi", np.float32(1.5))],
+                 {}, lambda x: x.clamp(-1, 1.5)),
+        "Clip-relu6": ([_n("Clip", ["x", "lo", "hi"])], (2, 3, 4), [_const("lo", np.float32(0)), _const("hi", np.float32(1))],
+                       {}, lambda x: x.clamp(0, 1)),
+        "Sigmoid": ([_n("Sigmoid", ["x"])], (2, 3), [], {}, torch.sigmoid),
+        "HardSigmoid": ([_n("HardSigmoid", ["x"], alpha=1 / 6, beta=0.5)], (4, 5), [], {}, F.hardsigmoid),
+        "HardSwish": ([_n("HardSwish", ["x"])], (4, 5), [], {}, F.hardswish),
+        "Erf": ([_n("Erf", ["x"])], (2, 3), [], {}, torch.erf),
+        "Gelu": ([_n("Gelu", ["x"])], (2, 3), [], {"opset": 20}, F.gelu),
+        "Gelu-tanh": ([_n("Gelu", ["x"], approximate="tanh")], (2, 3), [], {"opset": 20},
+                      lambda x: F.gelu(x, approximate="tanh")),
+        # shapes
+        "Reshape": ([_n("Reshape", ["x", "s"])], (2, 3, 4), [_const("s", i64([2, 12]))], {}, lambda x: x.reshape(2, 12)),
+        "Flatten": ([_n("Flatten", ["x"], axis=1)], (2, 3, 4), [], {}, lambda x: x.flatten(1)),
+        "Transpose": ([_n("Transpose", ["x"], perm=[2, 0, 1])], (2, 3, 4), [], {}, lambda x: x.permute(2, 0, 1)),
+        "Squeeze": ([_n("Squeeze", ["x", "a"])], (2, 1, 4), [_const("a", i64([1]))], {}, lambda x: x.squeeze(1)),
+        "Unsqueeze": ([_n("Unsqueeze", ["x", "a"])], (2, 4), [_const("a", i64([0, 2]))], {}, lambda x: x[None, :, None]),
+        "Identity-Dropout-Cast": ([_n("Identity", ["x"], ["a"]), _n("Dropout", ["a"], ["b"]),
+                                   _n("Cast", ["b"], to=TensorProto.FLOAT)], (2, 3), [], {}, lambda x: x),
+        "Expand": ([_n("Expand", ["x", "s"])], (3, 1), [_const("s", i64([2, 3, 4]))], {}, lambda x: x.expand(2, 3, 4)),
+        "Concat": ([_n("Concat", ["x", "c", "x"], axis=1)], (3, 2), [_const("c", C31)], {},
+                   lambda x: torch.cat([x, t(C31), x], 1)),
+        "Split": ([_n("Split", ["x", "s"], ["a", "b"], axis=1), _n("Mul", ["a", "b"])], (2, 4),
+                  [_const("s", i64([2, 2]))], {}, lambda x: x[:, :2] * x[:, 2:]),
+        "Slice": ([_n("Slice", ["x", "s", "e", "a"])], (3, 6, 4), [_const("s", i64([1, -3])), _const("e", i64([100, -1])),
+                                                                  _const("a", i64([1, 2]))], {}, lambda x: x[:, 1:, -3:-1]),
+        "Gather-scalar": ([_n("Gather", ["x", "i"], axis=1)], (2, 5, 3), [_const("i", np.int64(0))], {}, lambda x: x[:, 0]),
+        "Gather-repeat": ([_n("Gather", ["x", "i"], axis=1)], (2, 5, 3), [_const("i", i64([4, 1, 4]))], {},
+                          lambda x: x[:, [4, 1, 4]]),
+        "Gather-2d": ([_n("Gather", ["x", "i"], axis=0)], (5, 3), [_const("i", i64([[0, 2], [2, -1]]))], {},
+                      lambda x: x[torch.tensor([[0, 2], [2, 4]])]),
+        # reductions and pools
+        "ReduceMean": ([_n("ReduceMean", ["x", "a"], keepdims=0)], (2, 3, 4), [_const("a", i64([1, 2]))], {"opset": 18},
+                       lambda x: x.mean((1, 2))),
+        "ReduceMean-13": ([_n("ReduceMean", ["x"], axes=[-1], keepdims=1)], (2, 3, 4), [], {"opset": 13},
+                          lambda x: x.mean(-1, keepdim=True)),
+        "ReduceSum": ([_n("ReduceSum", ["x", "a"], keepdims=0)], (2, 3, 4), [_const("a", i64([0]))], {}, lambda x: x.sum(0)),
+        "GlobalAveragePool": ([_n("GlobalAveragePool", ["x"])], (2, 3, 4, 5), [], {}, lambda x: x.mean((2, 3), keepdim=True)),
+        "AveragePool-whole": ([_n("AveragePool", ["x"], kernel_shape=[4, 5])], (2, 3, 4, 5), [], {},
+                              lambda x: F.avg_pool2d(x, (4, 5))),
+        "AveragePool-pads": ([_n("AveragePool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1])],
+                             (1, 2, 6, 6), [], {}, lambda x: _ort_pool(x)),
+        "AveragePool-include": ([_n("AveragePool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+                                    count_include_pad=1)], (1, 2, 6, 6), [], {},
+                                lambda x: F.avg_pool2d(x, 3, 2, padding=1, count_include_pad=True)),
+        # linear algebra
+        "MatMul": ([_n("MatMul", ["x", "w"])], (2, 4, 3), [_const("w", W23)], {}, lambda x: x @ t(W23)),
+        "MatMul-both": ([_n("Transpose", ["x"], ["xt"], perm=[0, 2, 1]), _n("MatMul", ["x", "xt"])], (2, 4, 3), [], {},
+                        lambda x: x @ x.transpose(1, 2)),
+        "Gemm": ([_n("Gemm", ["x", "w", "b"], alpha=0.5, beta=2.0, transB=1)], (4, 5),
+                 [_const("w", W23), _const("b", C31[:, 0])], {}, lambda x: 0.5 * x @ t(W23).T + 2.0 * t(C31[:, 0])),
+        "Gemm-transA": ([_n("Gemm", ["x", "w"], transA=1)], (3, 4), [_const("w", W23)], {}, lambda x: x.T @ t(W23)),
+        "Conv": ([_n("Conv", ["x", "w"], strides=[2, 2], pads=[1, 1, 1, 1])], (2, 3, 7, 6), [_const("w", CONV)], {},
+                 lambda x: F.conv2d(x, t(CONV), stride=2, padding=1)),
+        "Conv-1x1": ([_n("Conv", ["x", "w"])], (2, 3, 4, 4), [_const("w", CONV[:, :, :1, :1].copy())], {},
+                     lambda x: F.conv2d(x, t(CONV[:, :, :1, :1].copy()))),
+        "Conv-groups": ([_n("Conv", ["x", "w"], group=3, pads=[1, 1, 1, 1])], (1, 3, 5, 5), [_const("w", CONV_G)], {},
+                        lambda x: F.conv2d(x, t(CONV_G), padding=1, groups=3)),
+        # normalisation and softmax
+        "Softmax": ([_n("Softmax", ["x"], axis=-1)], (2, 3, 5), [], {}, lambda x: torch.softmax(x, -1)),
+        "Softmax-opset11": ([_n("Softmax", ["x"], axis=1)], (2, 3, 5), [], {"opset": 11},
+                            lambda x: torch.softmax(x.reshape(2, 15), 1).reshape(2, 3, 5)),
+        "LayerNormalization": ([_n("LayerNormalization", ["x", "s", "b"], epsilon=1e-5)], (2, 3, 5),
+                               [_const("s", LN_S), _const("b", LN_B)], {},
+                               lambda x: F.layer_norm(x, (5,), t(LN_S), t(LN_B), 1e-5)),
+        "BatchNormalization": ([_n("BatchNormalization", ["x", "g", "b", "m", "v"], epsilon=1e-3)], (2, 3, 4, 4),
+                               [_const(k, v) for k, v in zip("gbmv", BN)], {},
+                               lambda x: F.batch_norm(x, t(BN[2]), t(BN[3]), t(BN[0]), t(BN[1]), eps=1e-3)),
+    }
+    return cases
+
+
+def _ort_pool(x):
+    """onnxruntime's AveragePool with end pads and count_include_pad=0, as a differentiable torch
+    expression: the window sums over the divisor of valid pixels."""
+    import torch.nn.functional as F
+
+    sums = F.avg_pool2d(F.pad(x, (0, 1, 0, 1)), 3, 2, divisor_override=1)
+    ones = F.avg_pool2d(F.pad(x.new_ones(x.shape), (0, 1, 0, 1)), 3, 2, divisor_override=1)
+    return sums / ones
+
+
+CASES = sorted(_torch_cases())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gradient_rule_equals_torch_autograd(case):
+    import torch
+
+    nodes, shape, inits, options, reference = _torch_cases()[case]
+    model, feeds, w = _case(nodes, shape, inits, **options)
+    written = gradient_model(model, "x", "__out", feeds)
+    onnx.checker.check_model(written, full_check=True)
+    got = _session(written).run(["gradient"], feeds)[0]
+    x = torch.tensor(feeds["x"], requires_grad=True)
+    (reference(x) * torch.tensor(w)).sum().backward()
+    expected = x.grad.numpy()
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_quantize_dequantize_is_straight_through_with_saturation():
+    """The library's straight-through rule (explainer/convert/converters/quantization.py): the
+    gradient passes where round(x/s) + z is inside the integer range, 0 where it saturates."""
+    scale, zero = np.float32(0.05), np.uint8(10)
+    nodes = [_n("QuantizeLinear", ["x", "s", "z"], ["q"]), _n("DequantizeLinear", ["q", "s", "z"])]
+    model, feeds, w = _case(nodes, (3, 40), [_const("s", scale), _const("z", zero)])
+    got = _session(gradient_model(model, "x", "__out", feeds)).run(["gradient"], feeds)[0]
+    unclamped = np.round(feeds["x"] / scale) + 10
+    expected = w * ((unclamped >= 0) & (unclamped <= 255))
+    assert 0 < np.count_nonzero(expected == 0) < expected.size  # both cases occur
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_every_op_the_issue_names_has_a_rule():
+    named = {"Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze",
+             "GlobalAveragePool", "ReduceMean", "AveragePool", "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish",
+             "Softmax", "LayerNormalization", "Erf", "Gelu", "Concat", "Slice", "Gather", "Conv", "Identity", "Dropout",
+             "BatchNormalization", "QuantizeLinear", "DequantizeLinear", "Cast"}
+    assert named - set(RULES) == set()
+
+
+def test_registries_refuse_duplicates():
+    with pytest.raises(ValueError, match="Relu"):
+        rule("Relu")(lambda b, node, grads: grads)
+    with pytest.raises(ValueError, match="gradcam"):
+        exporter("gradcam")(lambda ctx: "")
+    assert {"gradcam", "gradcam_plus_plus"} <= set(exportable_methods()) == set(EXPORTERS)
+
+
+def test_resize_matrices_are_pils_bicubic():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for (h, w), (height, width) in [((7, 7), (224, 224)), ((6, 9), (50, 31)), ((20, 20), (7, 9))]:
+        m = rng.standard_normal((h, w)).astype(np.float32)
+        ours = pil_bicubic_matrix(h, height) @ m.astype(np.float64) @ pil_bicubic_matrix(w, width).T
+        pil = np.asarray(Image.fromarray(m).resize((width, height), Image.BICUBIC), np.float64)
+        np.testing.assert_allclose(ours, pil, atol=1e-5 * np.abs(m).max())
+
+
+# small classifiers built in code ---------------------------------------------------------------------
+def _classifier(head_nodes, head_inits, *, size=16, channels=6, classes=5, opset=17, seed=0):
+    """image (N, 3, size, size) -> Conv 3x3 -> Relu ("feature") -> head -> "scores" -> Softmax."""
+    rng = np.random.default_rng(seed)
+    conv = (rng.standard_normal((channels, 3, 3, 3)) * 0.2).astype(np.float32)
+    nodes = [_n("Conv", ["image", "conv_w"], ["pre"], pads=[1, 1, 1, 1]), _n("Relu", ["pre"], ["feature"], name="feature")]
+    nodes += head_nodes + [_n("Softmax", ["scores"], ["probabilities"], axis=-1)]
+    inits = [_const("conv_w", conv)] + list(head_inits)
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])],
+                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes])],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return explainer.load(model, preprocessing="imagenet", device="cpu")
+
+
+def _w(*shape, seed=0, scale=0.3):
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+def _small_heads():
+    i64 = lambda v: np.asarray(v, np.int64)  # noqa: E731
+    c, k = 6, 5
+    return {
+        # CNN heads: pools, 1x1 convs, activations, squeeze-excitation style broadcasting, Gemm/MatMul
+        "gap-gemm": ([_n("GlobalAveragePool", ["feature"], ["p"]), _n("Flatten", ["p"], ["f"]),
+                      _n("Gemm", ["f", "w", "b"], ["scores"], transB=1)], [_const("w", _w(k, c)), _const("b", _w(k, seed=1))]),
+        "conv1x1-hardswish": ([_n("Conv", ["feature", "w1", "b1"], ["h"]), _n("HardSwish", ["h"], ["hs"]),
+                               _n("ReduceMean", ["hs", "ax"], ["p"], keepdims=0), _n("MatMul", ["p", "w"], ["m"]),
+                               _n("Add", ["m", "b"], ["scores"])],
+                              [_const("w1", _w(8, c, 1, 1)), _const("b1", _w(8, seed=2)), _const("ax", i64([2, 3])),
+                               _const("w", _w(8, k, seed=3)), _const("b", _w(k, seed=4))]),
+        "squeeze-excite": ([_n("GlobalAveragePool", ["feature"], ["g"]), _n("Sigmoid", ["g"], ["s"]),
+                            _n("Mul", ["feature", "s"], ["e"]), _n("Clip", ["e", "lo", "hi"], ["r6"]),
+                            _n("HardSigmoid", ["r6"], ["hsig"]), _n("Sub", ["hsig", "half"], ["d"]),
+                            _n("Div", ["d", "two"], ["dd"]),
+                            _n("AveragePool", ["dd"], ["p"], kernel_shape=[16, 16]), _n("Reshape", ["p", "shape"], ["f"]),
+                            _n("Gemm", ["f", "w"], ["scores"])],
+                           [_const("lo", np.float32(0)), _const("hi", np.float32(6)), _const("half", np.float32(0.5)),
+                            _const("two", np.float32(2)), _const("shape", i64([-1, c])), _const("w", _w(c, k))]),
+        "batchnorm-pads-pool": ([_n("BatchNormalization", ["feature", "g", "bb", "m", "v"], ["bn"]),
+                                 _n("AveragePool", ["bn"], ["p"], kernel_shape=[8, 8], strides=[8, 8], pads=[0, 0, 1, 1]),
+                                 _n("Dropout", ["p"], ["dp"]), _n("Flatten", ["dp"], ["f"]),
+                                 _n("Gemm", ["f", "w"], ["scores"], transB=1)],
+                                [_const("g", _w(c) + 1), _const("bb", _w(c, seed=5)), _const("m", _w(c, seed=6)),
+                                 _const("v", np.abs(_w(c, seed=7)) + 0.5), _const("w", _w(k, c * 9, seed=8))]),
+        # a transformer head on tokens: class token, layer norm, attention, GELU (Erf), class-token readout
+        "tokens-attention": ([_n("Reshape", ["feature", "tshape"], ["t0"]), _n("Transpose", ["t0"], ["tokens"], perm=[0, 2, 1]),
+                              _n("Shape", ["tokens"], ["ts"]), _n("Gather", ["ts", "zero"], ["n"]),
+                              _n("Unsqueeze", ["n", "ax0"], ["n1"]), _n("Concat", ["n1", "one_c"], ["cls_shape"], axis=0),
+                              _n("Expand", ["cls", "cls_shape"], ["cls_n"]),
+                              _n("Concat", ["cls_n", "tokens"], ["x"], axis=1),
+                              _n("LayerNormalization", ["x", "ln_s", "ln_b"], ["xn"]),
+                              _n("MatMul", ["xn", "wq"], ["q"]), _n("MatMul", ["xn", "wk"], ["kk"]),
+                              _n("Transpose", ["kk"], ["kt"], perm=[0, 2, 1]), _n("MatMul", ["q", "kt"], ["a0"]),
+                              _n("Mul", ["a0", "scale"], ["a1"]), _n("Softmax", ["a1"], ["att"], axis=-1),
+                              _n("MatMul", ["att", "xn"], ["ctx"]), _n("Add", ["x", "ctx"], ["res"]),
+                              _n("Div", ["res", "sqrt2"], ["r2"]), _n("Erf", ["r2"], ["er"]), _n("Add", ["er", "one"], ["e1"]),
+                              _n("Mul", ["res", "e1"], ["e2"]), _n("Mul", ["e2", "half"], ["gelu"]),
+                              _n("Slice", ["gelu", "s0", "s1", "s_ax"], ["first"]), _n("Squeeze", ["first", "s_ax"], ["clst"]),
+                              _n("Split", ["clst", "split"], ["left", "right"], axis=1),
+                              _n("Concat", ["right", "left"], ["sw"], axis=1),
+                              _n("Gemm", ["sw", "w"], ["scores"])],
+                             [_const("tshape", i64([0, c, 256])), _const("zero", np.int64(0)), _const("ax0", i64([0])),
+                              _const("one_c", i64([1, c])), _const("cls", _w(1, 1, c, seed=9)),
+                              _const("ln_s", _w(c, seed=10) + 1), _const("ln_b", _w(c, seed=11)),
+                              _const("wq", _w(c, c, seed=12)), _const("wk", _w(c, c, seed=13)),
+                              _const("scale", np.float32(c ** -0.5)), _const("sqrt2", np.float32(np.sqrt(2))),
+                              _const("one", np.float32(1)), _const("half", np.float32(0.5)),
+                              _const("s0", i64([0])), _const("s1", i64([1])), _const("s_ax", i64([1])),
+                              _const("split", i64([2, 4])), _const("w", _w(c, k, seed=14))]),
+    }
+
+
+@pytest.mark.parametrize("head", sorted(_small_heads()))
+@pytest.mark.parametrize("method", ["gradcam", "gradcam_plus_plus"])
+def test_small_graphs_equal_library(head, method, tmp_path, chelsea, coffee):
+    nodes, inits = _small_heads()[head]
+    net = _classifier(nodes, inits)
+    assert net.layer("feature").output == "feature"
+    error = check_export(net, tmp_path, [chelsea, coffee], method, layer="feature", top_k=2)
+    assert error <= TOLERANCE
+
+
+def test_unsupported_head_op_is_a_typed_error_naming_recipro_cam(tmp_path):
+    c, k = 6, 5
+    net = _classifier([_n("GlobalMaxPool", ["feature"], ["p"]), _n("Flatten", ["p"], ["f"]),
+                       _n("Gemm", ["f", "w"], ["scores"], transB=1)], [_const("w", _w(k, c))])
+    out = tmp_path / "x.onnx"
+    with pytest.raises(UnsupportedHeadOpError, match="GlobalMaxPool.*recipro_cam") as caught:
+        explainer.export_explained(net, out, feature_layer="feature")
+    assert isinstance(caught.value, UnsupportedModelError)
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary file
+
+
+# the embedded model and GoogLeNet's graph ---------------------------------------------------------------
+@pytest.mark.parametrize("method", ["gradcam", "gradcam_plus_plus"])
+@pytest.mark.parametrize("map_size", ["feature", "input"])
+def test_default_model_equals_library(default_net, tmp_path, chelsea, method, map_size):
+    error = check_export(default_net, tmp_path, [chelsea], method, top_k=3 if map_size == "feature" else 1,
+                         map_size=map_size)
+    assert error <= TOLERANCE
+
+
+def test_googlenet_light_graph_equals_library(tmp_path, chelsea):
+    """GoogLeNet's graph from the onnx wheel: opset 9, IR 3 (constants as nodes), AveragePool 7x7 with
+    asymmetric pads and count_include_pad=0, Dropout, Reshape, Gemm, Softmax."""
+    path = Path(onnx.__file__).parent / "backend/test/data/light/light_inception_v1.onnx"
+    net = explainer.load(str(path), device="cpu")
+    for map_size in ("feature", "input"):
+        assert check_export(net, tmp_path, [chelsea], top_k=2, map_size=map_size) <= TOLERANCE
+    written = onnx.load(str(tmp_path / "model.onnx"))
+    assert written.opset_import[0].version == 9 and written.ir_version == net.source_model.ir_version
+
+
+def test_target_input_and_batch(default_net, tmp_path, chelsea, coffee):
+    net = default_net
+    path = explainer.export_explained(net, tmp_path / "t.onnx", top_k=0)
+    session = _session(path)
+    assert [(i.name, i.type) for i in session.get_inputs()][-1] == ("target", "tensor(int64)")
+    pixels, x = _inputs(net, [chelsea, coffee])
+    if _source_batch(net) == 1:
+        pixels, x = pixels[:1], x[:1]
+    target = np.array([281, 967][:len(x)], np.int64)
+    saliency, classes = session.run(["saliency", "saliency_class"], {net.input.name: x, "target": target})
+    np.testing.assert_array_equal(classes[:, 0], target)
+    reference = _library_maps(net, pixels, classes)
+    assert _relative_error(saliency, reference) <= TOLERANCE
+
+
+def test_metadata_and_reload(default_net, tmp_path):
+    path = explainer.export_explained(default_net, tmp_path / "m.onnx", method="gradcam_plus_plus", top_k=2)
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert meta["onnx_explainer.export.method"] == "gradcam_plus_plus"
+    assert meta["onnx_explainer.export.layer"] == explainer.gradcam_layers(default_net).feature
+    assert meta["onnx_explainer.version"] == explainer.__version__
+    assert json.loads(meta["onnx_explainer.labels"]) == list(default_net.class_names)
+    again = explainer.load(str(path), device="cpu")
+    assert again.preprocessing == default_net.preprocessing and again.class_names == default_net.class_names
+
+
+# bad input: one typed error each, nothing written ----------------------------------------------------------
+def test_bad_input_is_refused_before_anything_is_written(default_net, tmp_path):
+    net = default_net
+    with pytest.raises(InvalidParameterError, match="exportable methods: gradcam"):
+        explainer.export_explained(net, tmp_path / "a.onnx", method="occlusion")
+    with pytest.raises(LayerNotFeatureMapError, match="feature_layer"):
+        explainer.export_explained(net, tmp_path / "a.onnx", feature_layer=net.layers()[-1].name)
+    with pytest.raises(InvalidParameterError, match="top_k"):
+        explainer.export_explained(net, tmp_path / "a.onnx", top_k=net.num_classes + 1)
+    with pytest.raises(InvalidParameterError, match="map_size"):
+        explainer.export_explained(net, tmp_path / "a.onnx", map_size="full")
+    with pytest.raises(ExportWriteError, match="does not exist"):
+        explainer.export_explained(net, tmp_path / "missing" / "a.onnx")
+    with pytest.raises(ExportWriteError, match="is a folder"):
+        explainer.export_explained(net, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(ExportWriteError, match="not writable"):
+            explainer.export_explained(net, locked / "a.onnx")
+
+
+def test_cli_export(tmp_path, capsys):
+    from explainer.cli import main
+
+    out = tmp_path / "cli.onnx"
+    assert main(["export", "efficientnet_lite0", "--out", str(out), "--top-k", "2", "--map-size", "input"]) == 0
+    session = _session(out)
+    assert [o.name for o in session.get_outputs()][-2:] == ["saliency", "saliency_class"]
+    assert session.get_outputs()[-2].shape[1] == 2
+    assert main(["export", "efficientnet_lite0", "--out", str(tmp_path / "x.onnx"), "--method", "lime"]) == 2
+    assert "exportable methods" in capsys.readouterr().err
+
+
+# onnxruntime alone -------------------------------------------------------------------------------------------
+BLOCKER = """
+import sys
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'onnx2torch', 'explainer', 'torchvision', 'timm'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Blocker())
+for blocked in ('torch', 'onnx2torch', 'explainer'):
+    try:
+        __import__(blocked)
+    except ImportError:
+        pass
+    else:
+        raise SystemExit(blocked + ' imported')
+import numpy as np, onnxruntime as ort
+session = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])
+x = np.load(sys.argv[2])
+out = session.run(['saliency', 'saliency_class'], {session.get_inputs()[0].name: x})
+np.save(sys.argv[3], out[0]); np.save(sys.argv[4], out[1])
+"""
+
+
+def test_exported_file_runs_with_onnxruntime_alone(default_net, tmp_path, chelsea):
+    net = default_net
+    path = explainer.export_explained(net, tmp_path / "alone.onnx", top_k=2, map_size="input")
+    pixels, x = _inputs(net, [chelsea])
+    np.save(tmp_path / "x.npy", x)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", BLOCKER, str(path), str(tmp_path / "x.npy"), str(tmp_path / "s.npy"),
+                    str(tmp_path / "c.npy")], check=True, env=env, cwd=tmp_path, timeout=120)
+    saliency, classes = np.load(tmp_path / "s.npy"), np.load(tmp_path / "c.npy")
+    reference = _library_maps(net, pixels, classes, map_size="input")
+    assert _relative_error(saliency, reference) <= TOLERANCE
+
+
+# the compatibility suite's families (tests/compat.py exports) ----------------------------------------------
+MAIN_FAMILIES = [("vit_tiny", "legacy"), ("deit_tiny_distilled", "dynamo"), ("swin_timm", "legacy"),
+                 ("swin_tv", "dynamo"), ("convnext_atto", "dynamo"), ("mobilenet_v3_small", "legacy")]
+ALL_FAMILIES = [(f, e) for f in ("resnet18", "mobilenet_v3_small", "googlenet", "swin_tv", "efficientnet_b0",
+                                 "convnext_atto", "regnetx_002", "densenet121", "vit_tiny", "deit_tiny_distilled",
+                                 "swin_timm", "mobilevit_xxs", "levit_128s", "cait_xxs24", "edgenext_xx_small")
+                for e in ("legacy", "dynamo")]
+
+
+def _family(family, exporter_name):
+    import exports
+
+    return explainer.load(exports.export(family, exporter_name), device="cpu")
+
+
+@pytest.mark.parametrize("family,exporter_name", MAIN_FAMILIES)
+def test_families_equal_library(family, exporter_name, tmp_path, chelsea, coffee):
+    """Tokens after class tokens (ViT, DeiT), channels-last grids (Swin), ConvNeXt's permuted norm,
+    MobileNetV3's Hardswish head: the exported Grad-CAM equals the library's."""
+    net = _family(family, exporter_name)
+    assert check_export(net, tmp_path, [chelsea, coffee], "gradcam", top_k=2) <= TOLERANCE
+
+
+@pytest.mark.published
+@pytest.mark.parametrize("family,exporter_name", ALL_FAMILIES)
+def test_every_family_equals_library(family, exporter_name, tmp_path, chelsea, coffee):
+    net = _family(family, exporter_name)
+    assert check_export(net, tmp_path, [chelsea, coffee], "gradcam", top_k=2) <= TOLERANCE
+    assert check_export(net, tmp_path, [chelsea], "gradcam_plus_plus", top_k=1, name="pp.onnx") <= TOLERANCE
