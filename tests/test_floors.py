@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1] / "explainer"
 
 #: each unit (a top-level module or package of ``explainer``) and its floor, ground first
 FLOORS = {
-    0: {"errors", "limits", "validation", "progress", "threads", "cache", "version"},
+    0: {"errors", "limits", "validation", "progress", "threads", "cache", "version", "registries"},
     1: {"graph", "io", "samples"},
     2: {"convert", "model"},
     3: {"zoo"},
@@ -145,3 +145,22 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def test_the_package_imports_from_a_plain_checkout(tmp_path):
+    """``explainer`` and ``explainer.zoo`` import from a copy of the source tree on PYTHONPATH, as from a
+    checkout that was never installed (the zoo was once a folder remapped at install time)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(ROOT, tmp_path / "explainer", ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import explainer, explainer.zoo, explainer.zoo.registry as r; "
+            "print(explainer.zoo.__file__); print(r.DEFAULT in r.REGISTRY)")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    where, found = out.stdout.split()
+    assert Path(where).is_relative_to(tmp_path) and found == "True"
