@@ -12,12 +12,20 @@ from explainer.methods import registry
 from explainer.methods.registry import FORWARD_ONLY, GRADIENT, KINDS, Int, method
 
 
+#: the order the built-in methods are listed in (declared by each in its file: ``@method(order=...)``)
+BUILT_IN_ORDER = ("gradcam", "gradcam_plus_plus", "score_cam", "occlusion", "lime", "rise", "kernel_shap",
+                  "gradient", "guided_backprop", "integrated_gradients", "smoothgrad", "attention_rollout",
+                  "attn_lrp", "transformer_attribution", "random")
+
+
 def test_every_method_module_registers_a_method():
     methods = explainer.list_methods()
     modules = {m.function.__module__.rsplit(".", 1)[1] for m in methods}
     shared = {"gradients", "registry", "deepdream"}  # machinery, and deep dream (not a map of an image)
     assert modules == set(registry.method_modules()) - shared  # one file per method, found by itself
-    assert [m.name for m in methods] == list(registry.DISPLAY_ORDER)
+    names = [m.name for m in methods]
+    assert [n for n in names if n in BUILT_IN_ORDER] == list(BUILT_IN_ORDER)
+    assert names == [m.name for m in sorted(methods, key=lambda m: (m.order is None, m.order or 0, m.name))]
     for m in methods:
         assert m.kind in KINDS and m.answers and m.returns and m.cost and m.reference
         assert m.function is getattr(explainer, m.function.__name__), m.name  # exported at the top level
@@ -49,6 +57,36 @@ def test_unknown_options_and_methods_name_the_allowed_ones(default_net, chelsea)
         explainer.get_method("scorecam")
     assert explainer.get_method("guided-backprop").name == "guided_backprop"  # the names before the registry
     assert explainer.get_method("autodiff").name == "gradient"
+
+
+def test_explainer_exports_what_the_method_files_declare_without_importing_them():
+    """``explainer.methods.public_names`` reads the files; importing them registers the same functions."""
+    import inspect
+    import importlib
+
+    from explainer.methods import public_names
+
+    names = public_names()
+    for m in explainer.list_methods():
+        assert names[m.function.__name__] == m.function.__module__.removeprefix("explainer."), m.name
+    for name, module in names.items():
+        value = getattr(importlib.import_module(f"explainer.{module}"), name)
+        assert callable(value) and getattr(explainer, name) is value and name in explainer.__all__
+    # twins take their method's options, declared once (the method's signature)
+    assert str(inspect.signature(explainer.lime_explanation)).split(" -> ")[0] == \
+        str(inspect.signature(explainer.image_lime))
+    assert str(inspect.signature(explainer.kernel_shap_explanation)).split(" -> ")[0] == \
+        str(inspect.signature(explainer.kernel_shap))
+
+
+def test_import_explainer_imports_no_method():
+    import subprocess
+    import sys
+
+    code = ("import sys, explainer; explainer.__all__; dir(explainer); "
+            "print(sorted(m for m in sys.modules if m.startswith(('numpy', 'torch', 'explainer.methods.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_a_declaration_must_match_the_signature():
@@ -103,7 +141,7 @@ def test_the_readme_table_is_the_registry():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     start = readme.index("<!-- methods table")
     table = readme[readme.index("\n", start) + 1:readme.index("<!-- end of methods table -->")]
-    assert table == registry.methods_table(), "regenerate the README table with registry.methods_table()"
+    assert table == registry.methods_table(), "regenerate README's table: python -m explainer.methods --readme"
 
 
 def test_random_baseline_is_numpys_generator(default_net, chelsea):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ._attention import self_attention
-from ._common import finish, images_and_labels, resize_map
+from ._common import MapMethod
 from .registry import FORWARD_ONLY, Choice, Float, method
 
 if TYPE_CHECKING:
@@ -68,19 +68,22 @@ def _step(attention: np.ndarray, head_fusion: str, discard_ratio: float) -> np.n
         returns="maps at the image's size: the class token's rolled-out attention to each patch (a fraction "
                 "of its input; the same map for every label)",
         cost="one forward pass per image (the attention probabilities as extra outputs)",
-        reference="jacobgil/vit-explain's rollout on the timm model (test)")
+        reference="jacobgil/vit-explain's rollout on the timm model (test)", order=120)
 def attention_rollout(net: Classifier, image, label, *, head_fusion="mean", discard_ratio=0.0):
     """Rollout map(s): (H, W) for one label, (K, H, W) for several (one map, repeated: rollout does not
     depend on the class); ViT and DeiT-style models (a class token, self-attention over all tokens)."""
+    return Rollout(net, head_fusion=head_fusion, discard_ratio=discard_ratio)(image, label)
+
+
+class Rollout(MapMethod):
     where = "attention_rollout"
-    pixels, is_batch, indices, several = images_and_labels(net, image, label, where)
-    found = self_attention(net, where)
-    x = net.to_model_input(np.stack([net.fit_pixels(p) for p in pixels]))
-    probs = net.ort.run_batched(x, list(found.softmaxes), net.batch_size)
-    maps = []
-    for i, p in enumerate(pixels):
-        row = class_row([np.asarray(a[i]).reshape(-1, found.tokens, found.tokens) for a in probs],
-                        head_fusion, discard_ratio)
-        grid = row[found.prefix:].reshape(found.grid).astype(np.float32)
-        maps.append(np.repeat(resize_map(grid[None], p.shape[:2]), len(indices), axis=0))
-    return finish(maps, is_batch, several, where)
+    class_agnostic = True
+
+    def explain_all(self, pixels, indices):  # the images in one batch: one forward pass
+        found = self_attention(self.net, self.where)
+        x = self.net.to_model_input(np.stack([self.net.fit_pixels(p) for p in pixels]))
+        probs = self.net.ort.run_batched(x, list(found.softmaxes), self.net.batch_size)
+        for i in range(len(pixels)):
+            row = class_row([np.asarray(a[i]).reshape(-1, found.tokens, found.tokens) for a in probs],
+                            self.head_fusion, self.discard_ratio)
+            yield row[found.prefix:].reshape(1, *found.grid).astype(np.float32)

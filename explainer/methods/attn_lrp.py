@@ -27,7 +27,7 @@ from ..errors import UnsupportedModelError
 from ..runtime.torch_engine import torch_engine
 from . import _lrp
 from ._attention import attention_softmaxes
-from ._common import class_scores, finish, images_and_labels, resize_map
+from ._common import MapMethod, class_scores
 from .registry import GRADIENT, method
 
 if TYPE_CHECKING:
@@ -66,19 +66,22 @@ def raw(engine, x, indices):
                 "is the score less what biases and softmaxes absorb)",
         cost="1 forward and 1 modified backward pass per image (all labels in one batch)",
         reference="lxt's AttnLRP rules (lxt.efficient) on the timm model (test); input, bias and softmax "
-                  "relevance add up to the logit (test)")
+                  "relevance add up to the logit (test)", order=130)
 def attn_lrp(net: Classifier, image, label):
     """Relevance map(s): (H, W) for one label, (K, H, W) for several; transformers (any model whose
     graph has attention)."""
+    return AttnLRP(net)(image, label)
+
+
+class AttnLRP(MapMethod):
     where = "attn_lrp"
-    pixels, is_batch, indices, several = images_and_labels(net, image, label, where)
-    has_attention(net, where)
-    engine = torch_engine(net)
-    channels_last = engine.pixel_model.nhwc
-    maps = []
-    for p in pixels:
-        x = engine.pixel_model.model_input(engine.tensor(net.fit_pixels(p)).permute(2, 0, 1)[None])
+
+    def setup(self, pixels, indices):
+        has_attention(self.net, self.where)
+        self.engine = torch_engine(self.net)
+
+    def explain(self, pixels, indices):
+        engine = self.engine
+        x = engine.pixel_model.model_input(engine.tensor(self.net.fit_pixels(pixels)).permute(2, 0, 1)[None])
         relevance, _ = raw(engine, x, indices)
-        grid = relevance.sum(dim=3 if channels_last else 1).cpu().numpy().astype(np.float32)
-        maps.append(resize_map(grid, p.shape[:2]))
-    return finish(maps, is_batch, several, where)
+        return relevance.sum(dim=3 if engine.pixel_model.nhwc else 1).cpu().numpy().astype(np.float32)

@@ -22,6 +22,7 @@ from .. import progress
 from ..errors import InvalidParameterError, InvalidParameterTypeError
 from ..runtime.torch_engine import torch_engine
 from ..validation import check_choice, check_float, check_int
+from .registry import public
 
 if TYPE_CHECKING:
     from ..runtime.classifier import Classifier
@@ -52,6 +53,7 @@ def _channels(net: Classifier, layer_name: str, channels, is_scores: bool) -> li
     return out
 
 
+@public
 def deep_dream_image(net: Classifier, layer, channels, *, num_iterations=10, pyramid_levels=3, pyramid_scale=1.4,
                      output_scaling="linear", initial_image=None, random_state=None, verbose=True,
                      jitter=0, blur=0.0, tv_weight=0.0):

@@ -1,8 +1,8 @@
 """Grad-CAM (Selvaraju et al. 2017) with MATLAB's ``gradCAM`` semantics, on the converted module.
 
-A small base class in the style of pytorch-grad-cam: ``BaseCAM`` captures the feature layer's
-activations and the gradient of the reduction (class score) with respect to them; each CAM variant
-overrides one method, ``channel_weights``.
+A small base class in the style of pytorch-grad-cam: ``BaseCAM`` (a ``MapMethod``) captures the
+feature layer's activations and the gradient of the reduction (class score) with respect to them; each
+CAM variant overrides one method, ``channel_weights``.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 from ..errors import DegenerateMapError, InvalidParameterError
 from ..runtime.classifier import not_a_feature_map
 from ..runtime.torch_engine import torch_engine
-from ._common import finish, images_and_labels, resize_map
-from .registry import GRADIENT, LayerName, method
+from ._common import MapMethod
+from .registry import GRADIENT, LayerName, method, public
 
 if TYPE_CHECKING:
     from ..runtime.classifier import Classifier
@@ -91,6 +91,7 @@ def default_feature_layer(net: Classifier) -> tuple[str, str]:
                          f"{chosen_layout.describe()}")
 
 
+@public
 def gradcam_layers(net: Classifier, feature_layer=None, reduction_layer=None) -> LayerChoice:
     """The (feature, reduction) layer names Grad-CAM uses, with ``.reason`` saying why. Defaults: the
     feature layer of ``default_feature_layer``; the reduction is the class score before any trailing
@@ -111,13 +112,15 @@ def gradcam_layers(net: Classifier, feature_layer=None, reduction_layer=None) ->
     return LayerChoice(feature_layer, reduction_layer, reason)
 
 
-class BaseCAM:
-    """Class activation maps from one feature layer: ReLU(sum_c w_c A_c), w from ``channel_weights``."""
+class BaseCAM(MapMethod):
+    """Class activation maps from one feature layer: ReLU(sum_c w_c A_c), w from ``channel_weights``;
+    upsampled to the image (bicubic) and cut at 0."""
 
     where = "gradcam"  # the public function's name, for messages
+    rectify = True
 
     def __init__(self, net, feature_layer=None, reduction_layer=None):
-        self.net = net
+        super().__init__(net)
         self.engine = torch_engine(net)
         self.feature_layer, self.reduction_layer = gradcam_layers(net, feature_layer, reduction_layer)
         self.layout = net.layout(self.feature_layer)
@@ -180,13 +183,8 @@ class BaseCAM:
                 f"{what}. Pick another feature_layer (gradcam_layers(net) gives the default and why), or "
                 "another method (gradient, occlusion).")
 
-    def __call__(self, image, label):
-        pixels, is_batch, indices, several = images_and_labels(self.net, image, label, self.where)
-        maps = []
-        for p in pixels:
-            low = self.low_resolution(p, indices)
-            maps.append(np.maximum(resize_map(low, p.shape[:2]), 0.0))
-        return finish(maps, is_batch, several, self.where)
+    def explain(self, pixels, indices):
+        return self.low_resolution(pixels, indices)
 
 
 class GradCAM(BaseCAM):
@@ -207,7 +205,7 @@ LAYER_OPTIONS = dict(
                 "(deep: coarse and class-specific; shallow: fine)",
         returns="maps at the image's size, >= 0, in the feature layer's units",
         cost="1 forward and 1 backward pass per image (all labels in one batch)",
-        reference="pytorch-grad-cam's GradCAM on the converted module")
+        reference="pytorch-grad-cam's GradCAM on the converted module", order=10)
 def gradcam(net: Classifier, image, label, *, feature_layer=None, reduction_layer=None):
     """Grad-CAM map(s) upsampled (bicubic) to the image size: (H, W) for one label, (K, H, W) for
     several; a batch of images gives one such map per image. ``gradcam_layers(net)`` tells the

@@ -32,7 +32,7 @@ class GradCAMPlusPlus(BaseCAM):
                 "(several objects of one class each show)",
         returns="maps at the image's size, >= 0, in the feature layer's units",
         cost="1 forward and 1 backward pass per image (all labels in one batch)",
-        reference="pytorch-grad-cam's GradCAMPlusPlus on the converted module")
+        reference="pytorch-grad-cam's GradCAMPlusPlus on the converted module", order=20)
 def gradcam_plus_plus(net: Classifier, image, label, *, feature_layer=None, reduction_layer=None):
     """Grad-CAM++ map(s): (H, W) for one label, (K, H, W) for several, at the image's size; layers as
     in ``gradcam``."""

@@ -1,98 +1,81 @@
-"""What the gradient methods share, and MATLAB's ``gradientAttribution`` entry point.
+"""MATLAB's ``gradientAttribution`` entry point over the gradient methods.
 
 Each gradient method is its own file and registered method: ``saliency.py`` ("gradient", MATLAB's
-"autodiff"), ``guided_backprop.py``, ``integrated_gradients.py`` and ``smoothgrad.py``. Each defines
-``raw(engine, x, indices, **options)``, the per-pixel, per-channel attributions (K, C, H, W) of one
-image, comparable with Captum's Saliency, GuidedBackprop, IntegratedGradients and NoiseTunnel on
-``torch_engine(net).pixel_model``; maps are the sum over channels of |attribution|, rescaled to [0, 1]
-per map. ``gradient_attribution(method=...)`` and ``pixel_attributions`` dispatch to them.
+"autodiff"), ``guided_backprop.py``, ``integrated_gradients.py`` and ``smoothgrad.py``; what they share
+is ``_gradients.py``. ``gradient_attribution(method=...)`` and ``pixel_attributions`` dispatch to them;
+their options are the union of the four methods' options, with the methods' defaults: their signature is
+built once from the declarations (``DISPATCH``), so that each default lives in its method's signature.
 """
 from __future__ import annotations
 
+import functools
 import importlib
-from contextlib import contextmanager
+import inspect
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InvalidParameterError
 from ..runtime.torch_engine import torch_engine
 from ..validation import check_choice
-from ._common import finish, images_and_labels, rescale
+from . import guided_backprop, integrated_gradients, saliency, smoothgrad
+from ._common import one_image
+from .registry import public
 
 if TYPE_CHECKING:
     from ..runtime.classifier import Classifier
 
 #: MATLAB's method names (``gradientAttribution``'s "autodiff" and "guided-backprop") → registered methods
-METHODS = {"autodiff": "gradient", "guided-backprop": "guided_backprop", "integrated-gradients": "integrated_gradients",
-           "smoothgrad": "smoothgrad"}
+METHODS = {"autodiff": saliency.saliency, "guided-backprop": guided_backprop.guided_backprop,
+           "integrated-gradients": integrated_gradients.integrated_gradients, "smoothgrad": smoothgrad.smoothgrad}
 
 
-@contextmanager
-def guided_relus(module):
-    """Guided backpropagation: every ReLU of ``module`` passes back only positive gradients (ReLU's own
-    backward already zeroes them at negative inputs); so does every QuantizeLinear into which a
-    quantizer folded a ReLU. Hooks are removed on exit, error or not."""
-    import torch
-
-    handles = []
-    try:
-        for m in module.modules():
-            if isinstance(m, torch.nn.ReLU) or getattr(m, "rectifies", False):
-                handles.append(m.register_full_backward_hook(
-                    lambda mod, grad_in, grad_out: (torch.clamp(grad_in[0], min=0.0), *grad_in[1:])))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+def _union_signature(**overrides) -> inspect.Signature:
+    """(net, image, label, *, method="autodiff", then every option of the four methods with its
+    method's default): the options of one method first, those several share (batch_size, verbose) last."""
+    declared = [fn.method.options for fn in METHODS.values()]
+    shared = {name for name in set().union(*declared) if sum(name in d for d in declared) > 1}
+    union = {name: option.default for d in declared for name, option in d.items() if name not in shared}
+    union.update({name: option.default for d in declared for name, option in d.items() if name in shared})
+    union = {"method": "autodiff", **union, **overrides}
+    head = list(inspect.signature(saliency.saliency).parameters.values())  # net, image, label
+    return inspect.Signature(head + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+                                     for name, default in union.items()])
 
 
-def class_gradients(engine, x, indices, guided: bool = False):
-    """d score[k] / d x for a batch x (B, C, H, W) whose row b targets class indices[b]."""
-    import torch
+def dispatcher(**overrides):
+    """Gives ``fn(net, image, label, **options)`` the union's signature (``overrides``: defaults of its
+    own); ``fn`` receives every option, defaults filled in, as the signature binds them."""
+    signature = _union_signature(**overrides)
 
-    x = x.detach().clone().requires_grad_(True)
-    with engine.exclusive(), torch.enable_grad(), (guided_relus(engine.graph_module) if guided else _nothing()):
-        out = engine.pixel_model(x)
-        target = out[torch.arange(len(x), device=x.device), torch.as_tensor(indices, device=x.device)].sum()
-        return torch.autograd.grad(target, x)[0]
+    def wrap(fn):
+        @functools.wraps(fn)
+        def bound(*args, **kwargs):
+            call = signature.bind(*args, **kwargs)
+            call.apply_defaults()
+            return fn(*call.args, **call.kwargs)
 
+        bound.__signature__ = signature
+        return bound
 
-@contextmanager
-def _nothing():
-    yield
-
-
-def gradient_maps(net: Classifier, image, label, where: str, raw) -> np.ndarray:
-    """Maps from ``raw(engine, x, indices)``: per image, the sum over channels of |attribution|,
-    rescaled to [0, 1] per map; (H, W), (K, H, W), or one per image of a batch."""
-    pixels, is_batch, indices, several = images_and_labels(net, image, label, where)
-    engine = torch_engine(net)
-    maps = []
-    for p in pixels:
-        attributions = raw(engine, engine.tensor(p).permute(2, 0, 1)[None], indices)
-        maps.append(rescale(np.abs(attributions.cpu().numpy()).sum(axis=1)))
-    return finish(maps, is_batch, several, where)
+    return wrap
 
 
 def _dispatch(method: str, options: dict, where: str):
     """(the registered method, the options it takes), every given option validated, also those the
     chosen method does not use."""
-    from .registry import get_method
-
     check_choice(where, "method", method, tuple(METHODS))
-    target = get_method(METHODS[method])
+    target = METHODS[method].method
     declared = {}
-    for name in METHODS.values():
-        declared.update(get_method(name).options)
+    for fn in METHODS.values():
+        declared.update(fn.method.options)
     for name, value in options.items():
         declared[name].check(where, value)
     return target, {k: v for k, v in options.items() if k in target.options}
 
 
-def gradient_attribution(net: Classifier, image, label, *, method="autodiff", steps=50, rule="gausslegendre",
-                         baseline=None, samples=25, noise_level=0.15, random_state=None,
-                         batch_size="auto", verbose=True):
+@public
+@dispatcher()
+def gradient_attribution(net: Classifier, image, label, *, method, **options):
     """Pixel attribution map(s): (H, W) for one label, (K, H, W) for several, at the image's size;
     values are the sum over channels of |attribution|, rescaled to [0, 1] per map.
 
@@ -102,25 +85,18 @@ def gradient_attribution(net: Classifier, image, label, *, method="autodiff", st
     noisy copies, noise std ``noise_level`` x 255, ``random_state`` for reproducibility). The same as
     the registered methods "gradient", "guided_backprop", "integrated_gradients" and "smoothgrad".
     """
-    target, options = _dispatch(method, dict(steps=steps, rule=rule, baseline=baseline, samples=samples,
-                                             noise_level=noise_level, random_state=random_state,
-                                             batch_size=batch_size, verbose=verbose), "gradient_attribution")
+    target, options = _dispatch(method, options, "gradient_attribution")
     return target(net, image, label, **options)
 
 
-def pixel_attributions(net: Classifier, image, label, *, method="autodiff", steps=50, rule="gausslegendre",
-                       baseline=None, samples=25, noise_level=0.15, random_state=None,
-                       batch_size="auto", verbose=False):
+@dispatcher(verbose=False)
+def pixel_attributions(net: Classifier, image, label, *, method, **options):
     """Raw attributions (K, C, H, W) float32 for one image (H x W its own size; C its channels)."""
     where = "pixel_attributions"
-    target, options = _dispatch(method, dict(steps=steps, rule=rule, baseline=baseline, samples=samples,
-                                             noise_level=noise_level, random_state=random_state,
-                                             batch_size=batch_size, verbose=verbose), where)
+    target, options = _dispatch(method, options, where)
     options = target.validate(net, options, where)
-    pixels, is_batch, indices, _ = images_and_labels(net, image, label, where)
-    if is_batch:
-        raise InvalidParameterError(f"{where}: takes one image; got a batch.")
+    pixels, indices = one_image(net, image, label, where)
     engine = torch_engine(net)
     raw = importlib.import_module(target.function.__module__).raw
-    x = engine.tensor(pixels[0]).permute(2, 0, 1)[None]
+    x = engine.tensor(pixels).permute(2, 0, 1)[None]
     return raw(engine, x, indices, **options).cpu().numpy().astype(np.float32)

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import InvalidParameterError
 from .. import progress
-from .gradients import class_gradients, gradient_maps
+from ._gradients import class_gradients, gradient_maps
 from .registry import GRADIENT, BatchSize, Choice, Custom, Flag, Int, method
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def raw(engine, x, indices, *, steps, rule, baseline, batch_size, verbose):
                 "(attributions add up to it)",
         returns="maps at the image's size in [0, 1]: the sum over channels of |attribution|, rescaled per map",
         cost="`steps` forward and backward passes per label",
-        reference="Captum's IntegratedGradients on the converted module")
+        reference="Captum's IntegratedGradients on the converted module", order=100)
 def integrated_gradients(net: Classifier, image, label, *, steps=50, rule="gausslegendre", baseline=None, batch_size="auto",
                          verbose=True):
     """Integrated-gradients map(s): (H, W) for one label, (K, H, W) for several, at the image's size."""

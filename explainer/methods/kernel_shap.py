@@ -26,11 +26,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InvalidParameterError
-from ._common import finish, images_and_labels
+from ._common import MapMethod, one_image, with_batch
 from ..runtime.perturb import BACKENDS, Canvas, stream_probabilities
 from .lime import SEGMENTATION, UPSAMPLING, paint, segment, segment_fill
-from .registry import FORWARD_ONLY, BatchSize, Choice, Flag, Int, PixelValue, Seed, method
+from .registry import FORWARD_ONLY, BatchSize, Choice, Flag, Int, PixelValue, Seed, method, twin_of
 
 if TYPE_CHECKING:
     from ..runtime.classifier import Classifier
@@ -117,27 +116,30 @@ def _explain(net: Classifier, source, indices, *, num_features, num_samples, seg
         returns="maps at the image's size, signed, in probability units; per label, the values of all "
                 "superpixels sum to about p(image) - p(all masked)",
         cost="num_samples forward passes (all labels share them)",
-        reference="Captum's KernelShap given the same samples, feature mask and baseline")
+        reference="Captum's KernelShap given the same samples, feature mask and baseline", order=70)
 def kernel_shap(net: Classifier, image, label, *, num_features=49, num_samples=2048, segmentation="superpixels",
                 mask_value="auto", output_upsampling="bicubic", batch_size="auto", backend="onnxruntime",
                 random_state=None, verbose=True):
     """KernelSHAP map(s): (H, W) for one label, (K, H, W) for several (labels share the samples).
     ``kernel_shap_explanation`` returns the segmentation, samples and per-feature values too."""
-    batch = net.resolve_batch_size(batch_size, "kernel_shap", backend)
-    pixels, is_batch, indices, several = images_and_labels(net, image, label, "kernel_shap")
-    maps = [_explain(net, p, indices, num_features=num_features, num_samples=num_samples,
-                     segmentation=segmentation, mask_value=mask_value, output_upsampling=output_upsampling,
-                     batch=batch, backend=backend, random_state=random_state, verbose=verbose).map for p in pixels]
-    return finish(maps, is_batch, several, "kernel_shap")
+    return KernelShap(net, **with_batch(net, dict(
+        num_features=num_features, num_samples=num_samples, segmentation=segmentation, mask_value=mask_value,
+        output_upsampling=output_upsampling, batch_size=batch_size, backend=backend, random_state=random_state,
+        verbose=verbose), "kernel_shap"))(image, label)
 
 
+class KernelShap(MapMethod):
+    where = "kernel_shap"
+    upsample = False  # paint() sizes the maps (output_upsampling)
+
+    def explain(self, pixels, indices):
+        return _explain(self.net, pixels, indices, **self.options).map
+
+
+@twin_of(kernel_shap)
 def kernel_shap_explanation(net: Classifier, image, label, **options) -> KernelShapExplanation:
     """KernelSHAP for one image with all intermediate results (segments, samples, values); the
     options are ``kernel_shap``'s, validated by its declarations."""
     where = "kernel_shap_explanation"
-    options = kernel_shap.method.validate(net, options, where)
-    pixels, is_batch, indices, _ = images_and_labels(net, image, label, where)
-    if is_batch:
-        raise InvalidParameterError(f"{where}: takes one image; got a batch.")
-    options["batch"] = net.resolve_batch_size(options.pop("batch_size"), where, options["backend"])
-    return _explain(net, pixels[0], indices, **options)
+    pixels, indices = one_image(net, image, label, where)
+    return _explain(net, pixels, indices, **with_batch(net, options, where))

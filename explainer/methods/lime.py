@@ -41,9 +41,10 @@ import numpy as np
 
 from .. import progress
 from ..errors import InvalidParameterError, InvalidParameterTypeError
-from ._common import fill_colour, finish, images_and_labels, resize_map
+from ._common import MapMethod, fill_colour, one_image, resize_map, with_batch
 from ..runtime.perturb import BACKENDS, Canvas, stream_probabilities
-from .registry import FORWARD_ONLY, BatchSize, Choice, Custom, Flag, Float, Int, Optional, PixelValue, Seed, method
+from .registry import (FORWARD_ONLY, BatchSize, Choice, Custom, Flag, Float, Int, Optional, PixelValue, Seed, method,
+                       twin_of)
 
 if TYPE_CHECKING:
     from ..runtime.classifier import Classifier
@@ -216,29 +217,6 @@ METHOD_DECLARATION = dict(
     reference="the lime package's LimeImageExplainer (model='linear', same segments and samples)")
 
 
-def lime_explanation(net: Classifier, image, label, *, num_features=49, num_samples=2048, segmentation="superpixels",
-                     model="tree", output_upsampling="bicubic", mask_value="auto", kernel_width=0.25,
-                     stop_tolerance=0.1, stop_top_k=5, batch_size="auto", backend="onnxruntime", random_state=None,
-                     verbose=True) -> LimeExplanation:
-    """LIME for one image with all intermediate results (segments, samples, weights, why sampling
-    stopped); options as ``image_lime``'s."""
-    options = image_lime.method.validate(net, dict(
-        num_features=num_features, num_samples=num_samples, segmentation=segmentation, model=model,
-        output_upsampling=output_upsampling, mask_value=mask_value, kernel_width=kernel_width,
-        stop_tolerance=stop_tolerance, stop_top_k=stop_top_k, batch_size=batch_size, backend=backend,
-        random_state=random_state, verbose=verbose), "lime_explanation")
-    pixels, is_batch, indices, _ = images_and_labels(net, image, label, "image_lime")
-    if is_batch:
-        raise InvalidParameterError("image_lime: lime_explanation takes one image; got a batch.")
-    return _explain(net, pixels[0], indices, **_resolved(net, options))
-
-
-def _resolved(net: Classifier, options: dict) -> dict:
-    options = dict(options)
-    options["batch"] = net.resolve_batch_size(options.pop("batch_size"), "image_lime", options["backend"])
-    return options
-
-
 def _explain(net: Classifier, source, indices, *, num_features, num_samples, segmentation, model, output_upsampling,
              mask_value, kernel_width, stop_tolerance, stop_top_k, batch, backend, random_state,
              verbose) -> LimeExplanation:
@@ -311,7 +289,15 @@ def segment_fill(mask_value, small: np.ndarray, segments: np.ndarray) -> np.ndar
     return fill_colour(mask_value, small)  # the Canvas takes it in float32 either way
 
 
-@method("lime", **METHOD_DECLARATION)
+class Lime(MapMethod):
+    where = "image_lime"
+    upsample = False  # paint() sizes the maps (output_upsampling)
+
+    def explain(self, pixels, indices):
+        return _explain(self.net, pixels, indices, **self.options).map
+
+
+@method("lime", order=50, **METHOD_DECLARATION)
 def image_lime(net: Classifier, image, label, *, num_features=49, num_samples=2048, segmentation="superpixels",
                model="tree", output_upsampling="bicubic", mask_value="auto", kernel_width=0.25,
                stop_tolerance=0.1, stop_top_k=5, batch_size="auto", backend="onnxruntime", random_state=None,
@@ -319,11 +305,16 @@ def image_lime(net: Classifier, image, label, *, num_features=49, num_samples=20
     """LIME importance map(s): (H, W) for one label, (K, H, W) for several (labels share the
     samples). ``lime_explanation`` returns the segmentation, samples, per-feature weights and why
     sampling stopped too."""
-    options = _resolved(net, dict(num_features=num_features, num_samples=num_samples, segmentation=segmentation,
-                                  model=model, output_upsampling=output_upsampling, mask_value=mask_value,
-                                  kernel_width=kernel_width, stop_tolerance=stop_tolerance,
-                                  stop_top_k=stop_top_k, batch_size=batch_size, backend=backend,
-                                  random_state=random_state, verbose=verbose))
-    pixels, is_batch, indices, several = images_and_labels(net, image, label, "image_lime")
-    maps = [_explain(net, p, indices, **options).map for p in pixels]
-    return finish(maps, is_batch, several, "image_lime")
+    return Lime(net, **with_batch(net, dict(
+        num_features=num_features, num_samples=num_samples, segmentation=segmentation, model=model,
+        output_upsampling=output_upsampling, mask_value=mask_value, kernel_width=kernel_width,
+        stop_tolerance=stop_tolerance, stop_top_k=stop_top_k, batch_size=batch_size, backend=backend,
+        random_state=random_state, verbose=verbose), "image_lime"))(image, label)
+
+
+@twin_of(image_lime)
+def lime_explanation(net: Classifier, image, label, **options) -> LimeExplanation:
+    """LIME for one image with all intermediate results (segments, samples, weights, why sampling
+    stopped); options as ``image_lime``'s."""
+    pixels, indices = one_image(net, image, label, "image_lime", "lime_explanation")
+    return _explain(net, pixels, indices, **with_batch(net, options, "image_lime"))

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import InvalidParameterError, UnsupportedModelError
 from ..validation import refuse
-from ._common import fill_colour, finish, images_and_labels, resize_map
+from ._common import MapMethod, fill_colour, resize_map
 from ..runtime.perturb import BACKENDS, Canvas, forward_fn, stream_probabilities
 from .registry import FORWARD_ONLY, BatchSize, Choice, Custom, Flag, PixelValue, Size, method
 
@@ -78,34 +78,42 @@ def mask_positions(size: int, mask: int, stride: int, clipping: bool) -> list[tu
         answers="how much the class probability drops when each region of the image is hidden",
         returns="maps at the image's size: probability drops (positive: the region supports the class)",
         cost="one forward pass per patch position (all labels share them)",
-        reference="Captum's Occlusion (mask_clipping=False, output_upsampling='coverage')")
+        reference="Captum's Occlusion (mask_clipping=False, output_upsampling='coverage')", order=40)
 def occlusion_sensitivity(net: Classifier, image, label, *, mask_size="auto", stride="auto", mask_value="auto",
                           output_upsampling="bicubic", mask_clipping=True, batch_size="auto",
                           backend="onnxruntime", verbose=True, incremental="auto"):
     """Occlusion map(s): (H, W) for one label, (K, H, W) for several (all labels share the forward
     passes); values are probability drops (positive: the region supports the class)."""
+    return Occlusion(net, mask_size, stride, mask_value=mask_value, output_upsampling=output_upsampling,
+                     mask_clipping=mask_clipping, batch_size=batch_size, backend=backend, verbose=verbose,
+                     incremental=incremental)(image, label)
+
+
+class Occlusion(MapMethod):
     where = "occlusion_sensitivity"
-    size = net.input.size
-    mask = _resolve(mask_size, size, 0.2, round)
-    step = _resolve(stride, size, 0.1, math.ceil)
-    if mask[0] > size[0] or mask[1] > size[1]:
-        raise InvalidParameterError(
-            f"{where}: mask_size {mask} is larger than the network's input size {size}; it must be at "
-            f"most {size}.")
-    if incremental is True and backend != "onnxruntime":
-        raise InvalidParameterError(f"{where}: incremental=True runs on onnxruntime; got backend={backend!r} "
-                                    "(use incremental='auto' or False with the torch backend).")
-    batch = net.resolve_batch_size(batch_size, where, backend)
-    pixels, is_batch, indices, several = images_and_labels(net, image, label, where)
-    rows = mask_positions(size[0], mask[0], step[0], mask_clipping)
-    cols = mask_positions(size[1], mask[1], step[1], mask_clipping)
-    maps = []
-    for p in pixels:
-        small = net.fit_pixels(p)
-        fill = fill_colour(mask_value, small)
-        grid = _drops(net, small, fill, rows, cols, indices, batch, backend, verbose, incremental)
-        maps.append(_upsample(grid, rows, cols, size, p.shape[:2], output_upsampling))
-    return finish(maps, is_batch, several, where)
+    upsample = False  # _upsample: output_upsampling's modes
+
+    def __init__(self, net: Classifier, mask_size, stride, **options):
+        super().__init__(net, **options)
+        size = net.input.size
+        mask = _resolve(mask_size, size, 0.2, round)
+        step = _resolve(stride, size, 0.1, math.ceil)
+        if mask[0] > size[0] or mask[1] > size[1]:
+            raise InvalidParameterError(
+                f"{self.where}: mask_size {mask} is larger than the network's input size {size}; it must be at "
+                f"most {size}.")
+        if self.incremental is True and self.backend != "onnxruntime":
+            raise InvalidParameterError(f"{self.where}: incremental=True runs on onnxruntime; got backend="
+                                        f"{self.backend!r} (use incremental='auto' or False with the torch backend).")
+        self.batch = net.resolve_batch_size(self.batch_size, self.where, self.backend)
+        self.rows = mask_positions(size[0], mask[0], step[0], self.mask_clipping)
+        self.cols = mask_positions(size[1], mask[1], step[1], self.mask_clipping)
+
+    def explain(self, pixels, indices):
+        small = self.net.fit_pixels(pixels)
+        grid = _drops(self.net, small, fill_colour(self.mask_value, small), self.rows, self.cols, indices, self.batch,
+                      self.backend, self.verbose, self.incremental)
+        return _upsample(grid, self.rows, self.cols, self.net.input.size, pixels.shape[:2], self.output_upsampling)
 
 
 def _occluder(net: Classifier, canvas, rows, cols, batch, incremental):

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._common import finish, images_and_labels, resize_map
+from ._common import MapMethod
 from .registry import FORWARD_ONLY, Int, Optional, Seed, method
 
 if TYPE_CHECKING:
@@ -22,16 +22,18 @@ if TYPE_CHECKING:
         answers="what a map that knows nothing scores: the chance level of faithfulness metrics",
         returns="maps at the image's size: uniform values in [0, 1) per pixel, or a smooth grid of them",
         cost="no forward pass",
-        reference="numpy's generator drawn in the same order (test)")
+        reference="numpy's generator drawn in the same order (test)", order=150)
 def random_map(net: Classifier, image, label, *, cells=None, random_state=None):
     """Random map(s): (H, W) for one label, (K, H, W) for several (one independent map per label)."""
-    pixels, is_batch, indices, several = images_and_labels(net, image, label, "random")
-    rng = np.random.default_rng(random_state)
-    maps = []
-    for p in pixels:
-        h, w = p.shape[:2]
-        if cells is None:
-            maps.append(rng.random((len(indices), h, w)).astype(np.float32))
-        else:
-            maps.append(resize_map(rng.random((len(indices), cells, cells)).astype(np.float32), (h, w)))
-    return finish(maps, is_batch, several, "random")
+    return RandomMap(net, cells=cells, random_state=random_state)(image, label)
+
+
+class RandomMap(MapMethod):
+    where = "random"
+
+    def setup(self, pixels, indices):  # one generator, drawn image after image
+        self.rng = np.random.default_rng(self.random_state)
+
+    def explain(self, pixels, indices):  # per pixel, or a cells x cells grid upsampled by the base
+        size = pixels.shape[:2] if self.cells is None else (self.cells, self.cells)
+        return self.rng.random((len(indices), *size)).astype(np.float32)

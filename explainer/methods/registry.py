@@ -1,18 +1,28 @@
 """The method registry: every explanation method declares once what it is.
 
 A method is a public function ``fn(net, image, label, *, options...)`` in its own file, decorated with
-``@method(name, kind=..., options={...}, ...)``. Its defaults are the function's keyword defaults; the
-declaration adds each option's constraint (an ``Option``), what the method answers, what it costs and
-what it is tested equal to. The decorator refuses a declaration that does not match the signature, and
-the function it returns validates every option from the declarations before any work, so a method
-never checks its own options. The report, the CLI, folder evaluation, the dataset job and the service
-find methods here (``list_methods``, ``get_method``) and never list them by hand.
+``@method(name, kind=..., options={...}, order=..., ...)``. Its defaults are the function's keyword
+defaults; the declaration adds each option's constraint (an ``Option``), what the method answers, what
+it costs, what it is tested equal to and where it stands in lists (``order``). The decorator refuses a
+declaration that does not match the signature, and the function it returns validates every option from
+the declarations before any work, so a method never checks its own options. The plumbing around a
+method's idea (images and labels in, maps out) is ``_common.MapMethod``'s.
+
+Adding a method is adding its file (and its test): nothing else lists it. The report, the CLI, folder
+evaluation, the dataset job and the service find methods here (``list_methods``, ``get_method``);
+``explainer/__init__.py`` exports each method's function, its twins (``@twin_of``) and the functions
+marked ``@public`` by reading the files (``explainer.methods.public_names``, no import); README's table
+is ``methods_table()`` (``python -m explainer.methods --readme`` rewrites it; a test keeps it equal).
+
+The library's three registries (these methods, ``convert.passes`` and ``convert.converters``) follow
+one rule (``explainer.registries``): the modules of the registry's package are found by one ``pkgutil``
+scan and imported (those whose names start with "_" excepted); a decorator registers each entry as its
+module is imported; a second entry of the same name raises ``ValueError`` naming both places.
 """
 from __future__ import annotations
 
 import copy
 import functools
-import importlib
 import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -20,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from ..errors import InvalidParameterError, InvalidParameterTypeError
+from ..registries import duplicate, import_modules, place
 from ..validation import check_batch_size, check_choice, check_float, check_int, closest, refuse
 
 FORWARD_ONLY, GRADIENT = "forward-only", "gradient"
@@ -29,13 +40,6 @@ if TYPE_CHECKING:
 #: the seed of seeded methods where the caller gives none (``Method.reproducible``)
 SEED = 0
 KINDS = (FORWARD_ONLY, GRADIENT)
-
-#: the order ``list_methods`` shows the built-in methods in; a method added in a new file of this
-#: folder is found without being named here, and listed after them
-DISPLAY_ORDER = ("gradcam", "gradcam_plus_plus", "score_cam", "occlusion", "lime", "rise", "kernel_shap",
-                 "gradient", "guided_backprop", "integrated_gradients", "smoothgrad", "attention_rollout",
-                 "attn_lrp",
-                 "transformer_attribution", "random")
 
 
 # options ------------------------------------------------------------------------------------------
@@ -322,6 +326,9 @@ class Method:
     reference: str
     aliases: tuple[str, ...] = ()
     tags: tuple[str, ...] = field(default_factory=tuple)
+    #: where the method stands in lists (``list_methods``, README's table): lower first; None: after
+    #: every ordered method, by name
+    order: float | None = None
 
     @property
     def seeded(self) -> bool:
@@ -382,10 +389,11 @@ def _public_names() -> set[str]:
 
 
 def method(name: str, *, kind: str, options: dict[str, Option], answers: str, returns: str, cost: str,
-           reference: str, aliases: Sequence[str] = ()):
+           reference: str, aliases: Sequence[str] = (), order: float | None = None):
     """Register the decorated public function as the method ``name``. ``options`` must name exactly
     the function's keyword-only arguments; their defaults are read from the signature. The returned
-    function validates its options from the declarations before it runs."""
+    function validates its options from the declarations before it runs. ``order``: where the method
+    stands in lists (lower first; None: after the ordered ones, by name)."""
     if kind not in KINDS:
         raise ValueError(f"method {name!r}: kind must be one of {KINDS}; got {kind!r}")
 
@@ -395,15 +403,17 @@ def method(name: str, *, kind: str, options: dict[str, Option], answers: str, re
         if set(keywords) != set(options):
             raise TypeError(f"method {name!r}: declared options {sorted(options)} differ from the keyword "
                             f"arguments of {fn.__name__}: {sorted(keywords)}")
-        if name in _METHODS or name in _ALIASES or any(a in _METHODS or a in _ALIASES for a in aliases):
-            raise ValueError(f"a method named {name!r} (or one of its aliases) is already registered")
+        for new in (name, *aliases):
+            if new in _METHODS or new in _ALIASES:
+                first = _METHODS[_ALIASES.get(new, new)]
+                raise duplicate(f"a method (or alias) named {new!r}", place(first.function), place(fn))
         bound = {k: options[k].bind(k, keywords[k]) for k in keywords}
 
         @functools.wraps(fn)
         def validated(net: Classifier, image, label, **given):
             return fn(net, image, label, **entry.validate(net, given, fn.__name__))
 
-        entry = Method(name, kind, validated, bound, answers, returns, cost, reference, tuple(aliases))
+        entry = Method(name, kind, validated, bound, answers, returns, cost, reference, tuple(aliases), order=order)
         validated.method = entry
         validated.unchecked = fn  # for callers that validated already (e.g. a dispatcher)
         _METHODS[name] = entry
@@ -414,12 +424,39 @@ def method(name: str, *, kind: str, options: dict[str, Option], answers: str, re
     return wrap
 
 
+def twin_of(declared: Callable):
+    """Decorator for a twin of the registered method ``declared``: ``fn(net, image, label, **options)``
+    (one that returns everything the method computed, say, not only its maps) takes the method's options
+    as they are declared once, in the method's signature: its own signature is the method's (return
+    annotation aside), and the options are validated by the method's declarations, with ``fn``'s name
+    in messages, before ``fn`` runs. ``explainer`` exports it beside the method."""
+    entry = declared.method
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def validated(net: Classifier, image, label, **given):
+            return fn(net, image, label, **entry.validate(net, given, fn.__name__))
+
+        validated.__signature__ = inspect.signature(declared).replace(
+            return_annotation=inspect.signature(fn).return_annotation)
+        return validated
+
+    return wrap
+
+
+def public(fn: Callable) -> Callable:
+    """Marks a function of a method's file that ``explainer`` exports though it is no method (e.g.
+    ``gradcam_layers``); ``explainer.methods.public_names`` finds the mark in the file's text."""
+    return fn
+
+
 def method_modules() -> list[str]:
     """The modules of this folder (private ones, starting with "_", excluded): each may define methods."""
-    import pkgutil
     from pathlib import Path
 
-    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if not m.name.startswith("_"))
+    from ..registries import modules
+
+    return modules(Path(__file__).parent)
 
 
 def _load_all() -> None:
@@ -427,19 +464,21 @@ def _load_all() -> None:
     one file."""
     global _LOADED
     if not _LOADED:
-        for module in method_modules():
-            importlib.import_module(f"{__package__}.{module}")
+        import_modules(__package__, method_modules())
         _LOADED = True
 
 
 _LOADED = False
 
 
+def _rank(m: Method) -> tuple:
+    return (m.order is None, m.order or 0, m.name)
+
+
 def list_methods() -> list[Method]:
-    """Every registered explanation method: the built-in ones in ``DISPLAY_ORDER``, then others by name."""
+    """Every registered explanation method, by their declared ``order`` (then unordered ones by name)."""
     _load_all()
-    order = {name: i for i, name in enumerate(DISPLAY_ORDER)}
-    return sorted(_METHODS.values(), key=lambda m: (order.get(m.name, len(order)), m.name))
+    return sorted(_METHODS.values(), key=_rank)
 
 
 def method_names() -> list[str]:

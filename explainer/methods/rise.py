@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._common import fill_colour, finish, images_and_labels, resize_map
+from ._common import MapMethod, fill_colour
 from ..runtime.perturb import BACKENDS, stream_probabilities
 from .registry import FORWARD_ONLY, BatchSize, Choice, Flag, Float, Int, PixelValue, Seed, method
 
@@ -104,21 +104,29 @@ def rise_masks(net: Classifier, num_masks: int = 2000, grid_size: int = 7, keep_
         cost="num_masks forward passes (all labels, and all images of a batch, share the masks)",
         reference="the paper's formula (estimator='paper') and the centred one on the same masks, computed "
                   "independently (tests/test_rise.py); "
-                  "masks equal to eclique/RISE generate_masks' skimage upsampling")
+                  "masks equal to eclique/RISE generate_masks' skimage upsampling", order=60)
 def rise(net: Classifier, image, label, *, num_masks=2000, grid_size=7, keep_probability=0.5, mask_value="auto",
          estimator="centred", batch_size="auto", backend="onnxruntime", random_state=None, verbose=True):
     """RISE map(s): (H, W) for one label, (K, H, W) for several, at the image's size."""
+    return Rise(net, num_masks=num_masks, grid_size=grid_size, keep_probability=keep_probability,
+                mask_value=mask_value, estimator=estimator, batch_size=batch_size, backend=backend,
+                random_state=random_state, verbose=verbose)(image, label)
+
+
+class Rise(MapMethod):
     where = "rise"
-    batch = net.resolve_batch_size(batch_size, where, backend)
-    pixels, is_batch, indices, several = images_and_labels(net, image, label, where)
-    masks = rise_masks(net, num_masks, grid_size, keep_probability, random_state)
-    maps = []
-    for p in pixels:
-        small = net.fit_pixels(p)
-        sal = _saliency(net, small, fill_colour(mask_value, small), masks, indices, batch, backend, verbose,
-                        centred=estimator == "centred")
-        maps.append(resize_map(sal, p.shape[:2]))
-    return finish(maps, is_batch, several, where)
+
+    def __init__(self, net: Classifier, **options):
+        super().__init__(net, **options)
+        self.batch = net.resolve_batch_size(self.batch_size, self.where, self.backend)
+
+    def setup(self, pixels, indices):  # one set of masks for all the images
+        self.masks = rise_masks(self.net, self.num_masks, self.grid_size, self.keep_probability, self.random_state)
+
+    def explain(self, pixels, indices):
+        small = self.net.fit_pixels(pixels)
+        return _saliency(self.net, small, fill_colour(self.mask_value, small), self.masks, indices, self.batch,
+                         self.backend, self.verbose, centred=self.estimator == "centred")
 
 
 def _unrounded_input(net: Classifier, pixels: np.ndarray) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .gradients import class_gradients, gradient_maps
+from ._gradients import class_gradients, gradient_maps
 from .registry import GRADIENT, method
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ def raw(engine, x, indices):
         returns="maps at the image's size in [0, 1]: the sum over channels of |d score / d pixel|, rescaled "
                 "per map",
         cost="1 forward and 1 backward pass per image (all labels in one batch)",
-        reference="Captum's Saliency on the converted module")
+        reference="Captum's Saliency on the converted module", order=80)
 def saliency(net: Classifier, image, label):
     """Gradient map(s): (H, W) for one label, (K, H, W) for several, at the image's size."""
     return gradient_maps(net, image, label, "gradient", raw)

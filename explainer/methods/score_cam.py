@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._common import finish, images_and_labels, resize_map
+from ._common import MapMethod
 from ..runtime.perturb import BACKENDS, stream_probabilities
 from .gradcam import default_feature_layer
 from .registry import FORWARD_ONLY, BatchSize, Choice, Flag, LayerName, method
@@ -53,19 +53,24 @@ def channel_masks(activations: np.ndarray, size: tuple[int, int]) -> np.ndarray:
                 "they lie",
         returns="maps at the image's size, >= 0, in the feature layer's units",
         cost="one forward pass per channel of the feature layer (all labels share them)",
-        reference="pytorch-grad-cam's ScoreCAM on the converted module")
+        reference="pytorch-grad-cam's ScoreCAM on the converted module", order=30)
 def score_cam(net: Classifier, image, label, *, feature_layer=None, batch_size="auto", backend="onnxruntime", verbose=True):
     """Score-CAM map(s): (H, W) for one label, (K, H, W) for several, at the image's size."""
-    where = "score_cam"
-    layer = net.layer(feature_layer if feature_layer is not None else default_feature_layer(net)[0])
-    net.feature_map_layout(layer, where)  # refuses tensors that are not feature maps
-    batch = net.resolve_batch_size(batch_size, where, backend)
-    pixels, is_batch, indices, several = images_and_labels(net, image, label, where)
-    maps = []
-    for p in pixels:
-        cam = low_resolution(net, net.fit_pixels(p), layer, indices, batch, backend, verbose)
-        maps.append(np.maximum(resize_map(cam, p.shape[:2]), 0.0))
-    return finish(maps, is_batch, several, where)
+    return ScoreCAM(net, feature_layer, batch_size, backend, verbose)(image, label)
+
+
+class ScoreCAM(MapMethod):
+    where, rectify = "score_cam", True
+
+    def __init__(self, net: Classifier, feature_layer, batch_size, backend, verbose):
+        super().__init__(net, backend=backend, verbose=verbose)
+        self.layer = net.layer(feature_layer if feature_layer is not None else default_feature_layer(net)[0])
+        net.feature_map_layout(self.layer, self.where)  # refuses tensors that are not feature maps
+        self.batch = net.resolve_batch_size(batch_size, self.where, backend)
+
+    def explain(self, pixels, indices):
+        return low_resolution(self.net, self.net.fit_pixels(pixels), self.layer, indices, self.batch, self.backend,
+                              self.verbose)
 
 
 def low_resolution(net: Classifier, small: np.ndarray, layer, indices, batch: int, backend: str = "onnxruntime",

@@ -6,7 +6,7 @@ import functools
 from typing import TYPE_CHECKING
 
 from .. import progress
-from .gradients import class_gradients, gradient_maps
+from ._gradients import class_gradients, gradient_maps
 from .registry import GRADIENT, BatchSize, Flag, Float, Int, Seed, method
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ def raw(engine, x, indices, *, samples, noise_level, random_state, batch_size, v
         answers="which pixels the class score is sensitive to, averaged over small perturbations of the image",
         returns="maps at the image's size in [0, 1]: the sum over channels of the mean |gradient|, rescaled per map",
         cost="`samples` forward and backward passes per label",
-        reference="Captum's NoiseTunnel(Saliency, smoothgrad, abs) on the converted module")
+        reference="Captum's NoiseTunnel(Saliency, smoothgrad, abs) on the converted module", order=110)
 def smoothgrad(net: Classifier, image, label, *, samples=25, noise_level=0.15, random_state=None, batch_size="auto", verbose=True):
     """SmoothGrad map(s): (H, W) for one label, (K, H, W) for several, at the image's size."""
     return gradient_maps(net, image, label, "smoothgrad", functools.partial(

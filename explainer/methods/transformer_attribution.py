@@ -15,7 +15,7 @@ import numpy as np
 
 from ..runtime.torch_engine import torch_engine
 from ._attention import self_attention
-from ._common import class_scores, finish, images_and_labels, resize_map
+from ._common import MapMethod, class_scores
 from .registry import GRADIENT, method
 
 if TYPE_CHECKING:
@@ -41,23 +41,29 @@ def relevance(attentions, gradients):
         returns="maps at the image's size: the class token's relevance to each patch (score x probability "
                 "units)",
         cost="1 forward and 1 backward pass per image (all labels in one batch)",
-        reference="hila-chefer/Transformer-MM-Explainability's ViT relevance on the timm model (test)")
+        reference="hila-chefer/Transformer-MM-Explainability's ViT relevance on the timm model (test)", order=140)
 def transformer_attribution(net: Classifier, image, label):
     """Relevance map(s): (H, W) for one label, (K, H, W) for several; ViT and DeiT-style models (a class
     token, self-attention over all tokens)."""
-    import torch
+    return TransformerAttribution(net)(image, label)
 
+
+class TransformerAttribution(MapMethod):
     where = "transformer_attribution"
-    pixels, is_batch, indices, several = images_and_labels(net, image, label, where)
-    found = self_attention(net, where)
-    engine = torch_engine(net)
-    names = [net.layer(t).name for t in found.softmaxes]
-    maps = []
-    for p in pixels:
-        x = engine.tensor(net.fit_pixels(p)).permute(2, 0, 1)[None].repeat(len(indices), 1, 1, 1)
+
+    def setup(self, pixels, indices):
+        self.found = self_attention(self.net, self.where)
+        self.engine = torch_engine(self.net)
+        self.names = [self.net.layer(t).name for t in self.found.softmaxes]
+
+    def explain(self, pixels, indices):
+        import torch
+
+        engine, found, names = self.engine, self.found, self.names
+        x = engine.tensor(self.net.fit_pixels(pixels)).permute(2, 0, 1)[None].repeat(len(indices), 1, 1, 1)
         with torch.enable_grad(), engine.capture(names) as captured:
             scores = engine.pixel_model(x.requires_grad_(True)).reshape(len(indices), -1)
-            target = class_scores(scores, indices, where).sum()
+            target = class_scores(scores, indices, self.where).sum()
             parts = [captured.parts[n] for n in names]
             flat = torch.autograd.grad(target, [t for ts in parts for t in ts])
         shape = (len(indices), -1, found.tokens, found.tokens)
@@ -67,6 +73,4 @@ def transformer_attribution(net: Classifier, image, label):
             gradients.append(torch.cat(flat[at:at + len(ts)]).reshape(shape))
             at += len(ts)
         r = relevance(attentions, gradients)
-        grid = r[:, 0, found.prefix:].reshape(len(indices), *found.grid).cpu().numpy().astype(np.float32)
-        maps.append(resize_map(grid, p.shape[:2]))
-    return finish(maps, is_batch, several, where)
+        return r[:, 0, found.prefix:].reshape(len(indices), *found.grid).cpu().numpy().astype(np.float32)
