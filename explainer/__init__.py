@@ -27,6 +27,7 @@ _LAZY = {
     "Classifier": "runtime", "Layer": "runtime", "Prediction": "runtime", "Preprocessing": "model",
     "sample_image": "samples",
     "explain_dataset": "dataset",
+    "export_explained": "export",
     "imtile": "viz", "mat2gray": "viz", "overlay": "viz", "plot_maps": "viz", "map_figure": "viz",
     "top_k_figure": "viz",
 }
