@@ -1,0 +1,157 @@
+"""Recipro-CAM as a graph: the library's ``recipro_cam`` (explainer/methods/recipro_cam.py) at its
+defaults (point masks on feature maps, the 3 x 3 Gaussian on tokens; softmax probabilities; each map
+min-max scaled), written into the model as a side branch.
+
+The feature tensor (N, ...) is tiled h*w times with the location masks, (N, h*w, ...) → (N*h*w, ...),
+and a copy of the head's nodes (renamed) computes the scores of every masked copy; the Softmax of the
+copies' scores, reshaped to (N, classes, h*w), gives each explained class's map by GatherElements with
+``ctx.classes``; each map is min-max scaled (0 where constant) and laid out (N, K, h, w).
+
+On token layers the head also reads the tensors around the feature layer that the library masks with
+it (a ViT's residual stream, the input of the block's first LayerNorm): they are tiled with the same
+masks and read by the copy instead of the originals. The head's other inputs (weights, constants) are
+read from the graph as they are.
+
+The copies ride on the batch axis, so constants of the head that hold the batch size (Reshape targets
+of a graph exported for batch 1) would not fit N*h*w rows: such a Reshape target is rewritten with 0
+(copy the input's first axis) where its first entry is the measured batch; a head whose batch is held
+otherwise is refused, naming the fix (export the model with a dynamic batch axis).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import UnsupportedModelError
+from ..methods.recipro_cam import location_masks
+from ..model.structure import image_dependent
+from . import exporter
+from .context import ExportContext
+
+
+def _mask_constant(ctx: ExportContext, layout, dtype) -> str:
+    """(1, h*w, *per-image feature shape) masks in the feature's layout: location k's mask broadcast
+    over the channels, ones over leading (class) tokens."""
+    h, w = layout.grid
+    kernel = "gaussian" if layout.kind == "tokens" else "point"
+    masks = location_masks(layout.grid, kernel)  # (hw, h, w)
+    if layout.kind == "CHW":
+        m = masks[:, None]  # (hw, 1, h, w)
+    elif layout.kind == "HWC":
+        m = masks[..., None]  # (hw, h, w, 1)
+    else:
+        m = np.concatenate([np.ones((h * w, layout.prefix), np.float32), masks.reshape(h * w, h * w)], axis=1)[..., None]
+    return ctx.const(np.ascontiguousarray(m[None]).astype(dtype), "recipro_masks")
+
+
+def _per_image_shape(layout) -> list[int]:
+    h, w = layout.grid
+    if layout.kind == "CHW":
+        return [layout.channels, h, w]
+    if layout.kind == "HWC":
+        return [h, w, layout.channels]
+    return [layout.prefix + h * w, layout.channels]
+
+
+def _tiled(ctx: ExportContext, tensor: str, masks: str, per_image: list[int]) -> str:
+    """(N, ...) → (N*h*w, ...): each image's tensor times each location's mask."""
+    copies = ctx.node("Mul", [ctx.unsqueeze(tensor, [1]), masks])  # (N, hw, ...)
+    return ctx.reshape(copies, ctx.const(np.asarray([-1, *per_image], np.int64), "tiled_shape"))
+
+
+def _side_tensors(ctx: ExportContext) -> list[str]:
+    """The image-dependent tensors the head reads besides the feature layer (none on a CNN layer that
+    splits the graph; a ViT's residual stream on its first LayerNorm)."""
+    graph = ctx.graph
+    image = [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+    flows = set()
+    for name in image:
+        flows |= image_dependent(graph, name)
+    return sorted(t for t in ctx.head.inputs if t in flows and t != ctx.feature)
+
+
+def _check_side(ctx: ExportContext, side: list[str]) -> None:
+    for t in side:
+        shape = ctx.shape(t)
+        ours = ctx.shape(ctx.feature)
+        if ctx.layout.kind != "tokens" or shape is None or ours is None or tuple(shape[1:]) != tuple(ours[1:]):
+            raise UnsupportedModelError(
+                f"export: recipro_cam: the head after the feature layer also reads {t!r} (shape {shape}) from "
+                "the image, around the layer; only token layers may have such tensors (the residual stream, "
+                "masked with them). Pick a feature_layer every path to the scores passes through (on a CNN "
+                "the output of a block, not a layer inside it).")
+
+
+def _free_batch_reshapes(ctx: ExportContext, nodes, mapping: dict) -> None:
+    """Reshape targets held as constants whose first entry is the measured batch (a graph exported for
+    batch 1) get 0 there in the copy (onnx: copy the input's first axis), so that the h*w copies pass."""
+    values = {t.name: t for t in ctx.graph.initializer}
+    constants = {n.output[0]: n for n in ctx.graph.node if n.op_type == "Constant" and n.output}
+    batch = ctx.measured_batch
+    for node in nodes:
+        if node.op_type not in ("Reshape", "Expand") or len(node.input) < 2:
+            continue
+        target = node.input[1]
+        if target in values:
+            array = numpy_helper.to_array(values[target])
+        elif target in constants and constants[target].attribute and constants[target].attribute[0].name == "value":
+            array = numpy_helper.to_array(constants[target].attribute[0].t)
+        else:
+            continue  # computed from shapes in the graph: follows the batch
+        if array.ndim != 1 or len(array) == 0 or int(array[0]) != batch or batch != 1:
+            continue
+        if node.op_type == "Expand":  # 1 broadcasts already
+            continue
+        fixed = array.copy()
+        fixed[0] = 0
+        mapping[target] = ctx.const(fixed.astype(np.int64), "reshape_target")
+
+
+def _copy_head(ctx: ExportContext, inputs: dict) -> str:
+    """A renamed copy of the head's nodes reading ``inputs`` ({original tensor: new tensor}); returns the
+    copy's scores tensor."""
+    head = ctx.head
+    mapping = dict(inputs)
+    _free_batch_reshapes(ctx, head.nodes, mapping)
+    for t in sorted(head.tensors):
+        mapping[t] = ctx.name(f"recipro/{t.split('/')[-1] or 't'}")
+    for n in head.nodes:
+        copied = onnx.NodeProto()
+        copied.CopyFrom(n)
+        copied.name = ctx.name("recipro/node")
+        del copied.input[:]
+        copied.input.extend(mapping.get(i, i) if i else "" for i in n.input)
+        del copied.output[:]
+        copied.output.extend(mapping[o] if o else "" for o in n.output)
+        ctx.graph.node.append(copied)
+    return mapping[ctx.scores]
+
+
+@exporter("recipro_cam")
+def recipro_cam(ctx: ExportContext) -> str:
+    layout = ctx.layout
+    h, w = layout.grid
+    hw = h * w
+    side = _side_tensors(ctx)
+    _check_side(ctx, side)
+    dtype = np.dtype(ctx.np_dtype(ctx.feature))
+    masks = _mask_constant(ctx, layout, dtype)
+    per_image = _per_image_shape(layout)
+    # a fresh name for the feature, so that onnxruntime does not merge the copy with the original head
+    true = ctx.const(np.asarray([True]), "true")
+    inputs = {t: _tiled(ctx, ctx.node("Where", [true, t, t]), masks, per_image) for t in [ctx.feature, *side]}
+    scores = ctx.float32(ctx.node("Flatten", [_copy_head(ctx, inputs)], axis=1), ctx.scores)  # (N*hw, classes)
+    probabilities = ctx.node("Softmax", [scores], axis=1)
+    per_image_scores = ctx.reshape(probabilities, ctx.const(np.asarray([-1, hw, ctx.num_classes], np.int64), "grid"))
+    by_class = ctx.node("Transpose", [per_image_scores], perm=[0, 2, 1])  # (N, classes, hw)
+    index_shape = ctx.node("Concat", [ctx.shape_of(ctx.classes), ctx.const(np.asarray([hw], np.int64), "hw")], axis=0)
+    index = ctx.node("Expand", [ctx.unsqueeze(ctx.classes, [2]), index_shape])  # (N, K, hw)
+    cams = ctx.node("GatherElements", [by_class, index], axis=1)  # (N, K, hw)
+    low = ctx.reduce("ReduceMin", cams, [2], keepdims=1)
+    span = ctx.node("Sub", [ctx.reduce("ReduceMax", cams, [2], keepdims=1), low])
+    varies = ctx.node("Greater", [span, ctx.scalar(0.0)])
+    safe = ctx.node("Where", [varies, span, ctx.scalar(1.0)])
+    scaled = ctx.node("Where", [varies, ctx.node("Div", [ctx.node("Sub", [cams, low]), safe]), ctx.scalar(0.0)])
+    shape = ctx.node("Concat", [ctx.shape_of(ctx.classes), ctx.const(np.asarray([h, w], np.int64), "hw_grid")], axis=0)
+    return ctx.reshape(scaled, shape)
