@@ -52,9 +52,11 @@ EXPORTERS: dict[str, Callable[[ExportContext], str]] = {}
 def exporter(name: str):
     """Register ``fn`` as the in-graph builder of method ``name`` (once)."""
     def register(fn):
+        from ..registries import duplicate, place
+
         _register_builtin()  # a name taken by a built-in exporter is refused whatever the import order
         if name in EXPORTERS:
-            raise ValueError(f"an exporter for method {name!r} is registered already ({EXPORTERS[name].__module__})")
+            raise duplicate(f"an exporter for method {name!r}", place(EXPORTERS[name]), place(fn))
         EXPORTERS[name] = fn
         return fn
     return register
@@ -70,19 +72,16 @@ _BUILTIN_LOADED = False
 
 
 def _register_builtin() -> None:
+    """Import this package's modules (explainer/registries.py's rule): each registers its builders."""
     global _BUILTIN_LOADED
-    import importlib
+    from pathlib import Path
+
+    from ..registries import import_modules, modules
 
     if _BUILTIN_LOADED:
         return
     _BUILTIN_LOADED = True
-
-    for module in (".cams", ".recipro_cam"):
-        try:
-            importlib.import_module(module, __name__)
-        except ModuleNotFoundError as exc:  # recipro_cam: another file, written separately
-            if not exc.name or not exc.name.endswith(module[1:]):
-                raise
+    import_modules(__name__, modules(Path(__file__).parent))
 
 
 def export_explained(net, out, method="gradcam", feature_layer=None, top_k=1, map_size="feature", **kwargs):

@@ -23,9 +23,11 @@ RULES: dict[str, Callable] = {}
 
 def rule(*ops: str):
     def register(fn):
+        from ..registries import duplicate, place
+
         for op in ops:
             if op in RULES:
-                raise ValueError(f"a gradient rule for {op!r} is registered already")
+                raise duplicate(f"a gradient rule for {op!r}", place(RULES[op]), place(fn))
             RULES[op] = fn
         return fn
     return register

@@ -109,10 +109,11 @@ def _distinct(ctx: ExportContext, feature: str) -> str:
 
 
 def _feature_layer(net, feature_layer, where):
-    from ..methods.gradcam import gradcam_layers  # TODO(lead): a floor below methods/ for the default layer
+    if feature_layer is None:  # the library's default (TODO(lead): below methods/, for point 5)
+        from ..methods.gradcam import default_feature_layer
 
-    choice = gradcam_layers(net, feature_layer)
-    layer = net.layer(choice.feature)
+        feature_layer = default_feature_layer(net)[0]
+    layer = net.layer(feature_layer)
     layout = net.feature_map_layout(layer, where)
     if layout is None:
         raise LayerNotFeatureMapError(
