@@ -140,3 +140,53 @@ def test_a_layer_the_head_bypasses_is_refused_naming_the_split(resnet, chelsea):
 def test_a_layer_without_locations_is_refused(default_net, chelsea):
     with pytest.raises(LayerNotFeatureMapError, match="Recipro-CAM masks one location"):
         recipro_cam(default_net, chelsea, 285, feature_layer=default_net.output.name, verbose=False)
+
+
+def _run_exported(path, net, x, **feeds):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    out = session.run(None, {net.input.name: x, **feeds})
+    return dict(zip(names, out))
+
+
+@pytest.mark.parametrize("family,bound", [("resnet", 1e-5), ("vit", 3e-3)])
+def test_exported_graph_equals_the_library(request, tmp_path, chelsea, family, bound):
+    """The in-graph Recipro-CAM (explainer.export, top 3 classes) equals the library's maps at the feature
+    layer's resolution, and the model's own outputs stay bit-identical. Both files were exported for
+    batch 1: ViT-Tiny's 196 masked copies pass through the head's Reshapes. The ViT bound: float32
+    rounding of two onnxruntime graphs (fused differently), through the softmax and the min-max scaling."""
+    import onnxruntime as ort
+
+    from explainer.export import export_explained
+
+    net, _ = request.getfixturevalue(family)
+    out = export_explained(net, tmp_path / "explained.onnx", method="recipro_cam", top_k=3)
+    small = net.fit_pixels(chelsea)
+    x = net.to_model_input(small[None])
+    got = _run_exported(out, net, x)
+    plain = ort.InferenceSession(net.source_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for o in plain.get_outputs():
+        np.testing.assert_array_equal(got[o.name], plain.run([o.name], {net.input.name: x})[0])
+    logits = got[plain.get_outputs()[0].name][0]
+    classes = [int(c) for c in got["saliency_class"][0]]
+    assert classes == [int(c) for c in np.argsort(-logits)[:3]]
+    layer = net.layer(default_feature_layer(net)[0])
+    ours = low_resolution(net, small, layer, classes)
+    assert got["saliency"].shape == (1, 3, *ours.shape[1:])
+    assert float(np.abs(got["saliency"][0] - ours).max()) <= bound
+
+
+def test_exported_graph_on_a_batch_with_target_classes_at_the_input_size(default_net, tmp_path, chelsea, coffee):
+    """top_k=0 (an input ``target`` per image), map_size="input", a batch of two: each exported map
+    equals ``recipro_cam`` on the same network-size pixels."""
+    from explainer.export import export_explained
+
+    out = export_explained(default_net, tmp_path / "explained.onnx", method="recipro_cam", top_k=0, map_size="input")
+    smalls = [default_net.fit_pixels(image) for image in (chelsea, coffee)]
+    got = _run_exported(out, default_net, default_net.to_model_input(np.stack(smalls)), target=np.array([285, 504]))
+    assert got["saliency"].shape == (2, 1, *default_net.input_size)
+    for b, (small, label) in enumerate(zip(smalls, (285, 504))):
+        expected = recipro_cam(default_net, small / 255.0, label, verbose=False)
+        assert float(np.abs(got["saliency"][b, 0] - expected).max()) <= 1e-5
