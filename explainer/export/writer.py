@@ -44,10 +44,21 @@ def export_explained(net, out, method: str = "gradcam", feature_layer=None, top_
                                     f"come from an input 'target'); got {top_k!r}.")
     top_k = int(top_k)
     out = _check_destination(out, where)
+    model = build_explained(net, method, feature_layer, top_k, map_size, where=where)
+    return _write(model, out, external_data, where)
 
+
+def build_explained(net, method: str, feature_layer, top_k: int, map_size: str, *, source=None,
+                    targets_per_image: bool = False, where: str = "export_explained") -> onnx.ModelProto:
+    """The explained model (see ``export_explained``; arguments validated there). ``source``: the graph
+    to add the branch to (default: the model as loaded, ``net.source_model``; the library's own in-graph
+    path passes ``net.model``, which runs any batch); ``targets_per_image``: the input ``target`` is
+    (N, K), K classes per image, instead of (N,)."""
+    _register_builtin()
+    source = net.source_model if source is None else source
     feature, layer_name, layout = _feature_layer(net, feature_layer, where)
     model = onnx.ModelProto()
-    model.CopyFrom(net.source_model)
+    model.CopyFrom(source)
     graph = model.graph
     produced = {o for n in graph.node for o in n.output}
     if feature not in produced:
@@ -66,12 +77,15 @@ def export_explained(net, out, method: str = "gradcam", feature_layer=None, top_
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     ctx = ExportContext(graph, opset, feature, layout, scores, net.num_classes, top_k=max(top_k, 1), head=head,
                         ir_version=model.ir_version)
-    _measure(net, ctx, head)
+    _measure(net, source, ctx, head)
     mapping = head.copy(ctx, _distinct(ctx, feature))
     scores_copy = mapping[scores]
     flat = ctx.node("Flatten", [scores_copy], axis=1)
-    if top_k == 0:
-        graph.input.append(helper.make_tensor_value_info(TARGET, onnx.TensorProto.INT64, [_batch_dim(net)]))
+    if top_k == 0 and targets_per_image:
+        graph.input.append(helper.make_tensor_value_info(TARGET, onnx.TensorProto.INT64, [_batch_dim(source, net.input.name), "K"]))
+        classes = TARGET
+    elif top_k == 0:
+        graph.input.append(helper.make_tensor_value_info(TARGET, onnx.TensorProto.INT64, [_batch_dim(source, net.input.name)]))
         classes = ctx.unsqueeze(TARGET, [1])
     else:
         if opset >= 10:
@@ -93,10 +107,11 @@ def export_explained(net, out, method: str = "gradcam", feature_layer=None, top_
     if map_size == "input":
         maps = ctx.node("Relu", [resize_maps(ctx, maps, net.input_size, layout.grid)])
     ctx.node("Identity", [maps], outputs=[SALIENCY])
-    graph.output.append(helper.make_tensor_value_info(SALIENCY, onnx.TensorProto.FLOAT, [None, max(top_k, 1), None, None]))
-    graph.output.append(helper.make_tensor_value_info(SALIENCY_CLASS, onnx.TensorProto.INT64, [None, max(top_k, 1)]))
+    k = "K" if targets_per_image else max(top_k, 1)
+    graph.output.append(helper.make_tensor_value_info(SALIENCY, onnx.TensorProto.FLOAT, [None, k, None, None]))
+    graph.output.append(helper.make_tensor_value_info(SALIENCY_CLASS, onnx.TensorProto.INT64, [None, k]))
     _metadata(net, model, method, layer_name, top_k, map_size, layout)
-    return _write(model, out, external_data, where)
+    return model
 
 
 def _distinct(ctx: ExportContext, feature: str) -> str:
@@ -123,29 +138,28 @@ def _feature_layer(net, feature_layer, where):
     return layer.output, layer.name, layout
 
 
-def _batch_dim(net):
-    dims = net.source_model.graph.input
-    for i in dims:
-        if i.name == net.input.name:
+def _batch_dim(model, name):
+    for i in model.graph.input:
+        if i.name == name:
             d = i.type.tensor_type.shape.dim[0]
             return d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
     return None
 
 
-def _measure(net, ctx: ExportContext, head: Head) -> None:
+def _measure(net, source, ctx: ExportContext, head: Head) -> None:
     """Shapes, dtypes and small integer values of the head's tensors, from one onnxruntime run of the
     source graph (a batch of 2 where the graph takes any batch, so that broadcasting over the batch
     shows)."""
-    extra = [i.name for i in net.source_model.graph.input
-             if i.name != net.input.name and i.name not in {t.name for t in net.source_model.graph.initializer}]
+    extra = [i.name for i in source.graph.input
+             if i.name != net.input.name and i.name not in {t.name for t in source.graph.initializer}]
     if extra:
         raise UnsupportedModelError(f"export_explained: the model has another input {extra[0]!r}; only "
                                     "single-input classifiers are exported.")
-    batch = 2 if not isinstance(_batch_dim(net), int) else 1
+    batch = 2 if not isinstance(_batch_dim(source, net.input.name), int) else 1
     rng = np.random.default_rng(0)
     pixels = rng.uniform(0, 255, (batch, *net.input_size, net.input.channels)).astype(np.float32)
     feeds = {net.input.name: net.to_model_input(pixels)}
-    ctx.shapes, ctx.dtypes, ctx.values = measure(net.source_model, feeds, head.tensors | head.inputs | {ctx.feature})
+    ctx.shapes, ctx.dtypes, ctx.values = measure(source, feeds, head.tensors | head.inputs | {ctx.feature})
     ctx.measured_batch = batch
 
 

@@ -1,0 +1,145 @@
+"""Explanations that ship with the model: the exported model's latency beside the plain model's, in one
+run on one machine, batch 1 and batch 16, CPU onnxruntime (default session options).
+
+    python -m benchmarks.export [--quick] [--rounds 5] [--repeats 10]
+
+Per file (the embedded EfficientNet-Lite0, and the compatibility suite's ViT-Tiny export): the plain
+model (its own outputs), the exported model with Grad-CAM in the graph (top-1 class, maps at the
+feature grid), the library's in-graph path (``explainer.export.engine.cam_maps``: the normalised
+graph plus the branch, one onnxruntime call for the batch) and the library's torch path
+(``BaseCAM.low_resolution``, one forward + backward per image, as ``explainer.gradcam`` runs today,
+the bicubic resize excluded from both); file-size overhead. Rounds alternate the variants; each
+figure is the median over rounds of the median of ``repeats`` calls. Writes
+``benchmarks/results/export.json`` and ``export.md`` (``--quick`` only prints).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def files(quick: bool):
+    import explainer
+
+    out = [("EfficientNet-Lite0 (embedded)", lambda: explainer.load(device="cpu"))]
+    if not quick:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        import exports
+
+        out.append(("ViT-Tiny (timm, legacy exporter, dynamic batch)",
+                    lambda: explainer.load(exports.export("vit_tiny", "legacy-dynamic"), device="cpu")))
+    return out
+
+
+def bench(name, make, rounds, repeats, tmp: Path) -> dict:
+    import onnxruntime as ort
+    from skimage import data
+
+    import explainer
+    from explainer.export.engine import cam_maps
+    from explainer.methods.gradcam import GradCAM
+
+    net = make()
+    path = explainer.export_explained(net, tmp / "explained.onnx", top_k=1)
+    plain = tmp / "plain.onnx"
+    plain.write_bytes(net.source_model.SerializeToString())
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    s_plain = ort.InferenceSession(str(plain), options, providers=["CPUExecutionProvider"])
+    s_expl = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    images = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()] * 4
+    pixels, _ = net.prepare(images)
+    x16 = net.to_model_input(np.rint(pixels))
+    dynamic = not net.source_model.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
+    cam = GradCAM(net)
+    row = dict(model=name, size_mb=plain.stat().st_size / 1e6, exported_mb=path.stat().st_size / 1e6,
+               layer=cam.feature_layer)
+    for batch in (1, 16):
+        x = x16[:batch]
+        top = np.argmax(net.ort.run(x, [net.output.name])[0].reshape(batch, -1), axis=1)
+        variants = {
+            "plain": lambda: [s_plain.run(None, {net.input.name: x[i:i + 1]}) for i in range(batch)]
+            if not dynamic else s_plain.run(None, {net.input.name: x}),
+            "exported": lambda: [s_expl.run(None, {net.input.name: x[i:i + 1]}) for i in range(batch)]
+            if not dynamic else s_expl.run(None, {net.input.name: x}),
+            "library_ingraph": lambda: cam_maps(net, x, top[:, None]),
+            "library_torch": lambda: [cam.low_resolution(pixels[i], [int(top[i])]) for i in range(batch)],
+        }
+        timings = {k: [] for k in variants}
+        for _ in range(rounds):
+            for key, fn in variants.items():
+                timings[key].append(median_time(fn, repeats if key != "library_torch" or batch == 1 else max(2, repeats // 4)))
+        for key, values in timings.items():
+            row[f"{key}_ms_b{batch}"] = 1000 * statistics.median(values)
+        row[f"exported_over_plain_b{batch}"] = row[f"exported_ms_b{batch}"] / row[f"plain_ms_b{batch}"]
+        row[f"ingraph_over_plain_b{batch}"] = row[f"library_ingraph_ms_b{batch}"] / row[f"plain_ms_b{batch}"]
+        row[f"torch_over_ingraph_b{batch}"] = row[f"library_torch_ms_b{batch}"] / row[f"library_ingraph_ms_b{batch}"]
+        row[f"plain_batched_b{batch}"] = dynamic
+    return row
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"# Explanations in the graph: latency ({meta['date']}, {meta['machine']})", "",
+             "Median ms per call (batch of N images; graphs exported for batch 1 run image by image). "
+             "exported: the model's own outputs plus Grad-CAM of the top class at the feature grid; "
+             "library in-graph: `explainer.export.engine.cam_maps`; library torch: today's "
+             "`BaseCAM.low_resolution` per image.", "",
+             "| model | N | plain | exported | ratio | library in-graph | ratio to plain | library torch | torch / in-graph | size MB (exported) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        for b in (1, 16):
+            lines.append(f"| {r['model']} | {b} | {r[f'plain_ms_b{b}']:.1f} | {r[f'exported_ms_b{b}']:.1f} | "
+                         f"{r[f'exported_over_plain_b{b}']:.2f} | {r[f'library_ingraph_ms_b{b}']:.1f} | "
+                         f"{r[f'ingraph_over_plain_b{b}']:.2f} | {r[f'library_torch_ms_b{b}']:.1f} | "
+                         f"{r[f'torch_over_ingraph_b{b}']:.1f} | {r['size_mb']:.1f} ({r['exported_mb']:.1f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args(argv)
+    rounds, repeats = (2, 3) if args.quick else (args.rounds, args.repeats)
+    meta = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                rounds=rounds, repeats=repeats)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, make in files(args.quick):
+            rows.append(bench(name, make, rounds, repeats, Path(tmp)))
+            print(json.dumps(rows[-1], indent=1), flush=True)
+    text = markdown(meta, rows)
+    print(text)
+    if not args.quick:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "export.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+        (RESULTS / "export.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
