@@ -12,7 +12,6 @@ the op converters, ``explainer.convert.converters``).
 from __future__ import annotations
 
 import importlib
-import inspect
 import pkgutil
 from pathlib import Path
 from typing import Iterable
@@ -31,6 +30,8 @@ def import_modules(package: str, names: Iterable[str]) -> None:
 
 def place(fn) -> str:
     """Where a function was defined, as ``path:line`` (the path from the repository's root when inside it)."""
+    import inspect
+
     fn = inspect.unwrap(fn)
     code = getattr(fn, "__code__", None)
     if code is None:

@@ -67,6 +67,7 @@ def test_explainer_exports_what_the_method_files_declare_without_importing_them(
     from explainer.methods import public_names
 
     names = public_names()
+    assert {module.split(".")[1] for module in names.values()} <= set(registry.method_modules())
     for m in explainer.list_methods():
         assert names[m.function.__name__] == m.function.__module__.removeprefix("explainer."), m.name
     for name, module in names.items():

@@ -5,13 +5,22 @@ A pass takes a ``ModelProto`` (modified in place) and a ``PassContext`` and retu
 changed. ``normalise(model, target)`` copies the model and runs, in order, every pass registered for the
 target: ``"runtime"`` passes make a graph run in onnxruntime at any batch size; ``"torch"`` passes
 (a superset) make it convertible by onnx2torch.
+
+Discovery and duplicates follow the rule of the library's three registries (``explainer.registries``):
+the modules of ``explainer.convert`` (those whose names start with "_" and the ``converters`` subpackage
+excepted) are found by one ``pkgutil`` scan and imported, in name order, before the first ``normalise``;
+each registers its passes with ``@register`` as it is imported; a second pass of a name raises
+``ValueError`` naming both places. Adding a pass is adding its function to a module of the package.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import onnx
+
+from ..registries import duplicate, import_modules, modules, place
 
 
 @dataclass
@@ -45,11 +54,22 @@ def register(name: str, *, targets=("torch",), order: int = 100):
 
     def wrap(fn):
         if name in PASSES:
-            raise ValueError(f"a pass named {name!r} is already registered")
+            raise duplicate(f"a pass named {name!r}", place(PASSES[name].fn), place(fn))
         PASSES[name] = Pass(name, fn, tuple(targets), order)
         return fn
 
     return wrap
+
+
+def _load_all() -> None:
+    """Imports every module of the package once, so that each registers its passes."""
+    global _LOADED
+    if not _LOADED:
+        import_modules(__package__, modules(Path(__file__).parent))
+        _LOADED = True
+
+
+_LOADED = False
 
 
 # Passes that let a batch-1 export run larger batches; left out when a model falls back to batch 1.
@@ -60,8 +80,7 @@ def normalise(model: onnx.ModelProto, target: str, image_input: str,
               ctx: PassContext | None = None, skip: tuple[str, ...] = ()) -> tuple[onnx.ModelProto, list[str]]:
     """A normalised copy of ``model`` and a log line per pass that changed something; passes named in
     ``skip`` are not run."""
-    from . import batch, constants, names, ops, precision, quantized  # noqa: F401  (registers the passes)
-
+    _load_all()
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}; got {target!r}")
     out = onnx.ModelProto()

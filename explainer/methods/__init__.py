@@ -19,18 +19,15 @@ def public_names() -> dict[str, str]:
     """{public name: its module under ``explainer``, e.g. "methods.lime"}, in file order (files by name),
     read once from the files' text."""
     global _PUBLIC
-    if _PUBLIC is None:
-        from ..registries import modules
-
+    if _PUBLIC is None:  # the files registry.method_modules() finds, without pkgutil's imports (inspect)
         found: dict[str, str] = {}
-        folder = Path(__file__).parent
-        for module in modules(folder):
+        for path in sorted(Path(__file__).parent.glob("[!_]*.py")):
             marked = False
-            for line in (folder / f"{module}.py").read_text(encoding="utf-8").splitlines():
+            for line in path.read_text(encoding="utf-8").splitlines():
                 if _MARK.match(line):
                     marked = True
                 elif marked and _DEF.match(line):
-                    found[_DEF.match(line).group(1)] = f"methods.{module}"
+                    found[_DEF.match(line).group(1)] = f"methods.{path.stem}"
                     marked = False
         _PUBLIC = found
     return _PUBLIC

@@ -8,16 +8,26 @@ CumSum, DepthToSpace, Split-18). Which attributes each converter honours is in `
 ``replaces`` says why onnx2torch's own is replaced;
 ``delegate`` registers a newer version of an op onto onnx2torch's converter of an older one, for the
 nodes that use none of what the newer version added (anything else is refused with the attribute
-named); ``versions.py`` does the same for every version bump that only added tensor types.
+named); ``_versions.py`` does the same for every version bump that only added tensor types.
+
+Discovery and duplicates follow the rule of the library's three registries (``explainer.registries``):
+every module of this package (those whose names start with "_" excepted) is found by one ``pkgutil``
+scan and imported, in name order, when the package is; each registers its converters with ``register``
+as it is imported; a second converter for an (op, version) raises ``ValueError`` naming both places.
+``_versions`` runs last, explicitly: it aliases newer versions onto every converter registered before it.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription, add_converter
 
+from ...registries import duplicate, import_modules, modules, place
+
 #: (op type, since version) -> where the converter comes from: "ours" or "alias of <op>-<version>"
 CONVERTERS: dict[tuple[str, int], str] = {}
+_PLACES: dict[tuple[str, int], str] = {}  # (op type, since version) -> where its converter was defined
 
 #: Ops whose converter reads its first input's shape from ``graph.value_info``, where shape inference can
 #: have lost it (a Reshape-5/13 with a computed target leaves everything after it without a rank):
@@ -35,11 +45,13 @@ def register(op: str, version: int, origin: str = "ours", replaces: str = ""):
     def wrap(fn: Callable):
         key = OperationDescription("", op, version)
         if (op, version) in CONVERTERS or (key in _CONVERTER_REGISTRY and not replaces):
-            raise ValueError(f"a converter for {op}-{version} is already registered")
+            first = _PLACES.get((op, version), "onnx2torch's own converter")
+            raise duplicate(f"a converter for {op}-{version}", first, place(fn))
         if replaces:
             del _CONVERTER_REGISTRY[key]
         add_converter(operation_type=op, version=version)(fn)
         CONVERTERS[(op, version)] = f"{origin}, replacing onnx2torch's: {replaces}" if replaces else origin
+        _PLACES[(op, version)] = place(fn)
         return fn
 
     return wrap
@@ -72,5 +84,6 @@ def delegate(op: str, version: int, base: int, accept: dict[str, Callable] | Non
     register(op, version, origin=f"{op}-{base} (new attributes at their defaults)")(convert)
 
 
-# registration order: explicit converters first, then ``versions`` aliases newer versions onto them
-from . import activations, normalization, pooling, quantization, reduce, resize, shaping, versions  # noqa: E402,F401
+# the converters of this package's modules first, then ``_versions`` aliases newer versions onto them
+import_modules(__name__, modules(Path(__file__).parent))
+from . import _versions  # noqa: E402,F401
