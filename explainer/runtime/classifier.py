@@ -89,8 +89,11 @@ class RuntimeCaches:
 
 class Classifier:
     def __init__(self, loaded: LoadedModel, *, preprocessing=None, labels=None, input_layout=None,
-                 device="auto", batch_size="auto", torch_device="auto"):
+                 device="auto", batch_size="auto", torch_device="auto", engine="onnxruntime", precision="f32"):
+        from .openvino_engine import check_choice
         from .torch_engine import TORCH_DEVICES
+
+        check_choice(engine, precision)
 
         if torch_device not in TORCH_DEVICES:
             raise InvalidParameterError(f"load: torch_device must be one of {TORCH_DEVICES}; got {torch_device!r}.")
@@ -110,6 +113,14 @@ class Classifier:
                                                     given_by="registry" if entry is not None and
                                                     preprocessing is entry.preprocessing else "argument")
         self.device, providers = resolve_device(device)
+        #: the runtime of forward passes ("onnxruntime" or "openvino"; "auto" is resolved after the probe)
+        #: and its precision ("f32", or OpenVINO's "bf16" / "f16")
+        self.engine, self.precision = engine, precision
+        if engine == "openvino" and device == "cuda":
+            raise InvalidParameterError("load: engine='openvino' runs on the CPU; device='cuda' needs "
+                                        "engine='onnxruntime'.")
+        if engine == "openvino":
+            self.device = "cpu"
         # the graph as given, checked before its constants are folded (folding a Range or a
         # ConstantOfShape computes it) and before onnxruntime sees it
         RunGuard(loaded.proto, self.input.name, self.input.dtype, self.name).estimate_for(
@@ -131,6 +142,12 @@ class Classifier:
             self.max_batch = self._batch_size = self._stream_batch_size = 1
             warnings.warn(f"model {self.name!r} runs one image at a time (explanations are the same, "
                           f"only slower): {why}", BatchFallbackWarning, stacklevel=3)
+        if self.engine == "auto":  # measured once per model and machine, then remembered
+            from .openvino_engine import faster_engine
+
+            self.engine = faster_engine(self)
+            if self.engine == "openvino":
+                self.device, self.ort = "cpu", self._engine(providers, self.ort.model_key)
         self.class_names: list[str] = labels_mod.resolve(labels, metadata, self.output.num_classes)
         self._layers: list[Layer] | None = None
         self._structure: Structure | None = None  # read from the graph on first use
@@ -140,7 +157,7 @@ class Classifier:
         labels, input layout, devices and batch size."""
         return Classifier(loaded, preprocessing=self.preprocessing, labels=self.class_names,
                           input_layout=self.input.layout, device=self.device, batch_size=self._batch_size,
-                          torch_device=self.torch_device)
+                          torch_device=self.torch_device, engine=self.engine, precision=self.precision)
 
     @property
     def per_image_shape(self) -> tuple:
@@ -149,9 +166,15 @@ class Classifier:
         return (i.channels, i.height, i.width) if i.layout == "NCHW" else (i.height, i.width, i.channels)
 
     def _engine(self, providers, key: str) -> OrtEngine:
-        """The onnxruntime engine of ``self.model``, its guard checked before any session exists: zero
-        extents at the input's size and the memory of one image's run (``budget.RunGuard``)."""
-        engine = OrtEngine(self.model, self.input.name, providers, key)
+        """The engine of ``self.model`` (onnxruntime, or OpenVINO for ``engine='openvino'``), its guard
+        checked before any session exists: zero extents at the input's size and the memory of one
+        image's run (``budget.RunGuard``)."""
+        if self.engine == "openvino":
+            from .openvino_engine import OpenVinoEngine
+
+            engine = OpenVinoEngine(self.model, self.input.name, key, self.precision)
+        else:
+            engine = OrtEngine(self.model, self.input.name, providers, key)
         engine.guard = RunGuard(self.model, self.input.name, self.input.dtype, self.name)
         engine.guard.estimate_for(self.per_image_shape)
         return engine
@@ -498,7 +521,8 @@ class Classifier:
 
 
 def load(source=None, *, preprocessing=None, labels=None, input_layout=None, device="auto",
-         batch_size="auto", allow_external_data=True, torch_device="auto") -> Classifier:
+         batch_size="auto", allow_external_data=True, torch_device="auto", engine="onnxruntime",
+         precision="f32") -> Classifier:
     """Load an ONNX image classifier.
 
     source: a path, bytes, an ``onnx.ModelProto``, a registry name (``explainer.zoo.registry.REGISTRY``)
@@ -508,9 +532,14 @@ def load(source=None, *, preprocessing=None, labels=None, input_layout=None, dev
     layout, size, channels, dtype, softmax, labels and preprocessing in ``metadata_props``) is read
     from it; the arguments override. ``device`` picks onnxruntime's execution provider (forward
     methods); ``torch_device`` the device of the converted module (gradient methods, ``backend="torch"``).
+    ``engine`` runs the forward passes of the forward-only methods: "onnxruntime", "openvino" (CPU; the
+    extra ``pip install -e '.[openvino]'``) or "auto" (the faster of the two at float32, measured once
+    per model and machine); ``precision`` "f32", or on OpenVINO "bf16" / "f16" (faster where the CPU
+    has them, scores about 1e-2 off). ``net.engine`` and ``net.precision`` say what runs.
     """
     from ..zoo import load_source
 
     loaded = load_source(source, allow_external_data=allow_external_data)
     return Classifier(loaded, preprocessing=preprocessing, labels=labels, input_layout=input_layout,
-                      device=device, batch_size=batch_size, torch_device=torch_device)
+                      device=device, batch_size=batch_size, torch_device=torch_device, engine=engine,
+                      precision=precision)

@@ -497,8 +497,6 @@ class Split:
     def stage_engine(self, stage: Stage, shape: Sequence[int]):
         """The stage's engine for inputs of ``shape`` (the batch dim left free): onnxruntime picks its
         kernels by the static shapes, so the clean pass runs at the full size as the plain graph does."""
-        from .ort_engine import OrtEngine
-
         shape = ("N",) + tuple(int(d) for d in shape[1:])
         with self._lock:
             if shape not in stage.engines:
@@ -507,12 +505,10 @@ class Split:
                 model.graph.input[0].CopyFrom(helper.make_tensor_value_info(
                     stage.source, model.graph.input[0].type.tensor_type.elem_type, list(shape)))
                 key = f"{self.net.ort.model_key}|stage:{stage.source}->{stage.target}|{shape}"
-                stage.engines[shape] = OrtEngine(model, stage.source, self.net.ort.providers, key)
+                stage.engines[shape] = self.net.ort.derived(model, stage.source, key)
             return stage.engines[shape]
 
     def suffix_engine(self, cut: str):
-        from .ort_engine import OrtEngine
-
         with self._lock:
             if cut not in self._suffixes:
                 # every output of the graph, as in the plain session: one output fewer lets onnxruntime
@@ -525,8 +521,7 @@ class Split:
                 shape = self.full_size.get(cut)
                 shape = ["N"] + list(shape[1:]) if shape and None not in shape[1:] else None
                 model = _subgraph(self.index, nodes, cut, every, {}, "suffix", shape)
-                self._suffixes[cut] = OrtEngine(model, cut, self.net.ort.providers,
-                                                f"{self.net.ort.model_key}|suffix:{cut}")
+                self._suffixes[cut] = self.net.ort.derived(model, cut, f"{self.net.ort.model_key}|suffix:{cut}")
             return self._suffixes[cut]
 
     def keep_suffixes(self, cuts) -> None:

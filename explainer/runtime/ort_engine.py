@@ -76,6 +76,16 @@ class OrtEngine:
             finally:
                 del outputs[len(self.default_outputs):]
 
+    def derived(self, model: onnx.ModelProto, input_name: str, model_key: str) -> "OrtEngine":
+        """An engine of the same kind and providers for another graph (incremental occlusion's stages)."""
+        return OrtEngine(model, input_name, self.providers, model_key)
+
+    @property
+    def reference(self) -> "OrtEngine":
+        """The onnxruntime engine float32 results are checked against: this one (another engine, e.g.
+        OpenVINO's, gives onnxruntime's on the same graph)."""
+        return self
+
     @property
     def on_cuda(self) -> bool:
         return "CUDAExecutionProvider" in self.providers

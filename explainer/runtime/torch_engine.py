@@ -211,7 +211,7 @@ class TorchEngine:
         pixels = rng.uniform(0, 255, (2, *net.input.size, net.input.channels)).astype(np.float32)
         if net.input.dtype == np.uint8:
             pixels = np.rint(pixels)
-        expected = net.ort.run_batched(net.to_model_input(pixels), [logits], net.max_batch or 2)[0]
+        expected = net.ort.reference.run_batched(net.to_model_input(pixels), [logits], net.max_batch or 2)[0]
         expected = expected.reshape(2, -1).astype(np.float64)
         x = self.tensor(pixels).permute(0, 3, 1, 2)
         try:
@@ -254,10 +254,10 @@ class TorchEngine:
                                    for i in range(0, len(x), size)]).reshape(len(x), -1).astype(np.float64)
 
         scale = max(np.abs(expected).max(), 1e-12)
-        spread = np.abs(scores(net.ort.run_unoptimised, inputs) - expected).max() / scale
+        spread = np.abs(scores(net.ort.reference.run_unoptimised, inputs) - expected).max() / scale
         if inputs.dtype.kind == "f":
             nudged = inputs * (1 + 1e-6 * np.random.default_rng(0).standard_normal(inputs.shape))
-            spread = max(spread, np.abs(scores(net.ort.run, nudged.astype(inputs.dtype)) - expected).max() / scale)
+            spread = max(spread, np.abs(scores(net.ort.reference.run, nudged.astype(inputs.dtype)) - expected).max() / scale)
         step = output_quantisation_step(net.source_model, logits)
         return float(max(2 * spread, 2 * step / scale))
 
