@@ -35,7 +35,6 @@ the whole graph (the head's intermediates are a subset) plus its masked feature 
 """
 from __future__ import annotations
 
-import math
 import threading
 import weakref
 from dataclasses import dataclass
@@ -170,6 +169,7 @@ def _nearest_split(net: Classifier, layer: Layer) -> str | None:
 
 #: the heads made per Classifier (dropped with it) and feature tensor
 _HEADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_DEFAULTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
@@ -263,14 +263,15 @@ def _scores_fn(net: Classifier, head: Head, scores: str, single_thread: bool):
 
 
 def head_batch_size(net: Classifier, head: Head, values: list[np.ndarray], batch_size) -> int:
-    """Masked copies per run: 'auto' splits the h*w copies evenly over the parallel streams; any size is
-    held to the run budget, a copy counting as one image's run of the whole graph plus its inputs."""
+    """Masked copies per run: 'auto' takes all h*w copies at once (one run; measured faster than the copies
+    split over parallel one-core streams: the head's runs are short); any size is held to the run budget,
+    a copy counting as one image's run of the whole graph plus its inputs. Runs beyond one stream over
+    the parallel streams (``stream_probabilities``)."""
     total = head.layout.grid[0] * head.layout.grid[1]
     per_copy = net.ort.guard.estimate_for(net.per_image_shape).peak + sum(v[0].nbytes for v in values)
     budget = max(1, limits.max_run_bytes() // max(per_copy, 1))
-    if batch_size == "auto":
-        streams = max(1, net.ort.parallel_streams())
-        batch_size = math.ceil(total / streams)
+    if batch_size == "auto":  # all copies in one run of the multi-threaded session when the budget allows
+        batch_size = total
     return max(1, min(int(batch_size), budget, total, net.max_batch or total))
 
 
@@ -312,6 +313,17 @@ def normalise(cams: np.ndarray) -> np.ndarray:
     return np.where(span > 0, (cams - low) / np.where(span > 0, span, 1), 0).astype(np.float32)
 
 
+def _default_layer(net: Classifier) -> str:
+    """Grad-CAM's default layer, found once per net (reading the graph takes milliseconds)."""
+    with _LOCK:
+        known = _DEFAULTS.get(net)
+    if known is None:
+        known = default_feature_layer(net)[0]
+        with _LOCK:
+            _DEFAULTS[net] = known
+    return known
+
+
 def _kernel(kernel: str, layout: FeatureLayout) -> str:
     if kernel == "auto":
         return "gaussian" if layout.kind == "tokens" else "point"
@@ -327,8 +339,8 @@ def _kernel(kernel: str, layout: FeatureLayout) -> str:
                                                  "maps, gaussian on tokens (OpenVINO XAI's defaults)"),
                      scores=Choice(SCORES, help="'probabilities' (the paper's softmax) or 'logits' (the "
                                                 "pre-softmax scores, as OpenVINO XAI 1.1.0)"),
-                     batch_size=BatchSize(help="masked copies per head run ('auto': the h*w copies split "
-                                               "over the parallel streams, within the run budget)"),
+                     batch_size=BatchSize(help="masked copies per head run ('auto': all h*w copies in one "
+                                               "run, within the run budget)"),
                      verbose=Flag()),
         answers="how strongly the class is predicted from each location of the feature layer kept alone",
         returns="maps at the image's size, >= 0: each class's map min-max scaled to [0, 1] at the layer's "
@@ -341,7 +353,7 @@ def recipro_cam(net: Classifier, image, label, *, feature_layer=None, kernel="au
                 batch_size="auto", verbose=True):
     """Recipro-CAM map(s): (H, W) for one label, (K, H, W) for several, at the image's size."""
     where = "recipro_cam"
-    layer = net.layer(feature_layer if feature_layer is not None else default_feature_layer(net)[0])
+    layer = net.layer(feature_layer if feature_layer is not None else _default_layer(net))
     head = head_of(net, layer, where)
     pixels, is_batch, indices, several = images_and_labels(net, image, label, where)
     maps = []
