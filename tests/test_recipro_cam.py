@@ -11,7 +11,7 @@ import torch
 import explainer
 from explainer.errors import LayerNotFeatureMapError
 from explainer.methods.gradcam import default_feature_layer
-from explainer.methods.recipro_cam import HeadSplitError, low_resolution, recipro_cam
+from explainer.methods.recipro_cam import HeadSplitError, head_of, low_resolution, recipro_cam
 
 import exports
 import references
@@ -99,7 +99,9 @@ def test_cnn_equals_reference_on_the_source_module(resnet, chelsea):
 
 def test_vit_equals_reference_on_the_source_module(vit, chelsea):
     """ViT-Tiny at the default layer (the last block's norm1; its input masked too), Gaussian (the
-    default on tokens) and point kernels."""
+    default on tokens) and point kernels. (The residual stream's masking does not show here: the
+    score reads the class token, which is kept, and the last block's patch tokens reach only their own
+    outputs; OpenVINO XAI's ViTReciproCAM masks it too.)"""
     net, model = vit
     layer = net.layer("/blocks/blocks.11/norm1/LayerNormalization")
     assert default_feature_layer(net)[0] == layer.name
@@ -110,6 +112,9 @@ def test_vit_equals_reference_on_the_source_module(vit, chelsea):
         ours = low_resolution(net, small, layer, [285], kernel=kernel, scores=scores)[0]
         assert ours.shape == ref.shape == (14, 14)
         references.assert_close_in_units(ours, ref, 1e-3, f"ViT-ReciproCAM ({kernel}, {scores})")
+    # the head that ran reads the class token before the last block's MLP (checked against the whole head)
+    head = head_of(net, layer)
+    assert head.checked and any(n.name.startswith("recipro_early/slice") for n in head.engine.model.graph.node)
 
 
 def test_labels_images_and_batches_share_the_runs(default_net, chelsea, coffee):

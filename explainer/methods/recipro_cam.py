@@ -29,6 +29,13 @@ map is then scaled to [0, 1] (min-max, as the paper; OpenVINO XAI scales to 0..2
 image's size (bicubic, as every CAM here) and clamped at 0, as the exported graph does (the bicubic
 filter may overshoot 1 by a few percent between locations). A constant map is all zeros.
 
+Speed: where a token head reads one token (a ViT's class token, ``Gather(axis=1)``) after token-wise ops
+(the last block's projection, MLP, norms and residual Adds; the final norm), a copy of the head reads
+that token before them (``select_early``): those ops then run on one token per masked copy instead of
+all of them (the same values: checked once per head against the whole head, which is kept where they
+differ beyond float32 rounding). On ViT-Tiny's last block this halves the head's time; the attention
+still runs on every token (its keys and values need them).
+
 Memory: the masked copies stream through the shared batching loop (``stream_probabilities``), a
 batch per stream at a time, each batch bounded by the run budget: a copy counts as one image's run of
 the whole graph (the head's intermediates are a subset) plus its masked feature tensors.
@@ -46,7 +53,7 @@ from onnx import helper
 
 from .. import limits
 from ..errors import InvalidParameterError, LayerNotFeatureMapError, UnsupportedModelError
-from ..graph import infer_shapes
+from ..graph import dims, infer_shapes
 from ..runtime.perturb import stream_probabilities
 from ._common import finish, images_and_labels, resize_map
 from .gradcam import default_feature_layer
@@ -108,7 +115,9 @@ class Head:
     layout: FeatureLayout
     outputs: tuple[str, ...]  # the graph's scores output, then the logits before its Softmax if any
     model: onnx.ModelProto
-    engine: object  # OrtEngine of ``model``
+    engine: object  # OrtEngine of ``model``, or of its copy that reads the class token early (``select_early``)
+    full_engine: object = None  # OrtEngine of ``model`` until the early-selecting copy is checked against it
+    checked: bool = False
 
 
 def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -205,8 +214,13 @@ def head_of(net: Classifier, layer: Layer, where: str = "recipro_cam") -> Head:
         model = _head_model(net, nodes, (layer.output, *side), outputs)
         from ..runtime.ort_engine import OrtEngine
 
-        engine = OrtEngine(model, layer.output, net.ort.providers, f"{net.ort.model_key}|recipro:{layer.output}")
-        head = cache[layer.output] = Head(layer.output, (layer.output, *side), layout, outputs, model, engine)
+        key = f"{net.ort.model_key}|recipro:{layer.output}"
+        engine = OrtEngine(model, layer.output, net.ort.providers, key)
+        head = Head(layer.output, (layer.output, *side), layout, outputs, model, engine)
+        early = select_early(model, layout) if layout.kind == "tokens" else None
+        if early is not None:
+            head.full_engine, head.engine = engine, OrtEngine(early, layer.output, net.ort.providers, key + "|early")
+        cache[layer.output] = head
         return head
 
 
@@ -234,6 +248,121 @@ def _head_model(net: Classifier, nodes, inputs, outputs) -> onnx.ModelProto:
     out = helper.make_model(graph, opset_imports=list(m.opset_import), ir_version=m.ir_version)
     out.functions.extend(m.functions)
     return out
+
+
+# reading the class token early ------------------------------------------------------------------------
+#: ops that compute each token from that token alone (given constant weights)
+TOKENWISE_UNARY = {"Erf", "Gelu", "Relu", "Sigmoid", "Tanh", "Sqrt", "Reciprocal", "Identity", "Cast", "Dropout",
+                   "Clip", "HardSigmoid", "HardSwish", "Neg", "Abs", "Exp", "Log", "Softplus", "LeakyRelu", "Elu",
+                   "Mish", "FastGelu", "BiasGelu"}
+TOKENWISE_BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
+
+
+def select_early(model: onnx.ModelProto, layout: FeatureLayout) -> onnx.ModelProto | None:
+    """A copy of a token head that reads one token (a class token, ``Gather(axis=1)`` of a constant index)
+    before the token-wise ops that lead to it (LayerNorms over channels, MatMuls by constant weights,
+    residual Adds, activations) instead of after: on a ViT's last block the MLP, the projection and
+    the norms then run on the class token alone, not on every token of every masked copy. The same
+    function of the same values; None where the head does not read a token that way."""
+    graph = model.graph
+    known = infer_shapes(model)
+    consts = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    producer = _producers(graph)
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    tokens = layout.prefix + layout.grid[0] * layout.grid[1]
+
+    def shape(name):
+        vi = known.get(name)
+        return dims(vi) if vi is not None else None
+
+    def is_tokens(name):
+        d = shape(name)
+        return d is not None and len(d) == 3 and d[1] == tokens
+
+    def broadcasts(name):  # a constant that does not vary over the tokens
+        d = shape(name)
+        return name in consts and d is not None and (len(d) <= 1 or (len(d) == 3 and d[1] == 1) or (len(d) == 2 and d[0] == 1))
+
+    def attr(node, name, default=None):
+        for a in node.attribute:
+            if a.name == name:
+                return onnx.helper.get_attribute_value(a)
+        return default
+
+    def tokenwise(node) -> bool:
+        if len(node.output) != 1 or not is_tokens(node.output[0]):
+            return False
+        data = [i for i in node.input if i]
+        if node.op_type in TOKENWISE_UNARY:
+            return is_tokens(data[0]) and all(i in consts for i in data[1:])
+        if node.op_type in TOKENWISE_BINARY:
+            return all(is_tokens(i) or broadcasts(i) for i in data) and any(is_tokens(i) for i in data)
+        if node.op_type == "LayerNormalization":
+            return is_tokens(data[0]) and attr(node, "axis", -1) in (-1, 2) and all(i in consts for i in data[1:])
+        if node.op_type == "MatMul":
+            return is_tokens(data[0]) and data[1] in consts and len(shape(data[1]) or []) == 2
+        if node.op_type == "ReduceMean" and len(data) == 1:  # a decomposed LayerNorm (opset < 18)
+            return is_tokens(data[0]) and list(attr(node, "axes", [])) in ([-1], [2]) and attr(node, "keepdims", 1) == 1
+        return False
+
+    selects = [n for n in graph.node if n.op_type == "Gather" and attr(n, "axis", 0) == 1 and is_tokens(n.input[0])
+               and n.input[1] in consts]
+    if len(selects) != 1:
+        return None
+    select = selects[0]
+    index = _constant(graph, select.input[1])
+    if index is None or index.ndim != 0 or not 0 <= int(index) < tokens:
+        return None
+    region, frontier, changed = {id(select)}, {select.input[0]}, True
+    while changed:
+        changed = False
+        for t in sorted(frontier):
+            node = producer.get(t)
+            if node is None or not tokenwise(node) or any(id(c) not in region for c in consumers.get(t, [])):
+                continue
+            region.add(id(node))
+            frontier.discard(t)
+            frontier.update(i for i in node.input if i and is_tokens(i))
+            changed = True
+    if len(region) == 1:
+        return None
+    k = int(index)
+    starts, ends, axes, zero = (f"recipro_early/{n}" for n in ("starts", "ends", "axes", "zero"))
+    renamed = {t: f"recipro_early/{t}" for t in sorted(frontier)}
+
+    def slice_of(t):
+        return helper.make_node("Slice", [t, starts, ends, axes], [renamed[t]], name=f"recipro_early/slice:{t}")
+
+    nodes = [slice_of(t) for t in sorted(frontier) if t not in producer]  # of the head's inputs
+    for n in graph.node:
+        copied = onnx.NodeProto()
+        copied.CopyFrom(n)
+        if id(n) in region:
+            copied.input[:] = [renamed.get(i, i) for i in n.input]
+            if n is select:
+                copied.input[1] = zero
+        nodes.append(copied)
+        nodes.extend(slice_of(o) for o in n.output if o in renamed)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    out.graph.initializer.extend([onnx.numpy_helper.from_array(np.asarray(v, np.int64), name) for v, name in
+                                  (([k], starts), ([k + 1], ends), ([1], axes), (0, zero))])
+    return out
+
+
+def _constant(graph: onnx.GraphProto, name: str):
+    for t in graph.initializer:
+        if t.name == name:
+            return onnx.numpy_helper.to_array(t)
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output and n.output[0] == name and n.attribute and n.attribute[0].name == "value":
+            return onnx.numpy_helper.to_array(n.attribute[0].t)
+    return None
 
 
 # the method ---------------------------------------------------------------------------------------
@@ -296,6 +425,8 @@ def maps_from_values(net: Classifier, head: Head, values: list[np.ndarray], indi
     def make_batch(start, stop):  # depends on (start, stop) alone: batches are made in the streams
         return {name: mosaic(v, layout, masks[start:stop]) for name, v in zip(head.inputs, values)}
 
+    if head.full_engine is not None and not head.checked:
+        _check_early(head, make_batch(0, min(batch, 4)))
     out = np.empty((h * w, len(indices)), np.float64)
     for start, stop, s in stream_probabilities(net, make_batch, h * w, batch_size=batch, verbose=verbose,
                                                desc="Recipro-CAM",
@@ -304,6 +435,18 @@ def maps_from_values(net: Classifier, head: Head, values: list[np.ndarray], indi
             raise InvalidParameterError(f"recipro_cam: class {max(indices)} is out of range ({s.shape[1]}).")
         out[start:stop] = s[:, indices]
     return normalise(out.T.reshape(len(indices), h, w))
+
+
+def _check_early(head: Head, feed: dict) -> None:
+    """Once per head: the early-selecting copy's scores against the whole head's on a few masked copies;
+    the whole head is kept where they differ beyond float32 rounding (1e-5 of the largest score)."""
+    names = list(head.outputs)
+    early = head.engine.session([]).run(names, feed)
+    full = head.full_engine.session([]).run(names, feed)
+    scale = max(float(np.abs(full[0]).max()), 1e-30)
+    if any(float(np.abs(a.astype(np.float64) - b).max()) > 1e-5 * scale for a, b in zip(early, full)):
+        head.engine = head.full_engine
+    head.full_engine, head.checked = None, True
 
 
 def normalise(cams: np.ndarray) -> np.ndarray:
