@@ -68,9 +68,11 @@ def _relative_error(ours, reference) -> float:
 
 
 def check_export(net, tmp_path, images, method="gradcam", layer=None, top_k=2, map_size="feature",
-                 name="model.onnx") -> float:
+                 name="model.onnx", degenerate_below=None) -> float:
     """Export, run the file and the source in onnxruntime; asserts the source's outputs are
-    bit-identical and returns the maps' largest error relative to their range."""
+    bit-identical and returns the maps' largest error relative to their range. ``degenerate_below``:
+    where the library refuses the map as carrying no signal (DegenerateMapError), the exported map
+    (which a graph cannot refuse) must peak below this value instead."""
     path = explainer.export_explained(net, tmp_path / name, method=method, feature_layer=layer, top_k=top_k,
                                       map_size=map_size)
     onnx.checker.check_model(str(path), full_check=True)
@@ -90,7 +92,13 @@ def check_export(net, tmp_path, images, method="gradcam", layer=None, top_k=2, m
         if net.gradient_scores in names else None
     if scores is not None:  # the top K by score, best first
         np.testing.assert_array_equal(classes, np.argsort(-scores, axis=1, kind="stable")[:, :top_k])
-    reference = _library_maps(net, pixels, classes, method, layer, map_size)
+    try:
+        reference = _library_maps(net, pixels, classes, method, layer, map_size)
+    except explainer.errors.DegenerateMapError:
+        if degenerate_below is None:
+            raise
+        assert float(saliency.max()) <= degenerate_below
+        return 0.0
     assert saliency.shape == reference.shape
     return _relative_error(saliency, reference)
 
@@ -535,6 +543,55 @@ def test_families_equal_library(family, exporter_name, tmp_path, chelsea, coffee
 @pytest.mark.published
 @pytest.mark.parametrize("family,exporter_name", ALL_FAMILIES)
 def test_every_family_equals_library(family, exporter_name, tmp_path, chelsea, coffee):
+    """Every family of the compatibility suite, both exporters, Grad-CAM and Grad-CAM++ (where the
+    library refuses a Grad-CAM++ map with no signal -- LeViT's, CaiT's top class -- the exported map is
+    at noise level: 1e-6 of the Grad-CAM map's peak)."""
     net = _family(family, exporter_name)
     assert check_export(net, tmp_path, [chelsea, coffee], "gradcam", top_k=2) <= TOLERANCE
-    assert check_export(net, tmp_path, [chelsea], "gradcam_plus_plus", top_k=1, name="pp.onnx") <= TOLERANCE
+    peak = float(_session(tmp_path / "model.onnx").run(["saliency"], {net.input.name: _inputs(net, [chelsea], 1)[1]})[0].max())
+    assert check_export(net, tmp_path, [chelsea], "gradcam_plus_plus", top_k=1, name="pp.onnx",
+                        degenerate_below=1e-6 * peak) <= TOLERANCE
+
+
+def _torch_gradient_ort_activations(net, pixels, classes):
+    """Grad-CAM from the library's gradient (torch.autograd on the converted module, straight-through
+    through Q/DQ) and onnxruntime's activations of the feature layer: (N, K, h, w)."""
+    import torch
+
+    from explainer.runtime.torch_engine import torch_engine
+
+    layer = explainer.gradcam_layers(net).feature
+    engine = torch_engine(net)
+    maps = []
+    for p, cs in zip(pixels, classes):
+        acts = net.activations(p.astype(np.uint8), layer)  # (C, h, w) from onnxruntime
+        x = engine.tensor(p).permute(2, 0, 1)[None].requires_grad_(True)
+        rows = []
+        for c in cs:
+            with torch.enable_grad(), engine.capture([layer]) as captured:
+                score = engine.pixel_model(x).reshape(1, -1)[0, int(c)]
+                grad = captured.gradient(score, layer).detach().numpy()[0]
+            weights = grad.mean(axis=(1, 2))
+            rows.append(np.maximum((weights[:, None, None] * acts).sum(0), 0))
+        maps.append(np.stack(rows))
+    return np.stack(maps)
+
+
+@pytest.mark.published
+@pytest.mark.parametrize("family", ["mobilenet_v3_small", "resnet18"])
+def test_int8_qdq_export_equals_torch_gradient_on_onnxruntime_activations(family, tmp_path, chelsea):
+    """int8 QDQ exports: the exported map is onnxruntime's int8 activations weighted by the
+    straight-through gradient. The library's Grad-CAM takes its activations from the converted module,
+    which rounds some of them one step apart (MobileNetV3-Small: 8 % of the feature layer's values),
+    and its map then correlates only 0.80 with the export's on MobileNetV3-Small (0.997 on ResNet-18);
+    with onnxruntime's activations the two agree within the tight bound."""
+    import exports
+
+    net = explainer.load(exports.export(family, "legacy", "int8-qdq"), device="cpu")
+    path = explainer.export_explained(net, tmp_path / "q.onnx", top_k=2)
+    pixels, x = _inputs(net, [chelsea], 1)
+    source = _session(net.source_model).run(None, {net.input.name: x})
+    got = _session(path).run(None, {net.input.name: x})
+    assert all(np.array_equal(a, b) for a, b in zip(source, got))
+    reference = _torch_gradient_ort_activations(net, pixels, got[-1])
+    assert _relative_error(got[-2], reference) <= TOLERANCE
