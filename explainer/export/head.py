@@ -59,6 +59,9 @@ class Head:
         mapping = {self.feature: new_feature}
         for t in sorted(self.tensors):
             mapping[t] = ctx.name(f"{tag}/{t.split('/')[-1] or 't'}")
+            for known in (ctx.shapes, ctx.dtypes, ctx.values):  # the copy's tensors are the originals'
+                if t in known:
+                    known[mapping[t]] = known[t]
         for n in self.nodes:
             copied = onnx.NodeProto()
             copied.CopyFrom(n)

@@ -120,7 +120,11 @@ def _distinct(ctx: ExportContext, feature: str) -> str:
     gradient's reads of the head's inner tensors would then stop fusions of the original graph
     (a Gelu, a SkipLayerNormalization) and change its outputs' last bits. Where(true, x, x) is kept."""
     true = ctx.const(np.asarray([True]), "true")
-    return ctx.node("Where", [true, feature, feature])
+    name = ctx.node("Where", [true, feature, feature])
+    for known in (ctx.shapes, ctx.dtypes):
+        if feature in known:
+            known[name] = known[feature]
+    return name
 
 
 def _feature_layer(net, feature_layer, where):
