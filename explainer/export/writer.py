@@ -77,6 +77,7 @@ def build_explained(net, method: str, feature_layer, top_k: int, map_size: str, 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     ctx = ExportContext(graph, opset, feature, layout, scores, net.num_classes, top_k=max(top_k, 1), head=head,
                         ir_version=model.ir_version)
+    ctx.require_opset(7, "the explanation branch (numpy-style broadcasting in Add, Mul, ...)")
     _measure(net, source, ctx, head)
     mapping = head.copy(ctx, _distinct(ctx, feature))
     scores_copy = mapping[scores]
@@ -119,8 +120,10 @@ def _distinct(ctx: ExportContext, feature: str) -> str:
     the feature itself would be merged with the originals (common subexpression elimination), and the
     gradient's reads of the head's inner tensors would then stop fusions of the original graph
     (a Gelu, a SkipLayerNormalization) and change its outputs' last bits. Where(true, x, x) is kept."""
-    true = ctx.const(np.asarray([True]), "true")
-    name = ctx.node("Where", [true, feature, feature])
+    if ctx.opset >= 9:
+        name = ctx.node("Where", [ctx.const(np.asarray([True]), "true"), feature, feature])
+    else:  # no Where before opset 9
+        name = ctx.node("Max", [feature, feature])
     for known in (ctx.shapes, ctx.dtypes):
         if feature in known:
             known[name] = known[feature]
