@@ -27,7 +27,7 @@ from ...registries import duplicate, import_modules, modules, place
 
 #: (op type, since version) -> where the converter comes from: "ours" or "alias of <op>-<version>"
 CONVERTERS: dict[tuple[str, int], str] = {}
-_PLACES: dict[tuple[str, int], str] = {}  # (op type, since version) -> where its converter was defined
+_FUNCTIONS: dict[tuple[str, int], Callable] = {}  # (op type, since version) -> our converter (for messages)
 
 #: Ops whose converter reads its first input's shape from ``graph.value_info``, where shape inference can
 #: have lost it (a Reshape-5/13 with a computed target leaves everything after it without a rank):
@@ -45,13 +45,13 @@ def register(op: str, version: int, origin: str = "ours", replaces: str = ""):
     def wrap(fn: Callable):
         key = OperationDescription("", op, version)
         if (op, version) in CONVERTERS or (key in _CONVERTER_REGISTRY and not replaces):
-            first = _PLACES.get((op, version), "onnx2torch's own converter")
+            first = place(_FUNCTIONS[(op, version)]) if (op, version) in _FUNCTIONS else "onnx2torch's own converter"
             raise duplicate(f"a converter for {op}-{version}", first, place(fn))
         if replaces:
             del _CONVERTER_REGISTRY[key]
         add_converter(operation_type=op, version=version)(fn)
         CONVERTERS[(op, version)] = f"{origin}, replacing onnx2torch's: {replaces}" if replaces else origin
-        _PLACES[(op, version)] = place(fn)
+        _FUNCTIONS[(op, version)] = fn
         return fn
 
     return wrap
