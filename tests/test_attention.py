@@ -42,14 +42,15 @@ def _vit_explain_rollout(attentions, discard_ratio, head_fusion, rows_keepdim):
     return result[0]
 
 
-def _rollout_grid(net, image, head_fusion, discard):
+def _rollout_grid(net, image, head_fusion, discard, normalisation="rows"):
     """The library's rollout at the patch grid (what the public map is resized from)."""
     from explainer.methods._attention import self_attention
     from explainer.methods.attention_rollout import rollout
 
     found = self_attention(net, "test")
     probs = net.ort.run(net.to_model_input(net.fit_pixels(image.astype(np.float32))[None]), list(found.softmaxes))
-    result = rollout([np.asarray(p).reshape(-1, found.tokens, found.tokens) for p in probs], head_fusion, discard)
+    result = rollout([np.asarray(p).reshape(-1, found.tokens, found.tokens) for p in probs], head_fusion, discard,
+                     normalisation)
     return result[0, found.prefix:].reshape(found.grid)
 
 
@@ -57,9 +58,9 @@ def _rollout_grid(net, image, head_fusion, discard):
                                                     ("vit_tiny", "legacy-old", 1)])
 @pytest.mark.parametrize("head_fusion", ["mean", "max", "min"])
 def test_rollout_equals_vit_explain_on_the_timm_model(family, exporter, prefix, head_fusion, chelsea):
-    """Equal (allclose) to vit-explain's rollout with each row renormalised; its literal division (column
-    j by row j's sum) agrees where every row of (A + I) / 2 sums to 1 (heads averaged, nothing
-    discarded) and differs where they do not (max or min over heads, entries discarded)."""
+    """Equal (allclose) to vit-explain's rollout with each row renormalised (the default), and with
+    normalisation="vit-explain" to its literal division (column j by row j's sum), which differs where
+    rows of (A + I) / 2 do not sum to 1 (max or min over heads, entries discarded)."""
     from explainer.methods._common import resize_map
 
     net = explainer.load(exports.export(family, exporter))
@@ -72,10 +73,14 @@ def test_rollout_equals_vit_explain_on_the_timm_model(family, exporter, prefix, 
                                    rtol=1e-5, atol=1e-7)
         exact = _vit_explain_rollout(attentions, discard, head_fusion, rows_keepdim=True)[0, prefix:]
         np.testing.assert_allclose(grid.ravel(), exact.numpy(), rtol=1e-3, atol=1e-4 * float(exact.max()))
-        if head_fusion == "mean":  # max or min over heads: rows do not sum to 1 even before discarding
-            literal = _vit_explain_rollout(attentions, discard, head_fusion, rows_keepdim=False)[0, prefix:]
-            r = np.corrcoef(grid.ravel(), literal.numpy().ravel())[0, 1]
-            assert r >= (0.999 if discard == 0 else 0.99), (discard, r)
+        literal = _vit_explain_rollout(attentions, discard, head_fusion, rows_keepdim=False)[0, prefix:]
+        theirs = _rollout_grid(net, chelsea, head_fusion, discard, normalisation="vit-explain")
+        np.testing.assert_allclose(theirs.ravel(), literal.numpy(), rtol=1e-3, atol=1e-4 * float(literal.max()))
+        assert np.corrcoef(theirs.ravel(), literal.numpy().ravel())[0, 1] >= 0.999
+        public = explainer.attention_rollout(net, chelsea, 285, head_fusion=head_fusion, discard_ratio=discard,
+                                             normalisation="vit-explain")
+        np.testing.assert_allclose(public, resize_map(theirs[None].astype(np.float32), chelsea.shape[:2])[0],
+                                   rtol=1e-5, atol=1e-7)
 
 
 def test_rollout_of_a_hand_computed_case():
@@ -168,3 +173,16 @@ def test_transformer_attribution_refuses_a_cnn(chelsea):
     net = explainer.load(exports.export("resnet18", "dynamo"))
     with pytest.raises(UnsupportedModelError, match="no attention"):
         explainer.transformer_attribution(net, chelsea, 0)
+
+
+@pytest.mark.parametrize("normalisation", ["rows", "vit-explain"])
+def test_rollout_of_a_batch_equals_each_image_alone(normalisation, chelsea, coffee):
+    """The batched rollout (every image's blocks at once) equals the rollout of each image alone."""
+    net = explainer.load(exports.export("vit_tiny"))
+    images = [chelsea[:300, :400], coffee[:300, :400]]
+    batch = explainer.attention_rollout(net, images, 285, discard_ratio=0.9, head_fusion="max",
+                                        normalisation=normalisation)
+    for image, got in zip(images, batch):
+        alone = explainer.attention_rollout(net, image, 285, discard_ratio=0.9, head_fusion="max",
+                                            normalisation=normalisation)
+        np.testing.assert_allclose(got, alone, rtol=1e-5, atol=1e-7 * float(np.abs(alone).max()))
