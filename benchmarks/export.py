@@ -101,7 +101,8 @@ def bench(name, make, rounds, repeats, tmp: Path) -> dict:
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
-    lines = [f"# Explanations in the graph: latency ({meta['date']}, {meta['machine']})", "",
+    lines = [f"# Explanations in the graph: latency ({meta['date']}, {meta['machine']}, load average "
+             f"{meta['load_average_before']:.1f} at the start: other processes shared the cores)", "",
              "Median ms per call (batch of N images; graphs exported for batch 1 run image by image). "
              "exported: the model's own outputs plus Grad-CAM of the top class at the feature grid; "
              "library in-graph: `explainer.export.engine.cam_maps`; library torch: today's "
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
     rounds, repeats = (2, 3) if args.quick else (args.rounds, args.repeats)
     meta = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                rounds=rounds, repeats=repeats)
+                rounds=rounds, repeats=repeats, load_average_before=os.getloadavg()[0])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, make in files(args.quick):

@@ -595,3 +595,15 @@ def test_int8_qdq_export_equals_torch_gradient_on_onnxruntime_activations(family
     assert all(np.array_equal(a, b) for a, b in zip(source, got))
     reference = _torch_gradient_ort_activations(net, pixels, got[-1])
     assert _relative_error(got[-2], reference) <= TOLERANCE
+
+
+def test_ingraph_engine_equals_library(default_net, chelsea, coffee):
+    """``export.engine.cam_maps`` (the library's in-graph path, point 5): several classes per image,
+    a batch, one onnxruntime call."""
+    from explainer.export.engine import cam_maps
+
+    pixels, x = _inputs(default_net, [chelsea, coffee])
+    targets = np.array([[281, 285, 3], [967, 504, 3]], np.int64)
+    maps = cam_maps(default_net, x, targets)
+    assert maps.shape[:2] == (2, 3)
+    assert _relative_error(maps, _library_maps(default_net, pixels, targets)) <= TOLERANCE

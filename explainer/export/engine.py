@@ -36,4 +36,7 @@ def cam_maps(net, x: np.ndarray, targets, method: str = "gradcam", feature_layer
     if targets.ndim == 1:
         targets = np.broadcast_to(targets[None], (len(x), len(targets)))
     run = session(net, method, feature_layer)
-    return run.run([SALIENCY], {net.input.name: x, TARGET: np.ascontiguousarray(targets)})[0]
+    step = 1 if net.max_batch == 1 else len(x)  # graphs that keep their exported batch: one image a call
+    return np.concatenate([run.run([SALIENCY], {net.input.name: x[i:i + step],
+                                               TARGET: np.ascontiguousarray(targets[i:i + step])})[0]
+                           for i in range(0, len(x), step)])
