@@ -35,9 +35,14 @@ What a builder gets (``ExportContext``; every name is a tensor of ``ctx.graph``)
   initializer and returns its name. ``ctx.reduce(op, x, axes, keepdims)`` and ``ctx.unsqueeze`` /
   ``ctx.squeeze`` write the opset's spelling (axes as attributes or inputs).
 
-The writer then resizes the map to the input size (``map_size="input"``: ONNX Resize, cubic, a=-0.5,
-half-pixel, exclude_outside=1 -- the bicubic filter of PIL that the library's maps are resized with)
-and clamps it at 0, as ``explainer.gradcam`` does after its bicubic resize.
+The writer then resizes the map to the input size (``map_size="input"``: PIL's bicubic filter, which
+the library's maps are resized with, as two constant matrices, ``resize.py``) and clamps it at 0, as
+``explainer.gradcam`` does after its bicubic resize.
+
+The other modules: ``rules.py`` (one reverse-mode gradient rule per ONNX op, ``RULES``), ``head.py``
+(the head's nodes, their renamed copy, the backward pass; ``gradient_model`` for checking rules),
+``cams.py`` (Grad-CAM and Grad-CAM++), ``writer.py`` (``export_explained``, ``build_explained``),
+``engine.py`` (the library's in-graph path: ``cam_maps``).
 """
 from __future__ import annotations
 

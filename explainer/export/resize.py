@@ -4,7 +4,6 @@ coefficients PIL computes (a = -0.5, pixel centres, the kernel widened when shri
 renormalised at the borders). Two MatMuls run on every opset and every execution provider."""
 from __future__ import annotations
 
-
 import numpy as np
 
 
