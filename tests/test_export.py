@@ -607,3 +607,14 @@ def test_ingraph_engine_equals_library(default_net, chelsea, coffee):
     maps = cam_maps(default_net, x, targets)
     assert maps.shape[:2] == (2, 3)
     assert _relative_error(maps, _library_maps(default_net, pixels, targets)) <= TOLERANCE
+
+
+def test_external_data(default_net, tmp_path, chelsea):
+    """``external_data=True`` writes the weights beside the model (NAME.data), checked and complete."""
+    path = explainer.export_explained(default_net, tmp_path / "e.onnx", external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.onnx", "e.onnx.data"]
+    assert path.stat().st_size < 1_000_000
+    _, x = _inputs(default_net, [chelsea])
+    expected = _session(default_net.source_model).run(None, {default_net.input.name: x})
+    got = _session(path).run(None, {default_net.input.name: x})
+    assert all(np.array_equal(a, b) for a, b in zip(expected, got))
