@@ -142,6 +142,16 @@ def test_a_layer_the_head_bypasses_is_refused_naming_the_split(resnet, chelsea):
     assert recipro_cam(net, chelsea, 285, feature_layer=suggested, verbose=False).shape == chelsea.shape[:2]
 
 
+def test_a_head_that_reads_the_image_s_shape_runs_on_the_copies(chelsea):
+    """ConvNeXt-Atto by the dynamo exporter: the library's runtime graph reads the batch size from the
+    image's shape inside the head (its batch passes), which the head reads from the masked copies
+    instead; the map equals the legacy export's of the same module."""
+    maps = [recipro_cam(explainer.load(exports.export("convnext_atto", e)), chelsea, 285, verbose=False)
+            for e in ("legacy", "dynamo")]
+    np.testing.assert_allclose(maps[1], maps[0], atol=1e-5)
+    assert maps[0].max() > 0.9
+
+
 def test_a_layer_without_locations_is_refused(default_net, chelsea):
     with pytest.raises(LayerNotFeatureMapError, match="Recipro-CAM masks one location"):
         recipro_cam(default_net, chelsea, 285, feature_layer=default_net.output.name, verbose=False)

@@ -152,34 +152,62 @@ def head_cut(net: Classifier, feature: str) -> tuple[list, list[str]]:
             side.add(name)  # from the image, around the feature layer
             continue
         chosen.add(id(node))
+        if _reads_image_shape(net, node):  # the batch passes' Shape(image): rewritten in the head
+            continue
         todo.extend(node.input)
     return [n for n in graph.node if id(n) in chosen], sorted(side)
 
 
-def _nearest_split(net: Classifier, layer: Layer) -> str | None:
-    """The first layer after ``layer`` (in graph order) with a feature-map layout that the head can be
-    split at; None when none is."""
-    layers = net.layers()
+def _reads_image_shape(net: Classifier, node) -> bool:
+    """A Shape of the image input (the library's batch passes read the batch size there)."""
+    return node.op_type == "Shape" and node.input[0] == net.input.name and not node.attribute
+
+
+def _image_shape_nodes(net: Classifier, node, feature: str) -> list:
+    """Nodes giving ``Shape(image)``'s output in the head: the image's shape with the head's batch (the
+    masked copies), read from the feature tensor's first axis."""
+    out = node.output[0]
+    per_image = helper.make_tensor(f"{out}/per_image", onnx.TensorProto.INT64, [len(net.per_image_shape)],
+                                   [int(d) for d in net.per_image_shape])
+    return [helper.make_node("Shape", [feature], [f"{out}/feature_shape"]),
+            helper.make_node("Constant", [], [f"{out}/zero"], value=helper.make_tensor("", onnx.TensorProto.INT64, [1], [0])),
+            helper.make_node("Constant", [], [f"{out}/one"], value=helper.make_tensor("", onnx.TensorProto.INT64, [1], [1])),
+            helper.make_node("Slice", [f"{out}/feature_shape", f"{out}/zero", f"{out}/one"], [f"{out}/batch"]),
+            helper.make_node("Constant", [], [f"{out}/per_image"], value=per_image),
+            helper.make_node("Concat", [f"{out}/batch", f"{out}/per_image"], [out], axis=0)]
+
+
+def _splits(net: Classifier, layer) -> bool:
+    """Whether the head can be split at ``layer``: every other tensor it reads from the image has the
+    layer's token layout (none on a feature map)."""
+    layout = net.layout(layer)
+    if layout is None:
+        return False
+    side = head_cut(net, layer.output)[1]
+    return all(s != net.input.name and layout.kind == "tokens" and net.layout(s) == layout for s in side)
+
+
+def _nearest_split(net: Classifier, layer: Layer, layout: FeatureLayout) -> tuple[str | None, str]:
+    """(name, where) of the nearest layer the head can be split at: after ``layer`` on a feature map (the
+    output of the block it sits in), before it on tokens (the token stream before class-attention
+    blocks, which read the patch tokens beside the class token); (None, "") when none is."""
+    layers = [l for l in net.layers() if l.output in net.structure.image_dependent]
     names = [l.name for l in layers]
-    start = names.index(layer.name) + 1 if layer.name in names else 0
-    for candidate in layers[start:]:
-        if candidate.output not in net.structure.image_dependent:
-            continue
+    at = names.index(layer.name) if layer.name in names else len(layers)
+    after = layout.kind != "tokens"
+    for candidate in (layers[at + 1:] if after else reversed(layers[:at])):
         try:
-            found = net.layout(candidate)
-        except Exception:  # noqa: BLE001 - a layer without a readable layout is no candidate
+            if _splits(net, candidate):
+                return candidate.name, "after" if after else "before"
+        except Exception:  # noqa: BLE001 - a layer whose layout cannot be read is no candidate
             continue
-        if found is None or found.kind == "tokens":
-            continue
-        if not head_cut(net, candidate.output)[1]:
-            return candidate.name
-    return None
+    return None, ""
 
 
 #: the heads made per Classifier (dropped with it) and feature tensor
 _HEADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _DEFAULTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()
 
 
 def head_of(net: Classifier, layer: Layer, where: str = "recipro_cam") -> Head:
@@ -201,16 +229,19 @@ def head_of(net: Classifier, layer: Layer, where: str = "recipro_cam") -> Head:
         if bad:
             what = ("the image input itself" if bad[0] == net.input.name else
                     f"tensor {bad[0]!r}" + (f" ({net.layer(bad[0]).op_type})" if _is_layer(net, bad[0]) else ""))
-            nearest = _nearest_split(net, layer)
+            nearest, side_of = _nearest_split(net, layer, layout)
             fix = (f"pick a layer every path from the image to the scores passes through, e.g. "
-                   f"feature_layer={nearest!r} (the nearest one after it)" if nearest else
-                   "pick a layer every path from the image to the scores passes through")
+                   f"feature_layer={nearest!r} (the nearest one {side_of} it)" if nearest else
+                   "pick a layer every path from the image to the scores passes through (net.layers() "
+                   "lists them)")
+            if layer.name != _default_layer(net):
+                fix += ", or feature_layer=None (the default layer)"
             raise HeadSplitError(
                 f"{where}: the scores depend on the image other than through layer {layer.name!r}: the "
                 f"head after it also reads {what}, around the layer (a skip connection or a second "
-                f"branch), so masking the layer alone does not mask what the head sees. To go on: "
-                f"{fix}, or feature_layer=None (the default layer).")
+                f"branch), so masking the layer alone does not mask what the head sees. To go on: {fix}.")
         outputs = (net.output.name,) + ((net.output.softmax_input,) if net.output.softmax_input else ())
+        nodes = [m for n in nodes for m in (_image_shape_nodes(net, n, layer.output) if _reads_image_shape(net, n) else [n])]
         model = _head_model(net, nodes, (layer.output, *side), outputs)
         from ..runtime.ort_engine import OrtEngine
 
