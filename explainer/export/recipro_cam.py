@@ -13,9 +13,9 @@ masks and read by the copy instead of the originals. The head's other inputs (we
 read from the graph as they are.
 
 The copies ride on the batch axis, so constants of the head that hold the batch size (Reshape targets
-of a graph exported for batch 1) would not fit N*h*w rows: such a Reshape target is rewritten with 0
-(copy the input's first axis) where its first entry is the measured batch; a head whose batch is held
-otherwise is refused, naming the fix (export the model with a dynamic batch axis).
+of a graph exported for batch 1) would not fit N*h*w rows: such a Reshape target's first entry is
+rewritten to -1 (or 0 with allowzero=0 where -1 is taken); a target that cannot be freed so is refused,
+naming the fix (export the model with a dynamic batch axis).
 """
 from __future__ import annotations
 
@@ -83,9 +83,10 @@ def _check_side(ctx: ExportContext, side: list[str]) -> None:
                 "the output of a block, not a layer inside it).")
 
 
-def _free_batch_reshapes(ctx: ExportContext, nodes, mapping: dict) -> None:
+def _free_batch_reshapes(ctx: ExportContext, nodes, mapping: dict, allow_zero: set) -> None:
     """Reshape targets held as constants whose first entry is the measured batch (a graph exported for
-    batch 1) get 0 there in the copy (onnx: copy the input's first axis), so that the h*w copies pass."""
+    batch 1) get -1 there in the copy (or 0, the input's first axis, with allowzero=0 where -1 is taken),
+    so that the h*w copies pass."""
     values = {t.name: t for t in ctx.graph.initializer}
     constants = {n.output[0]: n for n in ctx.graph.node if n.op_type == "Constant" and n.output}
     batch = ctx.measured_batch
@@ -103,17 +104,26 @@ def _free_batch_reshapes(ctx: ExportContext, nodes, mapping: dict) -> None:
             continue
         if node.op_type == "Expand":  # 1 broadcasts already
             continue
-        fixed = array.copy()
-        fixed[0] = 0
-        mapping[target] = ctx.const(fixed.astype(np.int64), "reshape_target")
+        fixed = array.astype(np.int64).copy()
+        if -1 not in fixed[1:]:
+            fixed[0] = -1  # the rest of the elements
+        elif 0 not in fixed[1:]:
+            fixed[0] = 0  # the input's first axis (allowzero=0, set on the copy)
+            allow_zero.add(id(node))
+        else:
+            raise UnsupportedModelError(
+                f"export: recipro_cam: the head's Reshape {node.name or node.output[0]!r} holds the batch size 1 in "
+                f"its target {array.tolist()}, which cannot be freed for the masked copies. Export the model with "
+                "a dynamic batch axis (torch.onnx.export(..., dynamic_axes={'input': {0: 'batch'}})) and load that.")
+        mapping[target] = ctx.const(fixed, "reshape_target")
 
 
 def _copy_head(ctx: ExportContext, inputs: dict) -> str:
     """A renamed copy of the head's nodes reading ``inputs`` ({original tensor: new tensor}); returns the
     copy's scores tensor."""
     head = ctx.head
-    mapping = dict(inputs)
-    _free_batch_reshapes(ctx, head.nodes, mapping)
+    mapping, allow_zero = dict(inputs), set()
+    _free_batch_reshapes(ctx, head.nodes, mapping, allow_zero)
     for t in sorted(head.tensors):
         mapping[t] = ctx.name(f"recipro/{t.split('/')[-1] or 't'}")
     for n in head.nodes:
@@ -124,6 +134,10 @@ def _copy_head(ctx: ExportContext, inputs: dict) -> str:
         copied.input.extend(mapping.get(i, i) if i else "" for i in n.input)
         del copied.output[:]
         copied.output.extend(mapping[o] if o else "" for o in n.output)
+        if id(n) in allow_zero:
+            kept = [a for a in copied.attribute if a.name != "allowzero"]
+            del copied.attribute[:]
+            copied.attribute.extend(kept)
         ctx.graph.node.append(copied)
     return mapping[ctx.scores]
 
