@@ -211,6 +211,11 @@ def _torch_cases():
         "AveragePool-include": ([_n("AveragePool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
                                     count_include_pad=1)], (1, 2, 6, 6), [], {},
                                 lambda x: F.avg_pool2d(x, 3, 2, padding=1, count_include_pad=True)),
+        "MaxPool": ([_n("MaxPool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])], (2, 3, 7, 6), [], {},
+                    lambda x: F.max_pool2d(x, 3, 2, padding=1)),
+        "MaxPool-ceil": ([_n("MaxPool", ["x"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)], (1, 2, 5, 5), [], {},
+                         lambda x: F.max_pool2d(x, 2, 2, ceil_mode=True)),
+        "GlobalMaxPool": ([_n("GlobalMaxPool", ["x"])], (2, 3, 4, 5), [], {}, lambda x: x.amax((2, 3), keepdim=True)),
         # linear algebra
         "MatMul": ([_n("MatMul", ["x", "w"])], (2, 4, 3), [_const("w", W23)], {}, lambda x: x @ t(W23)),
         "MatMul-both": ([_n("Transpose", ["x"], ["xt"], perm=[0, 2, 1]), _n("MatMul", ["x", "xt"])], (2, 4, 3), [], {},
@@ -394,10 +399,10 @@ def test_small_graphs_equal_library(head, method, tmp_path, chelsea, coffee):
 
 def test_unsupported_head_op_is_a_typed_error_naming_recipro_cam(tmp_path):
     c, k = 6, 5
-    net = _classifier([_n("GlobalMaxPool", ["feature"], ["p"]), _n("Flatten", ["p"], ["f"]),
+    net = _classifier([_n("Selu", ["feature"], ["s"]), _n("GlobalMaxPool", ["s"], ["p"]), _n("Flatten", ["p"], ["f"]),
                        _n("Gemm", ["f", "w"], ["scores"], transB=1)], [_const("w", _w(k, c))])
     out = tmp_path / "x.onnx"
-    with pytest.raises(UnsupportedHeadOpError, match="GlobalMaxPool.*recipro_cam") as caught:
+    with pytest.raises(UnsupportedHeadOpError, match="Selu.*recipro_cam") as caught:
         explainer.export_explained(net, out, feature_layer="feature")
     assert isinstance(caught.value, UnsupportedModelError)
     assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary file
@@ -618,3 +623,27 @@ def test_external_data(default_net, tmp_path, chelsea):
     expected = _session(default_net.source_model).run(None, {default_net.input.name: x})
     got = _session(path).run(None, {default_net.input.name: x})
     assert all(np.array_equal(a, b) for a, b in zip(expected, got))
+
+
+def test_conv_feature_in_a_fused_residual_block(tmp_path, chelsea, coffee):
+    """A Conv output as the feature layer, inside Conv + Add + Relu (which onnxruntime fuses into one
+    node) and beside a residual branch's Conv: the branch computes both again rather than reading them,
+    so the source's fused nodes and its outputs stay as they were."""
+    rng = np.random.default_rng(3)
+    c, k = 8, 5
+    conv = lambda *shape: (rng.standard_normal(shape) * 0.2).astype(np.float32)  # noqa: E731
+    nodes = [_n("Conv", ["image", "w0"], ["a0"], pads=[1, 1, 1, 1], strides=[2, 2]), _n("Relu", ["a0"], ["r0"]),
+             _n("Conv", ["r0", "w1"], ["c1"], pads=[1, 1, 1, 1], name="feature_conv"),
+             _n("Conv", ["r0", "w2", "b2"], ["side"], name="side_conv"),
+             _n("Add", ["c1", "side"], ["sum"]), _n("Relu", ["sum"], ["r1"]),
+             _n("GlobalAveragePool", ["r1"], ["p"]), _n("Flatten", ["p"], ["f"]), _n("Gemm", ["f", "w"], ["scores"]),
+             _n("Softmax", ["scores"], ["probabilities"], axis=-1)]
+    inits = [_const("w0", conv(c, 3, 3, 3)), _const("w1", conv(c, c, 3, 3)), _const("w2", conv(c, c, 1, 1)),
+             _const("b2", conv(c)), _const("w", conv(c, k))]
+    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 32, 32])],
+                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", k])],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    net = explainer.load(model, preprocessing="imagenet", device="cpu")
+    assert check_export(net, tmp_path, [chelsea, coffee], layer="feature_conv", top_k=2) <= TOLERANCE

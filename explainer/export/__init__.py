@@ -21,7 +21,10 @@ What a builder gets (``ExportContext``; every name is a tensor of ``ctx.graph``)
 - ``ctx.feature``: the feature layer's tensor, as the graph computes it: (N, C, h, w), (N, h, w, C)
   or tokens (N, prefix + h*w, C) -- ``ctx.layout`` (``explainer.model.layouts.FeatureLayout``) says which;
   ``ctx.feature_chw()`` gives it as (N, C, h, w) in the graph, ``ctx.to_chw(t, lead=1)`` lays out any
-  tensor of the feature's layout with ``lead`` extra leading axes the same way.
+  tensor of the feature's layout with ``lead`` extra leading axes the same way. Read the feature as
+  ``ctx.feature_branch`` (the same values, kept apart from the source's tensor, or computed again where
+  its producer is a Conv/MatMul/Gemm that onnxruntime fuses with the next op: a second reader of the
+  source's tensor would stop that fusion and change the source's outputs' last bits).
 - ``ctx.scores``: the (N, classes) class scores before any trailing Softmax (what Grad-CAM
   differentiates); ``ctx.num_classes``.
 - ``ctx.classes``: int64 (N, K), the classes to explain (the top K by score, or the ``target`` input);

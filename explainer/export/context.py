@@ -29,6 +29,9 @@ class ExportContext:
     values: dict = field(default_factory=dict)  # measured values of small integer tensors
     measured_batch: int = 1
     ir_version: int = 8
+    #: the tensor the branch reads for the feature (equal in value to ``feature``, kept apart from it so
+    #: that onnxruntime optimises the source's nodes as before); set by the writer
+    feature_branch: str = ""
     needed_opset: int = 0
     _used: set = field(default_factory=set)
     _counter: int = 0
@@ -161,7 +164,7 @@ class ExportContext:
 
     def feature_chw(self) -> str:
         if not hasattr(self, "_feature_chw"):
-            self._feature_chw = self.to_chw(self.feature)
+            self._feature_chw = self.to_chw(self.feature_branch or self.feature)
         return self._feature_chw
 
     # the gradient of the explained classes' scores ---------------------------------------------------

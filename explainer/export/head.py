@@ -53,10 +53,12 @@ class Head:
         self.tensors = {o for n in self.nodes for o in n.output if o}
         self.inputs = {i for n in self.nodes for i in n.input if i and i not in self.tensors}
 
-    def copy(self, ctx, new_feature: str, tag: str = "fwd") -> dict:
-        """Copy the head's nodes into ``ctx.graph``, reading ``new_feature`` for the feature; returns
-        {original tensor: copied tensor} (the scores' copy is ``mapping[ctx.scores]``)."""
-        mapping = {self.feature: new_feature}
+    def copy(self, ctx, new_feature: str, tag: str = "fwd", inputs: dict | None = None) -> dict:
+        """Copy the head's nodes into ``ctx.graph``, reading ``new_feature`` for the feature (and
+        ``inputs[t]`` for other tensors ``t`` it reads, where given); returns {original tensor: copied
+        tensor} (the scores' copy is ``mapping[ctx.scores]``)."""
+        mapping = dict(inputs or {})
+        mapping[self.feature] = new_feature
         for t in sorted(self.tensors):
             mapping[t] = ctx.name(f"{tag}/{t.split('/')[-1] or 't'}")
             for known in (ctx.shapes, ctx.dtypes, ctx.values):  # the copy's tensors are the originals'

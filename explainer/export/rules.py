@@ -588,6 +588,40 @@ def _average_pool(b, node, grads):
     return [b.reshape_like(spread, x)]
 
 
+@rule("MaxPool")
+def _max_pool(b, node, grads):
+    """Each window's gradient to its maximum (the first, on ties, as torch's max_pool2d), summed where
+    windows overlap: the copy's MaxPool with its Indices output, and ScatterElements(add) (opset 16)."""
+    x = node.input[0]
+    if len(node.output) > 1 and node.output[1]:
+        _unsupported(node, "a MaxPool whose indices the graph uses")
+    if attr(node, "storage_order", 0):
+        _unsupported(node, "storage_order=1")
+    if b.ctx.opset < 16:
+        _unsupported(node, f"opset {b.ctx.opset} (the rule scatters with ScatterElements' reduction='add', "
+                           "opset 16; convert the model with onnx.version_converter)")
+    attrs = {a.name: attr(node, a.name) for a in node.attribute}
+    _, indices = b.ctx.node("MaxPool", [b.fwd(x)], n_outputs=2, **attrs)  # flat (n, c, h, w) indices
+    g = grads[0]
+    lead = b.ctx.shape_of(g, 0, 1)
+    flat = b.ctx.node("Concat", [lead, b.ctx.const(np.asarray([-1], np.int64), "minus1")], axis=0)
+    g_flat = b.ctx.reshape(g, flat)  # (K, N*C*oh*ow)
+    where = b.ctx.node("Expand", [b.ctx.node("Flatten", [indices], axis=0), b.ctx.shape_of(g_flat)])
+    size = b.ctx.reshape(b.ctx.node("Size", [b.fwd(x)]), b.ctx.const(np.asarray([1], np.int64), "one"))
+    zeros = b.ctx.node("Expand", [b.ctx.const(np.zeros((), np.dtype(b.ctx.np_dtype(x))), "zero"),
+                                  b.ctx.node("Concat", [lead, size], axis=0)])  # (K, N*C*H*W)
+    spread = b.ctx.node("ScatterElements", [zeros, where, g_flat], axis=1, reduction="add")
+    return [b.reshape_like(spread, x)]
+
+
+@rule("GlobalMaxPool")
+def _global_max_pool(b, node, grads):
+    """The gradient to every position equal to its channel's maximum (one, for real-valued maps)."""
+    x, y = b.fwd(node.input[0]), b.fwd(node.output[0])
+    mask = b.ctx.node("Cast", [b.ctx.node("Equal", [x, y])], to=b.ctx.elem_type(node.input[0]))
+    return [b.ctx.node("Mul", [grads[0], mask])]
+
+
 # normalisation and softmax ------------------------------------------------------------------------
 @rule("Softmax")
 def _softmax(b, node, grads):

@@ -79,7 +79,10 @@ def build_explained(net, method: str, feature_layer, top_k: int, map_size: str, 
                         ir_version=model.ir_version)
     ctx.require_opset(7, "the explanation branch (numpy-style broadcasting in Add, Mul, ...)")
     _measure(net, source, ctx, head)
-    mapping = head.copy(ctx, _distinct(ctx, feature))
+    ctx.feature_branch = _branch_feature(ctx, graph, feature)
+    # other tensors the head reads that a fused op makes (a residual branch's Conv): computed again too
+    fused = {t: _recomputed(ctx, graph, t) for t in sorted(head.inputs) if t in ctx.shapes}
+    mapping = head.copy(ctx, ctx.feature_branch, inputs={t: v for t, v in fused.items() if v is not None})
     scores_copy = mapping[scores]
     flat = ctx.node("Flatten", [scores_copy], axis=1)
     if top_k == 0 and targets_per_image:
@@ -124,6 +127,40 @@ def _distinct(ctx: ExportContext, feature: str) -> str:
         name = ctx.node("Where", [ctx.const(np.asarray([True]), "true"), feature, feature])
     else:  # no Where before opset 9
         name = ctx.node("Max", [feature, feature])
+    for known in (ctx.shapes, ctx.dtypes):
+        if feature in known:
+            known[name] = known[feature]
+    return name
+
+
+#: ops whose output onnxruntime fuses into the next op (Conv + Add + Relu, MatMul + Add, Gemm + Relu):
+#: a second reader of such a feature would stop the fusion and change the source's outputs' last bits,
+#: so the branch computes the feature again from the op's inputs (read apart, ``_distinct``)
+RECOMPUTED = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
+
+
+def _branch_feature(ctx: ExportContext, graph, feature: str) -> str:
+    """The tensor the explanation branch reads for the feature layer: the feature read apart, or
+    computed again where its producer is an op onnxruntime fuses with its consumer."""
+    return _recomputed(ctx, graph, feature) or _distinct(ctx, feature)
+
+
+def _recomputed(ctx: ExportContext, graph, feature: str) -> str | None:
+    """``feature`` computed again by a copy of its producer (inputs read apart) where that producer is
+    one of ``RECOMPUTED``; None otherwise."""
+    producer = next((n for n in graph.node if feature in n.output), None)
+    constant = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    if producer is None or producer.op_type not in RECOMPUTED or len([o for o in producer.output if o]) != 1:
+        return None
+    copied = onnx.NodeProto()
+    copied.CopyFrom(producer)
+    copied.name = ctx.name("recomputed_feature_node")
+    del copied.input[:]
+    copied.input.extend(_distinct(ctx, i) if i and i not in constant else i for i in producer.input)
+    del copied.output[:]
+    name = ctx.name("feature")
+    copied.output.append(name)
+    graph.node.append(copied)
     for known in (ctx.shapes, ctx.dtypes):
         if feature in known:
             known[name] = known[feature]
