@@ -152,9 +152,14 @@ def recipro_cam(ctx: ExportContext) -> str:
     dtype = np.dtype(ctx.np_dtype(ctx.feature))
     masks = _mask_constant(ctx, layout, dtype)
     per_image = _per_image_shape(layout)
-    # a fresh name for the feature, so that onnxruntime does not merge the copy with the original head
-    true = ctx.const(np.asarray([True]), "true")
-    inputs = {t: _tiled(ctx, ctx.node("Where", [true, t, t]), masks, per_image) for t in [ctx.feature, *side]}
+    # the feature as the branch reads it (kept apart from the source's tensor, or computed again: the
+    # source's fusions stay, its outputs bit-identical); the residual stream read apart likewise
+    def apart(t: str) -> str:
+        return ctx.node("Where", [ctx.const(np.asarray([True]), "true"), t, t])
+
+    read = {ctx.feature: ctx.feature_branch or apart(ctx.feature)}
+    read.update({t: apart(t) for t in side})
+    inputs = {t: _tiled(ctx, r, masks, per_image) for t, r in read.items()}
     scores = ctx.float32(ctx.node("Flatten", [_copy_head(ctx, inputs)], axis=1), ctx.scores)  # (N*hw, classes)
     probabilities = ctx.node("Softmax", [scores], axis=1)
     per_image_scores = ctx.reshape(probabilities, ctx.const(np.asarray([-1, hw, ctx.num_classes], np.int64), "grid"))
