@@ -52,7 +52,7 @@ import onnx
 from onnx import helper
 
 from .. import limits
-from ..errors import InvalidParameterError, LayerNotFeatureMapError, UnsupportedModelError
+from ..errors import InvalidParameterError, LayerNotFeatureMapError
 from ..graph import dims, infer_shapes
 from ..runtime.perturb import stream_probabilities
 from ._common import finish, images_and_labels, resize_map
