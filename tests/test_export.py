@@ -647,3 +647,25 @@ def test_conv_feature_in_a_fused_residual_block(tmp_path, chelsea, coffee):
     model.ir_version = 8
     net = explainer.load(model, preprocessing="imagenet", device="cpu")
     assert check_export(net, tmp_path, [chelsea, coffee], layer="feature_conv", top_k=2) <= TOLERANCE
+
+
+def test_ingraph_engine_gives_the_library_its_noise_scale(default_net, chelsea):
+    """The unaveraged peak the library's refusal of noise-level maps compares with, from the graph."""
+    import torch
+
+    from explainer.export.engine import cam_maps
+    from explainer.runtime.torch_engine import torch_engine
+
+    pixels, x = _inputs(default_net, [chelsea])
+    _, unaveraged = cam_maps(default_net, x, [[281, 3]], with_unaveraged=True)
+    layer = explainer.gradcam_layers(default_net).feature
+    engine = torch_engine(default_net)
+    expected = []
+    for c in (281, 3):
+        t = engine.tensor(pixels[0]).permute(2, 0, 1)[None].requires_grad_(True)
+        with torch.enable_grad(), engine.capture([layer]) as captured:
+            score = engine.pixel_model(t).reshape(1, -1)[0, c]
+            g = captured.gradient(score, layer).detach()
+            a = captured[layer].detach()
+        expected.append(float((g.abs().mean(dim=(2, 3))[:, :, None, None] * a.abs()).sum(1).amax()))
+    np.testing.assert_allclose(unaveraged[0], expected, rtol=1e-4)

@@ -32,6 +32,8 @@ class ExportContext:
     #: the tensor the branch reads for the feature (equal in value to ``feature``, kept apart from it so
     #: that onnxruntime optimises the source's nodes as before); set by the writer
     feature_branch: str = ""
+    #: None in exported files; a dict where the library asks builders for extra tensors (name -> tensor)
+    diagnostics: dict | None = None
     needed_opset: int = 0
     _used: set = field(default_factory=set)
     _counter: int = 0

@@ -22,7 +22,7 @@ def session(net, method: str = "gradcam", feature_layer=None):
     key = (method, feature_layer)
     if key not in per_net:
         model = build_explained(net, method, feature_layer, 0, "feature", source=net.model, targets_per_image=True,
-                                where=method)
+                                diagnostics=True, where=method)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         providers = list(getattr(net.ort, "providers", None) or ["CPUExecutionProvider"])
@@ -30,13 +30,18 @@ def session(net, method: str = "gradcam", feature_layer=None):
     return per_net[key]
 
 
-def cam_maps(net, x: np.ndarray, targets, method: str = "gradcam", feature_layer=None) -> np.ndarray:
-    """(N, K, h, w) float32 maps of model input ``x`` (N, ...) for ``targets`` (N, K) class indices."""
+def cam_maps(net, x: np.ndarray, targets, method: str = "gradcam", feature_layer=None,
+             with_unaveraged: bool = False):
+    """(N, K, h, w) float32 maps of model input ``x`` (N, ...) for ``targets`` (N, K) class indices;
+    with ``with_unaveraged``, also (N, K): each map's peak of sum_c mean|g| |A|, for the library's
+    refusal of maps at float32 noise level (``BaseCAM._refuse_degenerate``)."""
     targets = np.asarray(targets, np.int64)
     if targets.ndim == 1:
         targets = np.broadcast_to(targets[None], (len(x), len(targets)))
     run = session(net, method, feature_layer)
     step = 1 if net.max_batch == 1 else len(x)  # graphs that keep their exported batch: one image a call
-    return np.concatenate([run.run([SALIENCY], {net.input.name: x[i:i + step],
-                                               TARGET: np.ascontiguousarray(targets[i:i + step])})[0]
-                           for i in range(0, len(x), step)])
+    names = [SALIENCY, f"{SALIENCY}_unaveraged"]
+    parts = [run.run(names, {net.input.name: x[i:i + step], TARGET: np.ascontiguousarray(targets[i:i + step])})
+             for i in range(0, len(x), step)]
+    maps = np.concatenate([p[0] for p in parts])
+    return (maps, np.concatenate([p[1] for p in parts])) if with_unaveraged else maps

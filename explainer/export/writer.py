@@ -49,11 +49,13 @@ def export_explained(net, out, method: str = "gradcam", feature_layer=None, top_
 
 
 def build_explained(net, method: str, feature_layer, top_k: int, map_size: str, *, source=None,
-                    targets_per_image: bool = False, where: str = "export_explained") -> onnx.ModelProto:
+                    targets_per_image: bool = False, diagnostics: bool = False,
+                    where: str = "export_explained") -> onnx.ModelProto:
     """The explained model (see ``export_explained``; arguments validated there). ``source``: the graph
     to add the branch to (default: the model as loaded, ``net.source_model``; the library's own in-graph
     path passes ``net.model``, which runs any batch); ``targets_per_image``: the input ``target`` is
-    (N, K), K classes per image, instead of (N,)."""
+    (N, K), K classes per image, instead of (N,); ``diagnostics``: the builders' extra tensors
+    (``ctx.diagnostics``) become outputs too, named ``saliency_<key>``."""
     _register_builtin()
     source = net.source_model if source is None else source
     feature, layer_name, layout = _feature_layer(net, feature_layer, where)
@@ -107,7 +109,11 @@ def build_explained(net, method: str, feature_layer, top_k: int, map_size: str, 
         return Backward(ctx, head, mapping, constant_values(graph)).run(seed)
 
     ctx._differentiate = differentiate
+    ctx.diagnostics = {} if diagnostics else None
     maps = EXPORTERS[method](ctx)
+    for key, tensor in (ctx.diagnostics or {}).items():
+        ctx.node("Identity", [tensor], outputs=[f"{SALIENCY}_{key}"])
+        graph.output.append(helper.make_tensor_value_info(f"{SALIENCY}_{key}", onnx.TensorProto.FLOAT, None))
     if map_size == "input":
         maps = ctx.node("Relu", [resize_maps(ctx, maps, net.input_size, layout.grid)])
     ctx.node("Identity", [maps], outputs=[SALIENCY])
