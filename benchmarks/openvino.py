@@ -6,7 +6,7 @@ Models: the embedded EfficientNet-Lite0 (the file ``explainer.load()`` reads) an
 resnet18 export (seeded weights, ``tests/exports.py``, legacy exporter with a dynamic batch); the
 chelsea photo, each model's top-1 class on it.
 
-* forward throughput (images/s): ours at the batch size and parallel streams the perturbation methods
+* forward throughput (images/s, medians of the rounds): ours at the batch size and parallel streams the perturbation methods
   use (``net.stream_batch_size``), on onnxruntime f32 and OpenVINO f32 and bf16; OpenVINO XAI's
   forward pass as its black-box methods run it (its compiled model, one image per call), f32 and
   bf16;
@@ -21,8 +21,9 @@ chelsea photo, each model's top-1 class on it.
   occlusion windows (occlusion).
 
 RISE runs in alternating rounds (ours on the three configurations, then OpenVINO XAI's f32 and bf16;
-default 3 rounds, medians), so that a slow spell of a shared machine hits both sides; forward rates,
-occlusion and AISE are timed once.
+default 3 rounds, medians; forward rates in the same rounds), so that a slow spell of a shared
+machine hits both sides; the ratios are medians of the rounds' ratios. Occlusion and AISE are timed
+once.
 
 OpenVINO XAI pins an older OpenVINO and numpy 1.x, so it runs in its own virtual environment
 (``--peer-python``, default ``$EXPLAINER_OVXAI_PYTHON``): python -m venv /tmp/ovxai && /tmp/ovxai/bin/pip
@@ -201,8 +202,8 @@ def run_peer(python: str, job: dict, path: str) -> dict:
 
 
 def compare(name: str, path: Path, image, masks: int, seconds: float, rounds: int, python: str, tmp: str) -> dict:
-    """One model: forward rates and occlusion once, then ``rounds`` rounds of our three RISEs followed by
-    OpenVINO XAI's (f32 and bf16, its AISE in the first round only); medians of the RISE times."""
+    """One model: occlusion once, then ``rounds`` rounds of our three forward rates and RISEs followed by
+    OpenVINO XAI's (f32 and bf16, its AISE in the first round only); medians over the rounds."""
     import explainer
 
     nets, label, zero = load_all(name, path, image)
@@ -210,15 +211,16 @@ def compare(name: str, path: Path, image, masks: int, seconds: float, rounds: in
     np.save(f"{tmp}/{name}_input.npy", ref.to_model_input(ref.fit_pixels(image)[None]))
     rows, maps = {}, {}
     for config, net in nets.items():
-        rate, batch = stream_rate(net, seconds)
+        batch = net.stream_batch_size
         our_rise(net, image, label, zero, 4 * batch * net.ort.parallel_streams())  # warm-up
         occ_s, maps[config + ("occlusion",)] = once(
             lambda: explainer.occlusion_sensitivity(net, image, label, verbose=False))
-        rows[config] = dict(engine=net.engine, precision=net.precision, forward_ips=rate, stream_batch=batch,
-                            occlusion_s=occ_s, probabilities=net.predict(image), rise_runs=[])
+        rows[config] = dict(engine=net.engine, precision=net.precision, stream_batch=batch, occlusion_s=occ_s,
+                            probabilities=net.predict(image), rise_runs=[], forward_runs=[])
     theirs, meta = {"f32": [], "bf16": []}, {}
     for round_ in range(rounds):
         for config, net in nets.items():
+            rows[config]["forward_runs"].append(stream_rate(net, seconds)[0])
             seconds_, maps[config + ("rise",)] = once(lambda: our_rise(net, image, label, zero, masks))
             rows[config]["rise_runs"].append(seconds_)
         job = dict(models=[dict(name=name, path=str(path), input=f"{tmp}/{name}_input.npy", label=label)],
@@ -230,6 +232,7 @@ def compare(name: str, path: Path, image, masks: int, seconds: float, rounds: in
             theirs[precision].append(row)
     for row in rows.values():
         row["rise_s"] = float(np.median(row["rise_runs"]))
+        row["forward_ips"] = float(np.median(row["forward_runs"]))
         print(name, {k: v for k, v in row.items() if k != "probabilities"}, flush=True)
     out = {}
     size = image.shape[:2]
@@ -239,7 +242,8 @@ def compare(name: str, path: Path, image, masks: int, seconds: float, rounds: in
         first = runs[0]
         out[precision] = dict(forward_ips=float(np.median([r["forward_ips"] for r in runs])),
                               rise_s=float(np.median([r["rise_s"] for r in runs])),
-                              rise_runs=[r["rise_s"] for r in runs], aise_s=first["aise_s"],
+                              rise_runs=[r["rise_s"] for r in runs], forward_runs=[r["forward_ips"] for r in runs],
+                              aise_s=first["aise_s"],
                               aise_passes=first["aise_passes"])
         theirs_map = resize_map(np.load(f"{tmp}/{name}_{precision}_rise.npy")[None], size)[0]
         out[precision]["r_rise_ours_openvino"] = correlation(theirs_map, maps[("openvino", precision, "rise")])
@@ -299,6 +303,16 @@ def main(argv=None) -> int:
     return 0
 
 
+def round_ratio(theirs: dict, ours: dict) -> float:
+    """RISE: their time over ours, the median of the rounds' ratios."""
+    return float(np.median(np.divide(theirs["rise_runs"], ours["rise_runs"])))
+
+
+def forward_ratio(theirs: dict, ours: dict) -> float:
+    """Forward: our rate over theirs, the median of the rounds' ratios."""
+    return float(np.median(np.divide(ours["forward_runs"], theirs["forward_runs"])))
+
+
 def summarise(models: dict) -> dict:
     out = {}
     for name, m in models.items():
@@ -310,13 +324,14 @@ def summarise(models: dict) -> dict:
             file=m["path"], label=m["label"],
             ours={k: {kk: vv for kk, vv in v.items() if kk != "probabilities"} for k, v in o.items()},
             theirs=t,
-            rise_ratio=dict(  # their time over ours: > 1, ours is faster
-                f32_openvino=t["f32"]["rise_s"] / f32["rise_s"],
-                f32_onnxruntime=t["f32"]["rise_s"] / o["onnxruntime-f32"]["rise_s"],
-                bf16=t["bf16"]["rise_s"] / bf16["rise_s"]),
-            forward_ratio=dict(f32_openvino=f32["forward_ips"] / t["f32"]["forward_ips"],
-                               f32_onnxruntime=o["onnxruntime-f32"]["forward_ips"] / t["f32"]["forward_ips"],
-                               bf16=bf16["forward_ips"] / t["bf16"]["forward_ips"]),
+            # their time over ours (> 1: ours is faster), the median of the rounds' ratios: each round
+            # runs ours just before theirs, so a slow spell of the machine hits both
+            rise_ratio=dict(f32_openvino=round_ratio(t["f32"], f32),
+                            f32_onnxruntime=round_ratio(t["f32"], o["onnxruntime-f32"]),
+                            bf16=round_ratio(t["bf16"], bf16)),
+            forward_ratio=dict(f32_openvino=forward_ratio(t["f32"], f32),
+                               f32_onnxruntime=forward_ratio(t["f32"], o["onnxruntime-f32"]),
+                               bf16=forward_ratio(t["bf16"], bf16)),
             aise_over_our_rise_f32=t["f32"]["aise_s"] / f32["rise_s"],
             bf16=dict(score_drift=drift, top1_f32=float(f32["probabilities"].max()),
                       top1_bf16=float(bf16["probabilities"][int(np.argmax(f32["probabilities"]))]),
@@ -336,11 +351,11 @@ def markdown(meta: dict, summary: dict) -> str:
              f"onnxruntime {meta['onnxruntime']}, OpenVINO {meta['openvino']} (ours); OpenVINO XAI "
              f"{meta['openvino_xai']} on OpenVINO {meta['peer_openvino']} (its own environment). RISE: "
              f"{meta['masks']} masks, grid {meta['grid']}, p 0.5 on both sides, medians of {meta['rounds']} alternating "
-             "rounds (forward rates, occlusion and AISE: one run). 5-minute load "
+             "rounds, ratios the medians of the rounds' ratios (occlusion and AISE: one run). 5-minute load "
              f"average before / after: {meta['load_average'][0]} / {meta['load_average'][1]} on {meta['cpus']} "
              "CPUs (a shared machine: read the ratios, not the absolute times).", "",
              "| model | engine | precision | forward (img/s) | batch | RISE (s) | OpenVINO XAI forward (img/s) "
-             "| OpenVINO XAI RISE (s) | RISE: theirs / ours | forward: ours / theirs |",
+             "| OpenVINO XAI RISE (s) | RISE: theirs / ours (median of rounds) | forward: ours / theirs |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
         for key, row in s["ours"].items():
@@ -348,7 +363,7 @@ def markdown(meta: dict, summary: dict) -> str:
             t = s["theirs"][precision]
             lines.append(f"| {name} | {row['engine']} | {precision} | {row['forward_ips']:.0f} | "
                          f"{row['stream_batch']} | {row['rise_s']:.2f} | {t['forward_ips']:.0f} | {t['rise_s']:.2f} | "
-                         f"{t['rise_s'] / row['rise_s']:.2f} | {row['forward_ips'] / t['forward_ips']:.2f} |")
+                         f"{round_ratio(t, row):.2f} | {forward_ratio(t, row):.2f} |")
     lines += ["", "| model | OpenVINO XAI AISE f32 (s) | passes | AISE / our RISE (openvino f32) | "
               "r(AISE, our RISE) | bf16 score drift | top-1 p f32 → bf16 | r(RISE bf16, f32) | "
               "r(occlusion bf16, f32) | f32 vs onnxruntime: max |Δp| | RISE max rel. Δ |",
