@@ -159,6 +159,19 @@ def test_bf16_is_close_where_the_cpu_has_it(cnn_nets, chelsea):
     assert np.corrcoef(f32.ravel(), bf16.ravel())[0, 1] >= 0.9
 
 
+def test_f16_runs_or_is_refused_by_name(cnn_nets, chelsea):
+    """f16 needs AMX-FP16 / AVX512-FP16 on the CPU: it runs where OpenVINO reports FP16, else the
+    load names what the CPU offers."""
+    model = cnn_nets[0].source_model
+    if "FP16" not in openvino_engine.core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        with pytest.raises(DeviceError, match="cannot run f16"):
+            explainer.load(model, engine="openvino", precision="f16", preprocessing="imagenet")
+        return
+    net = explainer.load(model, engine="openvino", precision="f16", preprocessing="imagenet", batch_size=8)
+    image = chelsea[::9, ::9]
+    assert np.abs(net.predict(image) - cnn_nets[0].predict(image)).max() <= 0.05
+
+
 def test_auto_measures_once_and_remembers(monkeypatch):
     calls = []
     real = openvino_engine.OpenVinoEngine._throughput
