@@ -75,9 +75,19 @@ class CacheError(ExplainerError, OSError):
     """The cache folder cannot be written (disk full, read-only, no permission)."""
 
 
+class UnsupportedHeadOpError(UnsupportedModelError):
+    """``export_explained``: the head (feature layer → scores) holds an op that no gradient rule covers,
+    or covers only in part; the message names the op, the node and the way out (``recipro_cam``)."""
+
+
+class ExportWriteError(ExplainerError, OSError):
+    """``export_explained``: the model cannot be written where asked (a folder, a missing or read-only
+    folder, a full disk); nothing is left half-written."""
+
 class ExplainerWarning(UserWarning):
     """Base class of the warnings onnx-explainer gives."""
 
 
 class BatchFallbackWarning(ExplainerWarning):
     """The model runs one image at a time: its graph keeps the batch it was exported with."""
+

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 import explainer
 from explainer.errors import InvalidParameterError, LayerNotFeatureMapError, UnsupportedModelError
 from explainer.export import EXPORTERS, exportable_methods, exporter
-from explainer.export.errors import ExportWriteError, UnsupportedHeadOpError
+from explainer.errors import ExportWriteError, UnsupportedHeadOpError
 from explainer.export.head import gradient_model
 from explainer.export.resize import pil_bicubic_matrix
 from explainer.export.rules import RULES, rule

@@ -11,8 +11,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..errors import UnsupportedModelError
-from .errors import RECIPRO_HINT, UnsupportedHeadOpError
+from ..errors import UnsupportedHeadOpError, UnsupportedModelError
+from .errors import RECIPRO_HINT
 from .rules import RULES
 
 #: ops whose outputs never carry a gradient (shapes, comparisons, indices)

@@ -16,7 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import RECIPRO_HINT, UnsupportedHeadOpError
+from ..errors import UnsupportedHeadOpError
+from .errors import RECIPRO_HINT
 
 RULES: dict[str, Callable] = {}
 

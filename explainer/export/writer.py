@@ -10,10 +10,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import InvalidParameterError, LayerNotFeatureMapError, UnsupportedModelError
+from ..errors import ExportWriteError, InvalidParameterError, LayerNotFeatureMapError, UnsupportedModelError
 from . import EXPORTERS, _register_builtin
 from .context import ExportContext
-from .errors import ExportWriteError
 from .head import Backward, Head, constant_values, measure
 from .resize import resize_maps
 
