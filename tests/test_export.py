@@ -669,3 +669,24 @@ def test_ingraph_engine_gives_the_library_its_noise_scale(default_net, chelsea):
             a = captured[layer].detach()
         expected.append(float((g.abs().mean(dim=(2, 3))[:, :, None, None] * a.abs()).sum(1).amax()))
     np.testing.assert_allclose(unaveraged[0], expected, rtol=1e-4)
+
+
+def test_the_readme_deployment_example_runs_on_onnxruntime_alone(default_net, chelsea, tmp_path):
+    """README's 10-line example, run as written in a fresh process next to an exported default model and a
+    cat: it prints the class the library predicts and the map's shape."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Explanations that ship with the model"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    explainer.export_explained(default_net, tmp_path / "lite0_explained.onnx")
+    Image.fromarray(chelsea).save(tmp_path / "cat.png")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    h, w = default_net.layout(explainer.gradcam_layers(default_net).feature).grid
+    assert out.stdout.split("\n")[0] == f"{default_net.top_k(chelsea, 1)[0].label} (1, 1, {h}, {w})"
