@@ -92,6 +92,7 @@ def test_cnn_equals_reference_on_the_source_module(resnet, chelsea):
         ours = low_resolution(net, small, layer, [285], scores=scores)[0]
         assert ours.shape == ref.shape == (7, 7)
         references.assert_close_in_units(ours, ref, 1e-4, f"Recipro-CAM ({scores})")
+    assert head_of(net, layer).pooled[2]  # the maps came from the head after the global pool (checked)
     public = recipro_cam(net, chelsea, 285, verbose=False)
     expected = np.maximum(references.bicubic_upsample(resnet_reference(model, x, 285), chelsea.shape[:2]), 0)
     references.assert_close_in_units(public, expected, 1e-4, "Recipro-CAM at the image's size")

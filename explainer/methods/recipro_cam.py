@@ -35,7 +35,10 @@ block's MLP, projection, residual Adds and norms, and into its attention, whose 
 keys and values still come from every token), following the token axis through Transposes and
 Reshapes. Those ops then run on one token per masked copy instead of all of them: the same values
 (checked once per head against the whole head, which is kept where they differ beyond float32
-rounding); on ViT-Tiny the head takes about a third of the time.
+rounding); on ViT-Tiny the head takes about a third of the time. On a feature map that the head pools
+globally first (GlobalAveragePool: ResNet, EfficientNet, ...), a point-masked copy pools to its
+location's vector / (h*w): the head after the pool runs on those vectors (``pooled_head``; checked
+once per head against the whole head on the masked maps), not on h*w masked maps.
 
 Memory: the masked copies stream through the shared batching loop (``stream_probabilities``), a
 batch per stream at a time, each batch bounded by the run budget: a copy counts as one image's run of
@@ -119,6 +122,9 @@ class Head:
     engine: object  # OrtEngine of ``model``, or of its copy that reads the class token early (``select_early``)
     full_engine: object = None  # OrtEngine of ``model`` until the early-selecting copy is checked against it
     checked: bool = False
+    #: (the global pool's output, OrtEngine of the head after it) where the head starts by pooling the
+    #: feature map globally: point masks then need only each location's vector / (h*w) (``pooled_head``)
+    pooled: tuple | None = None
 
 
 def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -252,6 +258,9 @@ def head_of(net: Classifier, layer: Layer, where: str = "recipro_cam") -> Head:
         early = select_early(model, layout) if layout.kind == "tokens" else None
         if early is not None:
             head.full_engine, head.engine = engine, OrtEngine(early, layer.output, net.ort.providers, key + "|early")
+        after_pool = pooled_head(model, layer.output) if layout.kind == "CHW" and not side else None
+        if after_pool is not None:
+            head.pooled = (after_pool[0], OrtEngine(after_pool[1], after_pool[0], net.ort.providers, key + "|pooled"))
         cache[layer.output] = head
         return head
 
@@ -447,6 +456,25 @@ def select_early(model: onnx.ModelProto, layout: FeatureLayout) -> onnx.ModelPro
     return out
 
 
+def pooled_head(model: onnx.ModelProto, feature: str) -> tuple[str, onnx.ModelProto] | None:
+    """(pool output, the head after it) where the feature map's only reader is a GlobalAveragePool: a copy
+    keeping location (i, j) alone pools to that location's vector / (h*w), so point masks need the head
+    after the pool only, on (h*w, C, 1, 1) vectors instead of (h*w, C, h, w) maps; None otherwise."""
+    readers = [n for n in model.graph.node if feature in n.input]
+    if len(readers) != 1 or readers[0].op_type != "GlobalAveragePool":
+        return None
+    pool = readers[0].output[0]
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    kept = [n for n in out.graph.node if n.output[0] != pool]
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    elem = out.graph.input[0].type.tensor_type.elem_type
+    del out.graph.input[:]
+    out.graph.input.append(helper.make_tensor_value_info(pool, elem, ["N", None, 1, 1]))
+    return pool, out
+
+
 def _constant(graph: onnx.GraphProto, name: str):
     for t in graph.initializer:
         if t.name == name:
@@ -458,10 +486,10 @@ def _constant(graph: onnx.GraphProto, name: str):
 
 
 # the method ---------------------------------------------------------------------------------------
-def _scores_fn(net: Classifier, head: Head, scores: str, single_thread: bool):
+def _scores_fn(net: Classifier, head: Head, scores: str, single_thread: bool, engine=None):
     """feed → (n, K) float32 scores: probabilities, or logits (the log of probabilities for a graph
-    that outputs only those)."""
-    session = head.engine.session([], single_thread=single_thread)
+    that outputs only those), from ``engine`` (default: the head's)."""
+    session = (engine or head.engine).session([], single_thread=single_thread)
     names = list(head.outputs)
 
     def run(feed: dict) -> np.ndarray:
@@ -519,14 +547,43 @@ def maps_from_values(net: Classifier, head: Head, values: list[np.ndarray], indi
 
     if head.full_engine is not None and not head.checked:
         _check_early(head, make_batch(0, min(batch, 4)))
+    engine = head.engine
+    if head.pooled is not None and _kernel(kernel, layout) == "point":
+        pool, pooled_engine = head.pooled[:2]
+        feature = values[0][0]
+        vectors = (feature.reshape(len(feature), h * w).T.astype(np.float32) / (h * w)).astype(feature.dtype)
+        full_batch = make_batch
+
+        def make_batch(start, stop):  # noqa: F811 - the pooled vectors of copies start..stop-1
+            return {pool: vectors[start:stop, :, None, None]}
+
+        if _pooled_agrees(head, full_batch(0, min(batch, 4)), make_batch(0, min(batch, 4))):
+            engine = pooled_engine
+        else:
+            make_batch = full_batch
     out = np.empty((h * w, len(indices)), np.float64)
     for start, stop, s in stream_probabilities(net, make_batch, h * w, batch_size=batch, verbose=verbose,
                                                desc="Recipro-CAM",
-                                               forward=lambda single: _scores_fn(net, head, scores, single)):
+                                               forward=lambda single: _scores_fn(net, head, scores, single, engine)):
         if s.shape[1] <= max(indices):
             raise InvalidParameterError(f"recipro_cam: class {max(indices)} is out of range ({s.shape[1]}).")
         out[start:stop] = s[:, indices]
     return normalise(out.T.reshape(len(indices), h, w))
+
+
+def _pooled_agrees(head: Head, full: dict, pooled: dict) -> bool:
+    """Once per head: the head after the pool on the pooled vectors gives the whole head's scores on the
+    masked maps (within float32 rounding, 1e-5 of the largest score); else the pooled path is dropped."""
+    if head.pooled is None:
+        return False
+    if len(head.pooled) == 2:
+        names = list(head.outputs)
+        a = head.engine.session([]).run(names, full)
+        b = head.pooled[1].session([]).run(names, pooled)
+        scale = max(float(np.abs(a[0]).max()), 1e-30)
+        same = all(float(np.abs(x.astype(np.float64) - y).max()) <= 1e-5 * scale for x, y in zip(a, b))
+        head.pooled = (*head.pooled, same)
+    return bool(head.pooled[2])
 
 
 def _check_early(head: Head, feed: dict) -> None:
