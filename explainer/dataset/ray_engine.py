@@ -72,7 +72,8 @@ def _load_options(net: Classifier) -> dict:
     """What rebuilds the same classifier from the model's bytes on another process or node."""
     p = net.preprocessing
     return dict(preprocessing=dict(mean=tuple(p.mean), std=tuple(p.std), scale=p.scale, channel_order=p.channel_order),
-                labels=list(net.class_names), input_layout=net.input.layout, device=net.device)
+                labels=list(net.class_names), input_layout=net.input.layout, device=net.device,
+                engine=net.engine, precision=net.precision)
 
 
 def run_ray(net: Classifier, refs, total: int, plan, store, *, address=None, workers="auto", gpus_per_worker=0,

@@ -125,7 +125,8 @@ def create_app(net: Classifier, settings: Settings | None = None, *, warmup: boo
     async def model():
         """The model: its input, classes and preprocessing, and the service's limits."""
         spec, pre = net.input, net.preprocessing
-        return {"name": net.name, "sha256": net.sha256, "device": net.device,
+        return {"name": net.name, "sha256": net.sha256, "device": net.device, "engine": net.engine,
+                "precision": net.precision,
                 "input": {"name": spec.name, "layout": spec.layout, "height": spec.height, "width": spec.width,
                           "channels": spec.channels, "dtype": np.dtype(spec.dtype).name},
                 "classes": {"count": net.num_classes, "names": list(net.class_names)},
