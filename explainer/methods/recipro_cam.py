@@ -557,7 +557,7 @@ def maps_from_values(net: Classifier, head: Head, values: list[np.ndarray], indi
         def make_batch(start, stop):  # noqa: F811 - the pooled vectors of copies start..stop-1
             return {pool: vectors[start:stop, :, None, None]}
 
-        if _pooled_agrees(head, full_batch(0, min(batch, 4)), make_batch(0, min(batch, 4))):
+        if _pooled_agrees(head, lambda: (full_batch(0, min(batch, 4)), make_batch(0, min(batch, 4)))):
             engine = pooled_engine
         else:
             make_batch = full_batch
@@ -571,12 +571,14 @@ def maps_from_values(net: Classifier, head: Head, values: list[np.ndarray], indi
     return normalise(out.T.reshape(len(indices), h, w))
 
 
-def _pooled_agrees(head: Head, full: dict, pooled: dict) -> bool:
+def _pooled_agrees(head: Head, feeds) -> bool:
     """Once per head: the head after the pool on the pooled vectors gives the whole head's scores on the
-    masked maps (within float32 rounding, 1e-5 of the largest score); else the pooled path is dropped."""
+    masked maps (within float32 rounding, 1e-5 of the largest score); else the pooled path is dropped.
+    ``feeds()``: (masked maps, pooled vectors) of a few copies, made only for the check."""
     if head.pooled is None:
         return False
     if len(head.pooled) == 2:
+        full, pooled = feeds()
         names = list(head.outputs)
         a = head.engine.session([]).run(names, full)
         b = head.pooled[1].session([]).run(names, pooled)
