@@ -27,17 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .run import timed as median_time  # the median of repeats after one warm-up
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def files(quick: bool):

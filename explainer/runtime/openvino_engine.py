@@ -176,15 +176,8 @@ class OpenVinoEngine(OrtEngine):
                 self._sessions.popitem(last=False)
         return session
 
-    def run(self, batch: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
-        if self.guard is not None:
-            self.guard.check(batch.shape)
-        try:
-            return self.session(outputs).run(list(outputs), {self.input_name: batch})
-        except ExplainerError:
-            raise
-        except Exception as exc:
-            raise openvino_error(exc, batch.shape) from None
+    def failure(self, exc: BaseException, shape) -> Exception:
+        return openvino_error(exc, shape)
 
     def run_unoptimised(self, batch: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
         return self.reference.run_unoptimised(batch, outputs)

@@ -153,7 +153,11 @@ class OrtEngine:
         except ExplainerError:
             raise
         except Exception as exc:
-            raise ort_error(exc, batch.shape) from None
+            raise self.failure(exc, batch.shape) from None
+
+    def failure(self, exc: BaseException, shape) -> Exception:
+        """The library's error for a run of ``shape`` that failed with ``exc`` in the runtime."""
+        return ort_error(exc, shape)
 
     def run_batched(self, inputs: np.ndarray, outputs: Sequence[str], batch_size: int) -> list[np.ndarray]:
         """Forward ``inputs`` in chunks of ``batch_size`` and concatenate."""
