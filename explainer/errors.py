@@ -84,6 +84,12 @@ class ExportWriteError(ExplainerError, OSError):
     """``export_explained``: the model cannot be written where asked (a folder, a missing or read-only
     folder, a full disk); nothing is left half-written."""
 
+class HeadSplitError(InvalidParameterError):
+    """``recipro_cam``: the scores depend on the image other than through the feature layer (and tensors
+    masked with it): the graph cannot be split there into a backbone and a head; the message names the
+    nearest layer that can."""
+
+
 class ExplainerWarning(UserWarning):
     """Base class of the warnings onnx-explainer gives."""
 

@@ -11,7 +11,8 @@ import torch
 import explainer
 from explainer.errors import LayerNotFeatureMapError
 from explainer.methods.gradcam import default_feature_layer
-from explainer.methods.recipro_cam import HeadSplitError, head_of, low_resolution, recipro_cam
+from explainer.errors import HeadSplitError
+from explainer.methods.recipro_cam import head_of, low_resolution, recipro_cam
 
 import exports
 import references

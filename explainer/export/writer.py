@@ -257,7 +257,7 @@ def _write(model: onnx.ModelProto, path: Path, external_data, where: str) -> Pat
     try:
         if not external:
             onnx.checker.check_model(model, full_check=True)
-    except onnx.checker.ValidationError as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise UnsupportedModelError(f"{where}: the written graph fails onnx.checker: {str(exc)[:400]}") from None
     tmp_dir = None
     try:

@@ -56,7 +56,7 @@ import onnx
 from onnx import helper
 
 from .. import limits
-from ..errors import InvalidParameterError, LayerNotFeatureMapError
+from ..errors import HeadSplitError, InvalidParameterError, LayerNotFeatureMapError
 from ..graph import dims, infer_shapes
 from ..runtime.perturb import stream_probabilities
 from ._common import finish, images_and_labels, resize_map
@@ -71,11 +71,6 @@ KERNELS = ("auto", "point", "gaussian")
 SCORES = ("probabilities", "logits")
 #: OpenVINO XAI's ViTReciproCAM kernel (and the authors' ``gaussian`` option)
 GAUSSIAN = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32) / 16
-
-
-class HeadSplitError(InvalidParameterError):
-    """The scores depend on the image other than through the feature layer (and tensors masked with it):
-    the graph cannot be split there into a backbone and a head."""
 
 
 # masks --------------------------------------------------------------------------------------------
@@ -642,7 +637,7 @@ def _kernel(kernel: str, layout: FeatureLayout) -> str:
         cost="one forward pass to the feature layer, then the head (layer → scores) on h*w masked copies "
              "of it (all labels share them)",
         reference="an independent torch Recipro-CAM on the source module (tests/test_recipro_cam.py); "
-                  "OpenVINO XAI's ReciproCAM/ViTReciproCAM on the same file (benchmarks/recipro_cam.py)")
+                  "OpenVINO XAI's ReciproCAM/ViTReciproCAM on the same file (benchmarks/recipro_cam.py)", order=35)
 def recipro_cam(net: Classifier, image, label, *, feature_layer=None, kernel="auto", scores="probabilities",
                 batch_size="auto", verbose=True):
     """Recipro-CAM map(s): (H, W) for one label, (K, H, W) for several, at the image's size."""
