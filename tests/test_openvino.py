@@ -140,36 +140,25 @@ def test_deletion_and_insertion_curves_equal_onnxruntime(default_net, lite0_open
             assert abs(ours.auc - truth.auc) <= PROBABILITY_TOLERANCE
 
 
-def test_bf16_is_close_where_the_cpu_has_it(cnn_nets, chelsea):
-    """A loose sanity check only: bf16 keeps 8 bits of mantissa (benchmarks/openvino.py measures the
-    drift and the maps' agreement)."""
+@pytest.mark.parametrize("precision, capability, refusal", [("bf16", "BF16", "bf16"), ("f16", "FP16", "cannot run f16")])
+def test_half_precisions_are_close_where_the_cpu_has_them(cnn_nets, chelsea, precision, capability, refusal):
+    """A loose sanity check only: bf16 keeps 8 bits of mantissa, f16 needs AMX-FP16 / AVX512-FP16
+    (benchmarks/openvino.py measures the drift and the maps' agreement); where the CPU lacks the
+    precision, the load names what it offers."""
     model = cnn_nets[0].source_model
-    if "BF16" not in openvino_engine.core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-        with pytest.raises(DeviceError, match="bf16"):
-            explainer.load(model, engine="openvino", precision="bf16", preprocessing="imagenet")
+    if capability not in openvino_engine.core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        with pytest.raises(DeviceError, match=refusal):
+            explainer.load(model, engine="openvino", precision=precision, preprocessing="imagenet")
         return
-    net = explainer.load(model, engine="openvino", precision="bf16", preprocessing="imagenet", batch_size=8)
-    assert (net.engine, net.precision) == ("openvino", "bf16")
+    net = explainer.load(model, engine="openvino", precision=precision, preprocessing="imagenet", batch_size=8)
+    assert (net.engine, net.precision) == ("openvino", precision)
     image = chelsea[::9, ::9]
     truth = cnn_nets[0].predict(image)
     assert np.abs(net.predict(image) - truth).max() <= 0.05
     label = int(np.argmax(truth))
     f32 = explainer.occlusion_sensitivity(cnn_nets[0], image, label, verbose=False)
-    bf16 = explainer.occlusion_sensitivity(net, image, label, verbose=False)
-    assert np.corrcoef(f32.ravel(), bf16.ravel())[0, 1] >= 0.9
-
-
-def test_f16_runs_or_is_refused_by_name(cnn_nets, chelsea):
-    """f16 needs AMX-FP16 / AVX512-FP16 on the CPU: it runs where OpenVINO reports FP16, else the
-    load names what the CPU offers."""
-    model = cnn_nets[0].source_model
-    if "FP16" not in openvino_engine.core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-        with pytest.raises(DeviceError, match="cannot run f16"):
-            explainer.load(model, engine="openvino", precision="f16", preprocessing="imagenet")
-        return
-    net = explainer.load(model, engine="openvino", precision="f16", preprocessing="imagenet", batch_size=8)
-    image = chelsea[::9, ::9]
-    assert np.abs(net.predict(image) - cnn_nets[0].predict(image)).max() <= 0.05
+    half = explainer.occlusion_sensitivity(net, image, label, verbose=False)
+    assert np.corrcoef(f32.ravel(), half.ravel())[0, 1] >= 0.9
 
 
 def test_auto_measures_once_and_remembers(monkeypatch):
