@@ -1,9 +1,9 @@
-"""``Classifier``: an ONNX image classifier with its input contract, preprocessing, class names and an
-onnxruntime engine; the object every explanation method takes as ``net``."""
+"""``Classifier``: an ONNX image classifier with its input contract, preprocessing, class names and the
+engine that runs it (onnxruntime, or OpenVINO with ``engine="openvino"``); the object every explanation
+method takes as ``net``. ``load`` makes one."""
 from __future__ import annotations
 
 import functools
-
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -16,20 +16,20 @@ from ..convert import BATCH_PASSES, normalise
 from ..errors import (BatchFallbackWarning, InvalidParameterError, InvalidParameterTypeError, LayerNotFeatureMapError,
                       NonFiniteOutputError, ResourceLimitError, UnknownClassError, UnknownLayerError,
                       UnsupportedModelError)
-from ..io import to_pixel_batch
-from ..validation import check_batch_size, check_int, closest
-from ..model import labels as labels_mod
-from ..model.labels import top_indices
-from ..model import preprocess as preprocess_mod
-from .budget import RunGuard
 from ..graph import dims, infer_shapes, layer_name
+from ..io import to_pixel_batch
+from ..model import labels as labels_mod
+from ..model import preprocess as preprocess_mod
+from ..model.labels import top_indices
 from ..model.layouts import FeatureLayout, feature_layout
+from ..model.load import LoadedModel
+from ..model.spec import InputSpec, OutputSpec, find_image_input, find_input_normalisation, find_scores_output
 from ..model.structure import Structure
 from ..model.structure import analyse as analyse_structure
-from ..model.load import LoadedModel
+from ..validation import check_batch_size, check_int, closest
+from .budget import RunGuard
 from .ort_engine import OrtEngine
 from .providers import resolve_device
-from ..model.spec import InputSpec, OutputSpec, find_image_input, find_input_normalisation, find_scores_output
 
 _log = logging.getLogger("explainer")
 

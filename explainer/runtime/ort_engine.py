@@ -24,8 +24,8 @@ import onnx
 
 from .. import cache
 from ..errors import CacheError, ExplainerError, UnsupportedModelError
-from .budget import allocation_error, is_allocation_failure
 from ..graph import infer_shapes
+from .budget import allocation_error, is_allocation_failure
 from .providers import provider_options, quiet_session
 
 BATCH_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
