@@ -22,8 +22,8 @@ import numpy as np
 
 from .errors import InvalidParameterError
 from .io import to_pixels
-from .runtime.perturb import BACKENDS, Canvas, stream_probabilities
 from .model.preprocess import resize, resize_map
+from .runtime.perturb import BACKENDS, Canvas, stream_probabilities
 from .validation import check_choice, check_int
 
 if TYPE_CHECKING:
