@@ -63,13 +63,9 @@ def correlation(a, b) -> float:
 
 
 def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    return []
+    from .run import cpuinfo
+
+    return (cpuinfo("flags") or "").split()
 
 
 # OpenVINO XAI's side (runs under --peer-python: numpy and openvino only) -------------------------

@@ -35,17 +35,19 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def paired(ours, other, repeats: int) -> tuple[float, float, float]:
-    """(median time of ``ours``, of ``other``, median of the per-pair ratios ours / other): the two run
-    alternately, after one warm-up each, so that a slow spell of a shared machine hits both sides."""
+def paired(ours, other, repeats: int, calls: int = 1) -> tuple[float, float, float]:
+    """(median seconds per call of ``ours``, of ``other``, median of the per-round ratios ours / other):
+    each round times ``calls`` calls of one, then of the other, after one warm-up each, so that a slow
+    spell of a shared machine hits both sides."""
     ours()
     other()
     a, b = [], []
     for _ in range(repeats):
         for fn, times in ((ours, a), (other, b)):
             start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - start) / calls)
     return statistics.median(a), statistics.median(b), statistics.median(x / y for x, y in zip(a, b))
 
 
@@ -265,15 +267,20 @@ def markdown(meta, rows) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cpu_model() -> str:
-    """The CPU's marketing name where Linux tells it (platform.processor() is often empty there)."""
+def cpuinfo(field: str) -> str | None:
+    """The first ``field`` line of Linux's /proc/cpuinfo, without its name (None elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name where Linux tells it (platform.processor() is often empty there)."""
+    return cpuinfo("model name") or platform.processor()
 
 
 README_START, README_END = "<!-- benchmark table: written by python -m benchmarks -->", "<!-- end of benchmark table -->"

@@ -45,7 +45,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -54,6 +53,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+from .run import paired
 
 RESULTS = Path(__file__).with_name("results")
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -221,21 +222,6 @@ def verdicts(methods: dict) -> dict:
 
 # speed ----------------------------------------------------------------------------------------------------
 
-def alternate(ours, base, rounds: int, calls: int) -> tuple[float, float, float]:
-    """(median seconds per call of ``ours``, of ``base``, median of the per-round ratios): each round
-    times ``calls`` calls of one, then of the other, after a warm-up of both."""
-    ours()
-    base()
-    a, b = [], []
-    for _ in range(rounds):
-        for fn, times in ((ours, a), (base, b)):
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            times.append((time.perf_counter() - start) / calls)
-    return statistics.median(a), statistics.median(b), statistics.median(x / y for x, y in zip(a, b))
-
-
 def speed(net, model_name: str, image, quick: bool) -> list[dict]:
     import explainer
     from explainer.runtime.torch_engine import torch_engine
@@ -246,12 +232,12 @@ def speed(net, model_name: str, image, quick: bool) -> list[dict]:
     rows = []
     rollout = lambda: explainer.attention_rollout(net, image, label)  # noqa: E731
     forward = lambda: net.predict(image)  # noqa: E731
-    ours_s, base_s, ratio = alternate(rollout, forward, rounds, calls)
+    ours_s, base_s, ratio = paired(rollout, forward, rounds, calls)
     rows.append(dict(model=model_name, method="attention_rollout", baseline="one onnxruntime forward pass "
                      "(net.predict, same image)", ours_s=ours_s, base_s=base_s, ratio=ratio,
                      target=TARGETS["attention_rollout"]))
     batch = np.stack([image] * 16)  # the per-call cost shared by 16 images
-    ours_s, base_s, ratio = alternate(lambda: explainer.attention_rollout(net, batch, label),
+    ours_s, base_s, ratio = paired(lambda: explainer.attention_rollout(net, batch, label),
                                       lambda: net.predict(batch), rounds, max(1, calls // 8))
     rows.append(dict(model=model_name, method="attention_rollout", baseline="net.predict, the same 16 images "
                      "in one call", ours_s=ours_s, base_s=base_s, ratio=ratio, target=TARGETS["attention_rollout"]))
@@ -259,7 +245,7 @@ def speed(net, model_name: str, image, quick: bool) -> list[dict]:
     x = engine.tensor(net.fit_pixels(image)).permute(2, 0, 1)[None]
     attribution = lambda: explainer.transformer_attribution(net, image, label)  # noqa: E731
     calls = max(1, int(round(0.2 / _once(attribution))))
-    ours_s, base_s, ratio = alternate(attribution, _forward_backward(engine, x, label), rounds, calls)
+    ours_s, base_s, ratio = paired(attribution, _forward_backward(engine, x, label), rounds, calls)
     rows.append(dict(model=model_name, method="transformer_attribution", baseline="one forward + backward "
                      "pass of the converted module (d class score / d pixels, same image)", ours_s=ours_s,
                      base_s=base_s, ratio=ratio, target=TARGETS["transformer_attribution"]))
