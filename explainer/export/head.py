@@ -12,6 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import UnsupportedHeadOpError, UnsupportedModelError
+from ..graph import producers
 from .errors import RECIPRO_HINT
 from .rules import RULES
 
@@ -27,7 +28,7 @@ STRAIGHT_THROUGH = {"QuantizeLinear", "DequantizeLinear"}
 class Head:
     def __init__(self, graph: onnx.GraphProto, feature: str, scores: str):
         self.graph, self.feature, self.scores = graph, feature, scores
-        producers = {o: n for n in graph.node for o in n.output}
+        producer = producers(graph)
         reached = {feature}
         for n in graph.node:
             if any(i in reached for i in n.input):
@@ -38,7 +39,7 @@ class Head:
             if t in needed or t == feature:
                 continue
             needed.add(t)
-            n = producers.get(t)
+            n = producer.get(t)
             if n is not None:
                 stack.extend(i for i in n.input if i)
                 stack.extend(_subgraph_inputs(n))

@@ -57,7 +57,7 @@ from onnx import helper
 
 from .. import limits
 from ..errors import HeadSplitError, InvalidParameterError, LayerNotFeatureMapError
-from ..graph import dims, infer_shapes
+from ..graph import dims, infer_shapes, producers
 from ..runtime.perturb import stream_probabilities
 from ._common import finish, images_and_labels, resize_map
 from .gradcam import default_feature_layer
@@ -122,16 +122,12 @@ class Head:
     pooled: tuple | None = None
 
 
-def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {o: n for n in graph.node for o in n.output if o}
-
-
 def head_cut(net: Classifier, feature: str) -> tuple[list, list[str]]:
     """(head nodes in graph order, image-dependent tensors other than ``feature`` that they read): the
     nodes between ``feature`` and the scores; tensors computed from constants alone are computed in
     the head too."""
     graph = net.model.graph
-    producer = _producers(graph)
+    producer = producers(graph)
     inits = {t.name for t in graph.initializer}
     flows = net.structure.image_dependent
     after, downstream = {feature}, set()  # tensors and nodes the feature layer reaches
@@ -306,7 +302,7 @@ def select_early(model: onnx.ModelProto, layout: FeatureLayout) -> onnx.ModelPro
     graph = model.graph
     known = infer_shapes(model)
     consts = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    producer = _producers(graph)
+    producer = producers(graph)
     consumers: dict[str, list] = {}
     for n in graph.node:
         for i in n.input:
