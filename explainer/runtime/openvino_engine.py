@@ -32,7 +32,7 @@ import onnx
 
 from ..errors import DeviceError, ExplainerError, InvalidParameterError, UnsupportedModelError
 from .budget import allocation_error, is_allocation_failure
-from .ort_engine import MAX_CACHED_SESSIONS, OrtEngine
+from .ort_engine import OrtEngine
 
 ENGINES = ("onnxruntime", "openvino", "auto")
 PRECISIONS = ("f32", "bf16", "f16")
@@ -155,26 +155,14 @@ class OpenVinoEngine(OrtEngine):
             config["PERFORMANCE_HINT"] = "LATENCY"
         return config
 
-    def session(self, outputs: Sequence[str] = (), single_thread: bool = False):
-        extra = tuple(o for o in dict.fromkeys(outputs) if o not in self.default_outputs)
-        key = (extra, single_thread)
-        with self._lock:
-            if key in self._sessions:
-                self._sessions.move_to_end(key)
-                return self._sessions[key]
-        data = self._serialised(extra)
+    def _open(self, data: bytes, single_thread: bool):
         try:
             compiled = core().compile_model(core().read_model(data), self.ov_device, self._config(single_thread))
         except ExplainerError:
             raise
         except Exception as exc:
             raise openvino_error(exc, None, compiling=True) from None
-        session = _Session(compiled, self.input_name, self.providers)
-        with self._lock:
-            self._sessions[key] = session
-            while len(self._sessions) > MAX_CACHED_SESSIONS:
-                self._sessions.popitem(last=False)
-        return session
+        return _Session(compiled, self.input_name, self.providers)
 
     def failure(self, exc: BaseException, shape) -> Exception:
         return openvino_error(exc, shape)

@@ -105,21 +105,25 @@ class OrtEngine:
         extra = tuple(o for o in dict.fromkeys(outputs) if o not in self.default_outputs)
         single_thread = single_thread and not self.on_cuda
         key = (extra, single_thread)
-        if key in self._sessions:
-            self._sessions.move_to_end(key)
-            return self._sessions[key]
+        with self._lock:
+            if key in self._sessions:
+                self._sessions.move_to_end(key)
+                return self._sessions[key]
+        session = self._open(self._serialised(extra), single_thread)
+        with self._lock:
+            self._sessions[key] = session
+            while len(self._sessions) > MAX_CACHED_SESSIONS:
+                self._sessions.popitem(last=False)
+        return session
+
+    def _open(self, data: bytes, single_thread: bool):
+        """A new runtime session of the serialised graph ``data`` (``session`` caches it)."""
         import onnxruntime as ort
 
-        data = self._serialised(extra)
         if self.on_cuda:
-            sess = quiet_session(data, self.providers)
-        else:
-            sess = ort.InferenceSession(data, self._session_options(single_thread), providers=self.providers,
-                                        provider_options=provider_options(self.providers))
-        self._sessions[key] = sess
-        while len(self._sessions) > MAX_CACHED_SESSIONS:
-            self._sessions.popitem(last=False)
-        return sess
+            return quiet_session(data, self.providers)
+        return ort.InferenceSession(data, self._session_options(single_thread), providers=self.providers,
+                                    provider_options=provider_options(self.providers))
 
     def run_unoptimised(self, batch: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
         """One forward pass with every graph optimisation off: each node computed as the ONNX spec
