@@ -122,14 +122,19 @@ def cmd_batch(args) -> int:
     from .dataset import explain_dataset
     from .dataset.summary import markdown
 
+    from .export.explained import load_explained
+
     ray = args.ray is not None
-    summary = explain_dataset(args.source, _load(args), methods=_method_names(args.methods), labels=args.labels,
+    # a MODEL written by `explainer export` is loaded as the source inside it, with the file as its fast path
+    net, inside = load_explained(args.model, device=args.device, engine=args.engine, precision=args.precision,
+                                 where="batch")
+    summary = explain_dataset(args.source, net, methods=_method_names(args.methods), labels=args.labels,
                               metrics=tuple(m for m in args.metrics.split(",") if m.strip()), out=args.out,
                               engine="ray" if ray else "local", ray_address=(args.ray or None) if ray else None,
                               workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                               resume=not args.no_resume, options=_method_options(args.set), steps=args.steps,
                               deletion_baseline=args.deletion_baseline, path_column=args.path_column,
-                              verbose=not args.quiet)
+                              verbose=not args.quiet, model_explained=args.model_explained or inside)
     print(markdown(summary), end="")
     return 0
 
@@ -223,6 +228,9 @@ def build_parser(describe_methods: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=auto_or_int, default="auto", help="Ray actors (auto: one per node, or one per GPU share)")
     p.add_argument("--gpus-per-worker", type=float, default=0)
     p.add_argument("--path-column", default=None, help="the image-path column of a table source")
+    p.add_argument("--model-explained", default=None, metavar="FILE",
+                   help="a file written by `explainer export` from the model: the rows of its method at its layer "
+                        "come from one onnxruntime run of it per image (automatic when --model is such a file)")
     p.add_argument("--no-resume", action="store_true", help="refuse an output folder that holds results")
     p.add_argument("--quiet", action="store_true")
     _model_arg(p)

@@ -21,7 +21,7 @@ ENGINES = ("local", "ray")
 def explain_dataset(source, net_or_model=None, *, methods=("gradcam",), labels="top1", metrics=METRICS, out,
                     engine="local", ray_address=None, workers="auto", gpus_per_worker=0, batch_size="auto",
                     resume=True, options=None, steps=50, deletion_baseline="zero", path_column=None,
-                    verbose=True) -> dict:
+                    verbose=True, model_explained=None) -> dict:
     """Explain every image of ``source`` with each method and score each map; returns the summary.
 
     source: a folder (recursive), a .txt/.csv list of paths, or a .parquet/.csv table with an image-path
@@ -31,6 +31,10 @@ def explain_dataset(source, net_or_model=None, *, methods=("gradcam",), labels="
     engine: "local" (no Ray needed) or "ray" (``ray_address``, else a local Ray; ``workers`` actors,
     "auto": one per node, or one per ``gpus_per_worker`` GPUs). resume: skip images already in ``out``. options: {method: {option:
     value}}. batch_size: the classifier's forward batch size when a model is loaded here.
+    model_explained: a file written by ``explainer export`` from the model (a path or an
+    ``ExplainedModel``): the rows of its method at its layer come from one onnxruntime run of it per
+    image (prediction and maps); automatic when ``net_or_model`` is itself such a file (or a classifier
+    loaded from one).
     """
     from ..validation import check_choice
 
@@ -48,7 +52,10 @@ def explain_dataset(source, net_or_model=None, *, methods=("gradcam",), labels="
         raise InvalidParameterError("explain_dataset writes Parquet: pip install 'onnx-explainer[dataset]' "
                                     "(pyarrow, pandas), or '[ray]' for the Ray engine too.") from None
     images = Source(source, path_column)
-    net = _classifier(net_or_model, batch_size)
+    from ..export.explained import as_explained
+
+    net, inside = _classifier(net_or_model, batch_size)
+    explained = as_explained(model_explained, net, "explain_dataset: model_explained") or inside
     plan = Plan.validated(net, methods, labels, metrics, options, steps, deletion_baseline)
     store = Store(out, resume=resume)
     done = store.done()
@@ -62,26 +69,27 @@ def explain_dataset(source, net_or_model=None, *, methods=("gradcam",), labels="
     if engine == "local":
         from .local import run_local
 
-        run_local(net, todo, total, plan, store, verbose)
+        run_local(net, todo, total, plan, store, verbose, explained=explained)
     else:
         from .ray_engine import run_ray
 
         run_ray(net, todo, total, plan, store, address=ray_address, workers=workers,
-                gpus_per_worker=gpus_per_worker, verbose=verbose)
+                gpus_per_worker=gpus_per_worker, verbose=verbose, explained=explained)
     from .summary import write
 
     return write(store)
 
 
 def _classifier(net_or_model, batch_size):
+    """(classifier, ExplainedModel or None): the exported file's fast path where the model is one."""
+    from ..export.explained import load_explained, split
     from ..runtime import Classifier
 
+    where = "explain_dataset"
     if isinstance(net_or_model, Classifier):
-        return net_or_model
+        return split(net_or_model, where)
     if net_or_model is None or isinstance(net_or_model, (str, bytes, Path)) or hasattr(net_or_model, "graph"):
-        from ..runtime import load
-
-        return load(net_or_model, batch_size=batch_size)
+        return load_explained(net_or_model, batch_size=batch_size, where=where)
     raise InvalidParameterError(f"explain_dataset: net_or_model must be a loaded classifier, a path, bytes, a "
                                 f"registry name or None; got {type(net_or_model).__name__}.")
 

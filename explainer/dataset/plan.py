@@ -72,6 +72,13 @@ class Plan:
         return LabelSpec.parse(self.labels).indices(net.class_index, probs)
 
 
+def _default_layer(net: Classifier) -> str:
+    """The layer the CAM methods take where none is given."""
+    from ..methods.gradcam import default_feature_layer
+
+    return default_feature_layer(net)[0]
+
+
 @dataclass
 class ImageResult:
     rows: list[dict]
@@ -83,19 +90,30 @@ def error_row(ref: ImageRef, exc: BaseException, method: str | None = None) -> d
                 message=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
-def explain_image(net: Classifier, ref: ImageRef, plan: Plan, worker: str = "local", methods=None) -> ImageResult:
+def explain_image(net: Classifier, ref: ImageRef, plan: Plan, worker: str = "local", methods=None,
+                  explained=None) -> ImageResult:
     """The rows of one image: one per (label, method) of ``methods`` (default: the plan's). Errors of the library (a corrupt image, a bomb,
-    non-finite outputs) become error rows; anything else is a bug and propagates."""
+    non-finite outputs) become error rows; anything else is a bug and propagates. ``explained``: an
+    ``ExplainedModel`` whose method (at its layer, with the plan's options) is answered, with the
+    prediction, by one run of the exported model."""
     from ..evaluate import deletion, insertion
     from ..io import to_pixels
     from ..methods.registry import get_method
     from ..model.preprocess import resize
 
+    todo = plan.methods if methods is None else methods
+    fast = [name for name in todo if explained is not None and name in plan.checked
+            and explained.covers(net, name, plan.checked[name], lambda: _default_layer(net))]
+    run = None
     try:
         pixels = to_pixels(ref.path, "image")
         image = pixels / 255.0
-        probs = net.predict(image)
-        labels = plan.label_indices(net, probs)
+        if fast:  # the prediction and the maps from one run of the exported model
+            run = explained.run(net, image, LabelSpec.parse(plan.labels))
+            probs, labels = run.probabilities, run.indices
+        else:
+            probs = net.predict(image)
+            labels = plan.label_indices(net, probs)
     except ExplainerError as exc:
         return ImageResult([], [error_row(ref, exc)])
     order = top_indices(probs, plan.top_k)
@@ -103,13 +121,16 @@ def explain_image(net: Classifier, ref: ImageRef, plan: Plan, worker: str = "loc
                top_k_scores=[float(probs[i]) for i in order])
     h, w = net.input.size
     rows, errors = [], []
-    for name in plan.methods if methods is None else methods:
+    for name in todo:
         options = plan.options.get(name, {})
         start = time.perf_counter()
         try:
             method = get_method(name)
-            maps = np.asarray(method.function.unchecked(net, image, labels, **plan.checked[name])
-                              if name in plan.checked else method(net, image, labels, **options), np.float32)
+            if run is not None and run.has_maps and name in fast:
+                maps, start = run.maps(), start - run.seconds
+            else:
+                maps = np.asarray(method.function.unchecked(net, image, labels, **plan.checked[name])
+                                  if name in plan.checked else method(net, image, labels, **options), np.float32)
         except ExplainerError as exc:
             errors.append(error_row(ref, exc, name))
             continue

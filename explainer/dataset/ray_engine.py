@@ -28,7 +28,7 @@ def _ray():
 class ExplainActor:
     """One model per actor, loaded in its constructor; called with batches of image refs."""
 
-    def __init__(self, model, load_options: dict, plan, worker_name: str = "ray"):
+    def __init__(self, model, load_options: dict, plan, worker_name: str = "ray", explained=None):
         import os
 
         import ray
@@ -38,6 +38,13 @@ class ExplainActor:
         if isinstance(model, ray.ObjectRef):  # constructor arguments reach the actor unresolved
             model = ray.get(model)
         self.net = explainer.load(model, **load_options)
+        self.explained = None
+        if explained is not None:  # the exported file's bytes: the fast path, checked against the model again
+            from ..export.explained import ExplainedModel
+
+            name, data = explained
+            self.explained = ExplainedModel.open(ray.get(data) if isinstance(data, ray.ObjectRef) else data,
+                                                 self.net, "explain_dataset: model_explained", name)
         self.plan = plan
         node = ray.get_runtime_context().get_node_id()
         self.worker = f"{worker_name}:{node[:12]}:{os.getpid()}"  # which node, which process
@@ -53,7 +60,7 @@ class ExplainActor:
         for image_id, path, methods in zip(batch["id"].to_pylist(), batch["path"].to_pylist(),
                                            batch["methods"].to_pylist()):
             result = explain_image(self.net, ImageRef(image_id, path), self.plan, worker=self.worker,
-                                   methods=methods)
+                                   methods=methods, explained=self.explained)
             for kind, table in (("rows", rows_table(result.rows) if result.rows else None),
                                 ("errors", pa.Table.from_pylist(result.errors, schema=error_schema())
                                  if result.errors else None)):
@@ -77,7 +84,7 @@ def _load_options(net: Classifier) -> dict:
 
 
 def run_ray(net: Classifier, refs, total: int, plan, store, *, address=None, workers="auto", gpus_per_worker=0,
-            verbose: bool = True) -> None:
+            verbose: bool = True, explained=None) -> None:
     import pyarrow as pa
 
     import logging
@@ -99,8 +106,9 @@ def run_ray(net: Classifier, refs, total: int, plan, store, *, address=None, wor
             workers = max(1, int(gpus / gpus_per_worker) if gpus_per_worker else nodes)
         model = ray.put(net.source_model.SerializeToString())
         ds = ray.data.from_items([{"id": r.id, "path": r.path, "methods": list(m)} for r, m in refs])
+        fast = (explained.name, ray.put(explained.data)) if explained is not None else None
         out = ds.map_batches(ExplainActor, fn_constructor_kwargs=dict(model=model, load_options=_load_options(net),
-                                                                       plan=plan),
+                                                                       plan=plan, explained=fast),
                              batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
                              num_gpus=gpus_per_worker or None, num_cpus=1)
         seen: set[str] = set()

@@ -58,10 +58,19 @@ def status_of(exc: errors.ExplainerError) -> int:
     return 422
 
 
-def create_app(net: Classifier, settings: Settings | None = None, *, warmup: bool = True) -> FastAPI:
+def create_app(net: Classifier, settings: Settings | None = None, *, warmup: bool = True,
+               explained=None) -> FastAPI:
     """The service for ``net`` (an ``explainer.load()`` classifier) under ``settings``' limits.
-    ``warmup``: measure batch sizes and list layers before serving, so no request pays for it."""
+    ``warmup``: measure batch sizes and list layers before serving, so no request pays for it.
+    ``explained``: a file written by ``explainer export`` from ``net``'s model (a path, or an
+    ``explainer.export.explained.ExplainedModel``): explain requests for its method at its layer are
+    answered by one run of it (``--model-explained``); a ``net`` loaded from such a file uses it
+    without being told (the classifier is then the source graph inside it)."""
+    from ..export.explained import as_explained, split
+
     settings = settings or Settings()
+    net, inside = split(net)
+    explained = as_explained(explained, net) or inside
     pool = WorkPool(settings.workers, settings.queue)
     lane = work.TorchLane()
 
@@ -80,6 +89,7 @@ def create_app(net: Classifier, settings: Settings | None = None, *, warmup: boo
                               "/ does it interactively.",
                   responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
     app.state.net, app.state.settings, app.state.pool = net, settings, pool
+    app.state.explained = explained
 
     # errors ---------------------------------------------------------------------------------------
     @app.exception_handler(errors.ExplainerError)
@@ -133,6 +143,7 @@ def create_app(net: Classifier, settings: Settings | None = None, *, warmup: boo
                 "output": {"probabilities": bool(net.output.is_probability)},
                 "preprocessing": {"name": pre.name, "origin": pre.origin, "mean": list(pre.mean),
                                   "std": list(pre.std), "scale": pre.scale, "channel_order": pre.channel_order},
+                "explained": explained.describe() if explained is not None else None,
                 "limits": settings.as_dict()}
 
     @app.get("/v1/methods", tags=["model"])
@@ -170,7 +181,7 @@ def create_app(net: Classifier, settings: Settings | None = None, *, warmup: boo
             parse_outputs(fields.get("outputs")), parse_alpha(fields.get("alpha", 0.5)),
             parse_cmap(fields.get("cmap", "jet")))
         result = await pool.run(lambda job: work.explain(net, spec, settings.max_pixels, job, lane,
-                                                         settings.max_output_pixels),
+                                                         settings.max_output_pixels, explained),
                                 timeout=requested_time_limit(request, settings), job_id=request.state.request_id,
                                 label="explain")
         return {"model": net.name, **result}

@@ -16,6 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..validation import auto_or_int
     parser.add_argument("model", nargs="?", default=None,
                         help="ONNX file or registry name (default: the embedded EfficientNet-Lite0)")
+    parser.add_argument("--model-explained", default=None, metavar="FILE",
+                        help="a file written by `explainer export` from MODEL: explain requests for its method "
+                             "at its layer are answered by one onnxruntime run of it (prediction and maps); "
+                             "other requests as usual. Automatic when MODEL itself is such a file")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: loopback only; 0.0.0.0 in a container, with --token "
                              "or behind an authenticating proxy)")
@@ -66,7 +70,6 @@ def run(args) -> int:
     """Load the model, build the app and serve it until SIGINT/SIGTERM (then finish in-flight requests)."""
     import logging
 
-    import explainer
     from explainer.errors import ExplainerError
 
     try:
@@ -82,8 +85,18 @@ def run(args) -> int:
     if args.host not in LOOPBACK and settings.token is None:
         log.warning("binding %s without a token: anyone who reaches this address can use the service "
                     "(use --token, or an authenticating reverse proxy)", args.host)
-    net = explainer.load(args.model, device=args.device, engine=args.engine, precision=args.precision)
-    app = create_app(net, settings)
+    from ..export.explained import load_explained
+
+    net, explained = load_explained(args.model, device=args.device, engine=args.engine, precision=args.precision,
+                                    where="serve")
+    if args.model_explained is not None:
+        from ..export.explained import ExplainedModel
+
+        explained = ExplainedModel.open(args.model_explained, net, "--model-explained")
+    if explained is not None:
+        log.info("explain requests for %s at layer %r run on %s (one onnxruntime call each)", explained.method,
+                 explained.layer, explained.name)
+    app = create_app(net, settings, explained=explained)
     config = uvicorn.Config(
         app, host=args.host, port=args.port, access_log=False, log_level=args.log_level,
         root_path=args.root_path, timeout_graceful_shutdown=int(settings.time_limit) + 5,

@@ -87,6 +87,13 @@ def _seconds(since: float) -> float:
     return round(time.perf_counter() - since, 4)
 
 
+def _default_layer(net: Classifier):
+    """The layer the CAM methods take where none is given (read when a request needs it)."""
+    from ..methods.gradcam import default_feature_layer
+
+    return lambda: default_feature_layer(net)[0]
+
+
 def classify(net: Classifier, data: bytes, k: int, max_pixels: int, job: JobState) -> dict:
     timings, start = {"queue_s": round(job.started - job.created, 4)}, time.perf_counter()
     job.set_stage("decode")
@@ -100,7 +107,9 @@ def classify(net: Classifier, data: bytes, k: int, max_pixels: int, job: JobStat
 
 
 def explain(net: Classifier, spec: ExplainJob, max_pixels: int, job: JobState, lane: TorchLane,
-            max_output_pixels: int) -> dict:
+            max_output_pixels: int, explained=None) -> dict:
+    """``explained``: an ``ExplainedModel`` (``--model-explained``): a method it covers (its method at its
+    layer) is answered, with the labels' scores, by one run of the exported model."""
     from ..viz import overlay
 
     timings, begin = {"queue_s": round(job.started - job.created, 4)}, time.perf_counter()
@@ -108,8 +117,15 @@ def explain(net: Classifier, spec: ExplainJob, max_pixels: int, job: JobState, l
     image = for_library(decode(spec.data, max_pixels))
     timings["decode_s"], start = _seconds(begin), time.perf_counter()
     job.set_stage("labels")
-    probabilities = net.predict(image)  # one forward pass: the labels' indices and their scores
-    indices = spec.labels.indices(net.class_index, probabilities)
+    fast = [m.name for m in spec.methods if explained is not None and m.name == explained.method
+            and explained.covers(net, m.name, m.validate(net, spec.options[m.name], m.name), _default_layer(net))]
+    run = explained.run(net, image, spec.labels) if fast else None  # the prediction and the maps, one call
+    if run is not None:
+        probabilities, indices = run.probabilities, run.indices
+        timings["explained"] = fast if run.has_maps else []
+    else:
+        probabilities = net.predict(image)  # one forward pass: the labels' indices and their scores
+        indices = spec.labels.indices(net.class_index, probabilities)
     labels = [{"index": i, "label": net.class_names[i], "score": float(probabilities[i])} for i in indices]
     timings["labels_s"], timings["methods"] = _seconds(start), {}
     maps_asked = len(spec.methods) * len(indices)
@@ -122,10 +138,15 @@ def explain(net: Classifier, spec: ExplainJob, max_pixels: int, job: JobState, l
     for method in spec.methods:
         job.set_stage(method.name)
         options = spec.options[method.name]
-        with lane.hold(job) if lane.needed(method, options) else nullcontext():
+        if run is not None and run.has_maps and method.name in fast:
             start = time.perf_counter()
-            maps = method(net, image, indices if len(indices) > 1 else indices[0], **options)
-            timings["methods"][method.name] = _seconds(start)
+            maps = run.maps()
+            timings["methods"][method.name] = round(run.seconds, 4) + _seconds(start)
+        else:
+            with lane.hold(job) if lane.needed(method, options) else nullcontext():
+                start = time.perf_counter()
+                maps = method(net, image, indices if len(indices) > 1 else indices[0], **options)
+                timings["methods"][method.name] = _seconds(start)
         maps = np.asarray(maps, dtype=np.float32)
         results.append((method, maps.reshape(-1, *maps.shape[-2:])))
     job.set_stage("encode")
