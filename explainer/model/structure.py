@@ -12,7 +12,11 @@ read from the data flow, never from op names alone:
 - **attention** tensors: a Softmax whose input comes, through elementwise and layout ops, from a MatMul
   (or Einsum) of two image-dependent operands (queries times keys), the tensors on that path, and the
   Softmax's output until the MatMul with the values; a Softmax over a layer with constant weights (the
-  classifier's own) is not attention;
+  classifier's own) is not attention. Talking-heads attention (CaiT's self-attention: Shazeer et al.
+  2020) mixes the heads by a constant square (heads x heads) matrix before the Softmax and after it: one
+  such mixing is followed on each side of the Softmax, so a classifier head (a constant matrix of
+  another shape, or one that does not lead back to a product of two image-dependent operands) stays
+  no attention;
 - **layer norms** and the **token channels** they show: the widths that layer norms normalise over the
   last axis of (T, C) or (H, W, C) activations: LayerNormalization nodes and their decomposed form (a
   ReduceMean over the last axis subtracted from its own input, divided by a deviation computed from it,
@@ -71,25 +75,50 @@ def attention_tensors(graph: onnx.GraphProto, flows: set[str]) -> set[str]:
     for node in graph.node:
         if node.op_type != "Softmax" or not node.input or node.input[0] not in flows:
             continue
-        path = _back_to_product(node.input[0], made_by, flows)
+        path = _back_to_product(node.input[0], made_by, flows, graph)
         if path is None:
             continue
         found.update(path)
-        found.update(_on_to_product(node.output[0], used_by))
+        found.update(_on_to_product(node.output[0], used_by, flows, graph))
     return found
 
 
-def _back_to_product(tensor: str, made_by, flows: set[str], limit: int = 12) -> list[str] | None:
+def _mixes_heads(node: onnx.NodeProto, flows: set[str], graph: onnx.GraphProto) -> str | None:
+    """The image-dependent operand of ``node`` when it is a talking-heads mixing: a MatMul (or Gemm)
+    of one image-dependent tensor by a constant square matrix (heads x heads); else None."""
+    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+        return None
+    carrier, weight = node.input[0], node.input[1]
+    if carrier not in flows or not weight or weight in flows:
+        return None
+    value = constant_value(graph, weight)
+    if value is None or value.ndim != 2 or value.shape[0] != value.shape[1]:
+        return None
+    return carrier
+
+
+def _back_to_product(tensor: str, made_by, flows: set[str], graph: onnx.GraphProto,
+                     limit: int = 12) -> list[str] | None:
     """The tensors from a query-key product to ``tensor`` (inclusive), or None when ``tensor`` is not
-    such a product's descendant through the attention path's ops."""
+    such a product's descendant through the attention path's ops (and at most one talking-heads
+    mixing)."""
     path = [tensor]
+    mixed = False
     for _ in range(limit):
         node = made_by.get(tensor)
         if node is None:
             return None
         if node.op_type in _PRODUCTS:
             operands = [i for i in node.input[:2] if i]
-            return path if len(operands) == 2 and all(i in flows for i in operands) else None
+            if len(operands) == 2 and all(i in flows for i in operands):
+                return path
+            carrier = None if mixed else _mixes_heads(node, flows, graph)
+            if carrier is None:
+                return None
+            mixed = True
+            tensor = carrier
+            path.append(tensor)
+            continue
         if node.op_type not in _ATTENTION_PATH:
             return None
         carriers = [i for i in node.input if i and i in flows]
@@ -100,15 +129,20 @@ def _back_to_product(tensor: str, made_by, flows: set[str], limit: int = 12) -> 
     return None
 
 
-def _on_to_product(tensor: str, used_by, limit: int = 6) -> list[str]:
-    """The Softmax's output and the tensors after it up to (not including) the product with the values."""
+def _on_to_product(tensor: str, used_by, flows: set[str], graph: onnx.GraphProto, limit: int = 8) -> list[str]:
+    """The Softmax's output and the tensors after it up to (not including) the product with the values
+    (through at most one talking-heads mixing)."""
     path = [tensor]
     frontier = [tensor]
+    mixed = False
     for _ in range(limit):
         following = []
         for t in frontier:
             for node in used_by.get(t, []):
                 if node.op_type in _ATTENTION_PATH:
+                    following.extend(o for o in node.output if o)
+                elif not mixed and _mixes_heads(node, flows, graph) == t:
+                    mixed = True
                     following.extend(o for o in node.output if o)
         path.extend(following)
         frontier = following
