@@ -49,8 +49,8 @@ def _rollout_grid(net, image, head_fusion, discard, normalisation="rows"):
 
     found = self_attention(net, "test")
     probs = net.ort.run(net.to_model_input(net.fit_pixels(image.astype(np.float32))[None]), list(found.softmaxes))
-    result = rollout([np.asarray(p).reshape(-1, found.tokens, found.tokens) for p in probs], head_fusion, discard,
-                     normalisation)
+    result = rollout([np.asarray(p).reshape(-1, *found.shape(k)) for p, k in zip(probs, found.kinds)], head_fusion,
+                     discard, normalisation, found.kinds, found.prefix)
     return result[0, found.prefix:].reshape(found.grid)
 
 
@@ -104,12 +104,26 @@ def test_rollout_of_a_hand_computed_case():
 
 
 @pytest.mark.parametrize("family,exporter,why", [("resnet18", "dynamo", "no attention"),
-                                                 ("swin_timm", "dynamo", "reads no class token"),
-                                                 ("cait_xxs24", "legacy", "1 x T|not \\(197 x 197\\)|no class token")])
+                                                 ("swin_timm", "dynamo", "reads no class token")])
 def test_rollout_refuses_models_it_cannot_follow(family, exporter, why, chelsea):
     net = explainer.load(exports.export(family, exporter))
-    with pytest.raises(UnsupportedModelError, match=why):
-        explainer.attention_rollout(net, chelsea, 0)
+    for method in (explainer.attention_rollout, explainer.transformer_attribution):
+        with pytest.raises(UnsupportedModelError, match=why):
+            method(net, chelsea, 0)
+
+
+def test_cait_is_followed_now(chelsea):
+    """CaiT (talking-heads self-attention over the patches only, then class attention: 1 x T) was
+    refused; its blocks are now followed by kind (tests/test_attention_cait.py checks the maps against
+    a reference on the timm model)."""
+    from explainer.methods._attention import self_attention
+
+    net = explainer.load(exports.export("cait_xxs24", "legacy"))
+    assert self_attention(net, "test").kinds == ("patches",) * 4 + ("class",) * 2
+    for method in (explainer.attention_rollout, explainer.transformer_attribution):
+        out = method(net, chelsea, [285, 281])
+        assert out.shape == (2, *chelsea.shape[:2]) and out.dtype == np.float32 and np.all(np.isfinite(out))
+        assert np.ptp(out[0]) > 0
 
 
 def _chefer_reference(family, pixels, label):
