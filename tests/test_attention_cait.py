@@ -400,3 +400,36 @@ def test_all_three_on_cait_at_its_published_size(family, layer_scale, chelsea):
     _check_rollout(family, layer_scale, chelsea, report)
     _check_chefer(family, layer_scale, chelsea, report)
     _check_attn_lrp(family, layer_scale, chelsea, report)
+
+
+def test_talking_heads_are_attention_and_a_square_head_is_not():
+    """The data flow alone: scores of two image-dependent operands mixed across heads by a constant
+    square matrix (between Transposes), then the Softmax, is attention; a Softmax over the image times
+    a constant square matrix (a classifier head as wide as its input) is not, nor is one behind two
+    mixings."""
+    from onnx import helper, numpy_helper
+
+    from explainer.model.structure import attention_tensors, image_dependent
+
+    square = numpy_helper.from_array(np.eye(2, dtype=np.float32), "mix")
+
+    def found(nodes):
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [2, 3, 3])],
+                                  [helper.make_tensor_value_info(nodes[-1].output[0], 1, None)], [square])
+        return attention_tensors(graph, image_dependent(graph, "x"))
+
+    scores = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+              helper.make_node("MatMul", ["x", "xt"], ["s"]),  # (heads 2, 3, 3)
+              helper.make_node("Transpose", ["s"], ["s_last"], perm=[1, 2, 0]),
+              helper.make_node("MatMul", ["s_last", "mix"], ["mixed"]),
+              helper.make_node("Transpose", ["mixed"], ["s_first"], perm=[2, 0, 1])]
+    talking = scores + [helper.make_node("Softmax", ["s_first"], ["a"], axis=-1)]
+    assert {"s", "mixed", "s_first", "a"} <= found(talking)
+    twice = scores + [helper.make_node("Transpose", ["s_first"], ["again"], perm=[1, 2, 0]),
+                      helper.make_node("MatMul", ["again", "mix"], ["mixed2"]),
+                      helper.make_node("Softmax", ["mixed2"], ["a"], axis=-1)]
+    assert "a" not in found(twice)
+    head = [helper.make_node("Transpose", ["x"], ["x_last"], perm=[1, 2, 0]),
+            helper.make_node("MatMul", ["x_last", "mix"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["p"], axis=-1)]
+    assert not found(head)

@@ -18,7 +18,8 @@ from op names alone:
 - **softmax rule** (AttnLRP's Proposition 3.1: R_in = x (R_out - s Σ R_out)): the plain gradient, which
   is that rule in this form;
 - **epsilon rule** (MatMul/Gemm/Conv with constant weights, additions, means, layout ops): the plain
-  gradient (ε = 0, as lxt's efficient form).
+  gradient (ε = 0, as lxt's efficient form); so also talking-heads attention's mixing of the heads
+  before and after the softmax (CaiT: a constant heads x heads matrix).
 
 Biases absorb relevance (the share b·dscore/db of every constant added: linear and conv biases, the
 class token and positional embeddings, layer norms' shifts), and so does the softmax rule (what

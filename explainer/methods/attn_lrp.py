@@ -14,6 +14,15 @@ embeddings, layer norms' shifts) and what the softmax rule leaves out (the part 
 relevance that its rule, R_in = x (R_out - s Σ R_out), does not pass to its input);
 ``_lrp.relevance(..., account=True)`` measures both, and the three add up to the score.
 
+CaiT (Touvron et al., ICCV 2021) needs no rule of its own: its talking-heads self-attention mixes the
+heads by constant (heads x heads) matrices before and after the Softmax, linear maps whose plain
+gradient is the epsilon rule, between the two products of image-dependent tensors (queries times keys,
+attention times values) that take the uniform rule as in any attention; its class attention is
+attention with one query; its class token, a learned parameter concatenated to the patch tokens before
+the class-attention blocks, is a constant added on the way, measured with the biases. So the input,
+bias and softmax shares add up to the score there too (test: equal to lxt's rules written into timm's
+CaiT module).
+
 Models without attention are refused: there the rules reduce to gradient x input, which the
 ``gradient`` family of methods already covers.
 """
@@ -69,7 +78,7 @@ def raw(engine, x, indices):
                   "relevance add up to the logit (test)", order=130)
 def attn_lrp(net: Classifier, image, label):
     """Relevance map(s): (H, W) for one label, (K, H, W) for several; transformers (any model whose
-    graph has attention)."""
+    graph has attention: ViT, DeiT and CaiT among them)."""
     return AttnLRP(net)(image, label)
 
 
