@@ -690,3 +690,23 @@ def test_the_readme_deployment_example_runs_on_onnxruntime_alone(default_net, ch
     assert out.returncode == 0, out.stderr
     h, w = default_net.layout(explainer.gradcam_layers(default_net).feature).grid
     assert out.stdout.split("\n")[0] == f"{default_net.top_k(chelsea, 1)[0].label} (1, 1, {h}, {w})"
+
+
+@pytest.mark.parametrize("variant", ["fp16", "mixed"])
+def test_float16_models_keep_their_outputs_bit_identical(variant, tmp_path, chelsea, coffee):
+    """A float16 model (and one with float32 input and output, float16 inside): onnxruntime's CPU provider
+    runs it in float32 through Casts it inserts, and converts a weight read only by float16 nodes once at
+    load; a head weight the branch read too kept a Cast at run time, the source's Gemm then multiplied by
+    a computed tensor (not packed) and its scores moved by one float16 step. The branch has its own copy
+    of such weights: the source's outputs are bit-identical, for every exportable method; the maps equal
+    the library's within float16's precision (measured 4e-4 / 1.4e-4 of the range, fp16 / mixed)."""
+    import exports
+
+    net = explainer.load(exports.export("resnet18", "legacy", variant), device="cpu")
+    assert check_export(net, tmp_path, [chelsea, coffee], "gradcam", top_k=2) <= 2e-3  # asserts bit-identity
+    pixels, x = _inputs(net, [chelsea], 1)
+    expected = _session(net.source_model).run(None, {net.input.name: x})
+    for method in ("gradcam_plus_plus", "recipro_cam"):
+        path = explainer.export_explained(net, tmp_path / f"{method}.onnx", method=method)
+        got = _session(path).run(None, {net.input.name: x})
+        assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(expected, got)), method

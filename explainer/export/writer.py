@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from ..errors import ExportWriteError, InvalidParameterError, LayerNotFeatureMapError, UnsupportedModelError
 from . import EXPORTERS, _register_builtin
@@ -61,6 +61,7 @@ def build_explained(net, method: str, feature_layer, top_k: int, map_size: str, 
     model = onnx.ModelProto()
     model.CopyFrom(source)
     graph = model.graph
+    source_nodes = len(graph.node)
     produced = {o for n in graph.node for o in n.output}
     if feature not in produced:
         raise UnsupportedModelError(f"{where}: the feature tensor {feature!r} is computed only by the library's "
@@ -119,8 +120,36 @@ def build_explained(net, method: str, feature_layer, top_k: int, map_size: str, 
     k = "K" if targets_per_image else max(top_k, 1)
     graph.output.append(helper.make_tensor_value_info(SALIENCY, onnx.TensorProto.FLOAT, [None, k, None, None]))
     graph.output.append(helper.make_tensor_value_info(SALIENCY_CLASS, onnx.TensorProto.INT64, [None, k]))
+    _own_constants(ctx, graph, source_nodes)
     _metadata(net, model, method, layer_name, top_k, map_size, layout)
     return model
+
+
+#: constant types that onnxruntime's CPU provider computes in float32 through Casts it inserts
+LOW_PRECISION = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def _own_constants(ctx: ExportContext, graph, source_nodes: int) -> None:
+    """float16 / bfloat16 weights that the branch's nodes share with the source's get a copy of their own
+    in the branch. onnxruntime's CPU provider runs float16 nodes in float32 through Casts it inserts;
+    a weight read only by the source's nodes is converted once at load (a constant: a Gemm or MatMul
+    then packs it), but a weight the branch reads too keeps a Cast at run time, the source's Gemm then
+    multiplies by a computed tensor (not packed: another order of summation) and its outputs move by
+    one float16 step. With its own copy, the source's graph is optimised as without the branch."""
+    constants = {t.name: t for t in graph.initializer if t.data_type in LOW_PRECISION}
+    for n in graph.node[:source_nodes]:
+        if n.op_type == "Constant" and n.output and n.attribute and n.attribute[0].name == "value" \
+                and n.attribute[0].t.data_type in LOW_PRECISION:
+            constants.setdefault(n.output[0], n.attribute[0].t)
+    shared = constants.keys() & {i for n in graph.node[:source_nodes] for i in n.input}
+    copies: dict[str, str] = {}
+    for node in graph.node[source_nodes:]:
+        for j, name in enumerate(node.input):
+            if name not in shared:
+                continue
+            if name not in copies:
+                copies[name] = ctx.const(numpy_helper.to_array(constants[name]), "branch_weight")
+            node.input[j] = copies[name]
 
 
 def _distinct(ctx: ExportContext, feature: str) -> str:
