@@ -710,3 +710,32 @@ def test_float16_models_keep_their_outputs_bit_identical(variant, tmp_path, chel
         path = explainer.export_explained(net, tmp_path / f"{method}.onnx", method=method)
         got = _session(path).run(None, {net.input.name: x})
         assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(expected, got)), method
+
+
+def test_recipro_cam_on_a_dynamo_convnext_exported_for_batch_1(tmp_path, chelsea, coffee):
+    """The dynamo exporter writes ConvNeXt's head at batch 1 with ``as_strided`` as a flat Gather: the
+    pooled map reshaped to [-1], then Gather(axis=0) with constant (1, 320, 1, 1) indices into the one
+    image's elements. The masked copies ride on the batch axis, so copied as it is that Gather kept the
+    first copy's elements only (and the checker refused the graph); the copy gathers each copy's own
+    elements. The file is valid, its outputs are the source's bit for bit, and its maps equal the
+    library's Recipro-CAM at the feature layer."""
+    import exports
+    from explainer.methods.recipro_cam import low_resolution
+
+    net = explainer.load(exports.export("convnext_atto", "dynamo"), device="cpu")
+    graph = net.source_model.graph
+    flat = {n.output[0] for n in graph.node if n.op_type == "Reshape"}
+    assert any(n.op_type == "Gather" and n.input[0] in flat for n in graph.node)  # the pattern is there
+    path = explainer.export_explained(net, tmp_path / "recipro.onnx", method="recipro_cam", top_k=2)
+    onnx.checker.check_model(str(path), full_check=True)
+    session, source = _session(path), _session(net.source_model)
+    layer = net.layer(explainer.gradcam_layers(net).feature)
+    for image in (chelsea, coffee):
+        small = net.fit_pixels(image)
+        x = net.to_model_input(small[None])
+        got = session.run(None, {net.input.name: x})
+        assert all(np.array_equal(a, b) for a, b in zip(source.run(None, {net.input.name: x}), got))
+        classes = [int(c) for c in got[-1][0]]
+        expected = low_resolution(net, small, layer, classes)
+        assert got[-2].shape == (1, 2, *expected.shape[1:])
+        assert float(np.abs(got[-2][0] - expected).max()) <= 1e-5

@@ -118,12 +118,57 @@ def _free_batch_reshapes(ctx: ExportContext, nodes, mapping: dict, allow_zero: s
         mapping[target] = ctx.const(fixed, "reshape_target")
 
 
+def _constant_array(ctx: ExportContext, name: str):
+    for t in ctx.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    for n in ctx.graph.node:
+        if n.op_type == "Constant" and n.output and n.output[0] == name and n.attribute \
+                and n.attribute[0].name == "value":
+            return numpy_helper.to_array(n.attribute[0].t)
+    return None
+
+
+def _free_flat_gathers(ctx: ExportContext, nodes) -> dict:
+    """Flat gathers of a graph exported for batch 1 (the dynamo exporter's ``as_strided``: Reshape(x, [-1])
+    then Gather(axis=0) with constant indices (1, ...) into the one image's elements) pick the first
+    image's elements only, whatever the batch: in the copy they gather each copy's own elements,
+    Reshape(x, [0, -1]) then Gather(axis=1) with the indices' image axis dropped. Returns {id of node:
+    (new input 1, attributes to set)} for the copy."""
+    if ctx.measured_batch != 1:
+        return {}
+    producer = {o: n for n in nodes for o in n.output}
+    readers: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    changes = {}
+    for gather in nodes:
+        if gather.op_type != "Gather" or next((a.i for a in gather.attribute if a.name == "axis"), 0) != 0:
+            continue
+        flat = producer.get(gather.input[0])
+        if flat is None or flat.op_type != "Reshape" or len(readers.get(flat.output[0], [])) != 1:
+            continue
+        target, indices = _constant_array(ctx, flat.input[1]), _constant_array(ctx, gather.input[1])
+        shape = ctx.shape(flat.input[0])
+        if target is None or indices is None or shape is None or None in shape or target.tolist() != [-1] \
+                or indices.ndim < 1 or indices.shape[0] != 1 or shape[0] != 1:
+            continue
+        per_image = int(np.prod(shape[1:], dtype=np.int64))
+        if indices.size and not (0 <= int(indices.min()) and int(indices.max()) < per_image):
+            continue
+        changes[id(flat)] = (ctx.const(np.asarray([0, -1], np.int64), "per_copy"), {"allowzero": 0})
+        changes[id(gather)] = (ctx.const(indices[0].astype(indices.dtype), "per_copy_indices"), {"axis": 1})
+    return changes
+
+
 def _copy_head(ctx: ExportContext, inputs: dict) -> str:
     """A renamed copy of the head's nodes reading ``inputs`` ({original tensor: new tensor}); returns the
     copy's scores tensor."""
     head = ctx.head
     mapping, allow_zero = dict(inputs), set()
     _free_batch_reshapes(ctx, head.nodes, mapping, allow_zero)
+    flat_gathers = _free_flat_gathers(ctx, head.nodes)
     for t in sorted(head.tensors):
         mapping[t] = ctx.name(f"recipro/{t.split('/')[-1] or 't'}")
     for n in head.nodes:
@@ -138,6 +183,12 @@ def _copy_head(ctx: ExportContext, inputs: dict) -> str:
             kept = [a for a in copied.attribute if a.name != "allowzero"]
             del copied.attribute[:]
             copied.attribute.extend(kept)
+        if id(n) in flat_gathers:
+            second, attributes = flat_gathers[id(n)]
+            copied.input[1] = second
+            kept = [a for a in copied.attribute if a.name not in attributes]
+            del copied.attribute[:]
+            copied.attribute.extend(kept + [onnx.helper.make_attribute(k, v) for k, v in attributes.items()])
         ctx.graph.node.append(copied)
     return mapping[ctx.scores]
 
