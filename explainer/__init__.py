@@ -24,6 +24,7 @@ _LAZY = {
     "load": "runtime",
     "evaluate": None,
     "get_method": "methods.registry", "list_methods": "methods.registry",
+    "gradcam_layers": "runtime.feature_layers",
     "Classifier": "runtime", "Layer": "runtime", "Prediction": "runtime", "Preprocessing": "model",
     "sample_image": "samples",
     "explain_dataset": "dataset",
@@ -68,6 +69,6 @@ from .version import __version__  # noqa: E402
 
 def _all() -> list[str]:
     """``__all__``, made on first use: the names above, then the methods' functions."""
-    return ["load", "list_methods", "get_method", "explain_dataset", *_methods(),
+    return ["load", "list_methods", "get_method", "explain_dataset", *_methods(), "gradcam_layers",
             "sample_image", "plot_maps", "map_figure", "top_k_figure", "imtile", "mat2gray", "overlay", "evaluate",
             "Classifier", "Layer", "Prediction", "Preprocessing", "ExplainerError", "errors", "limits"]

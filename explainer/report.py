@@ -30,7 +30,7 @@ def run_method(net: Classifier, name: str, image, labels, resolved: dict):
     maps = get_method(name).function.unchecked(net, image, labels, **resolved)
     params = {k: _plain(v) for k, v in resolved.items() if k != "verbose"}
     if "feature_layer" in params and params["feature_layer"] is None:
-        from .methods.gradcam import gradcam_layers
+        from .runtime.feature_layers import gradcam_layers
 
         params["feature_layer"] = gradcam_layers(net).feature
     return maps, params

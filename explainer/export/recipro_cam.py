@@ -24,7 +24,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import UnsupportedModelError
-from ..methods.recipro_cam import location_masks
+from ..runtime.feature_layers import location_masks
 from ..model.structure import image_dependent
 from . import exporter
 from .context import ExportContext

@@ -202,8 +202,8 @@ def _recomputed(ctx: ExportContext, graph, feature: str) -> str | None:
 
 
 def _feature_layer(net, feature_layer, where):
-    if feature_layer is None:  # the library's default (TODO(lead): below methods/, for point 5)
-        from ..methods.gradcam import default_feature_layer
+    if feature_layer is None:  # the library's default
+        from ..runtime.feature_layers import default_feature_layer
 
         feature_layer = default_feature_layer(net)[0]
     layer = net.layer(feature_layer)

@@ -58,9 +58,9 @@ from onnx import helper
 from .. import limits
 from ..errors import HeadSplitError, InvalidParameterError, LayerNotFeatureMapError
 from ..graph import dims, infer_shapes, producers
+from ..runtime.feature_layers import default_feature_layer, location_masks
 from ..runtime.perturb import stream_probabilities
 from ._common import finish, images_and_labels, resize_map
-from .gradcam import default_feature_layer
 from .registry import FORWARD_ONLY, BatchSize, Choice, Flag, LayerName, method
 
 if TYPE_CHECKING:
@@ -69,27 +69,9 @@ if TYPE_CHECKING:
 
 KERNELS = ("auto", "point", "gaussian")
 SCORES = ("probabilities", "logits")
-#: OpenVINO XAI's ViTReciproCAM kernel (and the authors' ``gaussian`` option)
-GAUSSIAN = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32) / 16
 
 
-# masks --------------------------------------------------------------------------------------------
-def location_masks(grid: tuple[int, int], kernel: str) -> np.ndarray:
-    """(h*w, h, w) float32: mask ``k = i * w + j`` keeps location (i, j) ("point") or its 3 x 3
-    neighbourhood weighted by ``GAUSSIAN`` ("gaussian"), zero elsewhere."""
-    h, w = grid
-    k = np.arange(h * w)
-    if kernel == "point":
-        out = np.zeros((h * w, h, w), np.float32)
-        out[k, k // w, k % w] = 1.0
-        return out
-    padded = np.zeros((h * w, h + 2, w + 2), np.float32)
-    for index in range(h * w):
-        i, j = divmod(index, w)
-        padded[index, i:i + 3, j:j + 3] = GAUSSIAN
-    return np.ascontiguousarray(padded[:, 1:-1, 1:-1])
-
-
+# masks (location_masks: explainer/runtime/feature_layers.py) ------------------------------------------
 def mosaic(value: np.ndarray, layout: FeatureLayout, masks: np.ndarray) -> np.ndarray:
     """``value`` (1, *per-image shape) of ``layout`` times each of ``masks`` (n, h, w): (n, ...) in the
     tensor's own layout and dtype; leading (class) tokens kept."""

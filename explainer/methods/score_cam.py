@@ -16,7 +16,7 @@ import numpy as np
 
 from ._common import MapMethod
 from ..runtime.perturb import BACKENDS, stream_probabilities
-from .gradcam import default_feature_layer
+from ..runtime.feature_layers import default_feature_layer
 from .registry import FORWARD_ONLY, BatchSize, Choice, Flag, LayerName, method
 
 if TYPE_CHECKING:
