@@ -140,7 +140,7 @@ class FastRun:
 class ExplainedModel:
     """An exported model as the fast path of ``net`` (see the module's docstring)."""
 
-    def __init__(self, model: onnx.ModelProto, meta: dict, name: str, providers=None):
+    def __init__(self, model: onnx.ModelProto, meta: dict, name: str, image_input: str, providers=None):
         import onnxruntime as ort
 
         self.name = name
@@ -154,10 +154,11 @@ class ExplainedModel:
         self.data = model.SerializeToString()
         #: the exported model's session (its runs are the fast path's only work)
         self.session = ort.InferenceSession(self.data, options, providers=list(providers or ["CPUExecutionProvider"]))
-        self.input = model.graph.input[0].name
+        self.input = image_input
         self.outputs = [o.name for o in model.graph.output]
-        dim = model.graph.input[0].type.tensor_type.shape.dim
+        dim = next(i for i in model.graph.input if i.name == image_input).type.tensor_type.shape.dim
         self.batched = not (len(dim) and dim[0].HasField("dim_value"))
+        self._default_layer: str | None = None  # the CAM methods' default layer of the model it serves
 
     # opening ------------------------------------------------------------------------------------
     @classmethod
@@ -199,7 +200,7 @@ class ExplainedModel:
         except Exception:  # noqa: BLE001 - the same graph: only a renamed layer gets here
             raise InvalidParameterError(f"{where}: {name!r} explains layer {meta[LAYER_KEY]!r}, which {net.name!r} "
                                         f"does not have; export it again from this model: `{fix}`.") from None
-        return cls(model, meta, name, getattr(net.ort, "providers", None))
+        return cls(model, meta, name, net.input.name, getattr(net.ort, "providers", None))
 
     # what it serves -----------------------------------------------------------------------------------
     def covers(self, net: Classifier, method: str, checked: dict, default_layer) -> bool:
@@ -210,7 +211,10 @@ class ExplainedModel:
         if method != self.method:
             return False
         layer = checked.get("feature_layer")
-        layer = default_layer() if layer is None else layer
+        if layer is None:  # the method's default layer, read from the graph once
+            if self._default_layer is None:
+                self._default_layer = default_layer()
+            layer = self._default_layer
         if net.layer(layer).name != net.layer(self.layer).name:
             return False
         for option, value in checked.items():
