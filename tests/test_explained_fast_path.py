@@ -20,7 +20,7 @@ from PIL import Image  # noqa: E402
 import explainer  # noqa: E402
 from explainer.dataset import explain_dataset, map_of, read_rows  # noqa: E402
 from explainer.errors import InvalidParameterError  # noqa: E402
-from explainer.export.explained import ExplainedModel, load_explained, source_of  # noqa: E402
+from explainer.export.explained import ExplainedModel, source_of  # noqa: E402
 from explainer.methods.registry import get_method  # noqa: E402
 from explainer.model.labels import LabelSpec  # noqa: E402
 from explainer.model.preprocess import resize  # noqa: E402
@@ -187,13 +187,10 @@ def test_dataset_rows_from_the_exported_model_equal_the_librarys(default_net, fi
     file, which ``explainer.load`` alone refuses for its second input): one run per image, rows equal to
     the library's maps."""
     folder = _folder(tmp_path, chelsea, coffee)
-    method = "gradcam" if how == "option" else "gradcam_plus_plus"
-    if how == "option":
-        net, kwargs = default_net, {"model_explained": files["gradcam"]}
-    else:
-        net, fast = load_explained(str(files["gradcam_plus_plus"]))
-        assert fast is not None and fast.top_k == 0
-        kwargs = {}
+    if how == "option":  # a top-2 file beside the classifier
+        method, model, kwargs = "gradcam", default_net, {"model_explained": files["gradcam"]}
+    else:  # the target file as the model
+        method, model, kwargs = "gradcam_plus_plus", str(files["gradcam_plus_plus"]), {}
     counted = []
     original = ExplainedModel.run
 
@@ -204,9 +201,7 @@ def test_dataset_rows_from_the_exported_model_equal_the_librarys(default_net, fi
 
     monkeypatch.setattr(ExplainedModel, "run", run)
     out = tmp_path / "out"
-    source = files["gradcam_plus_plus"] if how == "automatic" else net
-    explain_dataset(folder, str(source) if how == "automatic" else source, methods=[method], labels="top2",
-                    metrics=(), out=out, verbose=False, **kwargs)
+    explain_dataset(folder, model, methods=[method], labels="top2", metrics=(), out=out, verbose=False, **kwargs)
     rows = read_rows(out)
     assert len(rows) == 4 and len(counted) == 2  # 2 images x 2 labels, one fast run per image
     # one run of the file per image: a top-K file's, or a target file's batch of the two labels (the
@@ -261,6 +256,8 @@ def test_cli_batch_and_serve_take_the_option(default_net, files, tmp_path, chels
     assert main(["batch", str(folder), "--out", str(tmp_path / "bad"), "--metrics", "", "--quiet",
                  "--model-explained", str(plain)]) == 2
     assert "explainer export" in capsys.readouterr().err
+    assert main(["serve", "--model-explained", str(plain), "--port", "0"]) == 2  # refused before it listens
+    assert "not a model written by explainer export" in capsys.readouterr().err
     assert main(["batch", str(folder), "--out", str(tmp_path / "out"), "--metrics", "", "--quiet",
                  "--model-explained", str(files["gradcam"])]) == 0
     row = read_rows(tmp_path / "out").iloc[0]
