@@ -7,6 +7,7 @@ was exported from another model, is one typed error naming the fix."""
 import base64
 import io
 import json
+import logging
 
 import numpy as np
 import onnx
@@ -256,7 +257,13 @@ def test_cli_batch_and_serve_take_the_option(default_net, files, tmp_path, chels
     assert main(["batch", str(folder), "--out", str(tmp_path / "bad"), "--metrics", "", "--quiet",
                  "--model-explained", str(plain)]) == 2
     assert "explainer export" in capsys.readouterr().err
-    assert main(["serve", "--model-explained", str(plain), "--port", "0"]) == 2  # refused before it listens
+    logger = logging.getLogger("explainer")  # the service's CLI sets its JSON handler there: restored after
+    state = (list(logger.handlers), logger.level, logger.propagate)
+    try:
+        assert main(["serve", "--model-explained", str(plain), "--port", "0"]) == 2  # refused before it listens
+    finally:
+        logger.handlers[:], logger.propagate = state[0], state[2]
+        logger.setLevel(state[1])
     assert "not a model written by explainer export" in capsys.readouterr().err
     assert main(["batch", str(folder), "--out", str(tmp_path / "out"), "--metrics", "", "--quiet",
                  "--model-explained", str(files["gradcam"])]) == 0
