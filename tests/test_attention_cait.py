@@ -35,9 +35,9 @@ from explainer.runtime.torch_engine import torch_engine
 import exports
 
 LABELS = [285, 281]
-#: (exports family, the layer scale every block's gamma is set to, or None: as built)
-SMALL = [("cait_xxs24", None), ("cait_xxs24", 1.0)]
-PUBLISHED = [pytest.param("cait_xxs24_full", None, marks=pytest.mark.published, id="cait_xxs24_full")]
+#: (exports family, the layer scale every block's gamma is set to or None: as built, the exporter)
+SMALL = [("cait_xxs24", None, "legacy"), ("cait_xxs24", 1.0, "legacy"), ("cait_xxs24", None, "dynamo")]
+PUBLISHED = [pytest.param("cait_xxs24_full", None, "legacy", marks=pytest.mark.published, id="cait_xxs24_full")]
 
 
 # the models ---------------------------------------------------------------------------------------
@@ -51,9 +51,10 @@ def _build(family, layer_scale):
     return model
 
 
-def _path(family, layer_scale):
+def _path(family, layer_scale, exporter):
     if layer_scale is None:
-        return exports.export(family, "legacy")
+        return exports.export(family, exporter)
+    assert exporter == "legacy"
     path = exports.cache_root() / f"{family}-legacy-layerscale{layer_scale}" / "model.onnx"
     if not path.is_file():
         path.parent.parent.mkdir(parents=True, exist_ok=True)
@@ -68,8 +69,8 @@ def _path(family, layer_scale):
 
 
 @functools.cache
-def _net(family, layer_scale):
-    return explainer.load(_path(family, layer_scale))
+def _net(family, layer_scale, exporter="legacy"):
+    return explainer.load(_path(family, layer_scale, exporter))
 
 
 @functools.cache
@@ -143,8 +144,8 @@ def _fuse_and_discard(a, head_fusion, discard_ratio, keep_first):
     fused = getattr(a, head_fusion)(axis=0).copy()
     flat = fused.reshape(-1)
     n = int(flat.size * discard_ratio)
-    if n:
-        lowest = torch.from_numpy(flat).topk(n, largest=False).indices.numpy()
+    if n:  # the n lowest; equal values (frequent among float32 minima over heads): the first ones
+        lowest = np.argsort(flat, kind="stable")[:n]
         if keep_first:
             lowest = lowest[lowest != 0]
         flat[lowest] = 0.0
@@ -195,7 +196,7 @@ def _corr(a, b):
 def test_cait_blocks_are_found_with_their_kinds():
     from explainer.methods._attention import self_attention
 
-    net = _net("cait_xxs24", None)
+    net = _net("cait_xxs24", None, "legacy")
     found = self_attention(net, "test")
     assert found.kinds == ("patches",) * 4 + ("class",) * 2
     assert (found.tokens, found.prefix, found.grid) == (197, 1, (14, 14))
@@ -235,45 +236,50 @@ def test_rollout_of_a_hand_computed_cait_case():
 
 
 # against the reference on the timm model ----------------------------------------------------------
-def _rollout_grid(net, pixels, head_fusion, discard, normalisation):
+def _check_rollout(family, layer_scale, exporter, chelsea, report):
+    """Every option against the reference: the library's rollout of the graph's probabilities (one
+    onnxruntime pass) at the patch grid, and the public map for two of them (the grid resized)."""
     from explainer.methods._attention import self_attention
     from explainer.methods.attention_rollout import rollout
 
+    net = _net(family, layer_scale, exporter)
+    pixels = net.fit_pixels(chelsea.astype(np.float32))
     found = self_attention(net, "test")
     probs = net.ort.run(net.to_model_input(pixels[None]), list(found.softmaxes))
-    result = rollout([np.asarray(p).reshape(-1, *found.shape(k)) for p, k in zip(probs, found.kinds)], head_fusion,
-                     discard, normalisation, found.kinds, found.prefix)
-    return result[0, found.prefix:]
-
-
-def _check_rollout(family, layer_scale, chelsea, report):
-    net = _net(family, layer_scale)
-    pixels = net.fit_pixels(chelsea.astype(np.float32))
+    probs = [np.asarray(p).reshape(-1, *found.shape(k)) for p, k in zip(probs, found.kinds)]
     sa, ca, _, _ = _timm_attention(_model(family, layer_scale), pixels)
     assert len(ca) == 2 and sa[0].shape[-1] == 196
+    kinds = ("patches",) * len(sa) + ("class",) * len(ca)
+    assert found.kinds == kinds
     for head_fusion in ("mean", "max", "min"):
         for discard in (0.0, 0.9):
             for normalisation in ("rows", "vit-explain"):
                 ref = _reference_rollout(sa, ca, head_fusion, discard, normalisation)
-                grid = _rollout_grid(net, pixels, head_fusion, discard, normalisation)
+                # the library's rollout of timm's own probabilities: the same arithmetic, exactly
+                same = rollout([*sa, *ca], head_fusion, discard, normalisation, kinds, 1)[0, 1:]
+                np.testing.assert_allclose(same, ref, rtol=1e-9, atol=1e-12)
+                grid = rollout(probs, head_fusion, discard, normalisation, found.kinds, found.prefix)[0, 1:]
                 corr = _corr(grid, ref)
-                report.append((family, layer_scale, head_fusion, discard, normalisation, corr,
+                report.append((family, layer_scale, exporter, head_fusion, discard, normalisation, corr,
                                float(np.abs(grid - ref).max()), float(np.abs(ref).max())))
-                # discarding: an entry at the boundary may fall on either side in float32 (ONNX vs torch)
-                tol = 1e-3 if discard else 1e-4
+                # the graph's probabilities (onnxruntime) differ from the module's in float32: close; but
+                # discarding 90 % of each block's entries, an entry at the boundary falls on either side
+                # (a few per block, through 24 blocks at the published size: 0.2 % of the maximum)
+                tol = 1e-2 if discard else 1e-4
                 np.testing.assert_allclose(grid, ref, rtol=tol, atol=tol * float(np.abs(ref).max()))
                 assert corr >= 0.999, (head_fusion, discard, normalisation, corr)
-                public = explainer.attention_rollout(net, chelsea, 285, head_fusion=head_fusion,
-                                                     discard_ratio=discard, normalisation=normalisation)
-                assert public.shape == chelsea.shape[:2] and public.dtype == np.float32
-                np.testing.assert_allclose(public, resize_map(grid.reshape(1, 14, 14).astype(np.float32),
-                                                              chelsea.shape[:2])[0], rtol=1e-5, atol=1e-7)
+                if (head_fusion, discard, normalisation) in (("mean", 0.0, "rows"), ("max", 0.9, "vit-explain")):
+                    public = explainer.attention_rollout(net, chelsea, [285, 281], head_fusion=head_fusion,
+                                                         discard_ratio=discard, normalisation=normalisation)
+                    assert public.shape == (2, *chelsea.shape[:2]) and public.dtype == np.float32
+                    expected = resize_map(grid.reshape(1, 14, 14).astype(np.float32), chelsea.shape[:2])
+                    np.testing.assert_allclose(public, np.repeat(expected, 2, axis=0), rtol=1e-5, atol=1e-7)
 
 
-def _check_chefer(family, layer_scale, chelsea, report):
+def _check_chefer(family, layer_scale, exporter, chelsea, report):
     from explainer.methods.transformer_attribution import TransformerAttribution
 
-    net = _net(family, layer_scale)
+    net = _net(family, layer_scale, exporter)
     pixels = net.fit_pixels(chelsea.astype(np.float32))
     method = TransformerAttribution(net)
     method.setup([pixels], LABELS)
@@ -285,21 +291,21 @@ def _check_chefer(family, layer_scale, chelsea, report):
     for k, label in enumerate(LABELS):
         ref = _reference_chefer(*_timm_attention(_model(family, layer_scale), pixels, label))
         corr = _corr(grids[k], ref)
-        report.append((family, layer_scale, label, corr, float(np.abs(grids[k].ravel() - ref).max()),
+        report.append((family, layer_scale, exporter, label, corr, float(np.abs(grids[k].ravel() - ref).max()),
                        float(np.abs(ref).max())))
         np.testing.assert_allclose(grids[k].ravel(), ref, rtol=1e-3, atol=1e-3 * float(np.abs(ref).max()))
         assert corr >= 0.999, (label, corr)
     assert not np.allclose(grids[0], grids[1])  # class-specific
 
 
-@pytest.mark.parametrize("family,layer_scale", SMALL)
-def test_rollout_on_cait_equals_the_reference(family, layer_scale, chelsea):
-    _check_rollout(family, layer_scale, chelsea, [])
+@pytest.mark.parametrize("family,layer_scale,exporter", SMALL)
+def test_rollout_on_cait_equals_the_reference(family, layer_scale, exporter, chelsea):
+    _check_rollout(family, layer_scale, exporter, chelsea, [])
 
 
-@pytest.mark.parametrize("family,layer_scale", SMALL)
-def test_transformer_attribution_on_cait_equals_the_reference(family, layer_scale, chelsea):
-    _check_chefer(family, layer_scale, chelsea, [])
+@pytest.mark.parametrize("family,layer_scale,exporter", SMALL)
+def test_transformer_attribution_on_cait_equals_the_reference(family, layer_scale, exporter, chelsea):
+    _check_chefer(family, layer_scale, exporter, chelsea, [])
 
 
 # AttnLRP: lxt's rules in the timm module ----------------------------------------------------------
@@ -353,10 +359,10 @@ def _lxt_model(family, layer_scale):
     return model
 
 
-def _check_attn_lrp(family, layer_scale, chelsea, report):
+def _check_attn_lrp(family, layer_scale, exporter, chelsea, report):
     from explainer.methods.attn_lrp import raw
 
-    net = _net(family, layer_scale)
+    net = _net(family, layer_scale, exporter)
     pixels = net.fit_pixels(chelsea.astype(np.float32))
     engine = torch_engine(net)
     x = engine.pixel_model.model_input(engine.tensor(pixels).permute(2, 0, 1)[None])
@@ -378,7 +384,7 @@ def _check_attn_lrp(family, layer_scale, chelsea, report):
         book = _lrp.relevance(engine.graph_module, _lrp.engine_plan(engine), x,
                               lambda o, label=label: o.reshape(1, -1)[0, label], account=True)
         total = float(book["input"].sum()) + book["biases"] + book["softmax"]
-        report.append((family, layer_scale, label, corr, patch_corr, float(np.abs(grid[k] - ref).max()),
+        report.append((family, layer_scale, exporter, label, corr, patch_corr, float(np.abs(grid[k] - ref).max()),
                        float(np.abs(ref).max()), book["score"], total - book["score"], float(book["input"].sum())))
         np.testing.assert_allclose(grid[k], ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
         assert corr >= 0.999 and patch_corr >= 0.999, (label, corr, patch_corr)
@@ -389,17 +395,17 @@ def _check_attn_lrp(family, layer_scale, chelsea, report):
                                atol=1e-5 * np.abs(grid).max())
 
 
-@pytest.mark.parametrize("family,layer_scale", SMALL)
-def test_attn_lrp_on_cait_equals_lxt_and_conserves(family, layer_scale, chelsea):
-    _check_attn_lrp(family, layer_scale, chelsea, [])
+@pytest.mark.parametrize("family,layer_scale,exporter", SMALL)
+def test_attn_lrp_on_cait_equals_lxt_and_conserves(family, layer_scale, exporter, chelsea):
+    _check_attn_lrp(family, layer_scale, exporter, chelsea, [])
 
 
-@pytest.mark.parametrize("family,layer_scale", PUBLISHED)
-def test_all_three_on_cait_at_its_published_size(family, layer_scale, chelsea):
+@pytest.mark.parametrize("family,layer_scale,exporter", PUBLISHED)
+def test_all_three_on_cait_at_its_published_size(family, layer_scale, exporter, chelsea):
     report = []
-    _check_rollout(family, layer_scale, chelsea, report)
-    _check_chefer(family, layer_scale, chelsea, report)
-    _check_attn_lrp(family, layer_scale, chelsea, report)
+    _check_rollout(family, layer_scale, exporter, chelsea, report)
+    _check_chefer(family, layer_scale, exporter, chelsea, report)
+    _check_attn_lrp(family, layer_scale, exporter, chelsea, report)
 
 
 def test_talking_heads_are_attention_and_a_square_head_is_not():
