@@ -124,8 +124,8 @@ def test_mismatch_refuses_gradient_methods(default_net, monkeypatch):
 
     monkeypatch.setattr(default_net.runtime, "torch_engines", {})  # convert again
     monkeypatch.setattr(te, "MAX_RELATIVE_ERROR", 0.0)  # any rounding difference is now a mismatch
-    with pytest.raises(ConversionError, match="differs from onnxruntime"):
-        explainer.gradcam(default_net, np.zeros((224, 224, 3), np.uint8), 0)
+    with pytest.raises(ConversionError, match="differs from onnxruntime"):  # (Grad-CAM runs on onnxruntime)
+        explainer.gradient_attribution(default_net, np.zeros((224, 224, 3), np.uint8), 0, verbose=False)
 
 
 def test_clip_with_empty_trailing_bound_converts(chelsea):

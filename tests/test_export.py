@@ -49,16 +49,16 @@ def _source_batch(net) -> int:
     return 1 if dim.HasField("dim_value") else 2
 
 
-def _library_maps(net, pixels, classes, method="gradcam", layer=None, map_size="feature"):
-    """The library's maps of each image for its classes: (N, K, h, w)."""
+def _library_maps(net, pixels, classes, method="gradcam", layer=None, map_size="feature", runs_on="torch"):
+    """The library's maps of each image for its classes: (N, K, h, w); by default from its torch path
+    (forward and backward on the converted module), independent of the graphs under test (the library's
+    own default, the in-graph path, runs the same branch as the exported file)."""
     from explainer.methods.gradcam import GradCAM
     from explainer.methods.gradcam_plus_plus import GradCAMPlusPlus
 
-    if map_size == "input":
-        fn = explainer.gradcam if method == "gradcam" else explainer.gradcam_plus_plus
-        return np.stack([fn(net, p.astype(np.uint8), [int(c) for c in cs], feature_layer=layer)
-                         for p, cs in zip(pixels, classes)])
-    cam = (GradCAM if method == "gradcam" else GradCAMPlusPlus)(net, layer)
+    cam = (GradCAM if method == "gradcam" else GradCAMPlusPlus)(net, layer, runs_on=runs_on)
+    if map_size == "input":  # the public maps: resized to the image and cut at 0, as explainer.gradcam's
+        return np.stack([cam(p.astype(np.uint8), [int(c) for c in cs]) for p, cs in zip(pixels, classes)])
     return np.stack([cam.low_resolution(p, [int(c) for c in cs]) for p, cs in zip(pixels, classes)])
 
 
@@ -669,6 +669,124 @@ def test_ingraph_engine_gives_the_library_its_noise_scale(default_net, chelsea):
             a = captured[layer].detach()
         expected.append(float((g.abs().mean(dim=(2, 3))[:, :, None, None] * a.abs()).sum(1).amax()))
     np.testing.assert_allclose(unaveraged[0], expected, rtol=1e-4)
+
+
+# the library's own Grad-CAM runs in the graph (point 5) ----------------------------------------------------
+def _public_and_low(net, images, labels, method="gradcam", layer=None, runs_on="auto"):
+    """(public maps, low-resolution maps (N, K, h, w), the CAM) of ``images`` for ``labels``."""
+    from explainer.methods.gradcam import GradCAM
+    from explainer.methods.gradcam_plus_plus import GradCAMPlusPlus
+
+    cam = (GradCAM if method == "gradcam" else GradCAMPlusPlus)(net, layer, runs_on=runs_on)
+    pixels = [np.rint(net.fit_pixels(i.astype(np.float32))) for i in images]
+    return cam(images, labels), np.stack([cam.low_resolution(p, labels) for p in pixels]), cam
+
+
+@pytest.mark.parametrize("family,method", [("default", "gradcam"), ("default", "gradcam_plus_plus"),
+                                           ("vit_tiny", "gradcam")])
+def test_library_gradcam_runs_in_the_graph_and_equals_its_torch_path(family, method, default_net, chelsea, coffee):
+    """``explainer.gradcam`` (and Grad-CAM++) take the in-graph path on a CNN and a ViT (class token,
+    tokens on their grid), say so, and equal the torch path (forward and backward on the converted
+    module, which pytorch-grad-cam checks: test_cams.py, test_compatibility.py) within 1e-4 of the
+    map's range: at the feature grid and as public maps, two images and two labels in one call, with
+    no converted module made for it."""
+    net = default_net if family == "default" else _family(family, "legacy")
+    images = [chelsea, coffee[:chelsea.shape[0], :chelsea.shape[1]]]  # one size: the maps stack
+    choice = explainer.gradcam_engine(net, method=method)
+    assert choice == "onnxruntime" and choice.describe() == "onnxruntime (differentiated head)"
+    if family != "default":  # a fresh classifier: the in-graph path converts nothing
+        assert not net.runtime.torch_engines
+    fn = explainer.gradcam if method == "gradcam" else explainer.gradcam_plus_plus
+    public = fn(net, images, [285, 3])
+    ours, low, cam = _public_and_low(net, images, [285, 3], method)
+    assert cam.runs_on == "onnxruntime" and np.array_equal(public, ours)
+    if family != "default":
+        assert not net.runtime.torch_engines
+    theirs, torch_low, torch_cam = _public_and_low(net, images, [285, 3], method, runs_on="torch")
+    assert torch_cam.runs_on == "torch"
+    assert public.shape == theirs.shape == (2, 2, *chelsea.shape[:2])
+    assert _relative_error(low, torch_low) <= TOLERANCE
+    assert _relative_error(public, theirs) <= TOLERANCE
+
+
+def test_int8_model_takes_the_in_graph_path():
+    import exports
+
+    net = explainer.load(exports.export("mobilenet_v3_small", "legacy", "int8-qdq"), device="cpu")
+    layer = explainer.gradcam_layers(net).feature
+    assert net.layer(layer).op_type == "DequantizeLinear"
+    assert explainer.gradcam_engine(net).describe() == "onnxruntime (differentiated head)"
+
+
+def test_unsupported_head_falls_back_to_torch_and_says_why(default_net, chelsea, coffee, monkeypatch):
+    """A head op with no gradient rule (Selu): Grad-CAM runs on the converted module, and
+    ``gradcam_engine`` names the op; decided once per classifier and layer (the branch is built once).
+    A reduction layer other than the class scores runs on torch too, saying so; asking for onnxruntime
+    where it cannot run is a typed error with the same reason."""
+    from explainer.export import engine
+    from explainer.methods.gradcam import GradCAM
+
+    c, k = 6, 5
+    net = _classifier([_n("Selu", ["feature"], ["s"]), _n("GlobalMaxPool", ["s"], ["p"]), _n("Flatten", ["p"], ["f"]),
+                       _n("Gemm", ["f", "w"], ["scores"], transB=1)], [_const("w", _w(k, c))])
+    built = []
+    original = engine.build_explained
+    monkeypatch.setattr(engine, "build_explained", lambda *a, **kw: built.append(a[2]) or original(*a, **kw))
+    choice = explainer.gradcam_engine(net, "feature")
+    assert choice == "torch" and choice.describe() == "torch (head op Selu has no gradient rule)"
+    maps = explainer.gradcam(net, [chelsea, coffee], [1, 3], feature_layer="feature")
+    assert GradCAM(net, "feature").runs_on.describe() == choice.describe()
+    assert built == ["feature"]  # once, whatever asked
+    expected = GradCAM(net, "feature", runs_on="torch")([chelsea, coffee], [1, 3])
+    for a, b in zip(maps, expected):  # two sizes: a list of maps
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(InvalidParameterError, match="Selu has no gradient rule"):
+        GradCAM(net, "feature", runs_on="onnxruntime")
+    # another reduction: torch, whatever the head
+    reduction = default_net.layer(default_net.gradient_scores).name
+    other = next(layer.name for layer in reversed(default_net.layers()) if layer.name != reduction
+                 and layer.shape is not None and len(layer.shape) == 1)
+    choice = explainer.gradcam_engine(default_net, reduction_layer=other)
+    assert choice == "torch" and other in choice.reason and "class scores" in choice.reason
+
+
+def _lite0_int8(tmp_path_factory, default_net):
+    """The embedded EfficientNet-Lite0 quantised as the compatibility suite's int8 variants are
+    (onnxruntime.quantization, static QDQ, per-channel int8 weights, uint8 activations)."""
+    import exports
+
+    folder = tmp_path_factory.mktemp("lite0_int8")
+    (folder / "lite0.onnx").write_bytes(default_net.source_model.SerializeToString())
+    exports._quantize(folder / "lite0.onnx", folder / "model.onnx", "int8-qdq")
+    return folder / "model.onnx"
+
+
+@pytest.mark.parametrize("family", ["mobilenet_v3_small", "efficientnet_lite0"])
+def test_int8_qdq_library_gradcam_equals_the_exported_map(family, default_net, tmp_path, tmp_path_factory,
+                                                          chelsea, coffee):
+    """int8 QDQ graphs (MobileNetV3-Small's Hardswish head, Lite0's): the library's Grad-CAM now takes
+    onnxruntime's int8 activations too, so it equals the exported model's saliency (1e-4 of the range,
+    correlation >= 0.98) at the feature grid and at the image's size; from the converted module, whose
+    int8 rounding differs, it was 2-4 % of the range apart."""
+    import exports
+
+    path = exports.export(family, "legacy", "int8-qdq") if family != "efficientnet_lite0" else \
+        _lite0_int8(tmp_path_factory, default_net)
+    net = explainer.load(str(path), device="cpu")
+    assert explainer.gradcam_engine(net) == "onnxruntime"
+    for map_size in ("feature", "input"):
+        exported = explainer.export_explained(net, tmp_path / f"{map_size}.onnx", top_k=2, map_size=map_size)
+        session = _session(exported)
+        for image in (chelsea, coffee):
+            pixels, x = _inputs(net, [image])
+            saliency, classes = session.run(["saliency", "saliency_class"], {net.input.name: x})
+            labels = [int(c) for c in classes[0]]
+            if map_size == "feature":
+                ours = _library_maps(net, pixels, classes, runs_on="auto")
+            else:
+                ours = explainer.gradcam(net, pixels[0].astype(np.uint8), labels)[None]
+            assert _relative_error(ours, saliency) <= TOLERANCE, (map_size, labels)
+            assert np.corrcoef(ours.ravel(), saliency.ravel())[0, 1] >= 0.98
 
 
 def test_the_readme_deployment_example_runs_on_onnxruntime_alone(default_net, chelsea, tmp_path):

@@ -145,12 +145,14 @@ def test_int8_resnet_explains_like_its_float_parent(parent, photo, variant, recw
     from captum.attr import Saliency
     from pytorch_grad_cam import GradCAM as ReferenceGradCAM
 
-    cam = GradCAM(net)
+    # (the module's Grad-CAM: explainer.gradcam itself runs on onnxruntime's int8 kernels, through the
+    # differentiated head, and equals the exported graph's map: test_export.py)
+    cam = GradCAM(net, runs_on="torch")
     module, _ = engine.module_for(cam.feature_layer)
     x = torch.from_numpy(photo.astype(np.float32)).permute(2, 0, 1)[None]
     ref = references.raw_cam(ReferenceGradCAM, engine.pixel_model, module, x, label)
     references.assert_close_in_units(cam.low_resolution(photo, [label])[0], ref, 1e-5, "int8 Grad-CAM")
-    ours = explainer.gradcam(net, photo, label)
+    ours = cam(photo, label)
     references.assert_close_in_units(ours, np.maximum(references.bicubic_upsample(ref, photo.shape[:2]), 0), 1e-5,
                                      "int8 Grad-CAM at the image's size")
     saliency = explainer.gradient_attribution(net, photo, label, verbose=False)
@@ -188,7 +190,7 @@ def test_int8_vit(exporter, variant, photo):
     # the int8 module's Grad-CAM against pytorch-grad-cam on that module (its ViT reshape_transform)
     from pytorch_grad_cam import GradCAM as ReferenceGradCAM
 
-    cam = GradCAM(net)
+    cam = GradCAM(net, runs_on="torch")  # the module's (explainer.gradcam runs on onnxruntime's int8 kernels)
     layout = net.layout(cam.feature_layer)
     assert layout.kind == "tokens" and layout.prefix == 1, layout
     module, _ = engine.module_for(cam.feature_layer)
@@ -196,7 +198,7 @@ def test_int8_vit(exporter, variant, photo):
     ref = references.raw_cam(ReferenceGradCAM, engine.pixel_model, module, x, label,
                              reshape_transform=references.vit_reshape(layout.prefix, layout.grid))
     references.assert_close_in_units(cam.low_resolution(photo, [label])[0], ref, 1e-5, "int8 ViT Grad-CAM")
-    ours = explainer.gradcam(net, photo, label)
+    ours = cam(photo, label)
     references.assert_close_in_units(ours, np.maximum(references.bicubic_upsample(ref, photo.shape[:2]), 0), 1e-5,
                                      "int8 ViT Grad-CAM at the image's size")
     # and, looser, the float model it came from

@@ -166,10 +166,12 @@ class Backward:
                 continue
             fn = RULES.get(node.op_type)
             if fn is None:
-                raise UnsupportedHeadOpError(
+                error = UnsupportedHeadOpError(
                     f"export: the head (feature layer → scores) holds a {node.op_type} node "
                     f"({node.name or node.output[0]!r}), which has no gradient rule, so Grad-CAM cannot be "
                     f"written as a graph. {RECIPRO_HINT}.")
+                error.op_type = node.op_type  # for the library's choice of engine (export.engine)
+                raise error
             self._out_shape = ctx.shape(node.output[0])
             result = fn(self, node, outs)
             for i, g in zip(node.input, result):

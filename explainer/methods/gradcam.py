@@ -1,8 +1,16 @@
-"""Grad-CAM (Selvaraju et al. 2017) with MATLAB's ``gradCAM`` semantics, on the converted module.
+"""Grad-CAM (Selvaraju et al. 2017) with MATLAB's ``gradCAM`` semantics.
 
-A small base class in the style of pytorch-grad-cam: ``BaseCAM`` (a ``MapMethod``) captures the
-feature layer's activations and the gradient of the reduction (class score) with respect to them; each
-CAM variant overrides one method, ``channel_weights``.
+A small base class in the style of pytorch-grad-cam: ``BaseCAM`` (a ``MapMethod``) takes the feature
+layer's activations and the gradient of the reduction (class score) with respect to them; each CAM
+variant overrides one method, ``channel_weights`` (and names its in-graph twin, ``method``).
+
+Two engines give the same maps (within float32 rounding): onnxruntime, running the library's graph with
+the head (feature layer -> class scores) differentiated in it by explainer/export (the builders of
+export/cams.py compute the same weights), one session call for all images and labels; and the converted
+torch module (forward, then backward), for what the graph cannot carry: a head op without a gradient
+rule, a reduction layer other than the class scores. ``gradcam_engine(net)`` says which runs and why,
+decided once per classifier and layer. On int8 graphs the in-graph path's activations are onnxruntime's
+own (the converted module rounds some of them one step apart).
 """
 from __future__ import annotations
 
@@ -14,7 +22,7 @@ from ..errors import DegenerateMapError, InvalidParameterError
 from ..runtime.feature_layers import LayerChoice, default_feature_layer, gradcam_layers  # noqa: F401
 from ..runtime.torch_engine import torch_engine
 from ._common import MapMethod
-from .registry import GRADIENT, LayerName, method
+from .registry import GRADIENT, LayerName, method, public
 
 if TYPE_CHECKING:
     from ..runtime.classifier import Classifier
@@ -22,26 +30,85 @@ if TYPE_CHECKING:
 
 #: a CAM whose peak is below this fraction of its unaveraged gradient x activation is float32 noise
 NOISE = 1e-6
+#: where a CAM runs: "auto" (onnxruntime through the differentiated head where it can, else torch),
+#: or one of them by name ("onnxruntime" refuses a head it cannot differentiate)
+RUNS_ON = ("auto", "onnxruntime", "torch")
+
+
+@public
+def gradcam_engine(net: Classifier, feature_layer=None, reduction_layer=None, method: str = "gradcam"):
+    """Where ``explainer.gradcam`` (``method="gradcam_plus_plus"``: Grad-CAM++) runs for these layers, and
+    why: ``"onnxruntime"`` -- the head (feature layer -> class scores) differentiated in the graph, one
+    session call for every image and label of a call -- wherever ``export_explained`` could write the
+    map (every op of the head has a gradient rule); else ``"torch"``, forward and backward on the
+    converted module, with the reason ("head op Selu has no gradient rule"; a ``reduction_layer`` other
+    than the class scores). The answer (a str, with ``.reason`` and ``.describe()``) is decided once
+    per classifier, method and layer."""
+    from ..export.engine import TORCH, EngineChoice, choose
+
+    if method not in ("gradcam", "gradcam_plus_plus"):
+        raise InvalidParameterError(f"gradcam_engine: method must be 'gradcam' or 'gradcam_plus_plus'; got {method!r}.")
+    feature, reduction = gradcam_layers(net, feature_layer, reduction_layer)
+    if reduction != net.layer(net.gradient_scores).name:
+        return EngineChoice(TORCH, f"reduction_layer {reduction!r} is not the class scores, the only reduction "
+                                   "the in-graph path differentiates")
+    return choose(net, method, feature)
 
 
 class BaseCAM(MapMethod):
     """Class activation maps from one feature layer: ReLU(sum_c w_c A_c), w from ``channel_weights``;
-    upsampled to the image (bicubic) and cut at 0."""
+    upsampled to the image (bicubic) and cut at 0. They run on onnxruntime through the differentiated
+    head where ``gradcam_engine`` says so (the same weights, written as a graph: explainer/export/cams.py),
+    else on the converted module (``runs_on="torch"`` forces that path, for checks)."""
 
     where = "gradcam"  # the public function's name, for messages
+    method = "gradcam"  # the in-graph builder of the same CAM (explainer/export/cams.py)
     rectify = True
 
-    def __init__(self, net, feature_layer=None, reduction_layer=None):
+    def __init__(self, net, feature_layer=None, reduction_layer=None, runs_on: str = "auto"):
         super().__init__(net)
-        self.engine = torch_engine(net)
+        if runs_on not in RUNS_ON:
+            raise InvalidParameterError(f"{self.where}: runs_on must be one of {RUNS_ON}; got {runs_on!r}.")
         self.feature_layer, self.reduction_layer = gradcam_layers(net, feature_layer, reduction_layer)
         self.layout = net.layout(self.feature_layer)
+        if runs_on == "torch":
+            from ..export.engine import TORCH, EngineChoice
+
+            self.runs_on = EngineChoice(TORCH, "asked for")
+        else:
+            self.runs_on = gradcam_engine(net, self.feature_layer, self.reduction_layer, self.method)
+            if runs_on == "onnxruntime" and not self.runs_on.in_graph:
+                raise InvalidParameterError(f"{self.where}: the in-graph path cannot run at layer "
+                                            f"{self.feature_layer!r}: {self.runs_on.reason}.")
+
+    @property
+    def engine(self):
+        """The converted module's engine (converted and checked on first use: the in-graph path never
+        needs it)."""
+        return torch_engine(self.net)
 
     def channel_weights(self, activations, gradients):
         raise NotImplementedError
 
     def low_resolution(self, pixels: np.ndarray, indices: list[int]) -> np.ndarray:
         """(K, h, w) maps at the feature layer's resolution for one H x W x C image."""
+        if self.runs_on.in_graph:
+            return self._in_graph([pixels], indices)[0]
+        return self._torch(pixels, indices)
+
+    def _in_graph(self, pixels: list[np.ndarray], indices: list[int]) -> np.ndarray:
+        """(N, K, h, w) maps of every image, one onnxruntime call (explainer/export/engine.py)."""
+        from ..export.engine import cam_maps
+
+        x = self.net.to_model_input(np.stack([self.net.fit_pixels(p) for p in pixels]))
+        maps, unaveraged = cam_maps(self.net, x, np.asarray(indices, np.int64), self.method, self.feature_layer,
+                                    with_unaveraged=True)
+        for m, scale in zip(maps, unaveraged):
+            self._refuse_degenerate(m.reshape(len(indices), -1).max(axis=1).tolist(), scale.tolist(), indices)
+        return maps.astype(np.float32, copy=False)
+
+    def _torch(self, pixels: np.ndarray, indices: list[int]) -> np.ndarray:
+        """(K, h, w) maps of one image from a forward and a backward pass of the converted module."""
         import torch
 
         # the image needs a gradient so that the graph is recorded (the weights are frozen)
@@ -69,16 +136,17 @@ class BaseCAM(MapMethod):
         acts, grads = acts.detach(), grads.detach()
         weights = self.channel_weights(acts, grads)
         cam = torch.relu((weights[:, :, None, None] * acts).sum(1))
-        self._refuse_degenerate(cam, acts, grads, indices)
+        # the peak of each map, and what the same activations and gradients give without the averaging
+        scale = (grads.abs().mean(dim=(2, 3))[:, :, None, None] * acts.abs()).sum(1).flatten(1).amax(1).tolist()
+        self._refuse_degenerate(cam.flatten(1).amax(1).tolist(), scale, indices)
         return cam.cpu().numpy().astype(np.float32)
 
-    def _refuse_degenerate(self, cam, acts, grads, indices) -> None:
+    def _refuse_degenerate(self, peak: list[float], scale: list[float], indices) -> None:
         """A map with no signal is an error naming the layer, never a returned map: zero everywhere (no
         location raises the score), or at float32 noise level next to what the same activations and
-        gradients give without the averaging that cancelled (on attention scores before their Softmax
-        the gradient sums to zero over each row, and Grad-CAM's weights are rounding errors)."""
-        scale = (grads.abs().mean(dim=(2, 3))[:, :, None, None] * acts.abs()).sum(1).flatten(1).amax(1).tolist()
-        peak = cam.flatten(1).amax(1).tolist()
+        gradients give without the averaging that cancelled (``scale``: the peak of sum_c mean|g| |A|;
+        on attention scores before their Softmax the gradient sums to zero over each row, and Grad-CAM's
+        weights are rounding errors)."""
         for index, top, unaveraged in zip(indices, peak, scale):
             if unaveraged == 0.0:
                 what = "the layer's activations or the score's gradient with respect to them are zero everywhere"
@@ -97,6 +165,11 @@ class BaseCAM(MapMethod):
 
     def explain(self, pixels, indices):
         return self.low_resolution(pixels, indices)
+
+    def explain_all(self, pixels, indices):
+        if self.runs_on.in_graph:  # every image and label of the call through one session call
+            return list(self._in_graph(pixels, indices))
+        return super().explain_all(pixels, indices)
 
 
 class GradCAM(BaseCAM):

@@ -16,6 +16,7 @@ class GradCAMPlusPlus(BaseCAM):
     """Channel weights sum_ij alpha_ij ReLU(g_ij), alpha_ij = g_ij^2 / (2 g_ij^2 + g_ij^3 sum_ab A_ab)."""
 
     where = "gradcam_plus_plus"
+    method = "gradcam_plus_plus"
 
     def channel_weights(self, activations, gradients):
         import torch
