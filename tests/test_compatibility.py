@@ -192,8 +192,8 @@ def test_raw_conversion_errors_become_conversion_errors(monkeypatch, chelsea):
     net = explainer.load(exports.export("resnet18", "dynamo"))
     key = OperationDescription("", "Gemm", 13)
     monkeypatch.delitem(_CONVERTER_REGISTRY, key)
-    with pytest.raises(ConversionError, match=r"node 'node_linear' \(Gemm\)"):
-        explainer.gradcam(net, chelsea, 0)
+    with pytest.raises(ConversionError, match=r"node 'node_linear' \(Gemm\)"):  # (Grad-CAM needs no conversion)
+        explainer.gradient_attribution(net, chelsea, 0, verbose=False)
 
 
 def test_module_failing_at_run_time_is_named(monkeypatch, chelsea):
