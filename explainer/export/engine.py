@@ -134,7 +134,7 @@ def cam_maps(net, x: np.ndarray, targets, method: str = "gradcam", feature_layer
     run = session(net, method, feature_layer)
     # graphs that keep their exported batch: one image a call; others: every image in one call, unless
     # the run budget says fewer
-    step = 1 if net.max_batch == 1 else min(len(x), _chunk(net, targets.shape[1]))
+    step = 1 if net.max_batch == 1 or len(x) == 1 else min(len(x), _chunk(net, targets.shape[1]))
     names = [SALIENCY, f"{SALIENCY}_unaveraged"]
     guard = getattr(net.ort, "guard", None)
     parts = []

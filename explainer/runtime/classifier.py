@@ -80,11 +80,13 @@ class Layer:
 class RuntimeCaches:
     """What running a Classifier leaves on it, declared here and written only by ``explainer.runtime``:
     the converted torch module per torch device (``torch_engine``), and incremental occlusion's split of
-    the graph, its decisions per image size and mask, and the latest decision (``incremental``)."""
+    the graph, its decisions per image size and mask, and the latest decision (``incremental``), and the
+    default feature layer of the CAMs with its reason (``feature_layers``)."""
     torch_engines: dict = field(default_factory=dict)
     incremental_split: object | None = None
     incremental_decisions: dict = field(default_factory=dict)
     incremental_last: object | None = None
+    default_feature_layer: tuple | None = None
 
 
 class Classifier:

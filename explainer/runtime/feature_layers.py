@@ -50,7 +50,13 @@ def default_feature_layer(net: Classifier) -> tuple[str, str]:
     on CNNs the last (C, H, W) map before the global pooling; on transformers pooling the mean of their
     tokens (Swin, LeViT) the last token grid; on transformers reading class tokens (ViT, DeiT), whose
     patch tokens reach the score only through attention, the output of the last norm before the last
-    attention (pytorch-grad-cam's ``blocks[-1].norm1``)."""
+    attention (pytorch-grad-cam's ``blocks[-1].norm1``). Found once per classifier (``net.runtime``)."""
+    if net.runtime.default_feature_layer is None:
+        net.runtime.default_feature_layer = _default_feature_layer(net)
+    return net.runtime.default_feature_layer
+
+
+def _default_feature_layer(net: Classifier) -> tuple[str, str]:
     scores = net.gradient_scores
     ancestors = _ancestors(net.model.graph, scores)
     layers = net.layers()
