@@ -95,7 +95,6 @@ if os.environ.get("RSS_LOG"):  # where the suite's peak memory grows: RSS_LOG=fi
 ALLOWED_SKIPS = (
     r"^CUDA provider loads on this machine$",  # test_providers: the no-CUDA error, on a machine with CUDA
     r"^needs CUDA",  # checks that only mean something on a GPU (TF32 off in the torch and ORT paths)
-    r"^npm is not installed",  # test_web_page: Node.js is not in .ci/run's install (chromium is); npm from the registry
 )
 _SKIPS: list[tuple[str, str]] = []
 
