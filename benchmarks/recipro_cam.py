@@ -14,17 +14,20 @@ the chelsea photo, its preprocessed input fed to both sides.
   (``embed_scaling=False``), the model compiled on the CPU with ``INFERENCE_PRECISION_HINT=f32`` (its
   default on a CPU with bf16 support is bf16); timed: one ``model_forward`` (prediction and every
   class's map in one inference).
-* ours: ``explainer.recipro_cam`` for one class end to end (the photo resized and normalised, the
-  backbone pass, the head on the h*w masked copies, the map upsampled to the photo), and from the model
-  input as theirs is timed (backbone pass, head, scaled maps at the feature resolution); onnxruntime's
-  plain forward pass of the same input.
+* ours, on onnxruntime and on the OpenVINO engine (``explainer.load(..., engine="openvino",
+  precision="f32")``, the OpenVINO of the main venv): ``explainer.recipro_cam`` for one class end to
+  end (the photo resized and normalised, the Recipro-CAM run, the map upsampled to the photo), and from
+  the model input as theirs is timed (``input_maps``: scaled maps at the feature resolution), on the path
+  ``explainer.recipro_cam_engine`` picks (in-graph on CNNs: one session of the graph with the exported
+  branch; two-stage on token layers); onnxruntime's plain forward pass of the same input.
 * agreement: OpenVINO XAI takes the logits (pre-softmax scores), so ours runs with ``scores="logits"``
   for the comparison, at the feature layer's resolution, every class: Pearson r per class (min and
   median over the 1,000 classes) and max |difference| after both are min-max scaled; ours at its
   default (softmax probabilities, the paper's) is shown beside, for the top class.
 
 Timing: OpenVINO XAI runs in a worker process of its venv, timed call by call inside it; the calls
-alternate one by one (ours end to end, ours from the model input, theirs, onnxruntime's forward pass),
+alternate one by one (ours end to end and from the model input on onnxruntime, the same on OpenVINO,
+theirs, onnxruntime's forward pass),
 ``repeats`` times, after a warm-up of each, so that a slow spell of the shared machine hits all; medians,
 and ratios as medians of the per-turn ratios. Writes
 ``benchmarks/results/recipro_cam.json`` and ``recipro_cam.md`` (``--quick`` only prints).
@@ -145,34 +148,42 @@ def agreement(ours: np.ndarray, other: np.ndarray) -> dict:
 def bench(name: str, path: str, keywords: dict, image, python: str, script: Path, repeats: int, tmp: Path) -> dict:
     import explainer
     from explainer.methods.gradcam import default_feature_layer
-    from explainer.methods.recipro_cam import head_of, low_resolution, maps_from_values, recipro_cam
+    from explainer.methods.recipro_cam import head_of, input_maps, low_resolution, recipro_cam
 
     net = explainer.load(path, batch_size=1, **keywords)
+    ov = explainer.load(path, batch_size=1, engine="openvino", precision="f32", **keywords)
     layer = net.layer(default_feature_layer(net)[0])
     head = head_of(net, layer)
     small = net.fit_pixels(image)
     x = net.to_model_input(small[None])
     every = list(range(net.num_classes))
     ours_logits = low_resolution(net, small, layer, every, scores="logits")
+    ov_logits = low_resolution(ov, small, ov.layer(layer.name), every, scores="logits")
+    two_stage = low_resolution(net, small, layer, every, scores="logits", path="two-stage")
     top = int(np.argmax(net.predict(image)))
     ours_default = low_resolution(net, small, layer, [top])[0]
+    paths = {"onnxruntime": explainer.recipro_cam_engine(net), "openvino": explainer.recipro_cam_engine(ov)}
 
-    def ours_public():
-        recipro_cam(net, image, LABEL, verbose=False)
+    def public(n):
+        return lambda: recipro_cam(n, image, LABEL, verbose=False)
 
-    def ours_core():  # from the model input, as theirs: backbone pass, head on the copies, scaled maps
-        maps_from_values(net, head, net.ort.run(x, list(head.inputs)), [LABEL])
+    def core(n):  # from the model input, as theirs: backbone pass, head on the copies, scaled maps
+        l = n.layer(layer.name)
+        return lambda: input_maps(n, l, x, [LABEL])
 
     def forward():
         net.ort.run(x, [net.output.name])
 
+    calls = {"public": public(net), "core": core(net), "ov_public": public(ov), "ov_core": core(ov),
+             "theirs": None, "forward": forward}
     other = Theirs(python, script, path, head.layout.kind, x, tmp)
     try:
-        times = {"public": [], "core": [], "theirs": [], "forward": []}
-        for fn in (ours_public, ours_core, forward):
-            fn()
+        times = {k: [] for k in calls}
+        for fn in calls.values():
+            if fn is not None:
+                fn()
         for _ in range(repeats):  # one call of each in turn: a slow spell of the machine hits all
-            for key, fn in (("public", ours_public), ("core", ours_core), ("theirs", None), ("forward", forward)):
+            for key, fn in calls.items():
                 if fn is None:
                     times[key].append(other.time())
                     continue
@@ -187,43 +198,65 @@ def bench(name: str, path: str, keywords: dict, image, python: str, script: Path
     pair = lambda a, b: statistics.median(np.divide(times[a], times[b]))  # noqa: E731
     row = dict(model=name, file=Path(path).name, layer=layer.name, layout=head.layout.describe(),
                masked=list(head.inputs), copies=head.layout.grid[0] * head.layout.grid[1],
-               ours_ms=ms["public"], ours_core_ms=ms["core"], theirs_ms=ms["theirs"], forward_ms=ms["forward"],
+               path_onnxruntime=paths["onnxruntime"].describe(), path_openvino=paths["openvino"].describe(),
+               ours_ms=ms["public"], ours_core_ms=ms["core"], ours_ov_ms=ms["ov_public"], ours_ov_core_ms=ms["ov_core"],
+               theirs_ms=ms["theirs"], forward_ms=ms["forward"],
                theirs_over_ours=pair("theirs", "public"), theirs_over_ours_core=pair("theirs", "core"),
-               ours_core_over_forward=pair("core", "forward"),
-               logits=agreement(ours_logits, their_maps), top_class=top,
+               theirs_over_ours_ov_core=pair("theirs", "ov_core"),
+               ours_core_over_forward=pair("core", "forward"), ours_ov_core_over_forward=pair("ov_core", "forward"),
+               logits=agreement(ours_logits, their_maps), logits_openvino=agreement(ov_logits, their_maps),
+               ov_vs_ort_max_abs_diff=float(np.abs(ov_logits - ours_logits).max()),
+               in_graph_vs_two_stage_max_abs_diff=float(np.abs(ours_logits - two_stage).max()), top_class=top,
                r_default_top=float(np.corrcoef(ours_default.ravel(), their_maps[top].ravel())[0, 1]),
-               openvino=meta.get("openvino"), openvino_xai=meta.get("openvino_xai"))
+               openvino=meta.get("openvino"), openvino_xai=meta.get("openvino_xai"),
+               openvino_ours=__import__("openvino").__version__)
     print(json.dumps(row), flush=True)
     return row
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"# Recipro-CAM beside OpenVINO XAI ({meta['date']})", "",
-             f"Machine: {meta['cpu']}; {meta['cpus']} CPUs; onnxruntime {meta['onnxruntime']}; OpenVINO "
+             f"Machine: {meta['cpu']}; {meta['cpus']} CPUs; onnxruntime {meta['onnxruntime']}; ours on OpenVINO "
+             f"{rows[0]['openvino_ours']} (`engine=\"openvino\", precision=\"f32\"`); theirs: OpenVINO "
              f"{rows[0]['openvino']}, openvino-xai {rows[0]['openvino_xai']} (float32: "
              f"INFERENCE_PRECISION_HINT=f32). Chelsea, class {LABEL} for the timings; medians of {meta['repeats']} "
              "calls of each, alternating call by call. 5-minute load average before / after: "
              f"{meta['load_before']:.2f} / {meta['load_after']:.2f} on {meta['cpus']} CPUs.", "",
-             "| model | layer | masked tensors | copies | ours end to end (ms) | ours from the input (ms) "
-             "| OpenVINO XAI (ms) | theirs / ours (from the input) | ours (from the input) / forward "
+             "| model | layer | copies | path (onnxruntime / OpenVINO) | ours end to end, onnxruntime / OpenVINO (ms) "
+             "| ours from the input, onnxruntime (ms) | ours from the input, OpenVINO f32 (ms) | OpenVINO XAI f32 (ms) "
+             "| theirs / ours, onnxruntime | theirs / ours, OpenVINO | ours / forward, onnxruntime / OpenVINO "
              "| r min (median), all classes, logits | max abs diff | r top class, ours default |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a = r["logits"]
-        lines.append(f"| {r['model']} | `{r['layer']}` ({r['layout']}) | {len(r['masked'])} | {r['copies']} | "
-                     f"{r['ours_ms']:.1f} | {r['ours_core_ms']:.1f} | {r['theirs_ms']:.1f} | "
-                     f"{r['theirs_over_ours_core']:.2f} | {r['ours_core_over_forward']:.2f} | "
-                     f"{a['r_min']:.6f} ({a['r_median']:.6f}) | {a['max_abs_diff']:.1e} | {r['r_default_top']:.4f} |")
+        p_ort, p_ov = (r[k].split(" ")[0] for k in ("path_onnxruntime", "path_openvino"))
+        lines.append(f"| {r['model']} | `{r['layer']}` ({r['layout']}; {len(r['masked'])} masked) | {r['copies']} | "
+                     f"{p_ort} / {p_ov} | {r['ours_ms']:.1f} / {r['ours_ov_ms']:.1f} | {r['ours_core_ms']:.1f} | "
+                     f"{r['ours_ov_core_ms']:.1f} | {r['theirs_ms']:.1f} | **{r['theirs_over_ours_core']:.2f}** | "
+                     f"**{r['theirs_over_ours_ov_core']:.2f}** | {r['ours_core_over_forward']:.2f} / "
+                     f"{r['ours_ov_core_over_forward']:.2f} | {a['r_min']:.6f} ({a['r_median']:.6f}) | "
+                     f"{a['max_abs_diff']:.1e} | {r['r_default_top']:.4f} |")
+    lines += ["", "Paths (`explainer.recipro_cam_engine(net).describe()`):", ""]
+    for r in rows:
+        lines.append(f"- {r['model']}: onnxruntime: {r['path_onnxruntime']}; OpenVINO: {r['path_openvino']}. "
+                     f"Maps (all classes, logits): in-graph vs two-stage max abs diff "
+                     f"{r['in_graph_vs_two_stage_max_abs_diff']:.1e}; ours on OpenVINO f32 vs ours on onnxruntime "
+                     f"{r['ov_vs_ort_max_abs_diff']:.1e}; ours on OpenVINO vs theirs r min "
+                     f"{r['logits_openvino']['r_min']:.6f}, max abs diff {r['logits_openvino']['max_abs_diff']:.1e}.")
     lines += ["", "ours end to end: `explainer.recipro_cam(net, image, 285)` (the 451 x 300 photo resized and "
-              "normalised, backbone pass, the head on the h*w masked copies, the map upsampled to the photo). "
-              "ours from the input: the backbone pass and the head from the preprocessed input, maps at the "
-              "feature resolution, as OpenVINO XAI is timed: one inference of its model with the Recipro-CAM "
-              "branch inserted (every class's map, no upsampling). theirs / ours: median of the per-turn "
-              "ratios (above 1: ours faster). forward: onnxruntime's plain forward pass of the same input. "
-              "r: Pearson correlation of ours with `scores=\"logits\"` (what OpenVINO XAI scores) and theirs at "
-              "the feature resolution, per class over the classes whose maps vary; max abs diff: after min-max "
-              "scaling both to [0, 1]. Last column: ours at its default (softmax probabilities, as the paper) "
-              "against theirs, top class: the two score definitions differ there, not the implementations.", ""]
+              "normalised, the Recipro-CAM run, the map upsampled to the photo), on a classifier loaded with "
+              "onnxruntime and one loaded with `engine=\"openvino\", precision=\"f32\"`. ours from the input: "
+              "from the preprocessed input to the maps at the feature resolution, as OpenVINO XAI is timed: one "
+              "inference of its model with the Recipro-CAM branch inserted (every class's map, no upsampling). "
+              "in-graph: one session of the classifier's graph with the exported Recipro-CAM branch (backbone, "
+              "masked copies, head); two-stage: the backbone pass, then the head on the masked copies. "
+              "theirs / ours: median of the per-turn ratios (above 1: ours faster). forward: onnxruntime's plain "
+              "forward pass of the same input (ours / forward: per-turn ratios against it). "
+              "r: Pearson correlation of ours (onnxruntime) with `scores=\"logits\"` (what OpenVINO XAI scores) "
+              "and theirs at the feature resolution, per class over the classes whose maps vary; max abs diff: "
+              "after min-max scaling both to [0, 1]. Last column: ours at its default (softmax probabilities, as "
+              "the paper) against theirs, top class: the two score definitions differ there, not the "
+              "implementations.", ""]
     return "\n".join(lines)
 
 

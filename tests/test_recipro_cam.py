@@ -12,7 +12,7 @@ import explainer
 from explainer.errors import LayerNotFeatureMapError
 from explainer.methods.gradcam import default_feature_layer
 from explainer.errors import HeadSplitError
-from explainer.methods.recipro_cam import head_of, low_resolution, recipro_cam
+from explainer.methods.recipro_cam import head_of, low_resolution, recipro_cam, recipro_cam_on
 
 import exports
 import references
@@ -90,10 +90,12 @@ def test_cnn_equals_reference_on_the_source_module(resnet, chelsea):
     small = net.fit_pixels(chelsea)
     for scores in ("probabilities", "logits"):
         ref = resnet_reference(model, x, 285, scores)
-        ours = low_resolution(net, small, layer, [285], scores=scores)[0]
-        assert ours.shape == ref.shape == (7, 7)
-        references.assert_close_in_units(ours, ref, 1e-4, f"Recipro-CAM ({scores})")
-    assert head_of(net, layer).pooled[2]  # the maps came from the head after the global pool (checked)
+        for path in ("in-graph", "two-stage"):
+            ours = low_resolution(net, small, layer, [285], scores=scores, path=path)[0]
+            assert ours.shape == ref.shape == (7, 7)
+            references.assert_close_in_units(ours, ref, 1e-4, f"Recipro-CAM ({scores}, {path})")
+    assert head_of(net, layer).pooled[2]  # two stages: the head after the global pool ran (checked)
+    assert explainer.recipro_cam_engine(net) == "in-graph"  # the default path
     public = recipro_cam(net, chelsea, 285, verbose=False)
     expected = np.maximum(references.bicubic_upsample(resnet_reference(model, x, 285), chelsea.shape[:2]), 0)
     references.assert_close_in_units(public, expected, 1e-4, "Recipro-CAM at the image's size")
@@ -207,3 +209,75 @@ def test_exported_graph_on_a_batch_with_target_classes_at_the_input_size(default
     for b, (small, label) in enumerate(zip(smalls, (285, 504))):
         expected = recipro_cam(default_net, small / 255.0, label, verbose=False)
         assert float(np.abs(got["saliency"][b, 0] - expected).max()) <= 1e-5
+
+
+def test_in_graph_path_equals_the_two_stage_path_and_says_why(default_net, resnet, vit, chelsea, coffee):
+    """On CNNs (EfficientNet-Lite0, ResNet-18) the default path is one session of the graph with the
+    exported Recipro-CAM branch; its maps equal the two-stage path's (backbone pass, then the head) for
+    every class, probabilities and logits, within 1e-5 of the range (maps are in [0, 1]); so does the
+    public map of a batch. ``explainer.recipro_cam_engine`` says which path runs and why: two stages on
+    token layers, with other kernels, with a batch_size below h*w; path='in-graph' is refused there."""
+    from explainer.errors import InvalidParameterError
+
+    every = list(range(1000))
+    for net in (default_net, resnet[0]):
+        choice = explainer.recipro_cam_engine(net)
+        assert choice == "in-graph" and choice.in_graph and "onnxruntime session" in choice.describe()
+        layer = net.layer(default_feature_layer(net)[0])
+        small = net.fit_pixels(chelsea)
+        for scores in ("probabilities", "logits"):
+            one = low_resolution(net, small, layer, every, scores=scores, path="in-graph")
+            two = low_resolution(net, small, layer, every, scores=scores, path="two-stage")
+            assert float(np.abs(one - two).max()) <= 1e-5, scores
+        batch = recipro_cam(net, [chelsea, coffee], [285, 504], verbose=False)
+        for b, image in enumerate((chelsea, coffee)):
+            alone = recipro_cam_on("two-stage", net, image, [285, 504], verbose=False)
+            assert float(np.abs(batch[b] - alone).max()) <= 1e-5
+        # a batch_size below h*w streams the copies in two stages: the same map
+        np.testing.assert_allclose(recipro_cam(net, chelsea, 285, batch_size=5, verbose=False), batch[0][0], atol=1e-5)
+        gaussian = explainer.recipro_cam_engine(net, kernel="gaussian")
+        assert gaussian == "two-stage" and "point masks" in gaussian.reason
+    token = explainer.recipro_cam_engine(vit[0])
+    assert token == "two-stage" and not token.in_graph and "token layer" in token.describe()
+    with pytest.raises(InvalidParameterError, match="in-graph path cannot run.*token layer"):
+        recipro_cam_on("in-graph", vit[0], chelsea, 285, verbose=False)
+    with pytest.raises(InvalidParameterError, match="path must be one of"):
+        recipro_cam_on("fast", default_net, chelsea, 285)
+
+
+def test_a_branch_that_cannot_be_written_falls_back_to_two_stages(monkeypatch, chelsea):
+    """Where the branch cannot be written (here: the writer raises as on an unfreeable batch-1 Reshape),
+    the decision is two stages with the writer's reason, once per classifier, and the map is the same."""
+    from explainer.errors import UnsupportedModelError
+    from explainer.export import writer
+
+    net = explainer.load()
+    reference = recipro_cam(explainer.load(), chelsea, 285, verbose=False)
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(1)
+        raise UnsupportedModelError("export: recipro_cam: the head's Reshape 'r' holds the batch size 1. Export ...")
+
+    monkeypatch.setattr(writer, "build_explained", refuse)
+    choice = explainer.recipro_cam_engine(net)
+    assert choice == "two-stage" and "holds the batch size 1" in choice.reason and "Export" not in choice.reason
+    np.testing.assert_allclose(recipro_cam(net, chelsea, 285, verbose=False), reference, atol=1e-5)
+    assert len(calls) == 1
+
+
+def test_in_graph_path_on_the_openvino_engine(default_net, chelsea):
+    """engine='openvino' (f32): the in-graph path compiles the explained graph on OpenVINO; its maps equal
+    the two-stage path's on the same engine and onnxruntime's (1e-4 of the range)."""
+    pytest.importorskip("openvino")
+    net = explainer.load(engine="openvino")
+    choice = explainer.recipro_cam_engine(net)
+    assert choice == "in-graph" and "OpenVINO f32 session" in choice.reason
+    layer = net.layer(default_feature_layer(net)[0])
+    small = net.fit_pixels(chelsea)
+    every = list(range(1000))
+    one = low_resolution(net, small, layer, every, scores="logits", path="in-graph")
+    two = low_resolution(net, small, layer, every, scores="logits", path="two-stage")
+    assert float(np.abs(one - two).max()) <= 1e-5
+    ort_maps = low_resolution(default_net, small, default_net.layer(layer.name), every, scores="logits")
+    assert float(np.abs(one - ort_maps).max()) <= 1e-4

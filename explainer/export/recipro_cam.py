@@ -3,7 +3,9 @@ defaults (point masks on feature maps, the 3 x 3 Gaussian on tokens; softmax pro
 min-max scaled), written into the model as a side branch.
 
 The feature tensor (N, ...) is tiled h*w times with the location masks, (N, h*w, ...) → (N*h*w, ...),
-and a copy of the head's nodes (renamed) computes the scores of every masked copy; the Softmax of the
+and a copy of the head's nodes (renamed) computes the scores of every masked copy (where the head
+starts with a GlobalAveragePool of the feature map, the copies are its h*w pooled vectors instead,
+each location's vector / (h*w), read by the head after the pool); the Softmax of the
 copies' scores, reshaped to (N, classes, h*w), gives each explained class's map by GatherElements with
 ``ctx.classes``; each map is min-max scaled (0 where constant) and laid out (N, K, h, w).
 
@@ -170,8 +172,11 @@ def _copy_head(ctx: ExportContext, inputs: dict) -> str:
     _free_batch_reshapes(ctx, head.nodes, mapping, allow_zero)
     flat_gathers = _free_flat_gathers(ctx, head.nodes)
     for t in sorted(head.tensors):
-        mapping[t] = ctx.name(f"recipro/{t.split('/')[-1] or 't'}")
+        if t not in inputs:  # a tensor of the head given by the branch (the pooled vectors) is not computed
+            mapping[t] = ctx.name(f"recipro/{t.split('/')[-1] or 't'}")
     for n in head.nodes:
+        if all(o in inputs for o in n.output if o):
+            continue
         copied = onnx.NodeProto()
         copied.CopyFrom(n)
         copied.name = ctx.name("recipro/node")
@@ -193,6 +198,17 @@ def _copy_head(ctx: ExportContext, inputs: dict) -> str:
     return mapping[ctx.scores]
 
 
+def _global_pool(ctx: ExportContext) -> str | None:
+    """The output of the head's GlobalAveragePool where that is the feature map's only reader in the head
+    (ResNets, EfficientNets, MobileNets): a copy keeping location k alone (point masks) pools to location
+    k's vector / (h*w), so the branch gives the head after the pool those h*w vectors instead of h*w
+    masked maps (the library's two-stage path does the same: ``pooled_head``)."""
+    readers = [n for n in ctx.head.nodes if ctx.feature in n.input]
+    if len(readers) != 1 or readers[0].op_type != "GlobalAveragePool" or len(readers[0].output) != 1:
+        return None
+    return readers[0].output[0]
+
+
 @exporter("recipro_cam")
 def recipro_cam(ctx: ExportContext) -> str:
     layout = ctx.layout
@@ -201,8 +217,6 @@ def recipro_cam(ctx: ExportContext) -> str:
     side = _side_tensors(ctx)
     _check_side(ctx, side)
     dtype = np.dtype(ctx.np_dtype(ctx.feature))
-    masks = _mask_constant(ctx, layout, dtype)
-    per_image = _per_image_shape(layout)
     # the feature as the branch reads it (kept apart from the source's tensor, or computed again: the
     # source's fusions stay, its outputs bit-identical); the residual stream read apart likewise
     def apart(t: str) -> str:
@@ -210,8 +224,18 @@ def recipro_cam(ctx: ExportContext) -> str:
 
     read = {ctx.feature: ctx.feature_branch or apart(ctx.feature)}
     read.update({t: apart(t) for t in side})
-    inputs = {t: _tiled(ctx, r, masks, per_image) for t, r in read.items()}
+    pool = _global_pool(ctx) if layout.kind == "CHW" and not side else None
+    if pool is not None:  # copy k pools to location k's vector / (h*w): the head after the pool reads those
+        flat = ctx.reshape(read[ctx.feature], ctx.const(np.asarray([-1, layout.channels, hw], np.int64), "flat"))
+        by_location = ctx.node("Transpose", [flat], perm=[0, 2, 1])  # (N, hw, C)
+        vectors = ctx.node("Div", [by_location, ctx.const(np.asarray(hw, dtype), "hw")])
+        inputs = {pool: ctx.reshape(vectors, ctx.const(np.asarray([-1, layout.channels, 1, 1], np.int64), "pooled"))}
+    else:
+        masks, per_image = _mask_constant(ctx, layout, dtype), _per_image_shape(layout)
+        inputs = {t: _tiled(ctx, r, masks, per_image) for t, r in read.items()}
     scores = ctx.float32(ctx.node("Flatten", [_copy_head(ctx, inputs)], axis=1), ctx.scores)  # (N*hw, classes)
+    if ctx.diagnostics is not None:  # the library's in-graph path: the copies' scores, image by image
+        ctx.diagnostics["copy_scores"] = scores
     probabilities = ctx.node("Softmax", [scores], axis=1)
     per_image_scores = ctx.reshape(probabilities, ctx.const(np.asarray([-1, hw, ctx.num_classes], np.int64), "grid"))
     by_class = ctx.node("Transpose", [per_image_scores], perm=[0, 2, 1])  # (N, classes, hw)

@@ -40,6 +40,18 @@ globally first (GlobalAveragePool: ResNet, EfficientNet, ...), a point-masked co
 location's vector / (h*w): the head after the pool runs on those vectors (``pooled_head``; checked
 once per head against the whole head on the masked maps), not on h*w masked maps.
 
+In one session (``recipro_cam_engine``): on a feature map with point masks (CNNs) the whole method runs
+as one call of the classifier's graph with the Recipro-CAM branch that ``export_explained`` writes
+(explainer/export/recipro_cam.py: the feature layer tiled with the h*w masks, a copy of the head on
+the copies), on the classifier's own engine (onnxruntime, or OpenVINO at the classifier's precision):
+no Python between the backbone and the head, no copy of the feature tensor out of the runtime and
+back. The branch returns the copies' raw scores (``COPY_SCORES``), which are turned into
+probabilities or logits and scaled as the two-stage path does; the maps equal that path's (tested
+to 1e-5 of the range; on EfficientNet-Lite0 and ResNet-18 they are bit-identical). Token layers,
+other kernels, a quantized graph's rounded scores, a branch that cannot be written or opened, a
+``batch_size`` below h*w or copies over the run budget take the two-stage path described above;
+``recipro_cam_engine(net)`` says which runs and why, ``path=`` forces one.
+
 Memory: the masked copies stream through the shared batching loop (``stream_probabilities``), a
 batch per stream at a time, each batch bounded by the run budget: a copy counts as one image's run of
 the whole graph (the head's intermediates are a subset) plus its masked feature tensors.
@@ -59,9 +71,10 @@ from .. import limits
 from ..errors import HeadSplitError, InvalidParameterError, LayerNotFeatureMapError
 from ..graph import dims, infer_shapes, producers
 from ..runtime.feature_layers import default_feature_layer, location_masks
+from ..runtime.ort_engine import OrtEngine
 from ..runtime.perturb import stream_probabilities
 from ._common import finish, images_and_labels, resize_map
-from .registry import FORWARD_ONLY, BatchSize, Choice, Flag, LayerName, method
+from .registry import FORWARD_ONLY, BatchSize, Choice, Flag, LayerName, method, public
 
 if TYPE_CHECKING:
     from ..model.layouts import FeatureLayout
@@ -223,17 +236,24 @@ def head_of(net: Classifier, layer: Layer, where: str = "recipro_cam") -> Head:
         outputs = (net.output.name,) + ((net.output.softmax_input,) if net.output.softmax_input else ())
         nodes = [m for n in nodes for m in (_image_shape_nodes(net, n, layer.output) if _reads_image_shape(net, n) else [n])]
         model = _head_model(net, nodes, (layer.output, *side), outputs)
-        from ..runtime.ort_engine import OrtEngine
-
         key = f"{net.ort.model_key}|recipro:{layer.output}"
-        engine = OrtEngine(model, layer.output, net.ort.providers, key)
+
+        def engine_of(graph, input_name, suffix=""):
+            # the classifier's engine (OpenVINO at its precision too) where it takes the head's one input;
+            # onnxruntime's CPU provider for a head with several inputs (a ViT's residual stream)
+            if not side and getattr(net.ort, "engine", "onnxruntime") == "openvino":
+                return net.ort.derived(graph, input_name, key + suffix)
+            providers = net.ort.providers if not hasattr(net.ort, "precision") else ["CPUExecutionProvider"]
+            return OrtEngine(graph, input_name, providers, key + suffix)
+
+        engine = engine_of(model, layer.output)
         head = Head(layer.output, (layer.output, *side), layout, outputs, model, engine)
         early = select_early(model, layout) if layout.kind == "tokens" else None
         if early is not None:
-            head.full_engine, head.engine = engine, OrtEngine(early, layer.output, net.ort.providers, key + "|early")
+            head.full_engine, head.engine = engine, engine_of(early, layer.output, "|early")
         after_pool = pooled_head(model, layer.output) if layout.kind == "CHW" and not side else None
         if after_pool is not None:
-            head.pooled = (after_pool[0], OrtEngine(after_pool[1], after_pool[0], net.ort.providers, key + "|pooled"))
+            head.pooled = (after_pool[0], engine_of(after_pool[1], after_pool[0], "|pooled"))
         cache[layer.output] = head
         return head
 
@@ -458,6 +478,200 @@ def _constant(graph: onnx.GraphProto, name: str):
     return None
 
 
+# the in-graph path ----------------------------------------------------------------------------------
+IN_GRAPH, TWO_STAGE = "in-graph", "two-stage"
+PATHS = ("auto", IN_GRAPH, TWO_STAGE)
+#: the explained graph's output holding the masked copies' scores (N*h*w, classes): export/recipro_cam.py
+COPY_SCORES = "saliency_copy_scores"
+#: the in-graph decisions and sessions per Classifier (dropped with it): {(feature, kernel): (choice, session)}
+_GRAPHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class ReciproPath(str):
+    """Where ``explainer.recipro_cam`` runs for a classifier, layer and kernel: ``"in-graph"`` (one session
+    of the classifier's graph with the Recipro-CAM branch of ``export_explained``: the backbone, the h*w
+    masked copies of the feature layer and the head in one call, on the classifier's engine) or
+    ``"two-stage"`` (the backbone pass, then the head on the masked copies in its own session), with
+    ``reason``; ``describe()`` gives both."""
+
+    def __new__(cls, path: str, reason: str):
+        choice = super().__new__(cls, path)
+        choice.reason = reason
+        return choice
+
+    @property
+    def in_graph(self) -> bool:
+        return self == IN_GRAPH
+
+    def describe(self) -> str:
+        return f"{self} ({self.reason})"
+
+
+def _engine_name(net: Classifier) -> str:
+    if getattr(net.ort, "engine", "onnxruntime") == "openvino":
+        return f"OpenVINO {getattr(net.ort, 'precision', 'f32')}"
+    return "onnxruntime"
+
+
+def _not_in_graph(net: Classifier, layout: FeatureLayout, kernel: str) -> str | None:
+    """Why the in-graph path does not run for this layout and kernel (None: it may)."""
+    if layout.kind == "tokens":
+        return ("token layer: the two-stage head reads the class token early (select_early); the graph's "
+                "branch runs the whole head on every copy (measured 1.9x slower on ViT-Tiny)")
+    if _kernel(kernel, layout) != "point":
+        return f"kernel {kernel!r}: the graph's branch keeps single locations (point masks)"
+    if net.gradient_scores != (net.output.softmax_input or net.output.name):
+        return ("the graph's scores are rounded after the tensor the branch scores (a quantized output): "
+                "the head's own outputs are taken in two stages")
+    return None
+
+
+def _open_in_graph(net: Classifier, layer: Layer):
+    """The session of ``net.model`` plus the Recipro-CAM branch at ``layer`` (its ``COPY_SCORES`` output),
+    on the classifier's engine (``net.ort.derived``: onnxruntime on its providers, or OpenVINO at its
+    precision), opened as the engine opens the classifier's own."""
+    from ..export.writer import build_explained
+
+    model = build_explained(net, "recipro_cam", layer.name, 1, "feature", source=net.model, diagnostics=True,
+                            where="recipro_cam")
+    return net.ort.derived(model, net.input.name, f"{net.ort.model_key}|recipro_in_graph:{layer.output}").session([])
+
+
+def _why_not(exc: BaseException) -> str:
+    text = str(exc)
+    for prefix in ("export: ", "recipro_cam: ", "export: recipro_cam: "):
+        text = text[len(prefix):] if text.startswith(prefix) else text
+    return text.split(". ")[0].rstrip(".")[:300]
+
+
+def _in_graph_entry(net: Classifier, layer: Layer, kernel: str) -> tuple:
+    """(ReciproPath, session or None) for ``layer`` and ``kernel``: decided once per classifier (the branch
+    written and its session opened, or the reason it is not), then read from the per-classifier table."""
+    layout = head_of(net, layer).layout
+    key = (layer.output, _kernel(kernel, layout))
+    with _LOCK:
+        per_net = _GRAPHS.setdefault(net, {})
+        if key in per_net:
+            return per_net[key]
+        reason = _not_in_graph(net, layout, kernel)
+        if reason is not None:
+            entry = (ReciproPath(TWO_STAGE, reason), None)
+        else:
+            copies = layout.grid[0] * layout.grid[1]
+            try:
+                session = _open_in_graph(net, layer)
+                reason = _disagreement(net, layer, session)
+            except Exception as exc:  # noqa: BLE001 - a branch that cannot be written or opened: two stages
+                session, reason = None, f"the graph's branch cannot be written or opened: {_why_not(exc)}"
+            if reason is None:
+                entry = (ReciproPath(IN_GRAPH, f"one {_engine_name(net)} session: the backbone, {copies} masked "
+                                               "copies of the feature layer and the head"), session)
+            else:
+                entry = (ReciproPath(TWO_STAGE, reason), None)
+        per_net[key] = entry
+        return entry
+
+
+@public
+def recipro_cam_engine(net: Classifier, feature_layer=None, kernel: str = "auto") -> ReciproPath:
+    """Where ``explainer.recipro_cam`` runs for ``net`` at ``feature_layer`` (None: the default layer) with
+    ``kernel``, and why: ``"in-graph"`` -- one session call of the classifier's graph with the exported
+    Recipro-CAM branch (backbone, h*w masked copies, head), on the classifier's engine (onnxruntime, or
+    OpenVINO at its precision) -- on feature maps with point masks; else ``"two-stage"`` (the backbone
+    pass, then the head on the masked copies in a session of its own), with the reason ("token layer: ...",
+    "kernel 'gaussian': ...", the branch's error). Decided once per classifier, layer and kernel."""
+    if kernel not in KERNELS:
+        raise InvalidParameterError(f"recipro_cam_engine: kernel must be one of {KERNELS}; got {kernel!r}.")
+    layer = net.layer(feature_layer if feature_layer is not None else _default_layer(net))
+    return _in_graph_entry(net, layer, kernel)[0]
+
+
+def _disagreement(net: Classifier, layer: Layer, session) -> str | None:
+    """Once per classifier and layer: the branch's maps of a random image (every class, logits) against
+    the two-stage path's; the reason the in-graph path is not taken (a run that fails, e.g. a head that
+    reads the image's batch size where the copies have another, or maps more than 1e-4 apart), else
+    None."""
+    head = head_of(net, layer)
+    if not _copies_fit(net, head):
+        return "the masked copies of one image exceed the run budget in one run: they stream in two stages"
+    pixels = np.random.default_rng(0).uniform(0, 255, (1, *net.input_size, net.input.channels)).astype(np.float32)
+    x = net.to_model_input(pixels)
+    every = list(range(net.num_classes))
+    try:
+        one = _in_graph_maps(net, head, session, x, every, "logits")
+    except Exception as exc:  # noqa: BLE001
+        return f"the graph's branch fails at run time: {_why_not(exc)}"
+    two = maps_from_values(net, head, net.ort.run(x, list(head.inputs)), every, kernel="point", scores="logits")
+    diff = float(np.abs(one - two).max())
+    return None if diff <= 1e-4 else f"the graph's branch gives other maps than the head (by {diff:.1e} of the range)"
+
+
+def _in_graph_maps(net: Classifier, head: Head, session, x: np.ndarray, indices, scores: str) -> np.ndarray:
+    """(K, h, w) maps of model input ``x`` (1, ...) from one call of the explained graph's session."""
+    if net.ort.guard is not None:
+        net.ort.guard.check(x.shape)
+    try:
+        raw = session.run([COPY_SCORES], {net.input.name: x})[0]
+    except Exception as exc:
+        raise net.ort.failure(exc, x.shape) from None
+    s = _copy_scores(net, raw, scores)
+    if s.shape[1] <= max(indices):
+        raise InvalidParameterError(f"recipro_cam: class {max(indices)} is out of range ({s.shape[1]}).")
+    h, w = head.layout.grid
+    return normalise(s[:, indices].astype(np.float64).T.reshape(len(indices), h, w))
+
+
+def _copies_fit(net: Classifier, head: Head) -> bool:
+    """Whether the h*w masked copies of one image fit one run in the budget (as ``head_batch_size``)."""
+    guard = getattr(net.ort, "guard", None)
+    if guard is None:
+        return True
+    total = head.layout.grid[0] * head.layout.grid[1]
+    feature = int(np.prod([d or 1 for d in (net.layer(head.feature).shape or (1,))], dtype=np.int64)) * 4
+    per_copy = guard.estimate_for(net.per_image_shape).peak + feature * len(head.inputs)
+    return limits.max_run_bytes() // max(per_copy, 1) >= total
+
+
+def _check_path(path: str) -> None:
+    if path not in PATHS:
+        raise InvalidParameterError(f"recipro_cam: path must be one of {PATHS}; got {path!r}.")
+
+
+def input_maps(net: Classifier, layer: Layer, x: np.ndarray, indices, *, kernel="auto", scores="probabilities",
+               batch_size="auto", path="auto", verbose=False) -> np.ndarray:
+    """(K, h, w) maps in [0, 1] of one model input ``x`` (1, ...): in one session of the explained graph
+    where ``path`` allows and ``recipro_cam_engine`` says so (all copies in one run within the budget),
+    else the backbone pass then the head on the copies."""
+    head = head_of(net, layer)
+    choice, session = _in_graph_entry(net, layer, kernel) if path != TWO_STAGE else (None, None)
+    if path == IN_GRAPH and session is None:
+        raise InvalidParameterError(f"recipro_cam: the in-graph path cannot run at layer {layer.name!r}: "
+                                    f"{choice.reason}; path='auto' takes the two-stage path there.")
+    whole = batch_size == "auto" or int(batch_size) >= head.layout.grid[0] * head.layout.grid[1]
+    if session is not None and (path == IN_GRAPH or (whole and _copies_fit(net, head))):
+        return _in_graph_maps(net, head, session, x, indices, scores)
+    values = net.ort.run(x, list(head.inputs))
+    return maps_from_values(net, head, values, indices, kernel=kernel, scores=scores, batch_size=batch_size,
+                            verbose=verbose)
+
+
+def _copy_scores(net: Classifier, raw: np.ndarray, scores: str) -> np.ndarray:
+    """The copies' scores as ``_scores_fn`` gives them, from the branch's scores ``raw`` (the Softmax's
+    input where the graph has one, else its output)."""
+    from ..runtime.classifier import softmax
+
+    raw = raw.reshape(len(raw), -1)
+    if not np.all(np.isfinite(raw)):
+        net.scores_from_outputs([raw])  # raises the library's NonFiniteOutputError
+    if net.output.softmax_input:
+        return softmax(raw) if scores == "probabilities" else raw.astype(np.float32)
+    if scores == "probabilities":
+        return net.scores_from_outputs([raw])
+    if net.output.is_probability:
+        return np.log(np.maximum(raw.astype(np.float32), np.finfo(np.float32).tiny))
+    return raw.astype(np.float32)
+
+
 # the method ---------------------------------------------------------------------------------------
 def _scores_fn(net: Classifier, head: Head, scores: str, single_thread: bool, engine=None):
     """feed → (n, K) float32 scores: probabilities, or logits (the log of probabilities for a graph
@@ -498,13 +712,13 @@ def head_batch_size(net: Classifier, head: Head, values: list[np.ndarray], batch
 
 
 def low_resolution(net: Classifier, small: np.ndarray, layer: Layer, indices, *, kernel: str = "auto",
-                   scores: str = "probabilities", batch_size="auto", verbose: bool = False) -> np.ndarray:
+                   scores: str = "probabilities", batch_size="auto", path: str = "auto",
+                   verbose: bool = False) -> np.ndarray:
     """(K, h, w) Recipro-CAM maps in [0, 1] at the layer's resolution for one network-size image
-    (0..255 pixels)."""
-    head = head_of(net, layer)
-    values = net.ort.run(net.to_model_input(small[None]), list(head.inputs))
-    return maps_from_values(net, head, values, indices, kernel=kernel, scores=scores, batch_size=batch_size,
-                            verbose=verbose)
+    (0..255 pixels); ``path``: "auto" (``recipro_cam_engine``), "in-graph" or "two-stage"."""
+    _check_path(path)
+    return input_maps(net, layer, net.to_model_input(small[None]), indices, kernel=kernel, scores=scores,
+                      batch_size=batch_size, path=path, verbose=verbose)
 
 
 def maps_from_values(net: Classifier, head: Head, values: list[np.ndarray], indices, *, kernel: str = "auto",
@@ -619,15 +833,26 @@ def _kernel(kernel: str, layout: FeatureLayout) -> str:
 def recipro_cam(net: Classifier, image, label, *, feature_layer=None, kernel="auto", scores="probabilities",
                 batch_size="auto", verbose=True):
     """Recipro-CAM map(s): (H, W) for one label, (K, H, W) for several, at the image's size."""
+    return _recipro_cam(net, image, label, "auto", feature_layer=feature_layer, kernel=kernel, scores=scores,
+                        batch_size=batch_size, verbose=verbose)
+
+
+def recipro_cam_on(path: str, net: Classifier, image, label, **options):
+    """``recipro_cam`` on a path forced: "in-graph" (refused where ``recipro_cam_engine`` says two-stage),
+    "two-stage" or "auto" (what ``recipro_cam`` does); for checks: both paths give the same maps."""
+    _check_path(path)
+    return _recipro_cam(net, image, label, path, **recipro_cam.method.validate(net, options, "recipro_cam"))
+
+
+def _recipro_cam(net: Classifier, image, label, path: str, *, feature_layer, kernel, scores, batch_size, verbose):
     where = "recipro_cam"
     layer = net.layer(feature_layer if feature_layer is not None else _default_layer(net))
-    head = head_of(net, layer, where)
+    head_of(net, layer, where)  # the layer's refusals first
     pixels, is_batch, indices, several = images_and_labels(net, image, label, where)
     maps = []
     for p in pixels:
-        # one backbone pass (the feature layer and the tensors masked with it), then the head
-        values = net.ort.run(net.to_model_input(net.fit_pixels(p)[None]), list(head.inputs))
-        cam = maps_from_values(net, head, values, indices, kernel=kernel, scores=scores, batch_size=batch_size,
-                               verbose=verbose)
+        # in one session of the explained graph, or one backbone pass then the head (recipro_cam_engine)
+        cam = input_maps(net, layer, net.to_model_input(net.fit_pixels(p)[None]), indices, kernel=kernel,
+                         scores=scores, batch_size=batch_size, path=path, verbose=verbose)
         maps.append(np.maximum(resize_map(cam, p.shape[:2]), 0.0))
     return finish(maps, is_batch, several, where)
