@@ -25,11 +25,12 @@ the chelsea photo, its preprocessed input fed to both sides.
   median over the 1,000 classes) and max |difference| after both are min-max scaled; ours at its
   default (softmax probabilities, the paper's) is shown beside, for the top class.
 
-Timing: OpenVINO XAI runs in a worker process of its venv, timed call by call inside it; the calls
-alternate one by one (ours end to end and from the model input on onnxruntime, the same on OpenVINO,
-theirs, onnxruntime's forward pass),
-``repeats`` times, after a warm-up of each, so that a slow spell of the shared machine hits all; medians,
-and ratios as medians of the per-turn ratios. Writes
+Timing: OpenVINO XAI runs in a worker process of its venv, timed call by call inside it; per model, one
+alternation per engine: the calls alternate one by one (ours end to end, ours from the model input,
+theirs, that engine's plain forward pass), ``repeats`` times, after a warm-up of each, so that a slow
+spell of the shared machine hits all; medians, and ratios as medians of the per-turn ratios within an
+alternation. (Ours on onnxruntime and ours on OpenVINO in one alternation slowed each other: the two
+runtimes' threads, in one process, compete for the cores right after each other's calls.) Writes
 ``benchmarks/results/recipro_cam.json`` and ``recipro_cam.md`` (``--quick`` only prints).
 """
 from __future__ import annotations
@@ -171,39 +172,48 @@ def bench(name: str, path: str, keywords: dict, image, python: str, script: Path
         l = n.layer(layer.name)
         return lambda: input_maps(n, l, x, [LABEL])
 
-    def forward():
-        net.ort.run(x, [net.output.name])
+    def forward(n):
+        return lambda: n.ort.run(x, [n.output.name])
 
-    calls = {"public": public(net), "core": core(net), "ov_public": public(ov), "ov_core": core(ov),
-             "theirs": None, "forward": forward}
+    # one alternation per engine (ours end to end, ours from the input, theirs, that engine's forward):
+    # onnxruntime's and OpenVINO's threads in one process, called turn by turn, slow each other down
+    blocks = {"onnxruntime": {"public": public(net), "core": core(net), "theirs": None, "forward": forward(net)},
+              "openvino": {"public": public(ov), "core": core(ov), "theirs": None, "forward": forward(ov)}}
     other = Theirs(python, script, path, head.layout.kind, x, tmp)
+    times = {}
     try:
-        times = {k: [] for k in calls}
-        for fn in calls.values():
-            if fn is not None:
-                fn()
-        for _ in range(repeats):  # one call of each in turn: a slow spell of the machine hits all
-            for key, fn in calls.items():
-                if fn is None:
-                    times[key].append(other.time())
-                    continue
-                start = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - start)
+        for engine, calls in blocks.items():
+            got = times[engine] = {k: [] for k in calls}
+            for fn in calls.values():
+                if fn is not None:
+                    fn()
+            for _ in range(repeats):  # one call of each in turn: a slow spell of the machine hits all
+                for key, fn in calls.items():
+                    if fn is None:
+                        got[key].append(other.time())
+                        continue
+                    start = time.perf_counter()
+                    fn()
+                    got[key].append(time.perf_counter() - start)
         their_maps = other.saliency()
         meta = other.meta
     finally:
         other.close()
-    ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
-    pair = lambda a, b: statistics.median(np.divide(times[a], times[b]))  # noqa: E731
+    ms = {e: {k: 1000 * statistics.median(v) for k, v in t.items()} for e, t in times.items()}
+    pair = lambda e, a, b: statistics.median(np.divide(times[e][a], times[e][b]))  # noqa: E731
     row = dict(model=name, file=Path(path).name, layer=layer.name, layout=head.layout.describe(),
                masked=list(head.inputs), copies=head.layout.grid[0] * head.layout.grid[1],
                path_onnxruntime=paths["onnxruntime"].describe(), path_openvino=paths["openvino"].describe(),
-               ours_ms=ms["public"], ours_core_ms=ms["core"], ours_ov_ms=ms["ov_public"], ours_ov_core_ms=ms["ov_core"],
-               theirs_ms=ms["theirs"], forward_ms=ms["forward"],
-               theirs_over_ours=pair("theirs", "public"), theirs_over_ours_core=pair("theirs", "core"),
-               theirs_over_ours_ov_core=pair("theirs", "ov_core"),
-               ours_core_over_forward=pair("core", "forward"), ours_ov_core_over_forward=pair("ov_core", "forward"),
+               ours_ms=ms["onnxruntime"]["public"], ours_core_ms=ms["onnxruntime"]["core"],
+               theirs_ms=ms["onnxruntime"]["theirs"], forward_ms=ms["onnxruntime"]["forward"],
+               ours_ov_ms=ms["openvino"]["public"], ours_ov_core_ms=ms["openvino"]["core"],
+               theirs_ov_block_ms=ms["openvino"]["theirs"], forward_ov_ms=ms["openvino"]["forward"],
+               theirs_over_ours=pair("onnxruntime", "theirs", "public"),
+               theirs_over_ours_core=pair("onnxruntime", "theirs", "core"),
+               theirs_over_ours_ov=pair("openvino", "theirs", "public"),
+               theirs_over_ours_ov_core=pair("openvino", "theirs", "core"),
+               ours_core_over_forward=pair("onnxruntime", "core", "forward"),
+               ours_ov_core_over_forward=pair("openvino", "core", "forward"),
                logits=agreement(ours_logits, their_maps), logits_openvino=agreement(ov_logits, their_maps),
                ov_vs_ort_max_abs_diff=float(np.abs(ov_logits - ours_logits).max()),
                in_graph_vs_two_stage_max_abs_diff=float(np.abs(ours_logits - two_stage).max()), top_class=top,
@@ -222,41 +232,48 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              f"INFERENCE_PRECISION_HINT=f32). Chelsea, class {LABEL} for the timings; medians of {meta['repeats']} "
              "calls of each, alternating call by call. 5-minute load average before / after: "
              f"{meta['load_before']:.2f} / {meta['load_after']:.2f} on {meta['cpus']} CPUs.", "",
-             "| model | layer | copies | path (onnxruntime / OpenVINO) | ours end to end, onnxruntime / OpenVINO (ms) "
-             "| ours from the input, onnxruntime (ms) | ours from the input, OpenVINO f32 (ms) | OpenVINO XAI f32 (ms) "
-             "| theirs / ours, onnxruntime | theirs / ours, OpenVINO | ours / forward, onnxruntime / OpenVINO "
-             "| r min (median), all classes, logits | max abs diff | r top class, ours default |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | layer | copies | path (onnxruntime / OpenVINO) | engine | ours end to end (ms) "
+             "| ours from the input (ms) | OpenVINO XAI f32 (ms) | theirs / ours (from the input) "
+             "| theirs / ours (end to end) | ours (from the input) / forward |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        a = r["logits"]
         p_ort, p_ov = (r[k].split(" ")[0] for k in ("path_onnxruntime", "path_openvino"))
-        lines.append(f"| {r['model']} | `{r['layer']}` ({r['layout']}; {len(r['masked'])} masked) | {r['copies']} | "
-                     f"{p_ort} / {p_ov} | {r['ours_ms']:.1f} / {r['ours_ov_ms']:.1f} | {r['ours_core_ms']:.1f} | "
-                     f"{r['ours_ov_core_ms']:.1f} | {r['theirs_ms']:.1f} | **{r['theirs_over_ours_core']:.2f}** | "
-                     f"**{r['theirs_over_ours_ov_core']:.2f}** | {r['ours_core_over_forward']:.2f} / "
-                     f"{r['ours_ov_core_over_forward']:.2f} | {a['r_min']:.6f} ({a['r_median']:.6f}) | "
-                     f"{a['max_abs_diff']:.1e} | {r['r_default_top']:.4f} |")
+        first = f"| {r['model']} | `{r['layer']}` ({r['layout']}; {len(r['masked'])} masked) | {r['copies']} | {p_ort} / {p_ov} "
+        lines.append(first + f"| onnxruntime | {r['ours_ms']:.1f} | {r['ours_core_ms']:.1f} | {r['theirs_ms']:.1f} | "
+                     f"**{r['theirs_over_ours_core']:.2f}** | {r['theirs_over_ours']:.2f} | {r['ours_core_over_forward']:.2f} |")
+        lines.append(f"| | | | | OpenVINO f32 | {r['ours_ov_ms']:.1f} | {r['ours_ov_core_ms']:.1f} | "
+                     f"{r['theirs_ov_block_ms']:.1f} | **{r['theirs_over_ours_ov_core']:.2f}** | "
+                     f"{r['theirs_over_ours_ov']:.2f} | {r['ours_ov_core_over_forward']:.2f} |")
+    lines += ["", "Agreement with OpenVINO XAI (ours with `scores=\"logits\"`, what it scores; every class, feature "
+              "resolution):", "",
+              "| model | r min (median), ours onnxruntime | max abs diff | r min (median), ours OpenVINO f32 "
+              "| max abs diff | r top class, ours default |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        a, b = r["logits"], r["logits_openvino"]
+        lines.append(f"| {r['model']} | {a['r_min']:.6f} ({a['r_median']:.6f}) | {a['max_abs_diff']:.1e} | "
+                     f"{b['r_min']:.6f} ({b['r_median']:.6f}) | {b['max_abs_diff']:.1e} | {r['r_default_top']:.4f} |")
     lines += ["", "Paths (`explainer.recipro_cam_engine(net).describe()`):", ""]
     for r in rows:
         lines.append(f"- {r['model']}: onnxruntime: {r['path_onnxruntime']}; OpenVINO: {r['path_openvino']}. "
                      f"Maps (all classes, logits): in-graph vs two-stage max abs diff "
                      f"{r['in_graph_vs_two_stage_max_abs_diff']:.1e}; ours on OpenVINO f32 vs ours on onnxruntime "
-                     f"{r['ov_vs_ort_max_abs_diff']:.1e}; ours on OpenVINO vs theirs r min "
-                     f"{r['logits_openvino']['r_min']:.6f}, max abs diff {r['logits_openvino']['max_abs_diff']:.1e}.")
+                     f"{r['ov_vs_ort_max_abs_diff']:.1e}.")
     lines += ["", "ours end to end: `explainer.recipro_cam(net, image, 285)` (the 451 x 300 photo resized and "
               "normalised, the Recipro-CAM run, the map upsampled to the photo), on a classifier loaded with "
-              "onnxruntime and one loaded with `engine=\"openvino\", precision=\"f32\"`. ours from the input: "
-              "from the preprocessed input to the maps at the feature resolution, as OpenVINO XAI is timed: one "
-              "inference of its model with the Recipro-CAM branch inserted (every class's map, no upsampling). "
-              "in-graph: one session of the classifier's graph with the exported Recipro-CAM branch (backbone, "
-              "masked copies, head); two-stage: the backbone pass, then the head on the masked copies. "
-              "theirs / ours: median of the per-turn ratios (above 1: ours faster). forward: onnxruntime's plain "
-              "forward pass of the same input (ours / forward: per-turn ratios against it). "
-              "r: Pearson correlation of ours (onnxruntime) with `scores=\"logits\"` (what OpenVINO XAI scores) "
-              "and theirs at the feature resolution, per class over the classes whose maps vary; max abs diff: "
-              "after min-max scaling both to [0, 1]. Last column: ours at its default (softmax probabilities, as "
-              "the paper) against theirs, top class: the two score definitions differ there, not the "
-              "implementations.", ""]
+              "onnxruntime, then on one loaded with `engine=\"openvino\", precision=\"f32\"`. ours from the "
+              "input: from the preprocessed input to the maps at the feature resolution, as OpenVINO XAI is "
+              "timed: one inference of its model with the Recipro-CAM branch inserted (every class's map, no "
+              "upsampling). in-graph: one session of the classifier's graph with the exported Recipro-CAM branch "
+              "(backbone, masked copies, head); two-stage: the backbone pass, then the head on the masked copies. "
+              "Timing: per model, one alternation per engine of ours (end to end, from the input), theirs and "
+              "that engine's plain forward pass, call by call (two engines' thread pools in one process, called "
+              "turn by turn, slow each other down on 2 cores); theirs runs in every turn of both, so each "
+              "ratio is the median of per-turn ratios within one alternation (above 1: ours faster). forward: "
+              "the plain forward pass of the same input on the same engine. r: Pearson correlation of ours with "
+              "`scores=\"logits\"` and theirs at the feature resolution, per class over the classes whose maps "
+              "vary; max abs diff: after min-max scaling both to [0, 1]. Last column: ours at its default "
+              "(softmax probabilities, as the paper) against theirs, top class: the two score definitions differ "
+              "there, not the implementations.", ""]
     return "\n".join(lines)
 
 

@@ -532,9 +532,51 @@ def _open_in_graph(net: Classifier, layer: Layer):
     precision), opened as the engine opens the classifier's own."""
     from ..export.writer import build_explained
 
-    model = build_explained(net, "recipro_cam", layer.name, 1, "feature", source=net.model, diagnostics=True,
-                            where="recipro_cam")
-    return net.ort.derived(model, net.input.name, f"{net.ort.model_key}|recipro_in_graph:{layer.output}").session([])
+    model = _only(build_explained(net, "recipro_cam", layer.name, 1, "feature", source=net.model, diagnostics=True,
+                                  where="recipro_cam"), COPY_SCORES)
+    engine = net.ort.derived(model, net.input.name, f"{net.ort.model_key}|recipro_in_graph:{layer.output}")
+    if SPIN or getattr(engine, "engine", "onnxruntime") == "openvino" or engine.on_cuda:
+        return engine.session([])
+    import onnxruntime as ort
+
+    from ..runtime.providers import provider_options
+
+    options = engine._session_options()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=engine.providers,
+                                provider_options=provider_options(engine.providers))
+
+
+def _only(model: onnx.ModelProto, output: str) -> onnx.ModelProto:
+    """``model`` with ``output`` as its only output and the nodes it does not need dropped (the explained
+    graph's maps, classes and the source's own outputs: an engine that computes every output would run
+    them on each call)."""
+    graph = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return model  # subgraphs read outer names beside their inputs: left whole
+    producer = producers(graph)
+    needed, todo = set(), [output]
+    while todo:
+        node = producer.get(todo.pop())
+        if node is None or id(node) in needed:
+            continue
+        needed.add(id(node))
+        todo.extend(i for i in node.input if i)
+    kept = [n for n in graph.node if id(n) in needed]
+    outputs = [o for o in graph.output if o.name == output]
+    del graph.node[:]
+    graph.node.extend(kept)
+    del graph.output[:]
+    graph.output.extend(outputs)
+    used = {i for n in kept for i in n.input}
+    weights = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(weights)
+    return model
+
+
+#: whether the in-graph onnxruntime session's threads spin after a run (see ``_open_in_graph``)
+SPIN = False
 
 
 def _why_not(exc: BaseException) -> str:
