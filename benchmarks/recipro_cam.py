@@ -27,8 +27,8 @@ the chelsea photo, its preprocessed input fed to both sides.
 
 Timing: OpenVINO XAI runs in a worker process of its venv, timed call by call inside it; per model, one
 alternation per engine: the calls alternate one by one (ours end to end, ours from the model input,
-theirs, that engine's plain forward pass), ``repeats`` times, after a warm-up of each, so that a slow
-spell of the shared machine hits all; medians, and ratios as medians of the per-turn ratios within an
+theirs, that engine's plain forward pass; the first of them rotates turn by turn), ``repeats`` times,
+after a warm-up of each, so that a slow spell of the shared machine hits all; medians, and ratios as medians of the per-turn ratios within an
 alternation. (Ours on onnxruntime and ours on OpenVINO in one alternation slowed each other: the two
 runtimes' threads, in one process, compete for the cores right after each other's calls.) Writes
 ``benchmarks/results/recipro_cam.json`` and ``recipro_cam.md`` (``--quick`` only prints).
@@ -187,8 +187,9 @@ def bench(name: str, path: str, keywords: dict, image, python: str, script: Path
             for fn in calls.values():
                 if fn is not None:
                     fn()
-            for _ in range(repeats):  # one call of each in turn: a slow spell of the machine hits all
-                for key, fn in calls.items():
+            order = list(calls.items())
+            for turn in range(repeats):  # one call of each in turn: a slow spell of the machine hits all
+                for key, fn in order[turn % len(order):] + order[:turn % len(order)]:  # who goes first rotates
                     if fn is None:
                         got[key].append(other.time())
                         continue
@@ -266,9 +267,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "upsampling). in-graph: one session of the classifier's graph with the exported Recipro-CAM branch "
               "(backbone, masked copies, head); two-stage: the backbone pass, then the head on the masked copies. "
               "Timing: per model, one alternation per engine of ours (end to end, from the input), theirs and "
-              "that engine's plain forward pass, call by call (two engines' thread pools in one process, called "
-              "turn by turn, slow each other down on 2 cores); theirs runs in every turn of both, so each "
-              "ratio is the median of per-turn ratios within one alternation (above 1: ours faster). forward: "
+              "that engine's plain forward pass, call by call, the first call rotating turn by turn (two "
+              "engines' thread pools in one process, called turn by turn, slow each other down on 2 cores); "
+              "theirs runs in every turn of both, so each ratio is the median of per-turn ratios within one alternation (above 1: ours faster). forward: "
               "the plain forward pass of the same input on the same engine. r: Pearson correlation of ours with "
               "`scores=\"logits\"` and theirs at the feature resolution, per class over the classes whose maps "
               "vary; max abs diff: after min-max scaling both to [0, 1]. Last column: ours at its default "

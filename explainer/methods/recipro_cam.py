@@ -690,7 +690,7 @@ def input_maps(net: Classifier, layer: Layer, x: np.ndarray, indices, *, kernel=
         raise InvalidParameterError(f"recipro_cam: the in-graph path cannot run at layer {layer.name!r}: "
                                     f"{choice.reason}; path='auto' takes the two-stage path there.")
     whole = batch_size == "auto" or int(batch_size) >= head.layout.grid[0] * head.layout.grid[1]
-    if session is not None and (path == IN_GRAPH or (whole and _copies_fit(net, head))):
+    if session is not None and (path == IN_GRAPH or whole):  # the copies' budget: checked at the decision
         return _in_graph_maps(net, head, session, x, indices, scores)
     values = net.ort.run(x, list(head.inputs))
     return maps_from_values(net, head, values, indices, kernel=kernel, scores=scores, batch_size=batch_size,
