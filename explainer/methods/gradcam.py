@@ -189,8 +189,9 @@ LAYER_OPTIONS = dict(
         answers="where in the image the evidence for the class lies, at the resolution of a feature layer "
                 "(deep: coarse and class-specific; shallow: fine)",
         returns="maps at the image's size, >= 0, in the feature layer's units",
-        cost="1 forward and 1 backward pass per image (all labels in one batch)",
-        reference="pytorch-grad-cam's GradCAM on the converted module", order=10)
+        cost="one onnxruntime call for all images and labels, through the head differentiated in the graph "
+             "(explainer.gradcam_engine says where; else 1 forward and 1 backward pass of the converted module)",
+        reference="pytorch-grad-cam's GradCAM on the converted module (both engines)", order=10)
 def gradcam(net: Classifier, image, label, *, feature_layer=None, reduction_layer=None):
     """Grad-CAM map(s) upsampled (bicubic) to the image size: (H, W) for one label, (K, H, W) for
     several; a batch of images gives one such map per image. ``gradcam_layers(net)`` tells the

@@ -32,8 +32,9 @@ class GradCAMPlusPlus(BaseCAM):
         answers="where the evidence for the class lies, counting every region that raises the score "
                 "(several objects of one class each show)",
         returns="maps at the image's size, >= 0, in the feature layer's units",
-        cost="1 forward and 1 backward pass per image (all labels in one batch)",
-        reference="pytorch-grad-cam's GradCAMPlusPlus on the converted module", order=20)
+        cost="one onnxruntime call for all images and labels, through the head differentiated in the graph "
+             "(explainer.gradcam_engine says where; else 1 forward and 1 backward pass of the converted module)",
+        reference="pytorch-grad-cam's GradCAMPlusPlus on the converted module (both engines)", order=20)
 def gradcam_plus_plus(net: Classifier, image, label, *, feature_layer=None, reduction_layer=None):
     """Grad-CAM++ map(s): (H, W) for one label, (K, H, W) for several, at the image's size; layers as
     in ``gradcam``."""
