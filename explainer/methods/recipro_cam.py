@@ -527,9 +527,11 @@ def _not_in_graph(net: Classifier, layout: FeatureLayout, kernel: str) -> str | 
 
 
 def _open_in_graph(net: Classifier, layer: Layer):
-    """The session of ``net.model`` plus the Recipro-CAM branch at ``layer`` (its ``COPY_SCORES`` output),
-    on the classifier's engine (``net.ort.derived``: onnxruntime on its providers, or OpenVINO at its
-    precision), opened as the engine opens the classifier's own."""
+    """The session of ``net.model`` plus the Recipro-CAM branch at ``layer``, kept to its ``COPY_SCORES``
+    output, on the classifier's engine (``net.ort.derived``: onnxruntime on its providers, or OpenVINO at
+    its precision), opened as the engine opens the classifier's own; on onnxruntime's CPU provider with
+    intra-op spinning off (``SPIN``): measured no slower for this session on the shared 2-core machine
+    (within its noise), and its threads then leave the cores to other work between calls."""
     from ..export.writer import build_explained
 
     model = _only(build_explained(net, "recipro_cam", layer.name, 1, "feature", source=net.model, diagnostics=True,
