@@ -647,11 +647,12 @@ def _disagreement(net: Classifier, layer: Layer, session) -> str | None:
         return f"the graph's branch fails at run time: {_why_not(exc)}"
     two = maps_from_values(net, head, net.ort.run(x, list(head.inputs)), every, kernel="point", scores="logits")
     diff = float(np.abs(one - two).max())
+    other = "the graph's branch gives other maps than the head"
     if getattr(net.ort, "precision", "f32") == "f32":
-        return None if diff <= 1e-4 else f"the graph's branch gives other maps than the head (by {diff:.1e} of the range)"
+        return None if diff <= 1e-4 else f"{other} (by {diff:.1e} of the range)"
     # bf16 / f16: the two graphs round apart (a few percent of the range); a wrong branch would not correlate
     r = float(np.corrcoef(one.ravel(), two.ravel())[0, 1])
-    return None if r >= 0.99 else f"the graph's branch gives other maps than the head (r = {r:.4f} at {net.ort.precision})"
+    return None if r >= 0.99 else f"{other} (r = {r:.4f} at {net.ort.precision})"
 
 
 def _in_graph_maps(net: Classifier, head: Head, session, x: np.ndarray, indices, scores: str) -> np.ndarray:
