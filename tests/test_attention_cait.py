@@ -19,7 +19,6 @@ attention matters to the class score."""
 import functools
 import shutil
 import tempfile
-import types
 import warnings
 
 import numpy as np
@@ -346,17 +345,9 @@ def _lxt_model(family, layer_scale):
         out = patches.wrap_attention_forward(lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v))(self, q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, 1, c))
 
-    for m in model.modules():
-        if type(m).__name__ == "TalkingHeadAttn":
-            m.forward = types.MethodType(talking_heads, m)
-        elif type(m).__name__ == "ClassAttn":
-            m.forward = types.MethodType(class_attention, m)
-        elif isinstance(m, torch.nn.LayerNorm):
-            m.forward = types.MethodType(patches.layer_norm_forward, m)
-        elif isinstance(m, torch.nn.GELU):
-            m.original_forward = m.forward
-            m.forward = types.MethodType(patches.non_linear_forward, m)
-    return model
+    from test_attn_lrp import lxt_patched
+
+    return lxt_patched(model, {"TalkingHeadAttn": talking_heads, "ClassAttn": class_attention})
 
 
 def _check_attn_lrp(family, layer_scale, exporter, chelsea, report):

@@ -58,9 +58,16 @@ def _lxt_model(family):
         x = attention(self, self.q_norm(q), self.k_norm(k), v)
         return self.proj(self.norm(x.transpose(1, 2).reshape(b, n, -1)))
 
+    return lxt_patched(model, {"Attention": attention_forward})
+
+
+def lxt_patched(model, attention_forwards: dict):
+    """``model`` with lxt's patches, per instance: the forwards given for attention modules (by class
+    name), lxt's ``layer_norm_forward`` on every LayerNorm and ``non_linear_forward`` on every GELU."""
+    _, patches = _lxt()
     for m in model.modules():
-        if type(m).__name__ == "Attention":
-            m.forward = types.MethodType(attention_forward, m)
+        if type(m).__name__ in attention_forwards:
+            m.forward = types.MethodType(attention_forwards[type(m).__name__], m)
         elif isinstance(m, torch.nn.LayerNorm):
             m.forward = types.MethodType(patches.layer_norm_forward, m)
         elif isinstance(m, torch.nn.GELU):

@@ -29,23 +29,27 @@ ONNXRUNTIME, TORCH = "onnxruntime", "torch"
 DIFFERENTIATED = "differentiated head"
 
 
-class EngineChoice(str):
-    """Where the library's Grad-CAM (or Grad-CAM++) runs: ``"onnxruntime"`` (the head differentiated in
-    the graph, one session call for all images and labels) or ``"torch"`` (forward and backward on the
-    converted module), with ``reason``; ``describe()`` gives both, e.g. "onnxruntime (differentiated
-    head)" or "torch (head op Selu has no gradient rule)"."""
+class Decision(str):
+    """A choice between two ways of computing the same thing, with ``reason``: ``in_graph`` when it is the
+    way through a graph with the explanation written in it; ``describe()`` gives both, e.g.
+    "onnxruntime (differentiated head)". Read by ``gradcam_engine`` and ``recipro_cam_engine``."""
 
-    def __new__(cls, engine: str, reason: str):
-        choice = super().__new__(cls, engine)
-        choice.reason = reason
+    def __new__(cls, value: str, reason: str, in_graph: bool):
+        choice = super().__new__(cls, value)
+        choice.reason, choice.in_graph = reason, in_graph
         return choice
-
-    @property
-    def in_graph(self) -> bool:
-        return self == ONNXRUNTIME
 
     def describe(self) -> str:
         return f"{self} ({self.reason})"
+
+
+class EngineChoice(Decision):
+    """Where the library's Grad-CAM (or Grad-CAM++) runs: ``"onnxruntime"`` (the head differentiated in
+    the graph, one session call for all images and labels) or ``"torch"`` (forward and backward on the
+    converted module), with ``reason``, e.g. "torch (head op Selu has no gradient rule)"."""
+
+    def __new__(cls, engine: str, reason: str):
+        return super().__new__(cls, engine, reason, engine == ONNXRUNTIME)
 
 
 def _why_not(exc: BaseException) -> str:

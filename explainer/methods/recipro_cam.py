@@ -69,6 +69,7 @@ from onnx import helper
 
 from .. import limits
 from ..errors import HeadSplitError, InvalidParameterError, LayerNotFeatureMapError
+from ..export.engine import Decision
 from ..graph import dims, infer_shapes, producers
 from ..runtime.feature_layers import default_feature_layer, location_masks
 from ..runtime.ort_engine import OrtEngine
@@ -487,7 +488,7 @@ COPY_SCORES = "saliency_copy_scores"
 _GRAPHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-class ReciproPath(str):
+class ReciproPath(Decision):
     """Where ``explainer.recipro_cam`` runs for a classifier, layer and kernel: ``"in-graph"`` (one session
     of the classifier's graph with the Recipro-CAM branch of ``export_explained``: the backbone, the h*w
     masked copies of the feature layer and the head in one call, on the classifier's engine) or
@@ -495,16 +496,7 @@ class ReciproPath(str):
     ``reason``; ``describe()`` gives both."""
 
     def __new__(cls, path: str, reason: str):
-        choice = super().__new__(cls, path)
-        choice.reason = reason
-        return choice
-
-    @property
-    def in_graph(self) -> bool:
-        return self == IN_GRAPH
-
-    def describe(self) -> str:
-        return f"{self} ({self.reason})"
+        return super().__new__(cls, path, reason, path == IN_GRAPH)
 
 
 def _engine_name(net: Classifier) -> str:
