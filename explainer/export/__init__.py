@@ -44,8 +44,11 @@ the library's maps are resized with, as two constant matrices, ``resize.py``) an
 
 The other modules: ``rules.py`` (one reverse-mode gradient rule per ONNX op, ``RULES``), ``head.py``
 (the head's nodes, their renamed copy, the backward pass; ``gradient_model`` for checking rules),
-``cams.py`` (Grad-CAM and Grad-CAM++), ``writer.py`` (``export_explained``, ``build_explained``),
-``engine.py`` (the library's in-graph path: ``cam_maps``).
+``cams.py`` (Grad-CAM and Grad-CAM++), ``recipro_cam.py`` (Recipro-CAM and ViT-ReciproCAM),
+``writer.py`` (``export_explained``, ``build_explained``), ``engine.py`` (the library's in-graph path:
+``cam_maps``, and ``Decision``: which path runs, and why), ``explained.py`` (an exported file read
+back: recognised by its metadata, matched to the classifier it came from, the service's and the dataset
+job's fast path).
 """
 from __future__ import annotations
 
