@@ -30,7 +30,9 @@ OpenVINO XAI pins an older OpenVINO and numpy 1.x, so it runs in its own virtual
 install openvino-xai. The run hands it the files and the preprocessed image and reads back its times
 and maps. The machine's CPU flags are recorded (bf16 speed depends on avx512_bf16 / AMX).
 
-Writes ``benchmarks/results/openvino.json`` and ``openvino.md`` (``--quick`` only prints).
+Writes ``benchmarks/results/openvino.json`` and ``openvino.md`` and puts the tables into README.md
+between ``<!-- openvino table: written by python -m benchmarks.openvino -->`` and
+``<!-- end of openvino table -->`` (``--quick`` only prints).
 """
 from __future__ import annotations
 
@@ -296,7 +298,17 @@ def main(argv=None) -> int:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "openvino.json").write_text(json.dumps(dict(meta=meta, models=summary), indent=2) + "\n")
     (RESULTS / "openvino.md").write_text(text)
+    from .run import write_between
+
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    body = f"Run of {meta['date']}. " + text.split("\n", 2)[2]  # without the title line
+    if not write_between(readme, README_START, README_END, body):
+        print(f"README.md has no {README_START!r} marker: the table is in {RESULTS / 'openvino.md'} only")
     return 0
+
+
+README_START, README_END = ("<!-- openvino table: written by python -m benchmarks.openvino -->",
+                            "<!-- end of openvino table -->")
 
 
 def round_ratio(theirs: dict, ours: dict) -> float:

@@ -3,9 +3,13 @@ forward-pass limit (onnxruntime on the same number of images at its best batch s
 
     python -m benchmarks            # full run
     python -m benchmarks --quick    # fewer repeats and samples
+    python -m benchmarks --only rise,scorecam   # some parts (see --help)
 
-Writes ``benchmarks/results/latest.json`` and ``latest.md`` (and a copy named after the date).
-Medians over repeats; ratios are computed within the run.
+Writes ``benchmarks/results/latest.json`` and ``latest.md`` (``--quick``: ``quick.*``); a full run of
+every part also rewrites the table in README.md's "Speed" section. Medians over repeats; ratios are
+computed within the run; the run's duration and load average are in its machine line. Peers that
+need their own set-up run in their own benchmarks: ``benchmarks.rise`` (DIANNA), ``benchmarks.openvino``
+(OpenVINO XAI, writes its own README table), ``benchmarks.transformers``, ``benchmarks.export``.
 """
 from __future__ import annotations
 
@@ -129,7 +133,8 @@ def captum_best_ppe(image, candidates) -> int:
     return min(candidates, key=lambda ppe: timed(captum_occlusion(image, ppe), 1))
 
 
-def bench_blackbox(rows, net, name, image, quick, repeats, peers=False, sizes=(1, 2, 4, 8, 16, 32)):
+def bench_blackbox(rows, net, name, image, quick, repeats, peers=False, sizes=(1, 2, 4, 8, 16, 32),
+                   lime_samples=1000):
     """Occlusion and LIME against the forward limit; with ``peers`` (the default model, which has a
     native torch definition) also against Captum and the lime package."""
     import explainer
@@ -142,7 +147,8 @@ def bench_blackbox(rows, net, name, image, quick, repeats, peers=False, sizes=(1
     n_masks = len(range(0, net.input.size[0], 10)) * len(range(0, net.input.size[1], 10))
     b = best_batch(net, n_masks + 1, sizes)
     ours, limit, ratio = paired(occlusion_at(b), forward_pass(net, n_masks + 1, b), repeats)
-    rows.append(dict(model=name, method="occlusion", what=f"{n_masks} masks, ours vs forward limit",
+    rows.append(dict(model=name, method="occlusion", what=f"{n_masks} masks, ours (default "
+                     f"incremental=\"auto\": {incremental_path(net)}) vs forward limit",
                      ours_s=ours, other_s=limit, ratio=ratio, batch=b))
     auto = net.stream_batch_size  # what batch_size="auto" picks (measured here once, untimed, if not cached)
     if auto == b:
@@ -162,15 +168,17 @@ def bench_blackbox(rows, net, name, image, quick, repeats, peers=False, sizes=(1
         # Captum's windows lie inside the image: ours with mask_clipping=False slides the same ones.
         # onnxruntime and torch each run in their own process (see isolated.py).
         n_windows = len(range(0, net.input.size[0] - 15 + 1, 10)) * len(range(0, net.input.size[1] - 15 + 1, 10))
-        ppe = isolated.call("benchmarks.run:captum_best_ppe", image, (16,) if quick else (1, 8, 16, 32, 64))
+        ppe = isolated.call("benchmarks.run:captum_best_ppe", image, (16,) if quick else (1, 16, 64))
         ours, other, ratio = isolated.paired(("benchmarks.run:our_occlusion", (image, b)),
                                              ("benchmarks.run:captum_occlusion", (image, ppe)), repeats)
         rows.append(dict(model=name, method="occlusion", what=f"Captum Occlusion, the same {n_windows} windows "
                          f"(native torch, best perturbations_per_eval={ppe}; each side in its own process) / "
-                         "ours", ours_s=ours, other_s=other, ratio=1 / ratio, batch=b))
+                         "ours (defaults: incremental where it pays)", ours_s=ours, other_s=other, ratio=1 / ratio,
+                         batch=b))
     # LIME: the overhead over the forward passes (all samples drawn), then against the lime package at
-    # equal num_samples with our defaults (sampling stops once the top-5 superpixels are settled)
-    samples = 200 if quick else 1000
+    # equal num_samples, ours with today's defaults (num_samples=2048, sampling stops once the top-5
+    # superpixels are stable under bootstrap refits; the row says how many it drew and why)
+    samples = 200 if quick else lime_samples
     b = best_batch(net, samples, sizes)
     ours, limit, ratio = paired(lambda: explainer.image_lime(net, image, 285, num_samples=samples, random_state=0,
                                                              stop_tolerance=None, verbose=False, batch_size=b),
@@ -178,12 +186,12 @@ def bench_blackbox(rows, net, name, image, quick, repeats, peers=False, sizes=(1
     rows.append(dict(model=name, method="lime", what=f"{samples} samples (all drawn), ours vs forward limit",
                      ours_s=ours, other_s=limit, ratio=ratio, batch=b))
     if peers:
-        used = len(explainer.lime_explanation(net, image, 285, num_samples=samples, random_state=0,
-                                              verbose=False).samples)
         from lime.lime_image import LimeImageExplainer
 
+        samples = 256 if quick else LIME_DEFAULT_SAMPLES
+        exp = explainer.lime_explanation(net, image, 285, num_samples=samples, random_state=0, verbose=False)
+        used, reason = len(exp.samples), exp.stop_reason
         small = net.fit_pixels(image.astype(np.float32))
-        exp = explainer.lime_explanation(net, image, 285, num_samples=2, verbose=False)
         classifier = lambda imgs: net.predict_model_input(net.to_model_input(np.asarray(imgs, np.float32)), 16)
 
         def lime_package(batch):
@@ -192,14 +200,136 @@ def bench_blackbox(rows, net, name, image, quick, repeats, peers=False, sizes=(1
                 segmentation_fn=lambda _: exp.segments, random_seed=0)
 
         default = timed(lambda: lime_package(10), 1)
-        best = 10 if quick else min((10, 1, 32), key=lambda batch: default if batch == 10 else
+        best = 10 if quick else min((10, 1), key=lambda batch: default if batch == 10 else
                                     timed(lambda: lime_package(batch), 1))
         ours, other, ratio = paired(lambda: explainer.image_lime(net, image, 285, num_samples=samples,
-                                                                 random_state=0, verbose=False, batch_size=b),
+                                                                 random_state=0, verbose=False),
                                     lambda: lime_package(best), 1 if quick else 2)
-        rows.append(dict(model=name, method="lime", what=f"lime package, num_samples={samples} (default "
-                         f"batch_size=10: {default:.2f} s; best batch_size={best}) / ours (stopped after "
-                         f"{used} samples)", ours_s=ours, other_s=other, ratio=1 / ratio))
+        rows.append(dict(model=name, method="lime", what=f"lime package, num_samples={samples}, all drawn "
+                         f"(default batch_size=10: {default:.2f} s; best batch_size={best}) / ours at its "
+                         f"defaults (num_samples={samples}, stop_tolerance=0.1: {reason})", ours_s=ours,
+                         other_s=other, ratio=1 / ratio, used=used))
+
+
+LIME_DEFAULT_SAMPLES = 2048  # image_lime's default num_samples
+
+
+def incremental_path(net) -> str:
+    """What occlusion's incremental="auto" ran last on ``net``, in a few words."""
+    from explainer.runtime import incremental
+
+    decision = incremental.last_decision(net)
+    if decision is None:
+        return "not decided"
+    return "incremental" if decision.incremental else "plain"
+
+
+def bench_incremental(rows, net, name, image, repeats):
+    """Occlusion's incremental inference (recompute per mask only what the mask changes) against the plain
+    path (every masked image forwarded whole, the forward limit's work), same 529 masks, each at the
+    library's batch_size="auto"."""
+    from .incremental_occlusion import occlusion
+
+    options = dict(mask_size=15, stride=10)
+    n_masks = len(range(0, net.input.size[0], 10)) * len(range(0, net.input.size[1], 10))
+    inc, plain, ratio = paired(occlusion(net, image, "auto", True, **options),
+                               occlusion(net, image, "auto", False, **options), repeats)
+    rows.append(dict(model=name, method="occlusion", what=f"{n_masks} masks: incremental=True / incremental=False "
+                     "(plain: each masked image forwarded whole), both batch_size=\"auto\"", ours_s=inc,
+                     other_s=plain, ratio=ratio))
+
+
+def bench_rise(rows, net, name, image, quick, repeats, sizes=(1, 2, 4, 8, 16, 32)):
+    """RISE (default estimator) against the forward limit on the same number of masks; peers: DIANNA in
+    ``python -m benchmarks.rise``, OpenVINO XAI in ``python -m benchmarks.openvino``."""
+    import explainer
+
+    masks = 250 if quick else 1000
+    b = best_batch(net, masks, sizes)
+    ours, limit, ratio = paired(lambda: explainer.rise(net, image, 285, num_masks=masks, batch_size=b,
+                                                       random_state=0, verbose=False),
+                                forward_pass(net, masks, b), repeats)
+    rows.append(dict(model=name, method="rise", what=f"{masks} masks, ours vs forward limit", ours_s=ours,
+                     other_s=limit, ratio=ratio, batch=b))
+
+
+def bench_score_cam(rows, net, name, image, quick, repeats):
+    """Score-CAM (one forward pass per channel of the feature layer) against the forward limit on as
+    many images, at the default layer; against pytorch-grad-cam's ScoreCAM (the reference the tests
+    match to 1e-4) on the converted module at a 32-channel layer, where its 16-image torch batches
+    take seconds rather than minutes."""
+    import torch
+    from pytorch_grad_cam import ScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    import explainer
+    from explainer.runtime.feature_layers import default_feature_layer
+    from explainer.runtime.torch_engine import torch_engine
+
+    layer = default_feature_layer(net)[0]
+    channels = int(net.activations(image, layer).shape[0])
+    b = net.stream_batch_size
+    ours, limit, ratio = paired(lambda: explainer.score_cam(net, image, 285, verbose=False),
+                                forward_pass(net, channels, b), 1 if quick else 2)
+    rows.append(dict(model=name, method="score-cam", what=f"{channels} channels of the default layer {layer}: "
+                     "ours (batch_size=\"auto\") vs forward limit at the same batch size", ours_s=ours,
+                     other_s=limit, ratio=ratio, batch=b))
+    shallow = "/Clip"
+    channels = int(net.activations(image, shallow).shape[0])
+    engine = torch_engine(net)
+    module = engine.module_for(shallow)[0]
+    x = engine.tensor(net.fit_pixels(image)).permute(2, 0, 1)[None].contiguous()
+    cam = ScoreCAM(model=engine.pixel_model, target_layers=[module])
+    cam.batch_size = 16
+
+    def theirs():
+        with torch.no_grad():
+            return cam(input_tensor=x, targets=[ClassifierOutputTarget(285)])
+    ours, other, ratio = paired(lambda: explainer.score_cam(net, image, 285, feature_layer=shallow, verbose=False),
+                                theirs, repeats)
+    rows.append(dict(model=name, method="score-cam", what=f"pytorch-grad-cam ScoreCAM on the converted module "
+                     f"(batch 16), {channels} channels of {shallow} / ours", ours_s=ours, other_s=other,
+                     ratio=1 / ratio))
+
+
+def bench_transformers(rows, quick):
+    """Attention rollout against one forward pass and transformer attribution against one forward +
+    backward pass, on the tests' 224-pixel vit_tiny (``benchmarks.transformers.speed``)."""
+    import sys
+
+    import explainer
+    from . import transformers
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import exports
+
+    net = explainer.load(exports.export("vit_tiny", "legacy"), preprocessing="imagenet")
+    name = "vit_tiny (224 px, seeded)"
+    for r in transformers.speed(net, name, explainer.sample_image("chelsea"), quick):
+        if "16 images" in r["baseline"]:
+            continue
+        rows.append(dict(model=name, method=r["method"].replace("_", " "), what=f"ours / {r['baseline']}",
+                         ours_s=r["ours_s"], other_s=r["base_s"], ratio=r["ratio"]))
+
+
+def bench_export(rows, quick):
+    """The exported model (Grad-CAM of the top class in the graph) against the plain model, and the
+    library's torch Grad-CAM against its in-graph path (``benchmarks.export.bench``, EfficientNet-Lite0)."""
+    import tempfile
+
+    from . import export
+
+    (name, make), = export.files(True)
+    with tempfile.TemporaryDirectory() as tmp:
+        r = export.bench(name, make, 2 if quick else 3, 3 if quick else 8, Path(tmp))
+    for n in (1, 16):
+        rows.append(dict(model="efficientnet_lite0", method="export", what=f"batch {n}: the exported model "
+                         f"(its outputs + Grad-CAM of the top class) / the plain model", ours_s=r[f"exported_ms_b{n}"] / 1e3,
+                         other_s=r[f"plain_ms_b{n}"] / 1e3, ratio=r[f"exported_over_plain_b{n}"]))
+        rows.append(dict(model="efficientnet_lite0", method="gradcam", what=f"batch {n}: the library's torch path "
+                         f"(forward + backward per image) / its in-graph path (one onnxruntime call)",
+                         ours_s=r[f"library_torch_ms_b{n}"] / 1e3, other_s=r[f"library_ingraph_ms_b{n}"] / 1e3,
+                         ratio=r[f"torch_over_ingraph_b{n}"]))
 
 
 def bench_gradients(rows, net, name, image, repeats, model, target_layer):
@@ -254,7 +384,10 @@ def converted(net):
 def markdown(meta, rows) -> str:
     lines = [f"# Benchmarks ({meta['date']})", "",
              f"Machine: {meta.get('cpu') or meta['machine']}; {meta['cpus']} CPUs; onnxruntime {meta['onnxruntime']}, "
-             f"torch {meta['torch']}; mode: {meta['mode']}.", "",
+             f"torch {meta['torch']}; mode: {meta['mode']}" + (
+                 f"; {meta['duration_s'] / 60:.0f} minutes; 5-minute load average before / after: "
+                 f"{meta['load_average'][0]} / {meta['load_average'][1]} (a shared machine: compare ratios "
+                 "within the run)" if "load_average" in meta else "") + ".", "",
              "| model | method | comparison | ours (s) | other (s) | ratio |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['method']} | {r['what']} | {r['ours_s']:.3f} | "
@@ -263,7 +396,8 @@ def markdown(meta, rows) -> str:
               "of images at its best batch size (lower is better, 1.0 is the limit); 'X / ours' = how many "
               "times faster we are; 'ours / ...' = our time relative to the peer's on the reference model "
               "(below 1: we are faster); 'batch_size=\"auto\" vs the best' = our time with the size the library "
-              "picks / with the best size of this run (1.0: the pick is the best)."]
+              "picks / with the best size of this run (1.0: the pick is the best); 'A / B' otherwise = A's "
+              "time over B's (below 1: A is faster)."]
     return "\n".join(lines) + "\n"
 
 
@@ -286,26 +420,33 @@ def cpu_model() -> str:
 README_START, README_END = "<!-- benchmark table: written by python -m benchmarks -->", "<!-- end of benchmark table -->"
 
 
-def update_readme(readme: Path, meta, rows) -> bool:
-    """Put a full run's table into the README between the two markers, so the README quotes the latest
-    run and never numbers typed by hand. Returns False (and leaves the file alone) without the markers."""
+def write_between(readme: Path, start_marker: str, end_marker: str, body: str) -> bool:
+    """Replace what lies between two markers of ``readme`` with ``body``, so that the README quotes a
+    run and never numbers typed by hand. Returns False (and leaves the file alone) without the markers.
+    The file is read just before it is written: other sections edited meanwhile are kept."""
     text = readme.read_text()
-    start, end = text.find(README_START), text.find(README_END)
+    start, end = text.find(start_marker), text.find(end_marker)
     if start < 0 or end < start:
         return False
-    table = markdown(meta, rows).split("\n", 2)[2]  # drop the title line and the blank after it
-    readme.write_text(text[:start + len(README_START)] + f"\nRun of {meta['date']}. " + table + text[end:])
+    readme.write_text(text[:start + len(start_marker)] + "\n" + body.rstrip("\n") + "\n" + text[end:])
     return True
 
 
-DEFAULT_PARTS = "blackbox,gradients,deepdream,scaling"
+def update_readme(readme: Path, meta, rows) -> bool:
+    """Put a full run's table into the README between the two markers."""
+    table = markdown(meta, rows).split("\n", 2)[2]  # drop the title line and the blank after it
+    return write_between(readme, README_START, README_END, f"Run of {meta['date']}. " + table)
+
+
+DEFAULT_PARTS = "blackbox,incremental,rise,scorecam,gradients,deepdream,transformers,export,scaling"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and samples")
     parser.add_argument("--only", default=DEFAULT_PARTS,
-                        help="comma-separated parts to run")
+                        help=f"comma-separated parts to run (default: all of {DEFAULT_PARTS}); only a full run "
+                             "of all of them rewrites the README's table")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     import onnxruntime
@@ -314,8 +455,12 @@ def main(argv=None) -> int:
 
     import explainer
 
+    started, load_before = time.perf_counter(), os.getloadavg()
     repeats = 1 if args.quick else 3
     parts = set(args.only.split(","))
+    unknown = parts - set(DEFAULT_PARTS.split(","))
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(sorted(unknown))}; parts: {DEFAULT_PARTS}")
     image = np.rint(explainer.model.preprocess.resize(data.chelsea().astype(np.float32), (224, 224))).astype(np.uint8)
     rows = []
     net = explainer.load()
@@ -323,8 +468,16 @@ def main(argv=None) -> int:
     googlenet = explainer.load("seeded-inception_v1")
     if "blackbox" in parts:
         bench_blackbox(rows, net, "efficientnet_lite0", image, args.quick, repeats, peers=True)
-        # GoogLeNet's graph is 4x slower per image: three batch sizes keep the run short
-        bench_blackbox(rows, googlenet, "googlenet graph (seeded)", image, args.quick, repeats, sizes=(1, 4, 16))
+        # GoogLeNet's graph is 4x slower per image: three batch sizes and 500 LIME samples keep the run short
+        bench_blackbox(rows, googlenet, "googlenet graph (seeded)", image, args.quick, repeats, sizes=(1, 4, 16),
+                       lime_samples=500)
+    if "incremental" in parts:
+        bench_incremental(rows, net, "efficientnet_lite0", image, repeats)
+        bench_incremental(rows, googlenet, "googlenet graph (seeded)", image, repeats)
+    if "rise" in parts:
+        bench_rise(rows, net, "efficientnet_lite0", image, args.quick, repeats)
+    if "scorecam" in parts:
+        bench_score_cam(rows, net, "efficientnet_lite0", image, args.quick, repeats)
     if "gradients" in parts:
         bench_gradients(rows, net, "efficientnet_lite0", image, repeats, native.model, native.model.core._bn1)
         bench_gradients(rows, googlenet, "googlenet graph (seeded)", image, repeats, *converted(googlenet))
@@ -334,6 +487,10 @@ def main(argv=None) -> int:
 
         deepdream.bench(rows, net, "efficientnet_lite0", native.model, repeats)
         deepdream.bench(rows, googlenet, "googlenet graph (seeded)", converted(googlenet)[0], repeats)
+    if "transformers" in parts:
+        bench_transformers(rows, args.quick)
+    if "export" in parts:
+        bench_export(rows, args.quick)
     if "scaling" in parts and not args.quick:
         from . import scaling
 
@@ -341,7 +498,8 @@ def main(argv=None) -> int:
     meta = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=platform.platform(),
                 processor=platform.processor(), cpu=cpu_model(), cpus=os.cpu_count(), onnxruntime=onnxruntime.__version__,
                 torch=torch.__version__, mode="quick" if args.quick else "full",
-                torch_threads=torch.get_num_threads())
+                torch_threads=torch.get_num_threads(), duration_s=round(time.perf_counter() - started),
+                load_average=[round(load_before[1], 2), round(os.getloadavg()[1], 2)], parts=sorted(parts))
     RESULTS.mkdir(exist_ok=True)
     payload = dict(meta=meta, rows=rows, **extra)
     name = "quick" if args.quick else "latest"
