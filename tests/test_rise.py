@@ -205,13 +205,13 @@ def test_regression_estimates_the_rise_expectation_with_less_noise():
 
 
 def test_regression_on_a_model(default_net, chelsea):
-    """On the embedded model: 500 regression passes agree better with a 4,000-mask centred map than 500
+    """On the embedded model: 300 regression passes agree better with a 2,000-mask centred map than 300
     centred passes do; units are the paper's (mean probability of the masked images keeping the pixel)."""
     label = 285
-    reference = rise(default_net, chelsea, label, num_masks=4000, random_state=0, verbose=False)
+    reference = rise(default_net, chelsea, label, num_masks=2000, random_state=0, verbose=False)
     corr = lambda a: np.corrcoef(a.ravel(), reference.ravel())[0, 1]
-    fast = rise(default_net, chelsea, label, num_masks=500, estimator="regression", random_state=1, verbose=False)
-    plain = rise(default_net, chelsea, label, num_masks=500, random_state=1, verbose=False)
+    fast = rise(default_net, chelsea, label, num_masks=300, estimator="regression", random_state=1, verbose=False)
+    plain = rise(default_net, chelsea, label, num_masks=300, random_state=1, verbose=False)
     assert fast.shape == reference.shape and fast.dtype == np.float32
-    assert corr(fast) > corr(plain) and corr(fast) > 0.9
+    assert corr(fast) > corr(plain) and corr(fast) > 0.85, (corr(fast), corr(plain))
     assert abs(fast.mean() - reference.mean()) < 0.05 * reference.mean()
