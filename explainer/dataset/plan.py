@@ -72,13 +72,6 @@ class Plan:
         return LabelSpec.parse(self.labels).indices(net.class_index, probs)
 
 
-def _default_layer(net: Classifier) -> str:
-    """The layer the CAM methods take where none is given."""
-    from ..methods.gradcam import default_feature_layer
-
-    return default_feature_layer(net)[0]
-
-
 @dataclass
 class ImageResult:
     rows: list[dict]
@@ -103,7 +96,7 @@ def explain_image(net: Classifier, ref: ImageRef, plan: Plan, worker: str = "loc
 
     todo = plan.methods if methods is None else methods
     fast = [name for name in todo if explained is not None and name in plan.checked
-            and explained.covers(net, name, plan.checked[name], lambda: _default_layer(net))]
+            and explained.covers(net, name, plan.checked[name])]
     run = None
     try:
         pixels = to_pixels(ref.path, "image")

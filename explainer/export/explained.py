@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from ..errors import DegenerateMapError, InvalidParameterError, NonFiniteOutputError
+from ..runtime.feature_layers import default_feature_layer
 from .writer import SALIENCY, SALIENCY_CLASS, TARGET
 
 if TYPE_CHECKING:
@@ -158,7 +159,6 @@ class ExplainedModel:
         self.outputs = [o.name for o in model.graph.output]
         dim = next(i for i in model.graph.input if i.name == image_input).type.tensor_type.shape.dim
         self.batched = not (len(dim) and dim[0].HasField("dim_value"))
-        self._default_layer: str | None = None  # the CAM methods' default layer of the model it serves
 
     # opening ------------------------------------------------------------------------------------
     @classmethod
@@ -203,18 +203,16 @@ class ExplainedModel:
         return cls(model, meta, name, net.input.name, getattr(net.ort, "providers", None))
 
     # what it serves -----------------------------------------------------------------------------------
-    def covers(self, net: Classifier, method: str, checked: dict, default_layer) -> bool:
+    def covers(self, net: Classifier, method: str, checked: dict) -> bool:
         """Whether the library's ``method`` with ``checked`` options (as its registry entry's ``validate``
-        gives them) computes the maps this file holds: the same method at the same feature layer
-        (``default_layer()``: the layer the method takes where none is given), every other option at what
-        the file was exported with."""
+        gives them) computes the maps this file holds: the same method at the same feature layer (where
+        none is given, ``default_feature_layer``'s), every other option at what the file was exported
+        with."""
         if method != self.method:
             return False
         layer = checked.get("feature_layer")
-        if layer is None:  # the method's default layer, read from the graph once
-            if self._default_layer is None:
-                self._default_layer = default_layer()
-            layer = self._default_layer
+        if layer is None:  # the method's default layer (found once per net)
+            layer = default_feature_layer(net)[0]
         if net.layer(layer).name != net.layer(self.layer).name:
             return False
         for option, value in checked.items():

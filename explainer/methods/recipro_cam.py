@@ -200,7 +200,6 @@ def _nearest_split(net: Classifier, layer: Layer, layout: FeatureLayout) -> tupl
 
 #: the heads made per Classifier (dropped with it) and feature tensor
 _HEADS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_DEFAULTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _LOCK = threading.RLock()
 
 
@@ -836,14 +835,8 @@ def normalise(cams: np.ndarray) -> np.ndarray:
 
 
 def _default_layer(net: Classifier) -> str:
-    """Grad-CAM's default layer, found once per net (reading the graph takes milliseconds)."""
-    with _LOCK:
-        known = _DEFAULTS.get(net)
-    if known is None:
-        known = default_feature_layer(net)[0]
-        with _LOCK:
-            _DEFAULTS[net] = known
-    return known
+    """Grad-CAM's default layer (found once per net: ``default_feature_layer`` keeps it in ``net.runtime``)."""
+    return default_feature_layer(net)[0]
 
 
 def _kernel(kernel: str, layout: FeatureLayout) -> str:

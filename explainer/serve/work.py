@@ -87,13 +87,6 @@ def _seconds(since: float) -> float:
     return round(time.perf_counter() - since, 4)
 
 
-def _default_layer(net: Classifier):
-    """The layer the CAM methods take where none is given (read when a request needs it)."""
-    from ..methods.gradcam import default_feature_layer
-
-    return lambda: default_feature_layer(net)[0]
-
-
 def classify(net: Classifier, data: bytes, k: int, max_pixels: int, job: JobState) -> dict:
     timings, start = {"queue_s": round(job.started - job.created, 4)}, time.perf_counter()
     job.set_stage("decode")
@@ -118,7 +111,7 @@ def explain(net: Classifier, spec: ExplainJob, max_pixels: int, job: JobState, l
     timings["decode_s"], start = _seconds(begin), time.perf_counter()
     job.set_stage("labels")
     fast = [m.name for m in spec.methods if explained is not None and m.name == explained.method
-            and explained.covers(net, m.name, m.validate(net, spec.options[m.name], m.name), _default_layer(net))]
+            and explained.covers(net, m.name, m.validate(net, spec.options[m.name], m.name))]
     run = explained.run(net, image, spec.labels) if fast else None  # the prediction and the maps, one call
     if run is not None:
         probabilities, indices = run.probabilities, run.indices
