@@ -241,9 +241,9 @@ def head_of(net: Classifier, layer: Layer, where: str = "recipro_cam") -> Head:
         def engine_of(graph, input_name, suffix=""):
             # the classifier's engine (OpenVINO at its precision too) where it takes the head's one input;
             # onnxruntime's CPU provider for a head with several inputs (a ViT's residual stream)
-            if not side and getattr(net.ort, "engine", "onnxruntime") == "openvino":
+            if not side and net.ort.engine == "openvino":
                 return net.ort.derived(graph, input_name, key + suffix)
-            providers = net.ort.providers if not hasattr(net.ort, "precision") else ["CPUExecutionProvider"]
+            providers = net.ort.providers if net.ort.engine == "onnxruntime" else ["CPUExecutionProvider"]
             return OrtEngine(graph, input_name, providers, key + suffix)
 
         engine = engine_of(model, layer.output)
@@ -499,8 +499,8 @@ class ReciproPath(Decision):
 
 
 def _engine_name(net: Classifier) -> str:
-    if getattr(net.ort, "engine", "onnxruntime") == "openvino":
-        return f"OpenVINO {getattr(net.ort, 'precision', 'f32')}"
+    if net.ort.engine == "openvino":
+        return f"OpenVINO {net.ort.precision}"
     return "onnxruntime"
 
 
@@ -528,7 +528,7 @@ def _open_in_graph(net: Classifier, layer: Layer):
     model = _only(build_explained(net, "recipro_cam", layer.name, 1, "feature", source=net.model, diagnostics=True,
                                   where="recipro_cam"), COPY_SCORES)
     engine = net.ort.derived(model, net.input.name, f"{net.ort.model_key}|recipro_in_graph:{layer.output}")
-    if SPIN or getattr(engine, "engine", "onnxruntime") == "openvino" or engine.on_cuda:
+    if SPIN or engine.engine == "openvino" or engine.on_cuda:
         return engine.session([])
     import onnxruntime as ort
 

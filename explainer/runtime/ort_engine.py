@@ -33,6 +33,8 @@ MAX_CACHED_SESSIONS = 4
 
 
 class OrtEngine:
+    engine = "onnxruntime"  # the runtime's name (the OpenVINO engine, a subclass, says "openvino")
+
     def __init__(self, model: onnx.ModelProto, input_name: str, providers: Sequence[str],
                  model_key: str):
         self.model = model
