@@ -11,13 +11,16 @@ the chelsea photo, its preprocessed input fed to both sides.
   cannot hold): run in its own venv (``--ovxai-python``, default ``/work/ovxai-venv/bin/python``, made
   with ``pip install openvino-xai onnxruntime``) by a worker script this module writes and runs: its
   ``ReciproCAM`` (CNNs) or ``ViTReciproCAM`` (transformers) with defaults, saliency unscaled
-  (``embed_scaling=False``), the model compiled on the CPU with ``INFERENCE_PRECISION_HINT=f32`` (its
-  default on a CPU with bf16 support is bf16); timed: one ``model_forward`` (prediction and every
-  class's map in one inference).
+  (``embed_scaling=False``), the model compiled on the CPU as its ``prepare_model`` does (OpenVINO's
+  defaults: the LATENCY hint, one stream, a thread per core) with ``INFERENCE_PRECISION_HINT=f32`` (its
+  default on a CPU with bf16 support is bf16; the worker reads the compiled model's properties back and
+  the run stops unless they say f32); timed: one ``model_forward`` (prediction and every class's map in
+  one inference).
 * ours, on onnxruntime and on the OpenVINO engine (``explainer.load(..., engine="openvino",
   precision="f32")``, the OpenVINO of the main venv): ``explainer.recipro_cam`` for one class end to
   end (the photo resized and normalised, the Recipro-CAM run, the map upsampled to the photo), and from
-  the model input as theirs is timed (``input_maps``: scaled maps at the feature resolution), on the path
+  the model input as theirs is timed (``input_maps`` of every class, as theirs gives every class: scaled
+  maps at the feature resolution; the same preprocessed input fed to both), on the path
   ``explainer.recipro_cam_engine`` picks (in-graph on CNNs: one session of the graph with the exported
   branch; two-stage on token layers); onnxruntime's plain forward pass of the same input.
 * agreement: OpenVINO XAI takes the logits (pre-softmax scores), so ours runs with ``scores="logits"``
@@ -28,7 +31,9 @@ the chelsea photo, its preprocessed input fed to both sides.
 Timing: OpenVINO XAI runs in a worker process of its venv, timed call by call inside it; per model, one
 alternation per engine: the calls alternate one by one (ours end to end, ours from the model input,
 theirs, that engine's plain forward pass; the first of them rotates turn by turn), ``repeats`` times,
-after a warm-up of each, so that a slow spell of the shared machine hits all; medians, and ratios as
+after a warm-up of each, so that a slow spell of the shared machine hits all; each call starts ``GAP``
+(20 ms) after the previous one ended, so that threads left spinning by the previous call (onnxruntime's
+pool, OpenVINO's TBB workers; in either process) do not take the cores from the next; medians, and ratios as
 medians of the per-turn ratios within an alternation. (Ours on onnxruntime and ours on OpenVINO in one
 alternation slowed each other: the two runtimes' threads, in one process, compete for the cores right
 after each other's calls.) Writes
@@ -54,6 +59,9 @@ import numpy as np
 from .run import cpu_model
 
 RESULTS = Path(__file__).with_name("results")
+#: seconds slept before each timed call: the previous call's runtime threads (onnxruntime's spinning pool
+#: threads, OpenVINO's TBB workers, in this process or the worker's) are asleep again when the next starts
+GAP = 0.02
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 LABEL = 285
 
@@ -72,9 +80,14 @@ OV_SCRIPT = textwrap.dedent('''
     method = (ViTReciproCAM if kind == "tokens" else ReciproCAM)(ov.Core().read_model(path), embed_scaling=False,
                                                                  prepare_model=False)
     method.prepare_model(load_model=False)
+    # as prepare_model compiles it (ov.Core().compile_model(model, "CPU"): OpenVINO's defaults, i.e. the
+    # LATENCY hint), with float32 asked for: on a CPU with bf16 the default precision is bf16
     method._model_compiled = ov.Core().compile_model(method._model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     result = method.model_forward(x, preprocess=False)  # warm-up
-    print(json.dumps({"openvino": ov.__version__, "openvino_xai": version("openvino-xai")}), flush=True)
+    config = {k: getattr(v, "get_type_name", lambda: str(v))() for k in
+              ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "NUM_STREAMS", "INFERENCE_NUM_THREADS")
+              for v in [method._model_compiled.get_property(k)]}
+    print(json.dumps({"openvino": ov.__version__, "openvino_xai": version("openvino-xai"), "config": config}), flush=True)
     for line in sys.stdin:
         command = line.split()
         if command[0] == "time":
@@ -169,9 +182,9 @@ def bench(name: str, path: str, keywords: dict, image, python: str, script: Path
     def public(n):
         return lambda: recipro_cam(n, image, LABEL, verbose=False)
 
-    def core(n):  # from the model input, as theirs: backbone pass, head on the copies, scaled maps
+    def core(n):  # from the model input, as theirs: backbone pass, head on the copies, every class's scaled map
         l = n.layer(layer.name)
-        return lambda: input_maps(n, l, x, [LABEL])
+        return lambda: input_maps(n, l, x, every)
 
     def forward(n):
         return lambda: n.ort.run(x, [n.output.name])
@@ -191,6 +204,7 @@ def bench(name: str, path: str, keywords: dict, image, python: str, script: Path
             order = list(calls.items())
             for turn in range(repeats):  # one call of each in turn: a slow spell of the machine hits all
                 for key, fn in order[turn % len(order):] + order[:turn % len(order)]:  # who goes first rotates
+                    time.sleep(GAP)
                     if fn is None:
                         got[key].append(other.time())
                         continue
@@ -199,6 +213,8 @@ def bench(name: str, path: str, keywords: dict, image, python: str, script: Path
                     got[key].append(time.perf_counter() - start)
         their_maps = other.saliency()
         meta = other.meta
+        if "f32" not in meta["config"]["INFERENCE_PRECISION_HINT"]:
+            raise RuntimeError(f"OpenVINO XAI did not compile at float32: {meta['config']}")
     finally:
         other.close()
     ms = {e: {k: 1000 * statistics.median(v) for k, v in t.items()} for e, t in times.items()}
@@ -220,10 +236,44 @@ def bench(name: str, path: str, keywords: dict, image, python: str, script: Path
                ov_vs_ort_max_abs_diff=float(np.abs(ov_logits - ours_logits).max()),
                in_graph_vs_two_stage_max_abs_diff=float(np.abs(ours_logits - two_stage).max()), top_class=top,
                r_default_top=float(np.corrcoef(ours_default.ravel(), their_maps[top].ravel())[0, 1]),
-               openvino=meta.get("openvino"), openvino_xai=meta.get("openvino_xai"),
+               openvino=meta.get("openvino"), openvino_xai=meta.get("openvino_xai"), theirs_config=meta["config"],
+               ours_openvino_config=_ov_config(ov, layer.name), ours_onnxruntime_options=_ort_options(net, layer.name),
                openvino_ours=__import__("openvino").__version__)
     print(json.dumps(row), flush=True)
     return row
+
+
+def _config(config: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in config.items()) or "-"
+
+
+def _ov_config(net, layer: str) -> dict:
+    """How our in-graph OpenVINO session was compiled (the properties OpenVINO reports)."""
+    from explainer.methods.recipro_cam import _in_graph_entry
+
+    session = _in_graph_entry(net, net.layer(layer), "auto")[1]
+    if session is None:  # two stages: the head's engine
+        return {}
+    return {k: getattr(v, "get_type_name", lambda: str(v))() for k in
+            ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "NUM_STREAMS", "INFERENCE_NUM_THREADS")
+            for v in [session.compiled.get_property(k)]}
+
+
+def _ort_options(net, layer: str) -> dict:
+    """How our in-graph onnxruntime session was opened."""
+    from explainer.methods.recipro_cam import _in_graph_entry
+
+    session = _in_graph_entry(net, net.layer(layer), "auto")[1]
+    if session is None:
+        return {}
+    options = session.get_session_options()
+    try:
+        spinning = options.get_session_config_entry("session.intra_op.allow_spinning")
+    except Exception:  # noqa: BLE001 - not set: onnxruntime's default
+        spinning = "1 (default)"
+    return dict(graph_optimization_level=str(options.graph_optimization_level).split(".")[-1],
+                intra_op_num_threads=options.intra_op_num_threads or "default (one per core)",
+                allow_spinning=spinning)
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
@@ -231,9 +281,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              f"Machine: {meta['cpu']}; {meta['cpus']} CPUs; onnxruntime {meta['onnxruntime']}; ours on OpenVINO "
              f"{rows[0]['openvino_ours']} (`engine=\"openvino\", precision=\"f32\"`); theirs: OpenVINO "
              f"{rows[0]['openvino']}, openvino-xai {rows[0]['openvino_xai']} (float32: "
-             f"INFERENCE_PRECISION_HINT=f32). Chelsea, class {LABEL} for the timings; medians of {meta['repeats']} "
-             "calls of each, alternating call by call. 5-minute load average before / after: "
-             f"{meta['load_before']:.2f} / {meta['load_after']:.2f} on {meta['cpus']} CPUs.", "",
+             f"INFERENCE_PRECISION_HINT=f32, read back from the compiled model: {_config(rows[0]['theirs_config'])}); "
+             f"ours on OpenVINO compiled with {_config(rows[0]['ours_openvino_config'])}; ours on onnxruntime: "
+             f"{_config(rows[0]['ours_onnxruntime_options'])}. Chelsea; medians of {meta['repeats']} "
+             f"calls of each, alternating call by call, {1000 * GAP:.0f} ms apart. Load average (1 / 5 minutes) "
+             f"before: {meta['load1_before']:.2f} / {meta['load_before']:.2f}, after: {meta['load1_after']:.2f} / "
+             f"{meta['load_after']:.2f} on {meta['cpus']} CPUs.", "",
              "| model | layer | copies | path (onnxruntime / OpenVINO) | engine | ours end to end (ms) "
              "| ours from the input (ms) | OpenVINO XAI f32 (ms) | theirs / ours (from the input) "
              "| theirs / ours (end to end) | ours (from the input) / forward |",
@@ -264,15 +317,18 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                          if r["path_onnxruntime"].startswith("in-graph") else "")
                      + f"ours on OpenVINO f32 vs ours on onnxruntime {r['ov_vs_ort_max_abs_diff']:.1e}.")
     lines += ["", "ours end to end: `explainer.recipro_cam(net, image, 285)` (the 451 x 300 photo resized and "
-              "normalised, the Recipro-CAM run, the map upsampled to the photo), on a classifier loaded with "
+              "normalised, the Recipro-CAM run, class 285's map upsampled to the photo), on a classifier loaded with "
               "onnxruntime, then on one loaded with `engine=\"openvino\", precision=\"f32\"`. ours from the "
-              "input: from the preprocessed input to the maps at the feature resolution, as OpenVINO XAI is "
-              "timed: one inference of its model with the Recipro-CAM branch inserted (every class's map, no "
-              "upsampling). in-graph: one session of the classifier's graph with the exported Recipro-CAM branch "
+              "input: from the same preprocessed input to every class's map at the feature resolution (softmax "
+              "probabilities, min-max scaled: `input_maps(net, layer, x, range(1000))`), as OpenVINO XAI is "
+              "timed: one `model_forward(x, preprocess=False)` of its model with the Recipro-CAM branch inserted "
+              "(its prediction and every class's unscaled map of logits, no upsampling); both warm. in-graph: one session of the classifier's graph with the exported Recipro-CAM branch "
               "(backbone, masked copies, head); two-stage: the backbone pass, then the head on the masked copies. "
               "Timing: per model, one alternation per engine of ours (end to end, from the input), theirs and "
               "that engine's plain forward pass, call by call, the first call rotating turn by turn (two "
-              "engines' thread pools in one process, called turn by turn, slow each other down on 2 cores); "
+              "engines' thread pools in one process, called turn by turn, slow each other down on 2 cores), "
+              f"each call {1000 * GAP:.0f} ms after the previous one ends (so that no runtime's threads still spin "
+              "from the previous call, ours or theirs, when the next starts); "
               "theirs runs in every turn of both, so each ratio is the median of per-turn ratios within one "
               "alternation (above 1: ours faster). forward: "
               "the plain forward pass of the same input on the same engine. r: Pearson correlation of ours with "
@@ -295,7 +351,7 @@ def main(argv=None) -> int:
 
     repeats = 5 if args.quick else 30
     image = explainer.sample_image("chelsea")
-    load_before = os.getloadavg()[1]
+    load1_before, load_before = os.getloadavg()[:2]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "ovxai_recipro_cam.py"
@@ -304,9 +360,16 @@ def main(argv=None) -> int:
             rows.append(bench(name, path, keywords, image, args.ovxai_python, script, repeats, Path(tmp)))
     meta = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), cpu=cpu_model(),
                 cpus=len(os.sched_getaffinity(0)), onnxruntime=onnxruntime.__version__, python=platform.python_version(),
-                repeats=repeats, load_before=load_before, load_after=os.getloadavg()[1])
+                repeats=repeats, load1_before=load1_before, load_before=load_before,
+                load1_after=os.getloadavg()[0], load_after=os.getloadavg()[1])
     text = markdown(meta, rows)
     print(text)
+    print("\ntheirs / ours from the model input (above 1: ours faster); load average 1 / 5 min before "
+          f"{load1_before:.2f} / {load_before:.2f}, after {meta['load1_after']:.2f} / {meta['load_after']:.2f}:")
+    for r in rows:
+        print(f"  {r['model']}: onnxruntime {r['theirs_over_ours_core']:.2f}, OpenVINO f32 "
+              f"{r['theirs_over_ours_ov_core']:.2f} (end to end {r['theirs_over_ours']:.2f} / "
+              f"{r['theirs_over_ours_ov']:.2f}); r min {r['logits']['r_min']:.6f} / {r['logits_openvino']['r_min']:.6f}")
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "recipro_cam.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")

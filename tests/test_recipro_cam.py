@@ -291,3 +291,31 @@ def test_in_graph_path_on_the_openvino_engine(default_net, chelsea):
     assert explainer.recipro_cam_engine(bf16) == "in-graph"
     low = low_resolution(bf16, small, bf16.layer(layer.name), every, scores="logits")
     assert float(np.corrcoef(low.ravel(), ort_maps.ravel())[0, 1]) >= 0.99
+
+
+def test_in_graph_onnxruntime_session_folds_zero_pads_and_does_not_spin(default_net, chelsea):
+    """The in-graph session on onnxruntime: EfficientNet-Lite0's 5 zero Pads ("SAME" padding of its
+    stride-2 convolutions) are folded into the Convs that read them (``fold_pads``: the same outputs,
+    bit for bit, on onnxruntime), and its pool threads do not spin (``OrtEngine(spinning=False)``)."""
+    import onnx
+    import onnxruntime as ort
+
+    from explainer.methods.recipro_cam import _in_graph_entry
+    from explainer.runtime.ort_engine import OrtEngine, fold_pads
+
+    model = onnx.ModelProto()
+    model.CopyFrom(default_net.model)
+    assert fold_pads(model) == 5
+    assert not [n for n in model.graph.node if n.op_type == "Pad"]
+    assert sum(n.op_type == "Pad" for n in default_net.model.graph.node) == 5  # the classifier's graph untouched
+    x = default_net.to_model_input(default_net.fit_pixels(chelsea)[None])
+    name = default_net.output.name
+    before, after = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                     .run([name], {default_net.input.name: x})[0] for m in (default_net.model, model))
+    np.testing.assert_array_equal(before, after)
+    layer = default_net.layer(default_feature_layer(default_net)[0])
+    session = _in_graph_entry(default_net, layer, "auto")[1]
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    spinning = OrtEngine(model, default_net.input.name, ["CPUExecutionProvider"], "t")._session_options()
+    with pytest.raises(Exception):  # onnxruntime's default: not set, the threads spin
+        spinning.get_session_config_entry("session.intra_op.allow_spinning")

@@ -520,24 +520,21 @@ def _not_in_graph(net: Classifier, layout: FeatureLayout, kernel: str) -> str | 
 def _open_in_graph(net: Classifier, layer: Layer):
     """The session of ``net.model`` plus the Recipro-CAM branch at ``layer``, kept to its ``COPY_SCORES``
     output, on the classifier's engine (``net.ort.derived``: onnxruntime on its providers, or OpenVINO at
-    its precision), opened as the engine opens the classifier's own; on onnxruntime's CPU provider with
-    intra-op spinning off (``SPIN``): measured no slower for this session on the shared 2-core machine
-    (within its noise), and its threads then leave the cores to other work between calls."""
+    its precision), opened as the engine opens the classifier's own. On onnxruntime: zero Pads folded
+    into the Conv that reads them (``fold_pads``: onnxruntime keeps them as nodes, with layout reorders
+    around them; OpenVINO folds them itself) and the pool threads not spinning (``SPIN``: one call per
+    explanation; measured no slower on the shared 2-core machine, and the threads then leave the cores
+    to other work between calls)."""
     from ..export.writer import build_explained
+    from ..runtime.ort_engine import fold_pads
 
     model = _only(build_explained(net, "recipro_cam", layer.name, 1, "feature", source=net.model, diagnostics=True,
                                   where="recipro_cam"), COPY_SCORES)
-    engine = net.ort.derived(model, net.input.name, f"{net.ort.model_key}|recipro_in_graph:{layer.output}")
-    if SPIN or engine.engine == "openvino" or engine.on_cuda:
-        return engine.session([])
-    import onnxruntime as ort
-
-    from ..runtime.providers import provider_options
-
-    options = engine._session_options()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), options, providers=engine.providers,
-                                provider_options=provider_options(engine.providers))
+    if net.ort.engine == "onnxruntime":
+        fold_pads(model)
+    engine = net.ort.derived(model, net.input.name, f"{net.ort.model_key}|recipro_in_graph:{layer.output}",
+                             spinning=SPIN)
+    return engine.session([])
 
 
 def _only(model: onnx.ModelProto, output: str) -> onnx.ModelProto:

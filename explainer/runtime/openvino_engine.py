@@ -127,8 +127,10 @@ class OpenVinoEngine(OrtEngine):
                 f"machine (its capabilities: {', '.join(capabilities)}); use precision='f32'"
                 + (" or 'bf16'" if "BF16" in capabilities else "") + ".")
 
-    def derived(self, model: onnx.ModelProto, input_name: str, model_key: str) -> "OpenVinoEngine":
-        """An engine of the same kind for another graph (incremental occlusion's stages and suffixes)."""
+    def derived(self, model: onnx.ModelProto, input_name: str, model_key: str,
+                spinning: bool | None = None) -> "OpenVinoEngine":
+        """An engine of the same kind for another graph (incremental occlusion's stages and suffixes);
+        ``spinning`` is onnxruntime's (OpenVINO's CPU threads have no such switch) and ignored."""
         return OpenVinoEngine(model, input_name, model_key, self.precision, self.ov_device)
 
     @property

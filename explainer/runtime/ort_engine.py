@@ -36,7 +36,7 @@ class OrtEngine:
     engine = "onnxruntime"  # the runtime's name (the OpenVINO engine, a subclass, says "openvino")
 
     def __init__(self, model: onnx.ModelProto, input_name: str, providers: Sequence[str],
-                 model_key: str):
+                 model_key: str, spinning: bool = True):
         self.model = model
         self.input_name = input_name
         self.providers = list(providers)
@@ -48,6 +48,11 @@ class OrtEngine:
         #: ``budget.RunGuard`` of the graph (set by the classifier): each run's batch is checked against
         #: the memory budget and each new image shape for zero extents before onnxruntime sees it
         self.guard = None
+        #: whether a multi-threaded CPU session's pool threads spin waiting for work (onnxruntime's
+        #: default). Off: they sleep between parallel sections and after each run, leaving the cores to
+        #: other work; for an engine whose runs are single calls on a shared machine (the in-graph
+        #: Recipro-CAM session: measured no slower there, and not slowing the next process's call)
+        self.spinning = spinning
 
     # sessions -------------------------------------------------------------------------------------
     def _session_options(self, single_thread: bool = False):
@@ -60,6 +65,9 @@ class OrtEngine:
         if single_thread:
             options.intra_op_num_threads = 1
             options.inter_op_num_threads = 1
+        elif not self.spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         return options
 
     def _serialised(self, extra: Sequence[str]) -> bytes:
@@ -78,9 +86,12 @@ class OrtEngine:
             finally:
                 del outputs[len(self.default_outputs):]
 
-    def derived(self, model: onnx.ModelProto, input_name: str, model_key: str) -> "OrtEngine":
-        """An engine of the same kind and providers for another graph (incremental occlusion's stages)."""
-        return OrtEngine(model, input_name, self.providers, model_key)
+    def derived(self, model: onnx.ModelProto, input_name: str, model_key: str,
+                spinning: bool | None = None) -> "OrtEngine":
+        """An engine of the same kind and providers for another graph (incremental occlusion's stages);
+        ``spinning`` as this one's unless given."""
+        return OrtEngine(model, input_name, self.providers, model_key,
+                         self.spinning if spinning is None else spinning)
 
     @property
     def reference(self) -> "OrtEngine":
@@ -222,6 +233,67 @@ class OrtEngine:
             start = time.perf_counter()
             runs = sum(pool.map(timed, range(streams)))
             return len(batch) * runs / (time.perf_counter() - start)
+
+
+def fold_pads(model: onnx.ModelProto) -> int:
+    """Zero ``Pad`` nodes read by one ``Conv`` alone folded into that Conv's ``pads``, in place; returns
+    how many. The same function: a Conv pads with zeros. onnxruntime 1.31 keeps such a Pad (TensorFlow's
+    "SAME" padding of a stride-2 convolution, e.g. EfficientNet-Lite0's stem and its 5 stride-2 depthwise
+    convolutions) as a node of its own, with NCHWc layout reorders around it (measured 18 % of
+    Lite0's single-thread run on the 2-core machine, the maps bit-identical); OpenVINO folds it itself."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    values = {t.name: t for t in graph.initializer}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+
+    def attributes(node) -> dict:
+        return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+    folded = set()
+    for pad in graph.node:
+        if pad.op_type != "Pad" or pad.domain not in ("", "ai.onnx") or pad.output[0] in outputs:
+            continue
+        conv = readers.get(pad.output[0], [])
+        if len(conv) != 1 or conv[0].op_type != "Conv" or conv[0].domain not in ("", "ai.onnx") \
+                or conv[0].input[0] != pad.output[0]:
+            continue
+        conv = conv[0]
+        if attributes(pad).get("mode", b"constant") not in (b"constant", "constant") or len(pad.input) < 2 \
+                or pad.input[1] not in values or (len(pad.input) > 3 and pad.input[3]):
+            continue
+        if len(pad.input) > 2 and pad.input[2] and (pad.input[2] not in values
+                                                     or np.any(numpy_helper.to_array(values[pad.input[2]]) != 0)):
+            continue
+        pads = numpy_helper.to_array(values[pad.input[1]]).astype(np.int64).ravel()
+        rank = len(pads) // 2
+        if rank < 3 or np.any(pads < 0) or pads[0] or pads[1] or pads[rank] or pads[rank + 1]:
+            continue
+        conv_attributes = attributes(conv)
+        if conv_attributes.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            continue
+        spatial = rank - 2
+        old = list(conv_attributes.get("pads", [0] * (2 * spatial)))
+        new = [int(old[i] + pads[2 + i]) for i in range(spatial)] + \
+              [int(old[spatial + i] + pads[rank + 2 + i]) for i in range(spatial)]
+        kept = [a for a in conv.attribute if a.name != "pads"]
+        del conv.attribute[:]
+        conv.attribute.extend(kept + [helper.make_attribute("pads", new)])
+        conv.input[0] = pad.input[0]
+        folded.add(id(pad))
+    if folded:
+        kept = [n for n in graph.node if id(n) not in folded]
+        del graph.node[:]
+        graph.node.extend(kept)
+        used = {i for n in kept for i in n.input} | outputs
+        weights = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(weights)
+    return len(folded)
 
 
 def ort_error(exc: BaseException, shape) -> Exception:
