@@ -9,8 +9,17 @@ feature grid), the library's in-graph path (``explainer.export.engine.cam_maps``
 graph plus the branch, one onnxruntime call for the batch) and the library's torch path
 (``BaseCAM.low_resolution``, one forward + backward per image, as ``explainer.gradcam`` runs today,
 the bicubic resize excluded from both); file-size overhead. Rounds alternate the variants; each
-figure is the median over rounds of the median of ``repeats`` calls. Writes
-``benchmarks/results/export.json`` and ``export.md`` (``--quick`` only prints).
+figure is the median over rounds of the median of ``repeats`` calls, and each ratio the median over
+rounds of that round's ratio.
+
+The public calls (issue 27, point 5), on the embedded EfficientNet-Lite0, one image: ``explainer.gradcam``
+and ``explainer.gradcam_plus_plus`` (image in, map at the image's size out) against one forward pass,
+defined two ways: ``raw``, ``net.ort.run`` on the prepared model input (the session alone: no resize,
+no normalisation), and ``predict``, ``net.predict(image)`` from the same image (the same resize and
+normalisation as the CAMs': the public forward; ``explainer.classify`` is this plus an argmax). Two
+images: one at the model's input size (224 x 224, the resize a no-op) and one at its own size
+(300 x 451, resized for the model). Writes ``benchmarks/results/export.json`` and ``export.md``
+(``--quick`` only prints).
 """
 from __future__ import annotations
 
@@ -85,14 +94,52 @@ def bench(name, make, rounds, repeats, tmp: Path) -> dict:
                 timings[key].append(median_time(fn, repeats if key != "library_torch" or batch == 1 else max(2, repeats // 4)))
         for key, values in timings.items():
             row[f"{key}_ms_b{batch}"] = 1000 * statistics.median(values)
-        row[f"exported_over_plain_b{batch}"] = row[f"exported_ms_b{batch}"] / row[f"plain_ms_b{batch}"]
-        row[f"ingraph_over_plain_b{batch}"] = row[f"library_ingraph_ms_b{batch}"] / row[f"plain_ms_b{batch}"]
+        per_round = lambda a, b: statistics.median(p / q for p, q in zip(timings[a], timings[b]))  # noqa: E731
+        row[f"exported_over_plain_b{batch}"] = per_round("exported", "plain")
+        row[f"ingraph_over_plain_b{batch}"] = per_round("library_ingraph", "plain")
         row[f"torch_over_ingraph_b{batch}"] = row[f"library_torch_ms_b{batch}"] / row[f"library_ingraph_ms_b{batch}"]
         row[f"plain_batched_b{batch}"] = dynamic
     return row
 
 
-def markdown(meta: dict, rows: list[dict]) -> str:
+def public(rounds: int, repeats: int) -> list[dict]:
+    """The public CAM calls against one forward (raw session / ``net.predict``), one image, alternating
+    rounds; ratios are medians of per-round ratios."""
+    from skimage import data
+
+    import explainer
+
+    net = explainer.load(device="cpu")
+    rows = []
+    chelsea = data.chelsea()
+    for name, image in (("224 x 224 (the model's size)", np.ascontiguousarray(chelsea[40:264, 100:324])),
+                        ("300 x 451 (resized for the model)", chelsea)):
+        x = net.to_model_input(net.prepare(image)[0])
+        label = int(np.argmax(net.predict(image)))
+        variants = {
+            "raw": lambda: net.ort.run(x, [net.output.name]),
+            "predict": lambda: net.predict(image),
+            "classify": lambda: explainer.classify(net, image),
+            "gradcam": lambda: explainer.gradcam(net, image, label),
+            "gradcam_plus_plus": lambda: explainer.gradcam_plus_plus(net, image, label),
+        }
+        timings = {k: [] for k in variants}
+        for _ in range(rounds):
+            for key, fn in variants.items():
+                timings[key].append(median_time(fn, repeats))
+        row = dict(image=name, engine=str(explainer.gradcam_engine(net)))
+        for key, values in timings.items():
+            row[f"{key}_ms"] = 1000 * statistics.median(values)
+        for key in ("gradcam", "gradcam_plus_plus", "predict", "classify"):
+            for base in ("raw", "predict"):
+                if key != base:
+                    row[f"{key}_over_{base}"] = statistics.median(
+                        a / b for a, b in zip(timings[key], timings[base]))
+        rows.append(row)
+    return rows
+
+
+def markdown(meta: dict, rows: list[dict], calls: list[dict] | None = None) -> str:
     lines = [f"# Explanations in the graph: latency ({meta['date']}, {meta['machine']}, load average "
              f"{meta['load_average_before']:.1f} at the start: other processes shared the cores)", "",
              "Median ms per call (batch of N images; graphs exported for batch 1 run image by image). "
@@ -107,6 +154,20 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                          f"{r[f'exported_over_plain_b{b}']:.2f} | {r[f'library_ingraph_ms_b{b}']:.1f} | "
                          f"{r[f'ingraph_over_plain_b{b}']:.2f} | {r[f'library_torch_ms_b{b}']:.1f} | "
                          f"{r[f'torch_over_ingraph_b{b}']:.1f} | {r['size_mb']:.1f} ({r['exported_mb']:.1f}) |")
+    if calls:
+        lines += ["", "## The public calls, one image (EfficientNet-Lite0)", "",
+                  "Median ms per call; ratios are medians of per-round ratios. raw: `net.ort.run` on the "
+                  "prepared input (no resize, no normalisation); predict: `net.predict(image)` from the same "
+                  "image (the same preprocessing as the CAMs).", "",
+                  "| image | raw | predict | classify | gradcam | / raw | / predict | gradcam++ | / raw | / predict |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for c in calls:
+            lines.append(f"| {c['image']} | {c['raw_ms']:.1f} | {c['predict_ms']:.1f} | {c['classify_ms']:.1f} | "
+                         f"{c['gradcam_ms']:.1f} | {c['gradcam_over_raw']:.2f} | {c['gradcam_over_predict']:.2f} | "
+                         f"{c['gradcam_plus_plus_ms']:.1f} | {c['gradcam_plus_plus_over_raw']:.2f} | "
+                         f"{c['gradcam_plus_plus_over_predict']:.2f} |")
+    lines += ["", f"Load average (1 min): {meta['load_average_before']:.2f} before, "
+                  f"{meta.get('load_average_after', float('nan')):.2f} after."]
     return "\n".join(lines) + "\n"
 
 
@@ -125,11 +186,14 @@ def main(argv=None) -> int:
         for name, make in files(args.quick):
             rows.append(bench(name, make, rounds, repeats, Path(tmp)))
             print(json.dumps(rows[-1], indent=1), flush=True)
-    text = markdown(meta, rows)
+    calls = public(rounds, repeats * 2)
+    print(json.dumps(calls, indent=1), flush=True)
+    meta["load_average_after"] = os.getloadavg()[0]
+    text = markdown(meta, rows, calls)
     print(text)
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "export.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+        (RESULTS / "export.json").write_text(json.dumps(dict(meta=meta, rows=rows, public_calls=calls), indent=1))
         (RESULTS / "export.md").write_text(text)
     return 0
 

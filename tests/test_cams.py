@@ -74,3 +74,31 @@ def test_score_cam_needs_no_conversion(monkeypatch, default_net, image224):
     one = explainer.score_cam(default_net, image224, 281, feature_layer="/Clip", verbose=False)
     assert several.shape == (2, 224, 224) and several.dtype == np.float32
     np.testing.assert_allclose(several[1], one, rtol=1e-5, atol=1e-7)  # labels share the passes
+
+
+@pytest.mark.parametrize("grid,size", [((7, 7), (300, 451)), ((14, 14), (150, 226)), ((7, 7), (7, 300)),
+                                       ((12, 9), (37, 1001)), ((28, 28), (20, 500)), ((1, 1), (10, 10))])
+def test_map_upsampling_is_pils_bicubic(grid, size):
+    """The CAMs' upsampling (two products with PIL's coefficient matrices, export/resize.py) equals the
+    library's bicubic resize of maps, PIL's own (``resize_map``), within 1e-6 of the map's range: up,
+    down, one axis only, a 1 x 1 grid."""
+    from explainer.export.resize import upsample
+    from explainer.model.preprocess import resize_map
+
+    maps = np.random.default_rng(sum(grid) + sum(size)).standard_normal((3, *grid)).astype(np.float32)
+    ours, pil = upsample(maps, size), resize_map(maps, size)
+    assert ours.shape == pil.shape == (3, *size) and ours.dtype == np.float32
+    assert np.abs(ours - pil).max() <= 1e-6 * max(np.ptp(pil), 1e-30)
+
+
+def test_public_gradcam_is_its_low_resolution_map_upsampled_by_pil(default_net, chelsea):
+    """``explainer.gradcam``'s map at the image's size is its feature-grid map resized by PIL's bicubic
+    (``resize_map``) and cut at 0, within 1e-6 of the range."""
+    from explainer.methods.gradcam import GradCAM
+    from explainer.model.preprocess import resize_map
+
+    low = GradCAM(default_net).low_resolution(default_net.fit_pixels(chelsea.astype(np.float32)), [281])
+    expected = np.maximum(resize_map(low, chelsea.shape[:2]), 0.0)
+    got = explainer.gradcam(default_net, chelsea, 281)
+    assert got.shape == chelsea.shape[:2]
+    assert np.abs(got - expected[0]).max() <= 1e-6 * np.ptp(expected)

@@ -415,6 +415,28 @@ def test_default_model_equals_library(default_net, tmp_path, chelsea, method, ma
     assert error <= TOLERANCE
 
 
+def test_default_models_branch_reads_the_sources_scores_and_gathers_the_classes_weights(default_net, tmp_path, chelsea):
+    """The branch on the embedded model (feature -> GlobalAveragePool -> Flatten -> Gemm) computes only
+    what the map needs: the classes ranked on the source's own scores (no second Gemm), the weights of
+    the explained classes gathered (no product of a one-hot seed with the weight matrix), the channel
+    weights from the pooled gradient (no (K, N, C, h, w) gradient), the feature read as it is (no copy
+    of it). The source's nodes and outputs are as they were, and the maps are the library's."""
+    path = explainer.export_explained(default_net, tmp_path / "e.onnx", top_k=1)
+    model = onnx.load(str(path))
+    source = default_net.source_model
+    assert [n.SerializeToString() for n in model.graph.node[:len(source.graph.node)]] == \
+        [n.SerializeToString() for n in source.graph.node]
+    branch = model.graph.node[len(source.graph.node):]
+    ops = sorted({n.op_type for n in branch})
+    assert not {"Gemm", "Where", "Expand", "Equal", "GlobalAveragePool", "ReduceMean"} & set(ops), ops
+    assert [n.op_type for n in branch].count("MatMul") == 1 and "Gather" in ops and "TopK" in ops
+    scores = default_net.gradient_scores
+    assert any(scores in n.input for n in branch)  # TopK reads the source's own scores (via Flatten)
+    assert any(default_net.layer(explainer.gradcam_layers(default_net).feature).output in n.input for n in branch)
+    error = check_export(default_net, tmp_path, [chelsea], "gradcam", top_k=1)
+    assert error <= TOLERANCE
+
+
 def test_googlenet_light_graph_equals_library(tmp_path, chelsea):
     """GoogLeNet's graph from the onnx wheel: opset 9, IR 3 (constants as nodes), AveragePool 7x7 with
     asymmetric pads and count_include_pad=0, Dropout, Reshape, Gemm, Softmax."""

@@ -27,6 +27,12 @@ class ExportContext:
     shapes: dict = field(default_factory=dict)
     dtypes: dict = field(default_factory=dict)
     values: dict = field(default_factory=dict)  # measured values of small integer tensors
+    #: the axes of each measured tensor whose extent follows the batch (measured at two batch sizes; a
+    #: tensor missing here is treated as unknown: its shape is read at run time)
+    dynamic: dict = field(default_factory=dict)
+    #: gradients that are a broadcast (Expand) of a smaller tensor: {expanded: (small, forward tensor,
+    #: its axes spread over)}, recorded by the rules of sums and means (``rules._spread``)
+    broadcasts: dict = field(default_factory=dict)
     measured_batch: int = 1
     ir_version: int = 8
     #: the tensor the branch reads for the feature (equal in value to ``feature``, kept apart from it so
@@ -147,6 +153,41 @@ class ExportContext:
     def reshape(self, x: str, shape: str) -> str:
         return self.node("Reshape", [x, shape])
 
+    def known(self, tensor: str, like: str) -> None:
+        """``tensor`` has ``like``'s measured shape, dtype, value and batch axes (a copy of it)."""
+        for table in (self.shapes, self.dtypes, self.values, self.dynamic):
+            if like in table:
+                table[tensor] = table[like]
+
+    def static_shape(self, like: str, lead: bool = True) -> np.ndarray | None:
+        """``like``'s measured shape as a Reshape target: (0, *shape) with ``lead`` (0: the leading K
+        axis copied from the reshaped tensor), the one axis that follows the batch as -1; None where
+        the shape is unknown or more than one axis follows the batch (then it is read at run time)."""
+        shape, dynamic = self.shapes.get(like), self.dynamic.get(like)
+        if shape is None or dynamic is None or len(dynamic) > 1 or any(int(d) <= 0 for d in shape):
+            return None
+        target = [-1 if i in dynamic else int(d) for i, d in enumerate(shape)]
+        return np.asarray(([0] if lead else []) + target, np.int64)
+
+    def reshape_like(self, g: str, like: str, read: str | None = None) -> str:
+        """``g`` (K, ...) reshaped to (K, *shape of ``like``): a constant target where the measured
+        shapes tell it (no Shape node reading a tensor, which would keep its producer alive), else
+        read at run time from ``read`` (default ``like``: a tensor of the same shape)."""
+        target = self.static_shape(like)
+        if target is None:
+            return self.reshape(g, self.kshape(g, read or like))
+        return self.reshape(g, self.const(target, "shape"))
+
+    def expand_shape(self, like: str, spread_axes, read: str | None = None) -> str:
+        """The Expand target that spreads a gradient (K, *shape of ``like`` with 1 on ``spread_axes``)
+        over ``like``'s shape: constant (1 on the axes that follow the batch: the gradient has them in
+        full already) where the measured shapes tell it, else read at run time from ``read`` (default
+        ``like``)."""
+        shape, dynamic = self.shapes.get(like), self.dynamic.get(like)
+        if shape is None or dynamic is None or set(dynamic) & set(spread_axes):
+            return self.shape_of(read or like)
+        return self.const(np.asarray([1 if i in dynamic else int(d) for i, d in enumerate(shape)], np.int64), "shape")
+
     # the feature layer as (N, C, h, w) -----------------------------------------------------------
     def to_chw(self, t: str, lead: int = 0) -> str:
         """A tensor of the feature's layout with ``lead`` extra leading axes → (*lead, N, C, h, w)."""
@@ -182,6 +223,17 @@ class ExportContext:
         if not hasattr(self, "_gradient_chw"):
             self._gradient_chw = self.to_chw(self.gradient(), lead=1)
         return self._gradient_chw
+
+    def spatial_constant(self, g: str) -> str | None:
+        """Where ``g`` (K, N, C, h, w: ``gradient_chw()``) is the same at every location (the gradient
+        of a global average pool, of a mean over the grid), the (K, N, C, 1, 1) tensor it was spread
+        from; else None. Its spatial mean is that tensor."""
+        if self.layout is None or self.layout.kind != "CHW" or g not in self.broadcasts:
+            return None
+        small, x, axes = self.broadcasts[g]
+        shape = self.shapes.get(self.feature)
+        return small if x == self.feature and shape is not None and len(shape) == 4 and sorted(axes) == [2, 3] \
+            else None
 
     def float32(self, t: str, like: str | None = None) -> str:
         """``t`` cast to float32 when ``like`` (default: the feature) is another float type."""

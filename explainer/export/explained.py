@@ -275,7 +275,7 @@ class ExplainedModel:
 
     def _sized(self, maps: np.ndarray, size, indices) -> np.ndarray:
         """(K, h, w) maps → (K, H, W) at the image's size as the library sizes them: bicubic, cut at 0."""
-        from ..model.preprocess import resize_map
+        from .resize import upsample
 
         if not np.all(np.isfinite(maps)):
             raise NonFiniteOutputError(f"{self.method}: the map contains NaN or infinite values; the model's "
@@ -288,7 +288,7 @@ class ExplainedModel:
                         "zero everywhere: at every location the weighted channels lower the class score (the ReLU "
                         "keeps none). Pick another feature_layer (gradcam_layers(net) gives the default and why), "
                         "or another method (gradient, occlusion).")
-        return np.maximum(resize_map(np.asarray(maps, np.float32), tuple(size)), 0.0).astype(np.float32)
+        return np.maximum(upsample(maps, tuple(size)), 0.0).astype(np.float32)
 
     def describe(self) -> dict:
         return {"file": self.name, "method": self.method, "layer": self.layer, "top_k": self.top_k,

@@ -62,9 +62,7 @@ class Head:
         mapping[self.feature] = new_feature
         for t in sorted(self.tensors):
             mapping[t] = ctx.name(f"{tag}/{t.split('/')[-1] or 't'}")
-            for known in (ctx.shapes, ctx.dtypes, ctx.values):  # the copy's tensors are the originals'
-                if t in known:
-                    known[mapping[t]] = known[t]
+            ctx.known(mapping[t], t)  # the copy's tensors are the originals'
         for n in self.nodes:
             copied = onnx.NodeProto()
             copied.CopyFrom(n)
@@ -114,6 +112,10 @@ class Backward:
             elif any(i in self.differentiable for i in n.input):
                 self.differentiable.update(o for o in n.output if o and _is_float(ctx.np_dtype(o)))
         self._needs: dict = {}
+        #: gradients that are one-hot over the scores' classes: {gradient: (K, N) int64 class indices}
+        #: (the seed; a rule that passes a gradient on unchanged keeps its name): a Gemm or MatMul with
+        #: constant weights then gathers the classes' weights instead of multiplying by the one-hot
+        self.onehot: dict = {}
 
     def fwd(self, tensor: str) -> str:
         return self.mapping.get(tensor, tensor)
@@ -133,7 +135,7 @@ class Backward:
         return self.ctx.values.get(tensor)
 
     def reshape_like(self, g: str, x: str) -> str:
-        return self.ctx.reshape(g, self.ctx.kshape(g, self.fwd(x)))
+        return self.ctx.reshape_like(g, x, self.fwd(x))
 
     def zeros_like(self, y: str, grads) -> str:
         any_g = next(g for g in grads if g is not None)
@@ -154,9 +156,12 @@ class Backward:
         summed = self.ctx.reduce("ReduceSum", g, axes, keepdims=1)
         return self.reshape_like(summed, x)
 
-    def run(self, seed: str) -> str:
-        """The gradient (K, *feature shape) of the seeded scores with respect to the feature."""
+    def run(self, seed: str, classes: str | None = None) -> str:
+        """The gradient (K, *feature shape) of the seeded scores with respect to the feature;
+        ``classes``: where the seed (K, N, classes) is one-hot, its (K, N) class indices."""
         ctx, head = self.ctx, self.head
+        if classes is not None:
+            self.onehot[seed] = classes
         grads: dict[str, list[str]] = {head.scores: [seed]}
         for node in reversed(head.nodes):
             outs = [_total(ctx, grads.get(o)) if o else None for o in node.output]
@@ -196,9 +201,12 @@ def _is_float(dtype) -> bool:
     return np.dtype(dtype).type in FLOAT_TYPES
 
 
-def measure(model: onnx.ModelProto, feeds: dict, names) -> tuple[dict, dict, dict]:
+def measure(model: onnx.ModelProto, feeds: dict, names, *, batch_axes: dict | None = None,
+            other_feeds: dict | None = None) -> tuple[dict, dict, dict]:
     """(shapes, dtypes, small integer values) of tensors ``names`` of ``model`` on ``feeds``: one
-    onnxruntime run with them as extra outputs (initializers are read from the graph)."""
+    onnxruntime run with them as extra outputs (initializers are read from the graph). With
+    ``other_feeds`` (another batch size) and a dict ``batch_axes``, a second run fills ``batch_axes``
+    with each tensor's axes whose extent differs between the two runs (those that follow the batch)."""
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
@@ -216,6 +224,15 @@ def measure(model: onnx.ModelProto, feeds: dict, names) -> tuple[dict, dict, dic
     shapes, dtypes, values = {}, {}, {}
     arrays = dict(zip(out_names, session.run(out_names, feeds)))
     arrays.update({k: v for k, v in feeds.items()})
+    if other_feeds is not None and batch_axes is not None:
+        others = dict(zip(out_names, session.run(out_names, other_feeds)))
+        others.update(other_feeds)
+        for name, value in arrays.items():
+            a, o = np.shape(value), np.shape(others[name])
+            if len(a) == len(o):
+                batch_axes[name] = frozenset(i for i, (p, q) in enumerate(zip(a, o)) if p != q)
+        for t in initialisers.values():
+            batch_axes[t.name] = frozenset()
     for name, value in arrays.items():
         value = np.asarray(value)
         shapes[name], dtypes[name] = tuple(value.shape), value.dtype

@@ -408,6 +408,10 @@ def _matmul(b, node, grads):
     g = grads[0]
     out = [None, None]
     ys = b.shape(node.output[0])
+    if g in b.onehot and ra == 2 and rc == 2 and b.needs(node, 0) and not b.needs(node, 1):
+        # one-hot rows of g times C^T: row n is column classes[n] of C, gathered, (P, K, N) -> (K, N, P)
+        gathered = b.ctx.node("Gather", [b.fwd(c), b.onehot[g]], axis=1)
+        return [b.ctx.node("Transpose", [gathered], perm=[1, 2, 0]), None]
     if b.needs(node, 0):  # (..., M, N) @ (..., N, P)^T: the batch dims of the output, A's matrix dims
         out[0] = b.unbroadcast(b.ctx.node("MatMul", [g, _swap_last(b, b.fwd(c), rc)]), a,
                                shape=tuple(ys[:-2]) + tuple(b.shape(a)[-2:]))
@@ -428,7 +432,17 @@ def _gemm(b, node, grads):
     else:
         g_alpha = g
     out = [None] * len(node.input)
-    if b.needs(node, 0):
+    if g in b.onehot and b.needs(node, 0) and not b.needs(node, 1):
+        # one-hot rows of g times op(B)^T: row m is column classes[m] of op(B), gathered (exact: the
+        # product adds zeros to it)
+        if trans_b:  # op(B)^T = B: its rows
+            da = b.ctx.node("Gather", [b.fwd(c), b.onehot[g]], axis=0)  # (K, M, P)
+        else:  # B's columns: (P, K, M) -> (K, M, P)
+            da = b.ctx.node("Transpose", [b.ctx.node("Gather", [b.fwd(c), b.onehot[g]], axis=1)], perm=[1, 2, 0])
+        if alpha != 1.0:
+            da = b.ctx.node("Mul", [da, b.ctx.scalar(alpha, a)])
+        out[0] = b.ctx.node("Transpose", [da], perm=[0, 2, 1]) if trans_a else da
+    elif b.needs(node, 0):
         b_op = b.fwd(c) if trans_b else b.ctx.node("Transpose", [b.fwd(c)], perm=[1, 0])
         da = b.ctx.node("MatMul", [g_alpha, b_op])  # (K, M, P): the gradient of A' = op(A)
         out[0] = b.ctx.node("Transpose", [da], perm=[0, 2, 1]) if trans_a else da
@@ -499,7 +513,9 @@ def _spread(b, g: str, x: str, axes: list[int], keepdims: int, divide: bool) -> 
         shape = b.shape(x)
         count = int(np.prod([shape[a] for a in axes]))
         g = b.ctx.node("Div", [g, b.ctx.scalar(float(count), x)])
-    return b.ctx.node("Expand", [g, b.ctx.shape_of(b.fwd(x))])
+    spread = b.ctx.node("Expand", [g, b.ctx.expand_shape(x, axes, b.fwd(x))])
+    b.ctx.broadcasts[spread] = (g, x, list(axes))  # a mean of it over ``axes`` is ``g`` (cams.py)
+    return spread
 
 
 def _reduce_axes(b, node) -> list[int]:

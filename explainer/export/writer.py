@@ -61,7 +61,7 @@ def build_explained(net, method: str, feature_layer, top_k: int, map_size: str, 
     model = onnx.ModelProto()
     model.CopyFrom(source)
     graph = model.graph
-    source_nodes = len(graph.node)
+    source_nodes, source_initializers = len(graph.node), len(graph.initializer)
     produced = {o for n in graph.node for o in n.output}
     if feature not in produced:
         raise UnsupportedModelError(f"{where}: the feature tensor {feature!r} is computed only by the library's "
@@ -86,7 +86,10 @@ def build_explained(net, method: str, feature_layer, top_k: int, map_size: str, 
     fused = {t: _recomputed(ctx, graph, t) for t in sorted(head.inputs) if t in ctx.shapes}
     mapping = head.copy(ctx, ctx.feature_branch, inputs={t: v for t, v in fused.items() if v is not None})
     scores_copy = mapping[scores]
-    flat = ctx.node("Flatten", [scores_copy], axis=1)
+    # the classes ranked on the source's own scores where they are an output of the graph (computed and
+    # kept anyway: a reader changes nothing in how the source's nodes run), else on the copy's
+    source_outputs = {o.name for o in source.graph.output}
+    flat = ctx.node("Flatten", [scores if scores in source_outputs else scores_copy], axis=1)
     if top_k == 0 and targets_per_image:
         graph.input.append(helper.make_tensor_value_info(TARGET, onnx.TensorProto.INT64, [_batch_dim(source, net.input.name), "K"]))
         classes = TARGET
@@ -105,8 +108,14 @@ def build_explained(net, method: str, feature_layer, top_k: int, map_size: str, 
         arange = ctx.const(np.arange(net.num_classes, dtype=np.int64), "classes")
         hot = ctx.node("Equal", [ctx.unsqueeze(ctx.classes, [2]), arange])  # (N, K, classes)
         seed = ctx.node("Cast", [ctx.node("Transpose", [hot], perm=[1, 0, 2])], to=ctx.elem_type(scores))
-        seed = ctx.reshape(seed, ctx.kshape(seed, scores_copy))
-        return Backward(ctx, head, mapping, constant_values(graph)).run(seed)
+        seed = ctx.reshape_like(seed, scores, scores_copy)
+        # scores (N, classes): the seed's rows are one-hot, and a Gemm or MatMul making the scores
+        # gathers the classes' weights (the one-hot seed then goes unused and is dropped)
+        shape = ctx.shape(scores)
+        one_hot = shape is not None and len(shape) == 2 and shape[0] == ctx.measured_batch \
+            and shape[1] == net.num_classes
+        indices = ctx.node("Transpose", [ctx.classes], perm=[1, 0]) if one_hot else None  # (K, N)
+        return Backward(ctx, head, mapping, constant_values(graph)).run(seed, indices)
 
     ctx._differentiate = differentiate
     ctx.diagnostics = {} if diagnostics else None
@@ -121,6 +130,7 @@ def build_explained(net, method: str, feature_layer, top_k: int, map_size: str, 
     graph.output.append(helper.make_tensor_value_info(SALIENCY, onnx.TensorProto.FLOAT, [None, k, None, None]))
     graph.output.append(helper.make_tensor_value_info(SALIENCY_CLASS, onnx.TensorProto.INT64, [None, k]))
     _own_constants(ctx, graph, source_nodes)
+    _prune(ctx, graph, source_nodes, source_initializers, bypass=method in ("gradcam", "gradcam_plus_plus"))
     _metadata(net, model, method, layer_name, top_k, map_size, layout)
     return model
 
@@ -152,6 +162,57 @@ def _own_constants(ctx: ExportContext, graph, source_nodes: int) -> None:
             node.input[j] = copies[name]
 
 
+def _prune(ctx: ExportContext, graph, source_nodes: int, source_initializers: int, bypass: bool) -> None:
+    """The branch without what nothing reads: nodes whose outputs are neither read nor outputs (the
+    head's forward copy where no rule needs its values, the one-hot seed where the weights were
+    gathered), then the branch's initializers nothing reads. With ``bypass`` (the CAMs), the feature
+    read apart (``_distinct``) where no copy of a source node reads it any more: the branch then reads
+    the feature itself (nothing in it is a copy onnxruntime could merge with the source's nodes)."""
+    source, branch = list(graph.node[:source_nodes]), list(graph.node[source_nodes:])
+    read = {o.name for o in graph.output} | {i for n in source for i in list(n.input) + _subgraph_reads(n)}
+    kept = _live(branch, read)
+    if bypass and ctx.feature_branch and ctx.feature_branch != ctx.feature \
+            and ctx.layout is not None and ctx.layout.kind == "CHW":
+        producer = next((n for n in kept if ctx.feature_branch in n.output), None)
+        readers = [n for n in kept if ctx.feature_branch in n.input]
+        copies = tuple(f"explain/{c}" for c in ("fwd/node", "recomputed_feature_node"))
+        if producer is not None and producer.op_type in ("Where", "Max") \
+                and not any(n.name.startswith(copies) for n in readers):
+            for n in readers:
+                for j, name in enumerate(n.input):
+                    if name == ctx.feature_branch:
+                        n.input[j] = ctx.feature
+            kept = _live([n for n in kept if n is not producer], read)
+    if len(kept) != len(branch):
+        del graph.node[source_nodes:]
+        graph.node.extend(kept)
+    used = {i for n in graph.node for i in list(n.input) + _subgraph_reads(n)}
+    ours = [t for t in graph.initializer[source_initializers:] if t.name in used]
+    if len(ours) != len(graph.initializer) - source_initializers:
+        del graph.initializer[source_initializers:]
+        graph.initializer.extend(ours)
+
+
+def _live(nodes: list, read: set) -> list:
+    """``nodes`` (in order) less those whose outputs nothing reads (``read``: what else reads)."""
+    read, kept = set(read), []
+    for n in reversed(nodes):
+        if any(o and o in read for o in n.output):
+            kept.append(n)
+            read.update(i for i in n.input if i)
+    return kept[::-1]
+
+
+def _subgraph_reads(node) -> list[str]:
+    names = []
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for n in g.node:
+                names.extend(i for i in n.input if i)
+                names.extend(_subgraph_reads(n))
+    return names
+
+
 def _distinct(ctx: ExportContext, feature: str) -> str:
     """The feature under another name that onnxruntime's optimiser keeps apart: copied nodes reading
     the feature itself would be merged with the originals (common subexpression elimination), and the
@@ -161,9 +222,7 @@ def _distinct(ctx: ExportContext, feature: str) -> str:
         name = ctx.node("Where", [ctx.const(np.asarray([True]), "true"), feature, feature])
     else:  # no Where before opset 9
         name = ctx.node("Max", [feature, feature])
-    for known in (ctx.shapes, ctx.dtypes):
-        if feature in known:
-            known[name] = known[feature]
+    ctx.known(name, feature)
     return name
 
 
@@ -195,9 +254,7 @@ def _recomputed(ctx: ExportContext, graph, feature: str) -> str | None:
     name = ctx.name("feature")
     copied.output.append(name)
     graph.node.append(copied)
-    for known in (ctx.shapes, ctx.dtypes):
-        if feature in known:
-            known[name] = known[feature]
+    ctx.known(name, feature)
     return name
 
 
@@ -233,11 +290,20 @@ def _measure(net, source, ctx: ExportContext, head: Head) -> None:
     if extra:
         raise UnsupportedModelError(f"export_explained: the model has another input {extra[0]!r}; only "
                                     "single-input classifiers are exported.")
-    batch = 2 if not isinstance(_batch_dim(source, net.input.name), int) else 1
+    dynamic = not isinstance(_batch_dim(source, net.input.name), int)
+    batch = 2 if dynamic else 1
     rng = np.random.default_rng(0)
-    pixels = rng.uniform(0, 255, (batch, *net.input_size, net.input.channels)).astype(np.float32)
-    feeds = {net.input.name: net.to_model_input(pixels)}
-    ctx.shapes, ctx.dtypes, ctx.values = measure(source, feeds, head.tensors | head.inputs | {ctx.feature})
+    pixels = rng.uniform(0, 255, (batch + 1, *net.input_size, net.input.channels)).astype(np.float32)
+    x = net.to_model_input(pixels)
+    feeds = {net.input.name: x[:batch]}
+    # a second run at batch 3 tells which axes follow the batch (the branch then writes the others'
+    # extents as constants); a graph with a fixed batch has none
+    ctx.dynamic = {}
+    ctx.shapes, ctx.dtypes, ctx.values = measure(source, feeds, head.tensors | head.inputs | {ctx.feature},
+                                                 batch_axes=ctx.dynamic,
+                                                 other_feeds={net.input.name: x} if dynamic else None)
+    if not dynamic:
+        ctx.dynamic = {name: frozenset() for name in ctx.shapes}
     ctx.measured_batch = batch
 
 

@@ -14,6 +14,7 @@ own (the converted module rounds some of them one step apart).
 """
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,11 +45,16 @@ def gradcam_engine(net: Classifier, feature_layer=None, reduction_layer=None, me
     converted module, with the reason ("head op Selu has no gradient rule"; a ``reduction_layer`` other
     than the class scores). The answer (a str, with ``.reason`` and ``.describe()``) is decided once
     per classifier, method and layer."""
-    from ..export.engine import TORCH, EngineChoice, choose
-
     if method not in ("gradcam", "gradcam_plus_plus"):
         raise InvalidParameterError(f"gradcam_engine: method must be 'gradcam' or 'gradcam_plus_plus'; got {method!r}.")
     feature, reduction = gradcam_layers(net, feature_layer, reduction_layer)
+    return _engine(net, feature, reduction, method)
+
+
+def _engine(net: Classifier, feature: str, reduction: str, method: str):
+    """``gradcam_engine`` for checked layer names."""
+    from ..export.engine import TORCH, EngineChoice, choose
+
     if reduction != net.layer(net.gradient_scores).name:
         return EngineChoice(TORCH, f"reduction_layer {reduction!r} is not the class scores, the only reduction "
                                    "the in-graph path differentiates")
@@ -70,16 +76,21 @@ class BaseCAM(MapMethod):
         if runs_on not in RUNS_ON:
             raise InvalidParameterError(f"{self.where}: runs_on must be one of {RUNS_ON}; got {runs_on!r}.")
         self.feature_layer, self.reduction_layer = gradcam_layers(net, feature_layer, reduction_layer)
-        self.layout = net.layout(self.feature_layer)
         if runs_on == "torch":
             from ..export.engine import TORCH, EngineChoice
 
             self.runs_on = EngineChoice(TORCH, "asked for")
-        else:
-            self.runs_on = gradcam_engine(net, self.feature_layer, self.reduction_layer, self.method)
+        else:  # gradcam_engine's answer, without checking the layers a second time
+            self.runs_on = _engine(net, self.feature_layer, self.reduction_layer, self.method)
             if runs_on == "onnxruntime" and not self.runs_on.in_graph:
                 raise InvalidParameterError(f"{self.where}: the in-graph path cannot run at layer "
                                             f"{self.feature_layer!r}: {self.runs_on.reason}.")
+
+    @functools.cached_property
+    def layout(self):
+        """How the feature layer lays out (C, H, W) (tokens, channels-last grids): for the torch path
+        (the in-graph path writes it in the graph)."""
+        return self.net.layout(self.feature_layer)
 
     @property
     def engine(self):
@@ -165,6 +176,14 @@ class BaseCAM(MapMethod):
 
     def explain(self, pixels, indices):
         return self.low_resolution(pixels, indices)
+
+    def sized(self, m: np.ndarray, pixels: np.ndarray, indices: list[int]) -> np.ndarray:
+        """The maps at the image's size (the library's bicubic, as ``MapMethod.sized``), cut at 0: PIL's
+        separable filter as two products with its coefficient matrices, kept per size
+        (``export.resize.upsample``)."""
+        from ..export.resize import upsample
+
+        return np.maximum(upsample(m, pixels.shape[:2]), 0.0)
 
     def explain_all(self, pixels, indices):
         if self.runs_on.in_graph:  # every image and label of the call through one session call
