@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..graph import attribute
+from ..graph import attribute, producers
 from .constants import drop_unused_initializers
 from .passes import register
 
@@ -25,10 +25,10 @@ def is_quantized(model: onnx.ModelProto) -> bool:
 def before_quantisation(graph: onnx.GraphProto, tensor: str) -> str:
     """The float tensor a QuantizeLinear -> DequantizeLinear pair rounds into ``tensor``; ``tensor``
     itself when no such pair makes it."""
-    producers = {o: n for n in graph.node for o in n.output}
-    dequantize = producers.get(tensor)
+    made_by = producers(graph)
+    dequantize = made_by.get(tensor)
     if dequantize is not None and dequantize.op_type == "DequantizeLinear":
-        quantize = producers.get(dequantize.input[0])
+        quantize = made_by.get(dequantize.input[0])
         if quantize is not None and quantize.op_type == "QuantizeLinear":
             return quantize.input[0]
     return tensor

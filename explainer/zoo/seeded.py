@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..graph import producers
+
 ARCHITECTURES = {
     "alexnet": "light_bvlc_alexnet",
     "densenet121": "light_densenet121",
@@ -118,7 +120,7 @@ def _calibrate(model: onnx.ModelProto, target_std: float = 3.0) -> None:
     import onnxruntime as ort
 
     g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
+    producer = producers(g)
     softmax = [n for n in g.node if n.op_type == "Softmax"]
     logits = softmax[-1].input[0] if softmax else g.output[0].name
     node = producer[logits]
