@@ -240,11 +240,13 @@ def head_of(net: Classifier, layer: Layer, where: str = "recipro_cam") -> Head:
 
         def engine_of(graph, input_name, suffix=""):
             # the classifier's engine (OpenVINO at its precision too) where it takes the head's one input;
-            # onnxruntime's CPU provider for a head with several inputs (a ViT's residual stream)
+            # onnxruntime's CPU provider for a head with several inputs (a ViT's residual stream); on
+            # onnxruntime the pool threads do not spin (``SPIN``, as the in-graph session: ViT-Tiny's head
+            # on its 196 copies measured 8 % faster so on the loaded 2-core machine)
             if not side and net.ort.engine == "openvino":
                 return net.ort.derived(graph, input_name, key + suffix)
             providers = net.ort.providers if net.ort.engine == "onnxruntime" else ["CPUExecutionProvider"]
-            return OrtEngine(graph, input_name, providers, key + suffix)
+            return OrtEngine(graph, input_name, providers, key + suffix, spinning=SPIN)
 
         engine = engine_of(model, layer.output)
         head = Head(layer.output, (layer.output, *side), layout, outputs, model, engine)
@@ -565,7 +567,8 @@ def _only(model: onnx.ModelProto, output: str) -> onnx.ModelProto:
     return model
 
 
-#: whether the in-graph onnxruntime session's threads spin after a run (see ``_open_in_graph``)
+#: whether the onnxruntime pool threads of Recipro-CAM's sessions (the in-graph session, the two-stage
+#: heads) spin waiting for work (``OrtEngine.spinning``; see ``_open_in_graph``)
 SPIN = False
 
 
