@@ -319,3 +319,38 @@ def test_in_graph_onnxruntime_session_folds_zero_pads_and_does_not_spin(default_
     spinning = OrtEngine(model, default_net.input.name, ["CPUExecutionProvider"], "t")._session_options()
     with pytest.raises(Exception):  # onnxruntime's default: not set, the threads spin
         spinning.get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_fold_pads_adds_to_the_conv_s_own_pads_and_leaves_other_pads():
+    """``fold_pads``: a zero Pad from a Constant node, asymmetric, added to the Conv's own pads (the same
+    outputs); a reflecting Pad and one with a non-zero value stay."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from explainer.runtime.ort_engine import fold_pads
+
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "W")
+    pads = numpy_helper.from_array(np.array([0, 0, 1, 0, 0, 0, 2, 1], np.int64))
+    nodes = [helper.make_node("Constant", [], ["p"], value=pads),
+             helper.make_node("Pad", ["x", "p"], ["a"]),
+             helper.make_node("Conv", ["a", "W"], ["y1"], strides=[2, 2], pads=[1, 1, 0, 0]),
+             helper.make_node("Pad", ["x", "p"], ["b"], mode="reflect"),
+             helper.make_node("Conv", ["b", "W"], ["y2"]),
+             helper.make_node("Constant", [], ["one"], value=numpy_helper.from_array(np.array(1.0, np.float32))),
+             helper.make_node("Pad", ["x", "p", "one"], ["c"]),
+             helper.make_node("Conv", ["c", "W"], ["y3"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 9, 8])],
+                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in (1, 2, 3)],
+                              initializer=[weights])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = rng.normal(size=(1, 3, 9, 8)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert fold_pads(model) == 1
+    assert [n.op_type for n in model.graph.node].count("Pad") == 2
+    conv = next(n for n in model.graph.node if n.output[0] == "y1")
+    assert conv.input[0] == "x" and list(next(a.ints for a in conv.attribute if a.name == "pads")) == [2, 1, 2, 1]
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for a, b in zip(before, after):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

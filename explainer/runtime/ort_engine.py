@@ -244,7 +244,15 @@ def fold_pads(model: onnx.ModelProto) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    values = {t.name: t for t in graph.initializer}
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return 0  # subgraphs may read the graph's names: left as it is
+    constants = {t.name: t for t in graph.initializer}
+    constants.update({n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.output
+                      and len(n.attribute) == 1 and n.attribute[0].name == "value"})
+
+    def value(name: str):
+        return numpy_helper.to_array(constants[name]) if name in constants else None
+
     readers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
@@ -264,12 +272,11 @@ def fold_pads(model: onnx.ModelProto) -> int:
             continue
         conv = conv[0]
         if attributes(pad).get("mode", b"constant") not in (b"constant", "constant") or len(pad.input) < 2 \
-                or pad.input[1] not in values or (len(pad.input) > 3 and pad.input[3]):
+                or pad.input[1] not in constants or (len(pad.input) > 3 and pad.input[3]):
             continue
-        if len(pad.input) > 2 and pad.input[2] and (pad.input[2] not in values
-                                                     or np.any(numpy_helper.to_array(values[pad.input[2]]) != 0)):
+        if len(pad.input) > 2 and pad.input[2] and (pad.input[2] not in constants or np.any(value(pad.input[2]) != 0)):
             continue
-        pads = numpy_helper.to_array(values[pad.input[1]]).astype(np.int64).ravel()
+        pads = value(pad.input[1]).astype(np.int64).ravel()
         rank = len(pads) // 2
         if rank < 3 or np.any(pads < 0) or pads[0] or pads[1] or pads[rank] or pads[rank + 1]:
             continue
