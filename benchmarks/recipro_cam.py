@@ -33,7 +33,9 @@ alternation per engine: the calls alternate one by one (ours end to end, ours fr
 theirs, that engine's plain forward pass; the first of them rotates turn by turn), ``repeats`` times,
 after a warm-up of each, so that a slow spell of the shared machine hits all; each call starts ``GAP``
 (20 ms) after the previous one ended, so that threads left spinning by the previous call (onnxruntime's
-pool, OpenVINO's TBB workers; in either process) do not take the cores from the next; medians, and ratios as
+pool, OpenVINO's TBB workers; in either process) do not take the cores from the next; wall clock and CPU time
+(the process's CPU seconds over the call, all threads: ours in this process, theirs in the worker; the work
+a call costs whatever share of the shared machine's cores it gets); medians, and ratios as
 medians of the per-turn ratios within an alternation. (Ours on onnxruntime and ours on OpenVINO in one
 alternation slowed each other: the two runtimes' threads, in one process, compete for the cores right
 after each other's calls.) Writes
@@ -91,9 +93,9 @@ OV_SCRIPT = textwrap.dedent('''
     for line in sys.stdin:
         command = line.split()
         if command[0] == "time":
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             result = method.model_forward(x, preprocess=False)
-            print(time.perf_counter() - start, flush=True)
+            print(time.perf_counter() - start, time.process_time() - cpu, flush=True)
         elif command[0] == "save":
             np.save(command[1], np.asarray(result[SALIENCY_MAP_OUTPUT_NAME], np.float32)[0])
             print("saved", flush=True)
@@ -134,8 +136,10 @@ class Theirs:
         self.process.stdin.flush()
         return self.process.stdout.readline().strip()
 
-    def time(self) -> float:
-        return float(self.ask("time"))
+    def time(self) -> tuple[float, float]:
+        """(wall-clock, CPU seconds of the worker's threads) of one call."""
+        wall, cpu = self.ask("time").split()
+        return float(wall), float(cpu)
 
     def saliency(self) -> np.ndarray:
         out = self.tmp / "saliency.npy"
@@ -194,10 +198,11 @@ def bench(name: str, path: str, keywords: dict, image, python: str, script: Path
     blocks = {"onnxruntime": {"public": public(net), "core": core(net), "theirs": None, "forward": forward(net)},
               "openvino": {"public": public(ov), "core": core(ov), "theirs": None, "forward": forward(ov)}}
     other = Theirs(python, script, path, head.layout.kind, x, tmp)
-    times = {}
+    times, cpu = {}, {}
     try:
         for engine, calls in blocks.items():
             got = times[engine] = {k: [] for k in calls}
+            used = cpu[engine] = {k: [] for k in calls}
             for fn in calls.values():
                 if fn is not None:
                     fn()
@@ -206,11 +211,14 @@ def bench(name: str, path: str, keywords: dict, image, python: str, script: Path
                 for key, fn in order[turn % len(order):] + order[:turn % len(order)]:  # who goes first rotates
                     time.sleep(GAP)
                     if fn is None:
-                        got[key].append(other.time())
+                        wall, seconds = other.time()
+                        got[key].append(wall)
+                        used[key].append(seconds)
                         continue
-                    start = time.perf_counter()
+                    start, seconds = time.perf_counter(), time.process_time()
                     fn()
                     got[key].append(time.perf_counter() - start)
+                    used[key].append(time.process_time() - seconds)
         their_maps = other.saliency()
         meta = other.meta
         if "f32" not in meta["config"]["INFERENCE_PRECISION_HINT"]:
@@ -218,7 +226,8 @@ def bench(name: str, path: str, keywords: dict, image, python: str, script: Path
     finally:
         other.close()
     ms = {e: {k: 1000 * statistics.median(v) for k, v in t.items()} for e, t in times.items()}
-    pair = lambda e, a, b: statistics.median(np.divide(times[e][a], times[e][b]))  # noqa: E731
+    pair = lambda e, a, b, t=times: statistics.median(np.divide(t[e][a], t[e][b]))  # noqa: E731
+    cpu_ms = {e: {k: 1000 * statistics.median(v) for k, v in t.items()} for e, t in cpu.items()}
     row = dict(model=name, file=Path(path).name, layer=layer.name, layout=head.layout.describe(),
                masked=list(head.inputs), copies=head.layout.grid[0] * head.layout.grid[1],
                path_onnxruntime=paths["onnxruntime"].describe(), path_openvino=paths["openvino"].describe(),
@@ -230,6 +239,10 @@ def bench(name: str, path: str, keywords: dict, image, python: str, script: Path
                theirs_over_ours_core=pair("onnxruntime", "theirs", "core"),
                theirs_over_ours_ov=pair("openvino", "theirs", "public"),
                theirs_over_ours_ov_core=pair("openvino", "theirs", "core"),
+               ours_core_cpu_ms=cpu_ms["onnxruntime"]["core"], theirs_cpu_ms=cpu_ms["onnxruntime"]["theirs"],
+               ours_ov_core_cpu_ms=cpu_ms["openvino"]["core"], theirs_ov_block_cpu_ms=cpu_ms["openvino"]["theirs"],
+               theirs_over_ours_core_cpu=pair("onnxruntime", "theirs", "core", cpu),
+               theirs_over_ours_ov_core_cpu=pair("openvino", "theirs", "core", cpu),
                ours_core_over_forward=pair("onnxruntime", "core", "forward"),
                ours_ov_core_over_forward=pair("openvino", "core", "forward"),
                logits=agreement(ours_logits, their_maps), logits_openvino=agreement(ov_logits, their_maps),
@@ -289,18 +302,22 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              f"{meta['load_after']:.2f} on {meta['cpus']} CPUs.", "",
              "| model | layer | copies | path (onnxruntime / OpenVINO) | engine | ours end to end (ms) "
              "| ours from the input (ms) | OpenVINO XAI f32 (ms) | theirs / ours (from the input) "
-             "| theirs / ours (end to end) | ours (from the input) / forward |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| theirs / ours (end to end) | ours (from the input) / forward | CPU ms per call, ours (from the input) "
+             "/ theirs | theirs / ours, CPU time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p_ort, p_ov = (r[k].split(" ")[0] for k in ("path_onnxruntime", "path_openvino"))
         first = (f"| {r['model']} | `{r['layer']}` ({r['layout']}; {len(r['masked'])} masked) | {r['copies']} | "
                  f"{p_ort} / {p_ov} ")
         lines.append(first + f"| onnxruntime | {r['ours_ms']:.1f} | {r['ours_core_ms']:.1f} | {r['theirs_ms']:.1f} | "
                      f"**{r['theirs_over_ours_core']:.2f}** | {r['theirs_over_ours']:.2f} | "
-                     f"{r['ours_core_over_forward']:.2f} |")
+                     f"{r['ours_core_over_forward']:.2f} | {r['ours_core_cpu_ms']:.1f} / {r['theirs_cpu_ms']:.1f} | "
+                     f"{r['theirs_over_ours_core_cpu']:.2f} |")
         lines.append(f"| | | | | OpenVINO f32 | {r['ours_ov_ms']:.1f} | {r['ours_ov_core_ms']:.1f} | "
                      f"{r['theirs_ov_block_ms']:.1f} | **{r['theirs_over_ours_ov_core']:.2f}** | "
-                     f"{r['theirs_over_ours_ov']:.2f} | {r['ours_ov_core_over_forward']:.2f} |")
+                     f"{r['theirs_over_ours_ov']:.2f} | {r['ours_ov_core_over_forward']:.2f} | "
+                     f"{r['ours_ov_core_cpu_ms']:.1f} / {r['theirs_ov_block_cpu_ms']:.1f} | "
+                     f"{r['theirs_over_ours_ov_core_cpu']:.2f} |")
     lines += ["", "Agreement with OpenVINO XAI (ours with `scores=\"logits\"`, what it scores; every class, feature "
               "resolution):", "",
               "| model | r min (median), ours onnxruntime | max abs diff | r min (median), ours OpenVINO f32 "
@@ -329,6 +346,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "engines' thread pools in one process, called turn by turn, slow each other down on 2 cores), "
               f"each call {1000 * GAP:.0f} ms after the previous one ends (so that no runtime's threads still spin "
               "from the previous call, ours or theirs, when the next starts); "
+              "CPU time: the process's CPU seconds over the call, all its threads (ours: this process; theirs: its "
+              "worker), the work a call costs whatever share of the cores it gets (a spinning thread's wait counts "
+              "too), less sensitive to the other load of a shared machine than the wall clock; "
               "theirs runs in every turn of both, so each ratio is the median of per-turn ratios within one "
               "alternation (above 1: ours faster). forward: "
               "the plain forward pass of the same input on the same engine. r: Pearson correlation of ours with "
@@ -368,7 +388,8 @@ def main(argv=None) -> int:
           f"{load1_before:.2f} / {load_before:.2f}, after {meta['load1_after']:.2f} / {meta['load_after']:.2f}:")
     for r in rows:
         print(f"  {r['model']}: onnxruntime {r['theirs_over_ours_core']:.2f}, OpenVINO f32 "
-              f"{r['theirs_over_ours_ov_core']:.2f} (end to end {r['theirs_over_ours']:.2f} / "
+              f"{r['theirs_over_ours_ov_core']:.2f} (CPU time {r['theirs_over_ours_core_cpu']:.2f} / "
+              f"{r['theirs_over_ours_ov_core_cpu']:.2f}; end to end {r['theirs_over_ours']:.2f} / "
               f"{r['theirs_over_ours_ov']:.2f}); r min {r['logits']['r_min']:.6f} / {r['logits_openvino']['r_min']:.6f}")
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)

@@ -354,3 +354,24 @@ def test_fold_pads_adds_to_the_conv_s_own_pads_and_leaves_other_pads():
     after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     for a, b in zip(before, after):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_working_copy_softmax_and_scaling_equal_the_plain_expressions_bit_for_bit():
+    """``_softmax`` (the in-graph path's probabilities of the copies) is ``classifier.softmax`` bit for
+    bit, and ``normalise`` the plain min-max expression over the two map axes, a constant map zeros."""
+    from explainer.methods.recipro_cam import _softmax, normalise
+    from explainer.runtime.classifier import softmax
+
+    rng = np.random.default_rng(0)
+    for scale in (0.1, 3.0, 40.0):
+        raw = (rng.normal(size=(49, 1000)) * scale).astype(np.float32)
+        np.testing.assert_array_equal(_softmax(raw), softmax(raw))
+    for shape in [(1000, 7, 7), (3, 14, 14), (7, 7)]:
+        for dtype in (np.float64, np.float32):
+            cams = rng.normal(size=shape).astype(dtype)
+            if len(shape) == 3:
+                cams[1] = 2.0
+            low = cams.min(axis=(-2, -1), keepdims=True)
+            span = cams.max(axis=(-2, -1), keepdims=True) - low
+            plain = np.where(span > 0, (cams - low) / np.where(span > 0, span, 1), 0).astype(np.float32)
+            np.testing.assert_array_equal(normalise(cams), plain)

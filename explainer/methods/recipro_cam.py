@@ -698,15 +698,13 @@ def input_maps(net: Classifier, layer: Layer, x: np.ndarray, indices, *, kernel=
 def _copy_scores(net: Classifier, raw: np.ndarray, scores: str) -> np.ndarray:
     """The copies' scores as ``_scores_fn`` gives them, from the branch's scores ``raw`` (the Softmax's
     input where the graph has one, else its output)."""
-    from ..runtime.classifier import softmax
-
     raw = raw.reshape(len(raw), -1)
     if not np.all(np.isfinite(raw)):
         net.scores_from_outputs([raw])  # raises the library's NonFiniteOutputError
     if net.output.softmax_input:
-        return softmax(raw) if scores == "probabilities" else raw.astype(np.float32)
-    if scores == "probabilities":
-        return net.scores_from_outputs([raw])
+        return _softmax(raw) if scores == "probabilities" else raw.astype(np.float32)
+    if scores == "probabilities":  # as net.scores_from_outputs
+        return raw.astype(np.float32) if net.output.is_probability else _softmax(raw)
     if net.output.is_probability:
         return np.log(np.maximum(raw.astype(np.float32), np.finfo(np.float32).tiny))
     return raw.astype(np.float32)
@@ -828,10 +826,28 @@ def _check_early(head: Head, feed: dict) -> None:
 
 
 def normalise(cams: np.ndarray) -> np.ndarray:
-    """Each (h, w) map min-max scaled to [0, 1]; a constant map becomes zeros."""
-    low = cams.min(axis=(-2, -1), keepdims=True)
-    span = cams.max(axis=(-2, -1), keepdims=True) - low
-    return np.where(span > 0, (cams - low) / np.where(span > 0, span, 1), 0).astype(np.float32)
+    """Each (h, w) map min-max scaled to [0, 1]; a constant map becomes zeros. (Reduced over the
+    flattened maps and computed in place on one working copy: the same values as over the two axes with
+    temporaries, several times faster on 1,000 maps of 7 x 7.)"""
+    flat = cams.reshape(*cams.shape[:-2], -1)
+    low = flat.min(axis=-1, keepdims=True)
+    span = flat.max(axis=-1, keepdims=True) - low
+    varies = span > 0
+    out = np.subtract(flat, low)
+    out /= np.where(varies, span, 1)
+    np.copyto(out, 0, where=~varies)
+    return out.reshape(cams.shape).astype(np.float32)
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    """``classifier.softmax`` (the same float64 operations in the same order: the same float32
+    probabilities, bit for bit) on one working array instead of four temporaries of the copies'
+    (49, 1000) scores."""
+    z = scores.astype(np.float64)
+    z -= scores.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z.astype(np.float32)
 
 
 def _default_layer(net: Classifier) -> str:
