@@ -215,3 +215,81 @@ def test_regression_on_a_model(default_net, chelsea):
     assert fast.shape == reference.shape and fast.dtype == np.float32
     assert corr(fast) > corr(plain) and corr(fast) > 0.85, (corr(fast), corr(plain))
     assert abs(fast.mean() - reference.mean()) < 0.05 * reference.mean()
+
+
+# --- stop_reliability: the regression's noise estimate, and the stop it drives -------------------------------
+
+def _regression_runs(n, seeds, antithetic, noise, size=(28, 28)):
+    """(map, estimated reliability) of MaskRegression on ``_score`` plus Gaussian noise, one per seed."""
+    from explainer.methods.rise import MaskRegression, RiseMasks
+
+    out = []
+    for seed in seeds:
+        masks = RiseMasks(size, n, 7, 0.5 if antithetic else 0.3, random_state=seed, antithetic=antithetic)
+        estimate, rng = MaskRegression(masks, 1), np.random.default_rng(seed + 1000)
+        for start in range(0, n, 50):  # batches of 50, then 49 / 51: pairs split across batches
+            m = masks.masks(start, min(n, start + 50))
+            estimate.add(m, (_score(m) + noise * rng.standard_normal(len(m)))[:, None])
+        out.append((estimate.maps()[0], estimate.reliability()[0]))
+    return out
+
+
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_reliability_predicts_the_agreement_of_two_runs(antithetic):
+    """The estimated reliability (from one run's own residuals, no second run) against the measured
+    correlation of independent runs of as many masks (10 runs, 5 pairs): within 0.03 on average."""
+    runs = _regression_runs(300, range(10), antithetic, noise=0.05)
+    predicted = np.mean([r for _, r in runs])
+    measured = np.mean([np.corrcoef(runs[i][0].ravel(), runs[i + 1][0].ravel())[0, 1] for i in range(0, 10, 2)])
+    assert 0.8 < measured < 0.99 and abs(predicted - measured) < 0.03, (predicted, measured)
+
+
+def test_reliability_pairs_split_across_batches():
+    """The pairs' statistics do not depend on where batches end (odd batch sizes leave a mask waiting)."""
+    from explainer.methods.rise import MaskRegression, RiseMasks
+
+    masks = RiseMasks((28, 28), 200, 7, 0.5, random_state=3, antithetic=True)
+    y = _score(masks.masks())[:, None]
+    whole, split = MaskRegression(masks, 1), MaskRegression(masks, 1)
+    whole.add(masks.masks(), y)
+    for start, stop in ((0, 7), (7, 100), (100, 101), (101, 200)):
+        split.add(masks.masks(start, stop), y[start:stop])
+    assert whole.pairs == split.pairs == 100
+    np.testing.assert_allclose(split.dd, whole.dd, rtol=1e-12)
+    np.testing.assert_allclose(split.reliability(), whole.reliability(), rtol=1e-9)
+
+
+def test_stop_reliability():
+    """The run stops at the first check whose reliability reaches the target (fewer passes for a lower
+    target), reproducibly, and its map is that of the masks drawn so far: the regression over a prefix
+    of the full run's masks, computed here from the model's probabilities."""
+    from explainer.methods.rise import STOP_FIRST, MaskRegression, Rise
+
+    net = region_net()
+    image = np.full((32, 32, 3), 200, np.uint8)
+    options = dict(num_masks=3000, grid_size=4, keep_probability=0.5, mask_value=0, estimator="regression",
+                   batch_size=50, backend="onnxruntime", random_state=0, verbose=False)
+    low, high = Rise(net, **options, stop_reliability=0.998), Rise(net, **options, stop_reliability=0.9997)
+    low_map, high_map = low(image, 0), high(image, 0)
+    assert STOP_FIRST <= low.passes[0] < high.passes[0] < 3000, (low.passes, high.passes)
+    again = Rise(net, **options, stop_reliability=0.998)
+    np.testing.assert_array_equal(again(image, 0), low_map)
+    assert again.passes == low.passes
+    n = low.passes[0]
+    masks = rise_masks(net, 3000, 4, 0.5, random_state=0, estimator="regression")
+    m = masks.masks(0, n)
+    estimate = MaskRegression(masks, 1)
+    estimate.add(m, net.predict(m[..., None] * image / 255.0)[:, :1])  # masked toward 0
+    assert estimate.reliability()[0] >= 0.998
+    np.testing.assert_allclose(low_map, estimate.maps()[0], rtol=1e-4, atol=1e-6)
+    # no stop asked: every mask drawn
+    full = Rise(net, **options, stop_reliability=None)
+    full(image, 0)
+    assert full.passes == [3000]
+
+
+def test_stop_reliability_is_validated(default_net, chelsea):
+    for bad in (dict(stop_reliability=0.0), dict(stop_reliability=1.5), dict(stop_reliability="yes"),
+                dict(stop_reliability=0.9, estimator="centred"), dict(stop_reliability=0.9, estimator="paper")):
+        with pytest.raises((InvalidParameterError, InvalidParameterTypeError)):
+            rise(default_net, chelsea, 285, num_masks=8, verbose=False, **bad)

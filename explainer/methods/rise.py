@@ -18,6 +18,14 @@ without the noise of the masks' uneven coverage) and ``regression`` (``MaskRegre
 probability regressed on the masks, whose own covariance is known exactly; with ``keep_probability``
 0.5 the masks come in complementary pairs; sample-efficient: fewer passes for the same noise).
 
+``stop_reliability`` (regression only) stops drawing masks once the map is as stable as asked, as
+LIME's stop rule does: the regression knows its own noise (the ridge fit's sandwich covariance, from
+the residuals of the pairs' half-differences, carried to the pixels through the masks' covariance), so
+each check (after 200 passes, then 25 % more each time) compares 1 - noise / the map's spatial variance,
+about the correlation of two such maps from different masks, with the target; ``num_masks`` is the
+most drawn. On EfficientNet-Lite0 and chelsea the estimate is within 0.02 of the measured agreement of
+independent runs at 250 to 1,000 passes (0.84 / 0.93 / 0.965 estimated; 0.86 / 0.94 / 0.96 measured).
+
 The blend is written in the model's input space: preprocessing is affine per pixel, so blending the
 normalised image and fill is exactly the normalised blend of the pixels. ``mask_value="auto"`` is the
 image's mean colour (occlusion's default); the paper's code blends toward the input zero, which for
@@ -32,12 +40,16 @@ import numpy as np
 
 from ._common import MapMethod, fill_colour
 from ..runtime.perturb import BACKENDS, stream_probabilities
-from .registry import FORWARD_ONLY, BatchSize, Choice, Flag, Float, Int, PixelValue, Seed, method
+from ..errors import InvalidParameterError
+from .registry import FORWARD_ONLY, BatchSize, Choice, Flag, Float, Int, Optional, PixelValue, Seed, method
 
 if TYPE_CHECKING:
     from ..runtime.classifier import Classifier
 
 ESTIMATORS = ("paper", "centred", "regression")
+STOP_FIRST = 200  # passes before the first stop check (estimator="regression", stop_reliability), and
+# at least as many as the regression's features: with fewer, the fit's residuals understate its noise
+STOP_GROWTH = 1.25  # each stop check comes after 25 % more passes than the last
 
 
 def _upsample_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -125,22 +137,29 @@ def rise_masks(net: Classifier, num_masks: int = 2000, grid_size: int = 7, keep_
                                                        "'regression': the same expected map, by regression on "
                                                        "the masks (complementary pairs at p = 0.5): the "
                                                        "centred sum's noise in 2 to 5 times fewer passes"),
+                     stop_reliability=Optional(Float(0.0, 1.0, min_inclusive=False),
+                                               help="estimator='regression' only: stop drawing masks once the "
+                                                    "map's estimated reliability (the expected correlation of "
+                                                    "two such maps from different masks) reaches this for "
+                                                    "every label; num_masks is the most drawn"),
                      batch_size=BatchSize(), backend=Choice(BACKENDS),
                      random_state=Seed(help="seed of the masks (None: new masks on every call)"),
                      verbose=Flag()),
         answers="which regions, when kept while random others are hidden, keep the class probability high",
         returns="maps at the image's size, in probability units (the mean class probability of the "
                 "masked images that keep each pixel)",
-        cost="num_masks forward passes (all labels, and all images of a batch, share the masks)",
+        cost="num_masks forward passes, or fewer where stop_reliability stops earlier (all labels, and all "
+             "images of a batch, share the masks)",
         reference="the paper's formula (estimator='paper') and the centred one on the same masks, computed "
                   "independently (tests/test_rise.py); "
                   "masks equal to eclique/RISE generate_masks' skimage upsampling", order=60)
 def rise(net: Classifier, image, label, *, num_masks=2000, grid_size=7, keep_probability=0.5, mask_value="auto",
-         estimator="centred", batch_size="auto", backend="onnxruntime", random_state=None, verbose=True):
+         estimator="centred", stop_reliability=None, batch_size="auto", backend="onnxruntime", random_state=None,
+         verbose=True):
     """RISE map(s): (H, W) for one label, (K, H, W) for several, at the image's size."""
     return Rise(net, num_masks=num_masks, grid_size=grid_size, keep_probability=keep_probability,
-                mask_value=mask_value, estimator=estimator, batch_size=batch_size, backend=backend,
-                random_state=random_state, verbose=verbose)(image, label)
+                mask_value=mask_value, estimator=estimator, stop_reliability=stop_reliability,
+                batch_size=batch_size, backend=backend, random_state=random_state, verbose=verbose)(image, label)
 
 
 class Rise(MapMethod):
@@ -148,7 +167,11 @@ class Rise(MapMethod):
 
     def __init__(self, net: Classifier, **options):
         super().__init__(net, **options)
+        if self.stop_reliability is not None and self.estimator != "regression":
+            raise InvalidParameterError(f"{self.where}: stop_reliability needs estimator='regression' (the others "
+                                        f"have no noise estimate); got estimator={self.estimator!r}.")
         self.batch = net.resolve_batch_size(self.batch_size, self.where, self.backend)
+        self.passes = []  # forward passes drawn for each image of the last call
 
     def setup(self, pixels, indices):  # one set of masks for all the images
         self.masks = rise_masks(self.net, self.num_masks, self.grid_size, self.keep_probability, self.random_state,
@@ -156,8 +179,10 @@ class Rise(MapMethod):
 
     def explain(self, pixels, indices):
         small = self.net.fit_pixels(pixels)
-        return _saliency(self.net, small, fill_colour(self.mask_value, small), self.masks, indices, self.batch,
-                         self.backend, self.verbose, self.estimator)
+        maps, passes = _saliency(self.net, small, fill_colour(self.mask_value, small), self.masks, indices,
+                                 self.batch, self.backend, self.verbose, self.estimator, self.stop_reliability)
+        self.passes.append(passes)
+        return maps
 
 
 def _unrounded_input(net: Classifier, pixels: np.ndarray) -> np.ndarray:
@@ -170,11 +195,14 @@ def _unrounded_input(net: Classifier, pixels: np.ndarray) -> np.ndarray:
 
 
 def _saliency(net: Classifier, small, fill, masks: RiseMasks, indices, batch, backend, verbose,
-              estimator: str = "paper") -> np.ndarray:
-    """(K, h, w) RISE map at the network's size for one network-size image. ``centred``: the paper's sum
-    minus mean(P) x (how often each pixel was kept) / (N p), plus mean(P): the same expectation, without
-    the noise of the masks' uneven coverage (which the paper's sum carries, weighted by mean(P));
-    ``regression``: ``MaskRegression``."""
+              estimator: str = "paper", stop_reliability: float | None = None) -> tuple[np.ndarray, int]:
+    """(K, h, w) RISE map at the network's size for one network-size image, and the forward passes it
+    drew. ``centred``: the paper's sum minus mean(P) x (how often each pixel was kept) / (N p), plus
+    mean(P): the same expectation, without the noise of the masks' uneven coverage (which the paper's
+    sum carries, weighted by mean(P)); ``regression``: ``MaskRegression``, stopped at the first check
+    (after ``STOP_FIRST`` passes or as many as its features, then 25 % more each time) where every
+    label's ``reliability()`` reaches ``stop_reliability``: the map is then that of the masks drawn so
+    far (a prefix of the ``num_masks`` run's)."""
     channels_first = net.input.layout == "NCHW"
     dtype = net.input.dtype
     base, fill_input = (_unrounded_input(net, p) for p in (small[None], np.broadcast_to(fill, small.shape)[None]))
@@ -192,28 +220,37 @@ def _saliency(net: Classifier, small, fill, masks: RiseMasks, indices, batch, ba
     h, w = net.input.size
     centred = estimator == "centred"
     regression = MaskRegression(masks, len(indices)) if estimator == "regression" else None
+    check = max(STOP_FIRST, regression.features) if stop_reliability is not None else masks.num_masks + 1
     total = np.zeros((len(indices), h * w), np.float64)
     coverage = np.zeros(h * w, np.float64)
     probability = np.zeros(len(indices), np.float64)
-    for start, stop, probs in stream_probabilities(net, make_batch, masks.num_masks, batch_size=batch,
-                                                   backend=backend, verbose=verbose, desc="RISE"):
-        # at most two batches per stream are in flight, so ``made`` holds a few batches' masks at a time
-        m = made.pop(start)
-        if regression is not None:
-            regression.add(m, probs[:, indices])
-            continue
-        m = m.reshape(stop - start, -1)
-        total += probs[:, indices].T @ m  # float32 per batch
-        if centred:
-            coverage += m.sum(axis=0)
-            probability += probs[:, indices].sum(axis=0)
+    stream = stream_probabilities(net, make_batch, masks.num_masks, batch_size=batch, backend=backend,
+                                  verbose=verbose, desc="RISE")
+    try:
+        for start, stop, probs in stream:
+            # at most two batches per stream are in flight, so ``made`` holds a few batches' masks at a time
+            m = made.pop(start)
+            if regression is not None:
+                regression.add(m, probs[:, indices])
+                if stop >= check and stop < masks.num_masks:
+                    if (regression.reliability() >= stop_reliability).all():
+                        break
+                    check = max(stop + 1, int(math.ceil(stop * STOP_GROWTH)))
+                continue
+            m = m.reshape(stop - start, -1)
+            total += probs[:, indices].T @ m  # float32 per batch
+            if centred:
+                coverage += m.sum(axis=0)
+                probability += probs[:, indices].sum(axis=0)
+    finally:
+        stream.close()  # a stop leaves batches in flight: the streams' pool cancels them
     if regression is not None:
-        return regression.maps()
+        return regression.maps(), regression.n
     scale = masks.num_masks * masks.keep_probability
     if centred:
         mean = probability[:, None] / masks.num_masks
         total = total - mean * coverage[None] + mean * scale
-    return (total / scale).reshape(len(indices), h, w).astype(np.float32)
+    return (total / scale).reshape(len(indices), h, w).astype(np.float32), masks.num_masks
 
 
 def _area_matrix(n: int, r: int) -> np.ndarray:
@@ -246,13 +283,16 @@ class MaskRegression:
         (h, w), g = masks.size, masks.grid_size
         self.masks, self.k = masks, k
         self.rows, self.cols = _area_matrix(h, min(2 * g, h)), _area_matrix(w, min(2 * g, w))
-        d = len(self.rows) * len(self.cols)
+        self.features = d = len(self.rows) * len(self.cols)
         self.n = 0
         self.ff, self.f = np.zeros((d, d)), np.zeros(d)
         self.fy, self.y, self.yy = np.zeros((d, k)), np.zeros(k), np.zeros(k)
+        # complementary pairs: the sum of their squared half-differences (the score's odd part), for the noise
+        self.pairs, self.dd, self._pending = 0, np.zeros(k), None
+        self._factors = None
 
     def add(self, m: np.ndarray, y: np.ndarray) -> None:
-        """One batch: (n, H, W) masks and (n, K) probabilities."""
+        """One batch: (n, H, W) masks and (n, K) probabilities, in the masks' order."""
         phi = (self.rows @ m.astype(np.float64) @ self.cols.T).reshape(len(m), -1)
         y = y.astype(np.float64)
         self.n += len(m)
@@ -261,9 +301,18 @@ class MaskRegression:
         self.fy += phi.T @ y
         self.y += y.sum(axis=0)
         self.yy += (y * y).sum(axis=0)
+        if self.masks.antithetic:  # masks 2i and 2i + 1 are a pair; a batch may end between them
+            ys = y if self._pending is None else np.concatenate([self._pending[None], y])
+            whole = len(ys) // 2 * 2
+            d = (ys[0:whole:2] - ys[1:whole:2]) / 2
+            self.pairs += len(d)
+            self.dd += (d * d).sum(axis=0)
+            self._pending = ys[whole] if len(ys) > whole else None
 
-    def coefficients(self) -> np.ndarray:
-        """(D, K) ridge coefficients, each class's strength by generalised cross-validation."""
+    def _fit(self):
+        """The ridge fit in the features' eigenbasis: eigenvalues (D,), eigenvectors (D, D), coefficients
+        (D, K), each class's strength (K,) by generalised cross-validation, the cross products (D, K) and
+        the residual sum of squares (K,)."""
         n = self.n
         gram = self.ff - np.outer(self.f, self.f) / n
         cross = self.fy - np.outer(self.f, self.y) / n
@@ -273,6 +322,7 @@ class MaskRegression:
         projected = vectors.T @ cross  # (D, K)
         scale = values.mean() if values.mean() > 0 else 1.0
         best, score = np.zeros_like(cross), np.full(self.k, np.inf)
+        chosen, residual = np.zeros(self.k), np.zeros(self.k)
         for lam in self.LAMBDAS * scale:
             shrink = values / (values + lam)
             coef = projected / (values + lam)[:, None]  # in the eigenbasis
@@ -283,13 +333,51 @@ class MaskRegression:
             better = gcv < score
             score = np.where(better, gcv, score)
             best[:, better] = coef[:, better]
+            chosen[better], residual[better] = lam, np.maximum(rss, 0)[better]
+        return values, vectors, best, chosen, projected, residual
+
+    def coefficients(self) -> np.ndarray:
+        """(D, K) ridge coefficients, each class's strength by generalised cross-validation."""
+        values, vectors, best, *_ = self._fit()
         return vectors @ best
 
-    def maps(self) -> np.ndarray:
+    def factors(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._factors is None:
+            self._factors = self.masks.covariance_factors()
+        return self._factors
+
+    def maps(self, coefficients: np.ndarray | None = None) -> np.ndarray:
         """(K, H, W) float32: mean P + (1 - p) Kr B Kc.T per class (RISE's units)."""
         p = self.masks.keep_probability
-        kr, kc = self.masks.covariance_factors()
-        beta = self.coefficients().T.reshape(self.k, len(self.rows), len(self.cols))
+        kr, kc = self.factors()
+        coefficients = self.coefficients() if coefficients is None else coefficients
+        beta = coefficients.T.reshape(self.k, len(self.rows), len(self.cols))
         response = self.rows.T @ beta @ self.cols  # (K, H, W): each block's coefficient spread over it
         maps = self.y[:, None, None] / self.n + (1 - p) * (kr @ response @ kc.T)
         return maps.astype(np.float32)
+
+    def reliability(self) -> np.ndarray:
+        """(K,) the maps' estimated reliability, 1 - (mean sampling variance of a pixel) / (the map's
+        spatial variance): about the expected correlation of two maps from as many different masks (and
+        the square of a map's correlation with the noise-free one). The coefficients' covariance is the
+        ridge sandwich s2 (G + lam)^-1 G (G + lam)^-1, s2 the residual variance: of the pairs' half-
+        differences (twice it) with complementary pairs, whose even part cancels in the fit, else of
+        the fit; it is carried to the pixels through the map's linear map, L = (1 - p) (Kr R.T) (x)
+        (Kc C.T), whose L.T L is a Kronecker product of two small matrices."""
+        values, vectors, best, lam, projected, residual = self._fit()
+        dof = (values[:, None] / (values[:, None] + lam)).sum(axis=0)
+        if self.masks.antithetic and self.pairs > 0:
+            # sum over pairs of (d - u.beta)^2 = sum d^2 - beta.cross + beta.G.beta / 2 (u = phi - 1/2)
+            rss = self.dd - (best * projected).sum(axis=0) + 0.5 * (best ** 2 * values[:, None]).sum(axis=0)
+            s2 = 2 * np.maximum(rss, 0) / np.maximum(self.pairs - dof, 1)
+        else:
+            s2 = residual / np.maximum(self.n - dof, 1)
+        p = self.masks.keep_probability
+        kr, kc = self.factors()
+        a, c = kr @ self.rows.T, kc @ self.cols.T
+        ltl = np.kron(a.T @ a, c.T @ c)
+        q = np.einsum("ij,ik,kj->j", vectors, ltl, vectors)  # diag(V.T LtL V)
+        h, w = self.masks.size
+        noise = (1 - p) ** 2 * s2 * (q[:, None] * values[:, None] / (values[:, None] + lam) ** 2).sum(axis=0) / (h * w)
+        spread = self.maps(vectors @ best).reshape(self.k, -1).var(axis=1)
+        return np.where(spread > 0, 1 - noise / np.maximum(spread, 1e-300), 0.0)
