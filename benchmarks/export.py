@@ -16,7 +16,7 @@ The public calls (issue 27, point 5), on the embedded EfficientNet-Lite0, one im
 and ``explainer.gradcam_plus_plus`` (image in, map at the image's size out) against one forward pass,
 defined two ways: ``raw``, ``net.ort.run`` on the prepared model input (the session alone: no resize,
 no normalisation), and ``predict``, ``net.predict(image)`` from the same image (the same resize and
-normalisation as the CAMs': the public forward; ``explainer.classify`` is this plus an argmax). Two
+normalisation as the CAMs': the public forward; ``net.classify`` is this plus an argmax). Two
 images: one at the model's input size (224 x 224, the resize a no-op) and one at its own size
 (300 x 451, resized for the model). Writes ``benchmarks/results/export.json`` and ``export.md``
 (``--quick`` only prints).
@@ -119,7 +119,7 @@ def public(rounds: int, repeats: int) -> list[dict]:
         variants = {
             "raw": lambda: net.ort.run(x, [net.output.name]),
             "predict": lambda: net.predict(image),
-            "classify": lambda: explainer.classify(net, image),
+            "classify": lambda: net.classify(image),
             "gradcam": lambda: explainer.gradcam(net, image, label),
             "gradcam_plus_plus": lambda: explainer.gradcam_plus_plus(net, image, label),
         }

@@ -671,6 +671,30 @@ def test_conv_feature_in_a_fused_residual_block(tmp_path, chelsea, coffee):
     assert check_export(net, tmp_path, [chelsea, coffee], layer="feature_conv", top_k=2) <= TOLERANCE
 
 
+@pytest.mark.parametrize("preprocessing", ["imagenet", "caffe", "tf", "default"])
+def test_ingraph_engine_normalises_the_pixels_itself_bit_for_bit(preprocessing, default_net, chelsea, coffee):
+    """The library's session takes the images' pixels and normalises them in the graph (channel order,
+    scale, mean, std, NCHW): its maps and noise scales equal, bit for bit, those of the same branch fed
+    ``net.to_model_input`` (numpy's float32 operations), for ImageNet's, Caffe's (BGR) and TF's
+    preprocessing and the embedded model's own."""
+    from explainer.export.engine import cam_maps, pixel_cam_maps, session
+
+    if preprocessing == "default":
+        net = default_net
+    else:
+        nodes, inits = _small_heads()["gap-gemm"]
+        net = _classifier(nodes, inits)
+        net = explainer.load(net.source_model, preprocessing=preprocessing, device="cpu")
+    pixels = np.stack([net.fit_pixels(np.asarray(i, np.float32)) for i in (chelsea, coffee)])
+    pixels[0, :3, :3] = [0.0, 255.0, 127.5]  # the ends of the range too
+    targets = np.array([[1, 3], [4, 0]], np.int64)
+    assert session(net).takes_pixels
+    expected = cam_maps(net, net.to_model_input(pixels), targets, with_unaveraged=True)
+    got = pixel_cam_maps(net, pixels, targets, with_unaveraged=True)
+    assert all(np.array_equal(a, b) for a, b in zip(expected, got))
+    assert not session(net, pixels=False).takes_pixels
+
+
 def test_ingraph_engine_gives_the_library_its_noise_scale(default_net, chelsea):
     """The unaveraged peak the library's refusal of noise-level maps compares with, from the graph."""
     import torch

@@ -69,20 +69,81 @@ def layer_key(net, feature_layer) -> str:
     return default_feature_layer(net)[0] if feature_layer is None else net.layer(feature_layer).name
 
 
-def _open(net, method: str, layer: str):
+#: the input of the library's session where it normalises the image itself (N, H, W, C pixels, 0..255)
+PIXELS = "explain/pixels"
+
+
+def _open(net, method: str, layer: str, pixels: bool = True):
+    """The session of ``net.model`` plus the branch; with ``pixels`` and where ``_normalising`` can
+    write the library's preprocessing as nodes, its input is the images' pixels (``PIXELS``)."""
     import onnxruntime as ort
 
     model = build_explained(net, method, layer, 0, "feature", source=net.model, targets_per_image=True,
                             diagnostics=True, where=method)
+    takes_pixels = pixels and _normalising(net, model)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     providers = list(getattr(net.ort, "providers", None) or ["CPUExecutionProvider"])
-    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    run = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    run.takes_pixels = takes_pixels
+    return run
 
 
-def _entry(net, method: str, feature_layer) -> tuple:
+def _normalising(net, model) -> bool:
+    """``net.to_model_input`` written in front of ``model`` (in place): the graph then takes (N, H, W, C)
+    float32 pixels as ``PIXELS`` and computes the same float32 operations in the same order (channel
+    order, ``* scale``, ``- mean``, ``/ std``, then NCHW), so the maps are those of the normalised input
+    bit for bit. False (nothing changed) for what it does not cover: other input types, layouts, opsets."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    spec, p = net.input, net.preprocessing
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    graph = model.graph
+    if spec.dtype != np.float32 or spec.layout not in ("NCHW", "NHWC") or opset < 10 or model.ir_version < 4 \
+            or any(i.name == PIXELS for i in graph.input) or not any(i.name == spec.name for i in graph.input):
+        return False
+    c = spec.channels
+    mean = np.asarray(p.mean[:c] if len(p.mean) == 3 else p.mean * c, dtype=np.float32)
+    std = np.asarray(p.std[:c] if len(p.std) == 3 else p.std * c, dtype=np.float32)
+    if mean.shape != (c,) or std.shape != (c,):
+        return False
+    nodes, inits, x = [], [], PIXELS
+
+    def step(op, *inputs, **attrs):
+        name = f"{PIXELS}/{op.lower()}_{len(nodes)}"
+        nodes.append(helper.make_node(op, [x, *inputs], [name], name=name + "_node", **attrs))
+        return name
+
+    def const(value, hint):
+        inits.append(numpy_helper.from_array(np.asarray(value), f"{PIXELS}/{hint}"))
+        return inits[-1].name
+
+    if p.channel_order == "BGR" and c == 3:
+        x = step("Slice", const(np.asarray([-1], np.int64), "start"), const(np.asarray([np.iinfo(np.int64).min], np.int64), "end"),
+                 const(np.asarray([3], np.int64), "axis"), const(np.asarray([-1], np.int64), "step"))
+    if np.float32(p.scale) != np.float32(1.0):  # x * 1 is x: no node for it
+        x = step("Mul", const(np.float32(p.scale), "scale"))
+    x = step("Sub", const(mean, "mean"))
+    x = step("Div", const(std, "std"))
+    if spec.layout == "NCHW":
+        x = step("Transpose", perm=[0, 3, 1, 2])
+    nodes[-1].output[0] = spec.name
+    image = next(i for i in graph.input if i.name == spec.name)
+    dims = [d.dim_param or d.dim_value or None for d in image.type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        return False
+    batch = dims[0] or "N"
+    graph.input.remove(image)
+    graph.input.insert(0, helper.make_tensor_value_info(PIXELS, TensorProto.FLOAT, [batch, spec.height, spec.width, c]))
+    for n in reversed(nodes):
+        graph.node.insert(0, n)
+    graph.initializer.extend(inits)
+    return True
+
+
+def _entry(net, method: str, feature_layer, pixels: bool = True) -> tuple:
     layer = layer_key(net, feature_layer)
-    key = (method, layer)
+    key = (method, layer) if pixels else (method, layer, "model input")
     per_net = _SESSIONS.get(net)
     if per_net is not None and key in per_net:
         return per_net[key]
@@ -90,7 +151,7 @@ def _entry(net, method: str, feature_layer) -> tuple:
         per_net = _SESSIONS.setdefault(net, {})
         if key not in per_net:
             try:
-                per_net[key] = (EngineChoice(ONNXRUNTIME, DIFFERENTIATED), _open(net, method, layer))
+                per_net[key] = (EngineChoice(ONNXRUNTIME, DIFFERENTIATED), _open(net, method, layer, pixels))
             except ExplainerError as exc:  # no rule for an op of the head, an opset too old, ...
                 per_net[key] = (EngineChoice(TORCH, _why_not(exc)), None)
             except Exception as exc:  # onnxruntime refuses the written graph (an op on this provider, ...)
@@ -106,9 +167,15 @@ def choose(net, method: str = "gradcam", feature_layer=None) -> EngineChoice:
     return _entry(net, method, feature_layer)[0]
 
 
-def session(net, method: str = "gradcam", feature_layer=None):
-    """The onnxruntime session of ``net.model`` plus the ``method`` branch (built once per layer)."""
-    choice, run = _entry(net, method, feature_layer)
+def session(net, method: str = "gradcam", feature_layer=None, pixels: bool = True):
+    """The onnxruntime session of ``net.model`` plus the ``method`` branch (built once per layer); its
+    input is the images' pixels where it normalises them itself (``run.takes_pixels``), unless
+    ``pixels`` is False: then the model's input, always."""
+    if not pixels:
+        run = session(net, method, feature_layer)  # the decision (and its reason) is the pixel session's
+        if not run.takes_pixels:
+            return run
+    choice, run = _entry(net, method, feature_layer, pixels)
     if run is None:
         raise InvalidParameterError(f"{method}: the in-graph path cannot run at layer "
                                     f"{layer_key(net, feature_layer)!r}: {choice.reason}.")
@@ -132,23 +199,39 @@ def cam_maps(net, x: np.ndarray, targets, method: str = "gradcam", feature_layer
     """(N, K, h, w) float32 maps of model input ``x`` (N, ...) for ``targets`` (N, K) class indices;
     with ``with_unaveraged``, also (N, K): each map's peak of sum_c mean|g| |A|, for the library's
     refusal of maps at float32 noise level (``BaseCAM._refuse_degenerate``)."""
+    return _maps(net, session(net, method, feature_layer, pixels=False), x, targets, with_unaveraged)
+
+
+def pixel_cam_maps(net, pixels: np.ndarray, targets, method: str = "gradcam", feature_layer=None,
+                   with_unaveraged: bool = False):
+    """``cam_maps`` of (N, H, W, C) pixels at the model's size (``net.fit_pixels``): the session
+    normalises them itself where it can (the same float32 operations as ``net.to_model_input``, in
+    onnxruntime), else they are normalised here."""
+    run = session(net, method, feature_layer)
+    if not run.takes_pixels:
+        return cam_maps(net, net.to_model_input(pixels), targets, method, feature_layer, with_unaveraged)
+    return _maps(net, run, np.ascontiguousarray(pixels, dtype=np.float32), targets, with_unaveraged)
+
+
+def _maps(net, run, x: np.ndarray, targets, with_unaveraged: bool):
     targets = np.asarray(targets, np.int64)
     if targets.ndim == 1:
         targets = np.broadcast_to(targets[None], (len(x), len(targets)))
-    run = session(net, method, feature_layer)
     # graphs that keep their exported batch: one image a call; others: every image in one call, unless
     # the run budget says fewer
     step = 1 if net.max_batch == 1 or len(x) == 1 else min(len(x), _chunk(net, targets.shape[1]))
     names = [SALIENCY, f"{SALIENCY}_unaveraged"]
     guard = getattr(net.ort, "guard", None)
+    image = PIXELS if run.takes_pixels else net.input.name
     parts = []
     for i in range(0, len(x), step):
         batch = x[i:i + step]
+        shape = (len(batch), *net.per_image_shape)  # the model's input, whichever the session takes
         if guard is not None:
-            guard.check(batch.shape)
+            guard.check(shape)
         try:
-            parts.append(run.run(names, {net.input.name: batch, TARGET: np.ascontiguousarray(targets[i:i + step])}))
+            parts.append(run.run(names, {image: batch, TARGET: np.ascontiguousarray(targets[i:i + step])}))
         except Exception as exc:  # as the forward passes: a failed allocation or run is the library's error
-            raise ort_error(exc, batch.shape) from None
+            raise ort_error(exc, shape) from None
     maps = np.concatenate([p[0] for p in parts])
     return (maps, np.concatenate([p[1] for p in parts])) if with_unaveraged else maps

@@ -89,7 +89,9 @@ def build_explained(net, method: str, feature_layer, top_k: int, map_size: str, 
     # the classes ranked on the source's own scores where they are an output of the graph (computed and
     # kept anyway: a reader changes nothing in how the source's nodes run), else on the copy's
     source_outputs = {o.name for o in source.graph.output}
-    flat = ctx.node("Flatten", [scores if scores in source_outputs else scores_copy], axis=1)
+    ranked = scores if scores in source_outputs else scores_copy
+    shape = ctx.shape(scores)
+    flat = ranked if shape is not None and len(shape) == 2 else ctx.node("Flatten", [ranked], axis=1)
     if top_k == 0 and targets_per_image:
         graph.input.append(helper.make_tensor_value_info(TARGET, onnx.TensorProto.INT64, [_batch_dim(source, net.input.name), "K"]))
         classes = TARGET

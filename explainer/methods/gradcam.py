@@ -109,11 +109,12 @@ class BaseCAM(MapMethod):
 
     def _in_graph(self, pixels: list[np.ndarray], indices: list[int]) -> np.ndarray:
         """(N, K, h, w) maps of every image, one onnxruntime call (explainer/export/engine.py)."""
-        from ..export.engine import cam_maps
+        from ..export.engine import pixel_cam_maps
 
-        x = self.net.to_model_input(np.stack([self.net.fit_pixels(p) for p in pixels]))
-        maps, unaveraged = cam_maps(self.net, x, np.asarray(indices, np.int64), self.method, self.feature_layer,
-                                    with_unaveraged=True)
+        # the session normalises the pixels itself where it can (net.to_model_input's operations)
+        maps, unaveraged = pixel_cam_maps(self.net, np.stack([self.net.fit_pixels(p) for p in pixels]),
+                                          np.asarray(indices, np.int64), self.method, self.feature_layer,
+                                          with_unaveraged=True)
         for m, scale in zip(maps, unaveraged):
             self._refuse_degenerate(m.reshape(len(indices), -1).max(axis=1).tolist(), scale.tolist(), indices)
         return maps.astype(np.float32, copy=False)
