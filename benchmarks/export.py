@@ -1,7 +1,7 @@
 """Explanations that ship with the model: the exported model's latency beside the plain model's, in one
 run on one machine, batch 1 and batch 16, CPU onnxruntime (default session options).
 
-    python -m benchmarks.export [--quick] [--rounds 5] [--repeats 10]
+    python -m benchmarks.export [--quick] [--rounds 5] [--repeats 10] [--out benchmarks/results]
 
 Per file (the embedded EfficientNet-Lite0, and the compatibility suite's ViT-Tiny export): the plain
 model (its own outputs), the exported model with Grad-CAM in the graph (top-1 class, maps at the
@@ -176,6 +176,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for export.json and export.md")
     args = parser.parse_args(argv)
     rounds, repeats = (2, 3) if args.quick else (args.rounds, args.repeats)
     meta = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -192,9 +193,9 @@ def main(argv=None) -> int:
     text = markdown(meta, rows, calls)
     print(text)
     if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "export.json").write_text(json.dumps(dict(meta=meta, rows=rows, public_calls=calls), indent=1))
-        (RESULTS / "export.md").write_text(text)
+        args.out.mkdir(exist_ok=True, parents=True)
+        (args.out / "export.json").write_text(json.dumps(dict(meta=meta, rows=rows, public_calls=calls), indent=1))
+        (args.out / "export.md").write_text(text)
     return 0
 
 
