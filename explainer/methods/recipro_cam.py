@@ -45,7 +45,11 @@ as one call of the classifier's graph with the Recipro-CAM branch that ``export_
 (explainer/export/recipro_cam.py: the feature layer tiled with the h*w masks, a copy of the head on
 the copies), on the classifier's own engine (onnxruntime, or OpenVINO at the classifier's precision):
 no Python between the backbone and the head, no copy of the feature tensor out of the runtime and
-back. The branch returns the copies' raw scores (``COPY_SCORES``), which are turned into
+back. Where the head pools the map globally (ResNet, EfficientNet) the branch is the pooled vectors
+(a Reshape, Transpose and Div of the feature map, no masked copies) and the head after the pool on
+them: about 1 % of ResNet-18's run (its Gemm), the rest the backbone. The session is the engine's
+(``OrtEngine.session``), with onnxruntime's pool threads not spinning (``SPIN``) and zero Pads folded
+into their Convs (``fold_pads``), on OpenVINO compiled for one image. The branch returns the copies' raw scores (``COPY_SCORES``), which are turned into
 probabilities or logits and scaled as the two-stage path does; the maps equal that path's (tested
 to 1e-5 of the range; on EfficientNet-Lite0 and ResNet-18 they are bit-identical). Token layers,
 other kernels, a quantized graph's rounded scores, a branch that cannot be written or opened, a
