@@ -1,7 +1,7 @@
 """RISE beside DIANNA's RISE and beside the forward-pass limit, and its faithfulness beside occlusion
 and LIME, in one run on one machine.
 
-    python -m benchmarks.rise [--quick] [--masks 1000 2000]
+    python -m benchmarks.rise [--quick] [--masks 1000 2000] [--parts speed faithfulness efficiency]
 
 Everything runs on the embedded EfficientNet-Lite0, one ONNX file (the cached file ``explainer.load()``
 reads), the chelsea photo and class 285 (Egyptian cat):
@@ -19,8 +19,20 @@ reads), the chelsea photo and class 285 (Egyptian cat):
   higher is better), ``explainer.evaluate``, of RISE, occlusion and LIME maps, each with the library's
   defaults, beside random 7 x 7 maps (chance).
 
+* sample efficiency (``--parts efficiency``; issue #31 point 3): RISE at <= 500 passes
+  (``estimator="regression"``: complementary mask pairs, ridge on the masks' block means, the masks'
+  exact covariance) against the full map, a 4,000-mask run of the library's default RISE
+  (``estimator="centred"``, the reference) and a 4,000-pass regression run, on the embedded
+  EfficientNet-Lite0 and the torchvision resnet18 export of ``benchmarks.openvino`` (seeded weights),
+  chelsea / astronaut / coffee, each model's top-1 class, 3 seeds: Pearson r with the references,
+  deletion and insertion AUC (``explainer.evaluate``) against the reference's, wall times; OpenVINO
+  XAI's AISE (preset BALANCE, f32, its pass count) on the same file, image and class beside, run in its
+  own environment as ``benchmarks.openvino`` runs it (``--peer-python`` or
+  ``$EXPLAINER_OVXAI_PYTHON``; skipped without one).
+
 Ours and the limit run in turn twice (medians); DIANNA once: a full run takes minutes. Writes
-``benchmarks/results/rise.json`` and ``rise.md`` (``--quick`` only prints).
+``benchmarks/results/rise.json`` and ``rise.md`` (``--quick`` only prints); ``--parts`` reruns some
+parts and keeps the others' last results (each table says the date of its own run).
 """
 from __future__ import annotations
 
@@ -131,6 +143,125 @@ def faithfulness(net, image, quick: bool) -> list[dict]:
     return rows
 
 
+EFFICIENT_PASSES = 500
+REFERENCE_MASKS = 4000
+EFFICIENCY_IMAGES = ("chelsea", "astronaut", "coffee")
+
+
+def aise_maps(python: str, jobs: list[dict], tmp: str) -> dict:
+    """OpenVINO XAI's AISE (f32, preset BALANCE) on each job's file, model input and class, in its own
+    environment (``benchmarks.openvino``'s peer): {name: (seconds, passes, map at the network's size)}."""
+    from .openvino import run_peer
+
+    job = dict(models=jobs, precisions=["f32"], masks=1, seconds=0.05, aise=True, dir=tmp,
+               result=f"{tmp}/peer.json")
+    found = run_peer(python, job, f"{tmp}/job.json")
+    return {m["name"]: (found["models"][m["name"]]["f32"]["aise_s"], found["models"][m["name"]]["f32"]["aise_passes"],
+                        np.load(f"{tmp}/{m['name']}_f32_aise.npy")) for m in jobs}
+
+
+def efficiency(quick: bool, peer_python: str | None) -> list[dict]:
+    """Per model and image: the 4,000-mask references, the <= 500-pass regression maps over seeds, AISE."""
+    import tempfile
+
+    import explainer
+    from explainer import evaluate
+    from explainer.methods._common import resize_map
+    from explainer.methods.rise import rise
+
+    from .openvino import model_files
+
+    files = model_files()
+    images = EFFICIENCY_IMAGES[:1] if quick else EFFICIENCY_IMAGES
+    seeds = (0, 1) if quick else (0, 1, 2)
+    reference_masks = 1000 if quick else REFERENCE_MASKS
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded, jobs = {}, []
+        for model, path in files.items():
+            net = explainer.load(path, preprocessing="imagenet" if model == "resnet18" else None)
+            for name in images:
+                image = explainer.sample_image(name)
+                label = int(np.argmax(net.predict(image)))
+                key = f"{model}_{name}"
+                np.save(f"{tmp}/{key}_input.npy", net.to_model_input(net.fit_pixels(image)[None]))
+                jobs.append(dict(name=key, path=str(path), input=f"{tmp}/{key}_input.npy", label=label))
+                loaded[key] = (model, net, name, image, label)
+        theirs = aise_maps(peer_python, jobs, tmp) if peer_python else {}
+        for key, (model, net, name, image, label) in loaded.items():
+            def auc(m):
+                return dict(deletion=evaluate.deletion(net, image, m, label, verbose=False).auc,
+                            insertion=evaluate.insertion(net, image, m, label, verbose=False).auc)
+
+            def run(n, estimator, seed):
+                return once(lambda: rise(net, image, label, num_masks=n, estimator=estimator, random_state=seed,
+                                         verbose=False))
+
+            rise(net, image, label, num_masks=64, verbose=False)  # warm-up: sessions made, threads started
+            # the reference: 4,000 masks of the default estimator, as two halves of 2,000 (seeds 1000, 1001)
+            # whose mean is the map; the halves' agreement says how noisy the reference itself is
+            half_s, halves = zip(*(run(reference_masks // 2, "centred", seed) for seed in (1000, 1001)))
+            ref, split = (halves[0] + halves[1]) / 2, correlation(*halves)
+            ref_auc = auc(ref)
+            row = dict(model=model, image=name, label=label, reference_masks=reference_masks, reference_s=sum(half_s),
+                       r_reference_halves=split, reference_reliability=2 * split / (1 + split),
+                       reference_auc=ref_auc, passes=EFFICIENT_PASSES, runs=[])
+            for seed in seeds:
+                seconds, m = run(EFFICIENT_PASSES, "regression", seed)
+                row["runs"].append(dict(seed=seed, seconds=seconds, r=correlation(m, ref), auc=auc(m)))
+            if key in theirs:
+                seconds, passes, m = theirs[key]
+                m = resize_map(m[None].astype(np.float32), image.shape[:2])[0]
+                row["aise"] = dict(seconds=seconds, passes=passes, r=correlation(m, ref), auc=auc(m))
+            rows.append(row)
+            print({k: v for k, v in row.items()}, flush=True)
+    return rows
+
+
+def change(a: float, b: float) -> float:
+    """(a - b) / b: the relative change of an AUC from the reference's."""
+    return (a - b) / abs(b)
+
+
+def efficiency_markdown(meta: dict, rows: list[dict]) -> list[str]:
+    first = rows[0]
+    lines = [f"## Sample efficiency ({meta['date']})", "",
+             f"Machine: {meta['cpu']}; {meta['cpus']} CPUs; onnxruntime {meta['onnxruntime']}; 5-minute load "
+             f"average before / after the run: {meta['load_average'][0]} / {meta['load_average'][1]}. "
+             f"`rise(num_masks={first['passes']}, estimator=\"regression\")` with seeds "
+             f"{', '.join(str(r['seed']) for r in first['runs'])} against the reference: "
+             f"{first['reference_masks']} masks of the default (centred) estimator, the mean of two "
+             f"`rise(num_masks={first['reference_masks'] // 2})` runs (seeds 1000, 1001); grid 7, p 0.5, masked "
+             "pixels blended toward the image's mean colour; each model's top-1 class. OpenVINO XAI's AISE: "
+             "preset BALANCE, f32, on the same ONNX file, image and class.", "",
+             "| model | image | class | reference: r of its halves → reliability | ceiling | r(500, ref) min / median "
+             "| deletion AUC: ref; 500, worst change | insertion AUC: ref; 500, worst change | ref (s) | 500 (s) "
+             "| AISE passes | AISE (s) | r(AISE, ref) | AISE deletion / insertion AUC (change) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        runs, ref = row["runs"], row["reference_auc"]
+        r = [x["r"] for x in runs]
+        dd = max(change(x["auc"]["deletion"], ref["deletion"]) for x in runs)  # higher deletion AUC: worse
+        di = min(change(x["auc"]["insertion"], ref["insertion"]) for x in runs)  # lower insertion AUC: worse
+        a = row.get("aise")
+        aise = (f"{a['passes']} | {a['seconds']:.2f} | {a['r']:.3f} | {a['auc']['deletion']:.3f} "
+                f"({100 * change(a['auc']['deletion'], ref['deletion']):+.0f} %) / {a['auc']['insertion']:.3f} "
+                f"({100 * change(a['auc']['insertion'], ref['insertion']):+.0f} %)") if a else "| | |"
+        lines.append(f"| {row['model']} | {row['image']} | {row['label']} | {row['r_reference_halves']:.3f} → "
+                     f"{row['reference_reliability']:.3f} | {np.sqrt(row['reference_reliability']):.3f} | "
+                     f"{min(r):.3f} / {np.median(r):.3f} | {ref['deletion']:.3f}; {100 * dd:+.1f} % | "
+                     f"{ref['insertion']:.3f}; {100 * di:+.1f} % | {row['reference_s']:.2f} | "
+                     f"{np.median([x['seconds'] for x in runs]):.2f} | {aise} |")
+    lines += ["", "r: Pearson correlation of the maps. The reference carries its own sampling noise: its two "
+              "halves' correlation r_h gives its reliability 2 r_h / (1 + r_h) (Spearman-Brown: the expected "
+              "correlation of two such 4,000-mask maps), and its square root, the ceiling, is about the "
+              "correlation a noise-free map would reach with it. Worst change: the seeds' largest relative "
+              "change of the AUC from the reference's, toward worse (deletion: + is worse, lower is better; "
+              "insertion: - is worse). Times: wall seconds of one call on this machine (500 passes: median "
+              "over the seeds); AISE's from its own run in its environment."]
+    return lines
+
+
 def markdown(meta, speed_rows, faith_rows) -> str:
     lines = [f"# RISE ({meta['date']})", "",
              f"Machine: {meta['cpu']}; {meta['cpus']} CPUs; onnxruntime {meta['onnxruntime']}; DIANNA "
@@ -164,37 +295,65 @@ def markdown(meta, speed_rows, faith_rows) -> str:
     return "\n".join(lines) + "\n"
 
 
+def document(results: dict) -> str:
+    """rise.md: the speed and faithfulness tables (one run) and the sample-efficiency table (its own run)."""
+    text = markdown(results["meta"], results["speed"], results["faithfulness"]) if "speed" in results else ""
+    if results.get("efficiency"):
+        text += "\n" + "\n".join(efficiency_markdown(results["efficiency_meta"], results["efficiency"])) + "\n"
+    return text
+
+
+PARTS = ("speed", "faithfulness", "efficiency")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="200 and 500 masks, fewer chance maps; prints, "
-                        "writes no file")
+    parser.add_argument("--quick", action="store_true", help="200 and 500 masks, fewer chance maps, one image "
+                        "and two seeds for efficiency (1,000-mask references); prints, writes no file")
     parser.add_argument("--masks", type=int, nargs="+", default=None, help="numbers of masks (default 1000 2000)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="what to run (default all; speed and faithfulness run together); the others' "
+                             "last results are kept")
+    parser.add_argument("--peer-python", default=os.environ.get("EXPLAINER_OVXAI_PYTHON"),
+                        help="python of a virtual environment with openvino-xai (efficiency: AISE beside)")
     args = parser.parse_args(argv)
-    import dianna
     import onnxruntime
 
     import explainer
     from explainer.zoo import registry
 
+    saved = RESULTS / "rise.json"
+    results = json.loads(saved.read_text()) if saved.exists() and not args.quick else {}
     net = explainer.load()
     path = registry.REGISTRY[registry.DEFAULT].path()  # the file explainer.load() read
-    image = explainer.sample_image("chelsea")
-    counts = args.masks or ([200, 500] if args.quick else [1000, 2000])
-    batch = best_batch(net, 128)
-    meta = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), cpu=cpu_model(),
-                machine=platform.machine(), cpus=net.ort.parallel_streams(), onnxruntime=onnxruntime.__version__,
-                dianna=dianna.__version__, model=path.name, quick=args.quick, label=LABEL,
-                load_before=os.getloadavg()[1])  # other work on a shared machine skews timings
-    speed_rows = speed(net, image, str(path), counts, batch)
-    faith_rows = faithfulness(net, image, args.quick)
-    meta["load_average"] = [round(meta.pop("load_before"), 2), round(os.getloadavg()[1], 2)]
-    print(markdown(meta, speed_rows, faith_rows))
+    load_before = os.getloadavg()[1]  # other work on a shared machine skews timings
+    if {"speed", "faithfulness"} & set(args.parts):
+        import dianna
+
+        image = explainer.sample_image("chelsea")
+        counts = args.masks or ([200, 500] if args.quick else [1000, 2000])
+        batch = best_batch(net, 128)
+        meta = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), cpu=cpu_model(),
+                    machine=platform.machine(), cpus=net.ort.parallel_streams(), onnxruntime=onnxruntime.__version__,
+                    dianna=dianna.__version__, model=path.name, quick=args.quick, label=LABEL)
+        results.update(speed=speed(net, image, str(path), counts, batch),
+                       faithfulness=faithfulness(net, image, args.quick))
+        meta["load_average"] = [round(load_before, 2), round(os.getloadavg()[1], 2)]
+        results["meta"], load_before = meta, os.getloadavg()[1]
+    if "efficiency" in args.parts:
+        meta = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), cpu=cpu_model(),
+                    machine=platform.machine(), cpus=net.ort.parallel_streams(), onnxruntime=onnxruntime.__version__,
+                    quick=args.quick, peer_python=bool(args.peer_python))
+        results["efficiency"] = efficiency(args.quick, args.peer_python)
+        meta["load_average"] = [round(load_before, 2), round(os.getloadavg()[1], 2)]
+        results["efficiency_meta"] = meta
+    text = document(results)
+    print(text)
     if args.quick:
         return 0
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "rise.json").write_text(json.dumps(dict(meta=meta, speed=speed_rows, faithfulness=faith_rows),
-                                                  indent=2) + "\n")
-    (RESULTS / "rise.md").write_text(markdown(meta, speed_rows, faith_rows))
+    saved.write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / "rise.md").write_text(text)
     return 0
 
 
