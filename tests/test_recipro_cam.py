@@ -294,25 +294,30 @@ def test_in_graph_path_on_the_openvino_engine(default_net, chelsea):
 
 
 def test_in_graph_onnxruntime_session_folds_zero_pads_and_does_not_spin(default_net, chelsea):
-    """The in-graph session on onnxruntime: EfficientNet-Lite0's 5 zero Pads ("SAME" padding of its
-    stride-2 convolutions) are folded into the Convs that read them (``fold_pads``: the same outputs,
-    bit for bit, on onnxruntime), and its pool threads do not spin (``OrtEngine(spinning=False)``)."""
+    """EfficientNet-Lite0's 5 zero Pads ("SAME" padding of its stride-2 convolutions) are folded into the
+    Convs that read them in the library's graph (the ``fold-zero-pads`` pass: the same outputs as the
+    file's, bit for bit, on onnxruntime), so the in-graph Recipro-CAM session has none either; its pool
+    threads do not spin (``OrtEngine(spinning=False)``)."""
     import onnx
     import onnxruntime as ort
 
+    from explainer.convert.ops import fold_zero_pads
     from explainer.methods.recipro_cam import _in_graph_entry
-    from explainer.runtime.ort_engine import OrtEngine, fold_pads
+    from explainer.runtime.ort_engine import OrtEngine
 
+    source = default_net.source_model
+    assert sum(n.op_type == "Pad" for n in source.graph.node) == 5
+    assert not [n for n in default_net.model.graph.node if n.op_type == "Pad"]
+    assert "fold-zero-pads: 5 change(s)" in default_net.normalisation_log
     model = onnx.ModelProto()
-    model.CopyFrom(default_net.model)
-    assert fold_pads(model) == 5
-    assert not [n for n in model.graph.node if n.op_type == "Pad"]
-    assert sum(n.op_type == "Pad" for n in default_net.model.graph.node) == 5  # the classifier's graph untouched
+    model.CopyFrom(source)
+    assert fold_zero_pads(model) == 5 and sum(n.op_type == "Pad" for n in source.graph.node) == 5
     x = default_net.to_model_input(default_net.fit_pixels(chelsea)[None])
     name = default_net.output.name
-    before, after = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-                     .run([name], {default_net.input.name: x})[0] for m in (default_net.model, model))
+    before, after, library = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                              .run([name], {default_net.input.name: x})[0] for m in (source, model, default_net.model))
     np.testing.assert_array_equal(before, after)
+    np.testing.assert_array_equal(before, library)
     layer = default_net.layer(default_feature_layer(default_net)[0])
     session = _in_graph_entry(default_net, layer, "auto")[1]
     assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
@@ -328,7 +333,7 @@ def test_fold_pads_adds_to_the_conv_s_own_pads_and_leaves_other_pads():
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from explainer.runtime.ort_engine import fold_pads
+    from explainer.convert.ops import fold_zero_pads as fold_pads
 
     rng = np.random.default_rng(0)
     weights = numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "W")

@@ -3,8 +3,9 @@ onnx2torch's converter registry.
 
 A pass takes a ``ModelProto`` (modified in place) and a ``PassContext`` and returns how many places it
 changed. ``normalise(model, target)`` copies the model and runs, in order, every pass registered for the
-target: ``"runtime"`` passes make a graph run in onnxruntime at any batch size; ``"torch"`` passes
-(a superset) make it convertible by onnx2torch.
+target: ``"runtime"`` passes make a graph run in onnxruntime at any batch size (and fold what it would
+keep as slow nodes of their own: ``fold-zero-pads``); ``"torch"`` passes make it convertible by onnx2torch
+(the batch passes among them).
 
 Discovery and duplicates follow the rule of the library's three registries (``explainer.registries``):
 the modules of ``explainer.convert`` (those whose names start with "_" and the ``converters`` subpackage

@@ -48,8 +48,8 @@ no Python between the backbone and the head, no copy of the feature tensor out o
 back. Where the head pools the map globally (ResNet, EfficientNet) the branch is the pooled vectors
 (a Reshape, Transpose and Div of the feature map, no masked copies) and the head after the pool on
 them: about 1 % of ResNet-18's run (its Gemm), the rest the backbone. The session is the engine's
-(``OrtEngine.session``), with onnxruntime's pool threads not spinning (``SPIN``) and zero Pads folded
-into their Convs (``fold_pads``), on OpenVINO compiled for one image. The branch returns the copies' raw scores (``COPY_SCORES``), which are turned into
+(``OrtEngine.session``), with onnxruntime's pool threads not spinning (``SPIN``), on OpenVINO compiled
+for one image. The branch returns the copies' raw scores (``COPY_SCORES``), which are turned into
 probabilities or logits and scaled as the two-stage path does; the maps equal that path's (tested
 to 1e-5 of the range; on EfficientNet-Lite0 and ResNet-18 they are bit-identical). Token layers,
 other kernels, a quantized graph's rounded scores, a branch that cannot be written or opened, a
@@ -527,20 +527,15 @@ def _open_in_graph(net: Classifier, layer: Layer):
     """The session of ``net.model`` plus the Recipro-CAM branch at ``layer``, kept to its ``COPY_SCORES``
     output, on the classifier's engine (``net.ort.derived``: onnxruntime on its providers, or OpenVINO at
     its precision, there for a batch of one image), opened as the engine opens the classifier's own. On
-    onnxruntime: zero Pads folded
-    into the Conv that reads them (``fold_pads``: onnxruntime keeps them as nodes, with layout reorders
-    around them; OpenVINO folds them itself) and the pool threads not spinning (``SPIN``: one call per
-    explanation; measured no slower on the shared 2-core machine, and the threads then leave the cores
-    to other work between calls)."""
+    onnxruntime the pool threads do not spin (``SPIN``: one call per explanation; measured no slower on
+    the shared 2-core machine, and the threads then leave the cores to other work between calls); zero
+    Pads are already folded into their Convs in ``net.model`` (the ``fold-zero-pads`` pass)."""
     from ..export.writer import build_explained
-    from ..runtime.ort_engine import fold_pads
 
     model = _only(build_explained(net, "recipro_cam", layer.name, 1, "feature", source=net.model, diagnostics=True,
                                   where="recipro_cam"), COPY_SCORES)
-    if net.ort.engine == "onnxruntime":
-        fold_pads(model)
-    else:  # OpenVINO: compiled for one image (each call explains one): a static shape took 2-9 % less CPU
-        _one_image(model, net.input.name)  # time than the dynamic batch on ResNet-18 and EfficientNet-Lite0
+    if net.ort.engine != "onnxruntime":  # OpenVINO: compiled for one image (each call explains one): a static
+        _one_image(model, net.input.name)  # shape took 2-9 % less CPU time than the dynamic batch (ResNet-18, Lite0)
     engine = net.ort.derived(model, net.input.name, f"{net.ort.model_key}|recipro_in_graph:{layer.output}",
                              spinning=SPIN)
     return engine.session([])
