@@ -1,7 +1,7 @@
 """RISE beside DIANNA's RISE and beside the forward-pass limit, and its faithfulness beside occlusion
 and LIME, in one run on one machine.
 
-    python -m benchmarks.rise [--quick] [--masks 1000 2000] [--parts speed faithfulness efficiency]
+    python -m benchmarks.rise [--quick] [--masks 1000 2000] [--parts speed faithfulness efficiency stopping]
 
 Everything runs on the embedded EfficientNet-Lite0, one ONNX file (the cached file ``explainer.load()``
 reads), the chelsea photo and class 285 (Egyptian cat):
@@ -28,7 +28,10 @@ reads), the chelsea photo and class 285 (Egyptian cat):
   deletion and insertion AUC (``explainer.evaluate``) against the reference's, wall times; OpenVINO
   XAI's AISE (preset BALANCE, f32, its pass count) on the same file, image and class beside, run in its
   own environment as ``benchmarks.openvino`` runs it (``--peer-python`` or
-  ``$EXPLAINER_OVXAI_PYTHON``; skipped without one).
+  ``$EXPLAINER_OVXAI_PYTHON``; skipped without one);
+* stopping on the map's reliability (``--parts stopping``, ``--stop-models``): the same references, and
+  ``rise(num_masks=2000, estimator="regression", stop_reliability=0.95)`` over 3 seeds: the passes each
+  run drew, r, AUC changes beside the reference halves' own (how far AUCs stray by chance).
 
 Ours and the limit run in turn twice (medians); DIANNA once: a full run takes minutes. Writes
 ``benchmarks/results/rise.json`` and ``rise.md`` (``--quick`` only prints); ``--parts`` reruns some
@@ -262,6 +265,84 @@ def efficiency_markdown(meta: dict, rows: list[dict]) -> list[str]:
     return lines
 
 
+STOP_RELIABILITY = 0.95
+STOP_CAP = 2000
+
+
+def stopping(quick: bool, models: list[str]) -> list[dict]:
+    """``stop_reliability``: per model and image, the reference as in ``efficiency`` (whose two halves'
+    AUCs against the whole say how far a 2,000-mask map's AUCs stray by chance) and
+    ``rise(num_masks=STOP_CAP, estimator="regression", stop_reliability=STOP_RELIABILITY)`` over seeds:
+    the passes each drew, r with the reference, AUC changes, wall time."""
+    import explainer
+    from explainer import evaluate
+    from explainer.methods.rise import Rise, rise
+
+    from .openvino import model_files
+
+    images = EFFICIENCY_IMAGES[:1] if quick else EFFICIENCY_IMAGES
+    seeds = (0, 1) if quick else (0, 1, 2)
+    reference_masks = 1000 if quick else REFERENCE_MASKS
+    rows = []
+    for model, path in model_files().items():
+        if model not in models:
+            continue
+        net = explainer.load(path, preprocessing="imagenet" if model == "resnet18" else None)
+        for name in images:
+            image = explainer.sample_image(name)
+            label = int(np.argmax(net.predict(image)))
+
+            def auc(m):
+                return dict(deletion=evaluate.deletion(net, image, m, label, verbose=False).auc,
+                            insertion=evaluate.insertion(net, image, m, label, verbose=False).auc)
+
+            rise(net, image, label, num_masks=64, verbose=False)  # warm-up
+            halves = [rise(net, image, label, num_masks=reference_masks // 2, random_state=seed, verbose=False)
+                      for seed in (1000, 1001)]
+            ref = (halves[0] + halves[1]) / 2
+            row = dict(model=model, image=name, label=label, reference_masks=reference_masks, reference_auc=auc(ref),
+                       r_reference_halves=correlation(*halves), halves_auc=[auc(h) for h in halves],
+                       target=STOP_RELIABILITY, cap=STOP_CAP, runs=[])
+            for seed in seeds:
+                explain = Rise(net, num_masks=STOP_CAP, grid_size=7, keep_probability=0.5, mask_value="auto",
+                               estimator="regression", stop_reliability=STOP_RELIABILITY, batch_size="auto",
+                               backend="onnxruntime", random_state=seed, verbose=False)
+                seconds, m = once(lambda: explain(image, label))
+                row["runs"].append(dict(seed=seed, seconds=seconds, passes=explain.passes[0], r=correlation(m, ref),
+                                        auc=auc(m)))
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def stopping_markdown(meta: dict, rows: list[dict]) -> list[str]:
+    first = rows[0]
+    lines = [f"## Stopping on the map's reliability ({meta['date']})", "",
+             f"Machine: {meta['cpu']}; {meta['cpus']} CPUs; 5-minute load average before / after the run: "
+             f"{meta['load_average'][0]} / {meta['load_average'][1]}. `rise(num_masks={first['cap']}, "
+             f"estimator=\"regression\", stop_reliability={first['target']})` with seeds "
+             f"{', '.join(str(r['seed']) for r in first['runs'])} against the reference of the table above "
+             f"({first['reference_masks']} masks of the default estimator in two halves, the same seeds: the same "
+             "maps); the halves' AUC changes "
+             "say how far a map of half the reference's masks strays from the reference's AUCs by chance.", "",
+             "| model | image | passes drawn (seeds) | r(stopped, ref) min / median | deletion AUC: ref; stopped, "
+             "worst change; halves' changes | insertion AUC: ref; stopped, worst change; halves' changes "
+             "| stopped (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        runs, ref = row["runs"], row["reference_auc"]
+        r = [x["r"] for x in runs]
+        dd = max(change(x["auc"]["deletion"], ref["deletion"]) for x in runs)
+        di = min(change(x["auc"]["insertion"], ref["insertion"]) for x in runs)
+        hd = ", ".join(f"{100 * change(h['deletion'], ref['deletion']):+.1f}" for h in row["halves_auc"])
+        hi = ", ".join(f"{100 * change(h['insertion'], ref['insertion']):+.1f}" for h in row["halves_auc"])
+        lines.append(f"| {row['model']} | {row['image']} | {', '.join(str(x['passes']) for x in runs)} | "
+                     f"{min(r):.3f} / {np.median(r):.3f} | {ref['deletion']:.3f}; {100 * dd:+.1f} %; {hd} % | "
+                     f"{ref['insertion']:.3f}; {100 * di:+.1f} %; {hi} % | "
+                     f"{np.median([x['seconds'] for x in runs]):.2f} |")
+    return lines
+
+
 def markdown(meta, speed_rows, faith_rows) -> str:
     lines = [f"# RISE ({meta['date']})", "",
              f"Machine: {meta['cpu']}; {meta['cpus']} CPUs; onnxruntime {meta['onnxruntime']}; DIANNA "
@@ -300,10 +381,12 @@ def document(results: dict) -> str:
     text = markdown(results["meta"], results["speed"], results["faithfulness"]) if "speed" in results else ""
     if results.get("efficiency"):
         text += "\n" + "\n".join(efficiency_markdown(results["efficiency_meta"], results["efficiency"])) + "\n"
+    if results.get("stopping"):
+        text += "\n" + "\n".join(stopping_markdown(results["stopping_meta"], results["stopping"])) + "\n"
     return text
 
 
-PARTS = ("speed", "faithfulness", "efficiency")
+PARTS = ("speed", "faithfulness", "efficiency", "stopping")
 
 
 def main(argv=None) -> int:
@@ -314,6 +397,8 @@ def main(argv=None) -> int:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="what to run (default all; speed and faithfulness run together); the others' "
                              "last results are kept")
+    parser.add_argument("--stop-models", nargs="+", default=["efficientnet_lite0", "resnet18"],
+                        help="models of the stopping part (default both)")
     parser.add_argument("--peer-python", default=os.environ.get("EXPLAINER_OVXAI_PYTHON"),
                         help="python of a virtual environment with openvino-xai (efficiency: AISE beside)")
     args = parser.parse_args(argv)
@@ -347,6 +432,14 @@ def main(argv=None) -> int:
         results["efficiency"] = efficiency(args.quick, args.peer_python)
         meta["load_average"] = [round(load_before, 2), round(os.getloadavg()[1], 2)]
         results["efficiency_meta"] = meta
+        load_before = os.getloadavg()[1]
+    if "stopping" in args.parts:
+        meta = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), cpu=cpu_model(),
+                    machine=platform.machine(), cpus=net.ort.parallel_streams(), quick=args.quick,
+                    models=args.stop_models)
+        results["stopping"] = stopping(args.quick, args.stop_models)
+        meta["load_average"] = [round(load_before, 2), round(os.getloadavg()[1], 2)]
+        results["stopping_meta"] = meta
     text = document(results)
     print(text)
     if args.quick:
