@@ -59,10 +59,17 @@ def gradcam(ctx: ExportContext) -> str:
 
 @exporter("gradcam_plus_plus")
 def gradcam_plus_plus(ctx: ExportContext) -> str:
-    """w_c = sum_ij alpha_ij ReLU(g_ij), alpha = g^2 / (2 g^2 + sum_ab A_ab g^3 + 1e-6), 0 where g = 0."""
-    g = ctx.float32(ctx.gradient_chw())
+    """w_c = sum_ij alpha_ij ReLU(g_ij), alpha = g^2 / (2 g^2 + sum_ab A_ab g^3 + 1e-6), 0 where g = 0.
+    Where the gradient is the same at every location (a global average pool's), on the (K, N, C, 1, 1)
+    tensor it was spread from, the sum over the grid being h*w times the one value."""
     acts = ctx.float32(ctx.feature_chw())
-    _unaveraged(ctx, g, acts)
+    even = ctx.spatial_constant(ctx.gradient_chw())
+    if even is not None:
+        g = ctx.float32(even)
+        _unaveraged(ctx, None, acts, mean_abs=ctx.node("Abs", [g]) if ctx.diagnostics is not None else None)
+    else:
+        g = ctx.float32(ctx.gradient_chw())
+        _unaveraged(ctx, g, acts)
     g2 = ctx.node("Mul", [g, g])
     total = ctx.reduce("ReduceSum", acts, [2, 3], keepdims=1)  # (N, C, 1, 1)
     denominator = ctx.node("Add", [ctx.node("Add", [ctx.node("Mul", [ctx.scalar(2.0), g2]),
@@ -70,5 +77,10 @@ def gradcam_plus_plus(ctx: ExportContext) -> str:
                                    ctx.scalar(1e-6)])
     alpha = ctx.node("Div", [g2, denominator])
     # the library's where(g != 0, alpha, 0) is alpha itself: g = 0 gives 0 / 1e-6 = 0
-    weights = ctx.reduce("ReduceSum", ctx.node("Mul", [ctx.node("Relu", [g]), alpha]), [3, 4], keepdims=1)
+    per_location = ctx.node("Mul", [ctx.node("Relu", [g]), alpha])
+    if even is not None:
+        h, w = ctx.layout.grid
+        weights = ctx.node("Mul", [per_location, ctx.scalar(float(h * w))])
+    else:
+        weights = ctx.reduce("ReduceSum", per_location, [3, 4], keepdims=1)
     return _cam(ctx, weights, acts)
