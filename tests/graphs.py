@@ -239,3 +239,12 @@ def with_recorded_shapes(model: onnx.ModelProto, how: str) -> onnx.ModelProto:
         shape = [7, 5] if how == "wrong-rank" else [d + 3 for d in range(2, rank + 2)]
         m.graph.value_info.append(helper.make_tensor_value_info(vi.name, t.elem_type, shape))
     return m
+
+
+def seeded_set(architectures) -> list:
+    """The seeded zoo's architectures as parameters: VGG-19 (548 MB; the same ops as AlexNet and ZFNet,
+    converted it alone raises the suite's peak memory by 2.3 GB) marked ``matrix``, which ``.ci/run``
+    runs after the main suite."""
+    import pytest
+
+    return [pytest.param(a, marks=pytest.mark.matrix) if a == "vgg19" else a for a in sorted(architectures)]
