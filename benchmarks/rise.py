@@ -226,6 +226,13 @@ def change(a: float, b: float) -> float:
     return (a - b) / abs(b)
 
 
+def _worst(runs, ref):
+    """The runs' correlations with the reference, and their worst AUC changes over the seeds: deletion's
+    largest (a higher deletion AUC is worse), insertion's smallest."""
+    return ([x["r"] for x in runs], max(change(x["auc"]["deletion"], ref["deletion"]) for x in runs),
+            min(change(x["auc"]["insertion"], ref["insertion"]) for x in runs))
+
+
 def efficiency_markdown(meta: dict, rows: list[dict]) -> list[str]:
     first = rows[0]
     lines = [f"## Sample efficiency ({meta['date']})", "",
@@ -243,9 +250,7 @@ def efficiency_markdown(meta: dict, rows: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         runs, ref = row["runs"], row["reference_auc"]
-        r = [x["r"] for x in runs]
-        dd = max(change(x["auc"]["deletion"], ref["deletion"]) for x in runs)  # higher deletion AUC: worse
-        di = min(change(x["auc"]["insertion"], ref["insertion"]) for x in runs)  # lower insertion AUC: worse
+        r, dd, di = _worst(runs, ref)
         a = row.get("aise")
         aise = (f"{a['passes']} | {a['seconds']:.2f} | {a['r']:.3f} | {a['auc']['deletion']:.3f} "
                 f"({100 * change(a['auc']['deletion'], ref['deletion']):+.0f} %) / {a['auc']['insertion']:.3f} "
@@ -331,9 +336,7 @@ def stopping_markdown(meta: dict, rows: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         runs, ref = row["runs"], row["reference_auc"]
-        r = [x["r"] for x in runs]
-        dd = max(change(x["auc"]["deletion"], ref["deletion"]) for x in runs)
-        di = min(change(x["auc"]["insertion"], ref["insertion"]) for x in runs)
+        r, dd, di = _worst(runs, ref)
         hd = ", ".join(f"{100 * change(h['deletion'], ref['deletion']):+.1f}" for h in row["halves_auc"])
         hi = ", ".join(f"{100 * change(h['insertion'], ref['insertion']):+.1f}" for h in row["halves_auc"])
         lines.append(f"| {row['model']} | {row['image']} | {', '.join(str(x['passes']) for x in runs)} | "
