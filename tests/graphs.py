@@ -242,9 +242,9 @@ def with_recorded_shapes(model: onnx.ModelProto, how: str) -> onnx.ModelProto:
 
 
 def seeded_set(architectures) -> list:
-    """The seeded zoo's architectures as parameters: VGG-19 (548 MB; the same ops as AlexNet and ZFNet,
-    converted it alone raises the suite's peak memory by 2.3 GB) marked ``matrix``, which ``.ci/run``
-    runs after the main suite."""
+    """The seeded zoo's architectures as parameters: VGG-19 (548 MB, the same ops as AlexNet and ZFNet;
+    about 50 s and a 2.3 GB step of memory at once) marked ``matrix``, which ``.ci/run`` runs after the
+    main suite."""
     import pytest
 
     return [pytest.param(a, marks=pytest.mark.matrix) if a == "vgg19" else a for a in sorted(architectures)]
