@@ -362,15 +362,17 @@ def test_fold_pads_adds_to_the_conv_s_own_pads_and_leaves_other_pads():
 
 
 def test_working_copy_softmax_and_scaling_equal_the_plain_expressions_bit_for_bit():
-    """``_softmax`` (the in-graph path's probabilities of the copies) is ``classifier.softmax`` bit for
-    bit, and ``normalise`` the plain min-max expression over the two map axes, a constant map zeros."""
-    from explainer.methods.recipro_cam import _softmax, normalise
+    """``classifier.softmax`` (one working array; the copies' probabilities) is the plain float64
+    expression bit for bit, and ``normalise`` the plain min-max expression over the two map axes, a
+    constant map zeros."""
+    from explainer.methods.recipro_cam import normalise
     from explainer.runtime.classifier import softmax
 
     rng = np.random.default_rng(0)
     for scale in (0.1, 3.0, 40.0):
         raw = (rng.normal(size=(49, 1000)) * scale).astype(np.float32)
-        np.testing.assert_array_equal(_softmax(raw), softmax(raw))
+        z = np.exp(raw.astype(np.float64) - raw.max(axis=1, keepdims=True))
+        np.testing.assert_array_equal(softmax(raw), (z / z.sum(axis=1, keepdims=True)).astype(np.float32))
     for shape in [(1000, 7, 7), (3, 14, 14), (7, 7)]:
         for dtype in (np.float64, np.float32):
             cams = rng.normal(size=shape).astype(dtype)

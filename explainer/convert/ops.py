@@ -406,15 +406,8 @@ def fold_zero_pads(model: onnx.ModelProto, ctx=None) -> int:
     def value(name: str):
         return numpy_helper.to_array(constants[name]) if name in constants else None
 
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = consumers(graph)
     outputs = {o.name for o in graph.output}
-
-    def attributes(node) -> dict:
-        return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
     folded = set()
     for pad in graph.node:
         if pad.op_type != "Pad" or pad.domain not in ("", "ai.onnx") or pad.output[0] in outputs:
@@ -424,7 +417,7 @@ def fold_zero_pads(model: onnx.ModelProto, ctx=None) -> int:
                 or conv[0].input[0] != pad.output[0]:
             continue
         conv = conv[0]
-        if attributes(pad).get("mode", b"constant") not in (b"constant", "constant") or len(pad.input) < 2 \
+        if attribute(pad, "mode", b"constant") not in (b"constant", "constant") or len(pad.input) < 2 \
                 or pad.input[1] not in constants or (len(pad.input) > 3 and pad.input[3]):
             continue
         if len(pad.input) > 2 and pad.input[2] and (pad.input[2] not in constants or np.any(value(pad.input[2]) != 0)):
@@ -433,11 +426,10 @@ def fold_zero_pads(model: onnx.ModelProto, ctx=None) -> int:
         rank = len(pads) // 2
         if rank < 3 or np.any(pads < 0) or pads[0] or pads[1] or pads[rank] or pads[rank + 1]:
             continue
-        conv_attributes = attributes(conv)
-        if conv_attributes.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        if attribute(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             continue
         spatial = rank - 2
-        old = list(conv_attributes.get("pads", [0] * (2 * spatial)))
+        old = list(attribute(conv, "pads", [0] * (2 * spatial)))
         new = [int(old[i] + pads[2 + i]) for i in range(spatial)] + \
               [int(old[spatial + i] + pads[rank + 2 + i]) for i in range(spatial)]
         kept = [a for a in conv.attribute if a.name != "pads"]

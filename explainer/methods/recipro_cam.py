@@ -709,13 +709,15 @@ def input_maps(net: Classifier, layer: Layer, x: np.ndarray, indices, *, kernel=
 def _copy_scores(net: Classifier, raw: np.ndarray, scores: str) -> np.ndarray:
     """The copies' scores as ``_scores_fn`` gives them, from the branch's scores ``raw`` (the Softmax's
     input where the graph has one, else its output)."""
+    from ..runtime.classifier import softmax
+
     raw = raw.reshape(len(raw), -1)
     if not np.all(np.isfinite(raw)):
         net.scores_from_outputs([raw])  # raises the library's NonFiniteOutputError
     if net.output.softmax_input:
-        return _softmax(raw) if scores == "probabilities" else raw.astype(np.float32)
-    if scores == "probabilities":  # as net.scores_from_outputs
-        return raw.astype(np.float32) if net.output.is_probability else _softmax(raw)
+        return softmax(raw) if scores == "probabilities" else raw.astype(np.float32)
+    if scores == "probabilities":
+        return net.scores_from_outputs([raw])
     if net.output.is_probability:
         return np.log(np.maximum(raw.astype(np.float32), np.finfo(np.float32).tiny))
     return raw.astype(np.float32)
@@ -849,16 +851,6 @@ def normalise(cams: np.ndarray) -> np.ndarray:
     np.copyto(out, 0, where=~varies)
     return out.reshape(cams.shape).astype(np.float32)
 
-
-def _softmax(scores: np.ndarray) -> np.ndarray:
-    """``classifier.softmax`` (the same float64 operations in the same order: the same float32
-    probabilities, bit for bit) on one working array instead of four temporaries of the copies'
-    (49, 1000) scores."""
-    z = scores.astype(np.float64)
-    z -= scores.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z.astype(np.float32)
 
 
 def _default_layer(net: Classifier) -> str:

@@ -53,9 +53,13 @@ def not_a_feature_map(where: str, layer: "Layer", attention: bool = False) -> st
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
-    """(N, K) scores → float32 probabilities, computed in float64 (max subtracted first)."""
-    z = np.exp(scores.astype(np.float64) - scores.max(axis=1, keepdims=True))
-    return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+    """(N, K) scores → float32 probabilities, computed in float64 (max subtracted first), on one working
+    array (no temporaries of the scores' size: Recipro-CAM's copies are (h*w, 1000) a call)."""
+    z = scores.astype(np.float64)
+    z -= scores.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z.astype(np.float32)
 
 
 class _NotBatchable(Exception):
