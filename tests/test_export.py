@@ -677,7 +677,7 @@ def test_ingraph_engine_normalises_the_pixels_itself_bit_for_bit(preprocessing, 
     scale, mean, std, NCHW): its maps and noise scales equal, bit for bit, those of the same branch fed
     ``net.to_model_input`` (numpy's float32 operations), for ImageNet's, Caffe's (BGR) and TF's
     preprocessing and the embedded model's own."""
-    from explainer.export.engine import cam_maps, pixel_cam_maps, session
+    from explainer.export.engine import cam_maps, pixel_cam_maps, session, takes_pixels
 
     if preprocessing == "default":
         net = default_net
@@ -688,11 +688,11 @@ def test_ingraph_engine_normalises_the_pixels_itself_bit_for_bit(preprocessing, 
     pixels = np.stack([net.fit_pixels(np.asarray(i, np.float32)) for i in (chelsea, coffee)])
     pixels[0, :3, :3] = [0.0, 255.0, 127.5]  # the ends of the range too
     targets = np.array([[1, 3], [4, 0]], np.int64)
-    assert session(net).takes_pixels
+    assert takes_pixels(session(net))
     expected = cam_maps(net, net.to_model_input(pixels), targets, with_unaveraged=True)
     got = pixel_cam_maps(net, pixels, targets, with_unaveraged=True)
     assert all(np.array_equal(a, b) for a, b in zip(expected, got))
-    assert not session(net, pixels=False).takes_pixels
+    assert not takes_pixels(session(net, pixels=False))
 
 
 def test_ingraph_engine_gives_the_library_its_noise_scale(default_net, chelsea):

@@ -83,13 +83,17 @@ def _open(net, method: str, layer: str, pixels: bool = True):
 
     model = build_explained(net, method, layer, 0, "feature", source=net.model, targets_per_image=True,
                             diagnostics=True, where=method)
-    takes_pixels = pixels and _normalising(net, model)
+    if pixels:
+        _normalising(net, model)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     providers = list(getattr(net.ort, "providers", None) or ["CPUExecutionProvider"])
-    run = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-    run.takes_pixels = takes_pixels
-    return run
+    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+
+
+def takes_pixels(run) -> bool:
+    """Whether the session's image input is the pixels (``PIXELS``: it normalises them itself)."""
+    return any(i.name == PIXELS for i in run.get_inputs())
 
 
 def _normalising(net, model) -> bool:
@@ -184,11 +188,11 @@ def choose(net, method: str = "gradcam", feature_layer=None) -> EngineChoice:
 
 def session(net, method: str = "gradcam", feature_layer=None, pixels: bool = True):
     """The onnxruntime session of ``net.model`` plus the ``method`` branch (built once per layer); its
-    input is the images' pixels where it normalises them itself (``run.takes_pixels``), unless
+    input is the images' pixels where it normalises them itself (``takes_pixels``), unless
     ``pixels`` is False: then the model's input, always."""
     if not pixels:
         run = session(net, method, feature_layer)  # the decision (and its reason) is the pixel session's
-        if not run.takes_pixels:
+        if not takes_pixels(run):
             return run
     choice, run = _entry(net, method, feature_layer, pixels)
     if run is None:
@@ -223,7 +227,7 @@ def pixel_cam_maps(net, pixels: np.ndarray, targets, method: str = "gradcam", fe
     normalises them itself where it can (the same float32 operations as ``net.to_model_input``, in
     onnxruntime), else they are normalised here."""
     run = session(net, method, feature_layer)
-    if not run.takes_pixels:
+    if not takes_pixels(run):
         return cam_maps(net, net.to_model_input(pixels), targets, method, feature_layer, with_unaveraged)
     return _maps(net, run, np.ascontiguousarray(pixels, dtype=np.float32), targets, with_unaveraged)
 
@@ -237,7 +241,7 @@ def _maps(net, run, x: np.ndarray, targets, with_unaveraged: bool):
     step = 1 if net.max_batch == 1 or len(x) == 1 else min(len(x), _chunk(net, targets.shape[1]))
     names = [SALIENCY, f"{SALIENCY}_unaveraged"]
     guard = getattr(net.ort, "guard", None)
-    image = PIXELS if run.takes_pixels else net.input.name
+    image = PIXELS if takes_pixels(run) else net.input.name
     parts = []
     for i in range(0, len(x), step):
         batch = x[i:i + step]
