@@ -567,6 +567,46 @@ def test_families_equal_library(family, exporter_name, tmp_path, chelsea, coffee
     assert check_export(net, tmp_path, [chelsea, coffee], "gradcam", top_k=2) <= TOLERANCE
 
 
+def _branch_attention_rows(path, net, x) -> list[int]:
+    """The query rows of every Softmax over the keys in the explanation branch of an exported file
+    (its second-to-last axis), measured on onnxruntime."""
+    model = onnx.load(str(path))
+    softmaxes = [n.output[0] for n in model.graph.node if n.op_type == "Softmax" and n.name.startswith("explain/")]
+    for name in softmaxes:
+        model.graph.output.append(onnx.ValueInfoProto(name=name))
+    got = _session(model).run(softmaxes, {net.input.name: x}) if softmaxes else []
+    return [int(a.shape[-2]) for a in got]
+
+
+@pytest.mark.parametrize("exporter_name", ["legacy", "legacy-dynamic"])
+def test_vit_gradient_reads_the_class_token_early(exporter_name, tmp_path, chelsea, coffee, monkeypatch):
+    """On a ViT the gradient runs through the head that picks the class token as early as the ops
+    allow (``export.head.early_head``): the branch's attention has one query row instead of 197, with
+    Reshape targets held as constants (legacy, batch 1) or computed from Shapes (legacy-dynamic), and
+    the maps still equal the library's torch path. Where the early head's scores would differ from the
+    whole head's, the whole head is differentiated (the maps equal the library's all the same)."""
+    import explainer.export.head as head_module
+
+    net = _family("vit_tiny", exporter_name)
+    assert check_export(net, tmp_path, [chelsea, coffee], "gradcam", top_k=2) <= TOLERANCE
+    x = _inputs(net, [chelsea], 1)[1]
+    assert _branch_attention_rows(tmp_path / "model.onnx", net, x) == [1]
+    select = head_module.select_early
+
+    def wrong_token(model, layout, values=None):  # reads token 1 instead of the class token
+        out = select(model, layout, values)
+        for t in out.graph.initializer:
+            if t.name == "recipro_early/starts":
+                t.CopyFrom(onnx.numpy_helper.from_array(np.asarray([1], np.int64), t.name))
+            elif t.name == "recipro_early/ends":
+                t.CopyFrom(onnx.numpy_helper.from_array(np.asarray([2], np.int64), t.name))
+        return out
+
+    monkeypatch.setattr(head_module, "select_early", wrong_token)
+    assert check_export(net, tmp_path, [chelsea, coffee], "gradcam", top_k=2, name="whole.onnx") <= TOLERANCE
+    assert _branch_attention_rows(tmp_path / "whole.onnx", net, x) == [197]
+
+
 @pytest.mark.published
 @pytest.mark.parametrize("family,exporter_name", ALL_FAMILIES)
 def test_every_family_equals_library(family, exporter_name, tmp_path, chelsea, coffee):

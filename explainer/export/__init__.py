@@ -43,7 +43,9 @@ the library's maps are resized with, as two constant matrices, ``resize.py``) an
 ``explainer.gradcam`` does after its bicubic resize.
 
 The other modules: ``rules.py`` (one reverse-mode gradient rule per ONNX op, ``RULES``), ``head.py``
-(the head's nodes, their renamed copy, the backward pass; ``gradient_model`` for checking rules),
+(the head's nodes, their renamed copy, the backward pass; ``gradient_model`` for checking rules; on
+token layers ``select_early`` / ``early_head``, the head that picks the class token as early as the ops
+allow, which the gradient runs through and the library's Recipro-CAM reruns),
 ``cams.py`` (Grad-CAM and Grad-CAM++), ``recipro_cam.py`` (Recipro-CAM and ViT-ReciproCAM),
 ``writer.py`` (``export_explained``, ``build_explained``), ``engine.py`` (the library's in-graph path:
 ``cam_maps``, and ``Decision``: which path runs, and why), ``explained.py`` (an exported file read

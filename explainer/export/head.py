@@ -1,5 +1,7 @@
 """The head: the nodes on paths from the feature tensor to the score tensor, a copy of them for the
-explanation branch, and its reverse-mode differentiation with the rules of ``rules.py``.
+explanation branch, and its reverse-mode differentiation with the rules of ``rules.py``; on token
+layers, the head that picks its class token as early as the ops allow (``select_early``,
+``early_head``: a ViT's last block then runs its MLP and attention queries on one token).
 
 Only nodes on paths from the feature to the score are copied and differentiated; every other tensor
 they read (weights, the residual stream before the feature, shapes) is read from the graph as it is
@@ -9,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from ..errors import UnsupportedHeadOpError, UnsupportedModelError
-from ..graph import producers
+from ..graph import dims, infer_shapes, producers
 from .errors import RECIPRO_HINT
 from .rules import RULES
 
@@ -26,10 +28,13 @@ STRAIGHT_THROUGH = {"QuantizeLinear", "DequantizeLinear"}
 
 
 class Head:
-    def __init__(self, graph: onnx.GraphProto, feature: str, scores: str):
+    """The nodes on paths from ``feature`` to ``scores`` in ``graph`` (with ``roots``: from those tensors
+    too: the head of ``early_head``, whose Slices of the residual stream belong to the head)."""
+
+    def __init__(self, graph: onnx.GraphProto, feature: str, scores: str, roots=()):
         self.graph, self.feature, self.scores = graph, feature, scores
         producer = producers(graph)
-        reached = {feature}
+        reached = {feature, *roots}
         for n in graph.node:
             if any(i in reached for i in n.input):
                 reached.update(o for o in n.output if o)
@@ -92,6 +97,8 @@ def constant_values(graph: onnx.GraphProto) -> dict:
                 values[n.output[0]] = numpy_helper.to_array(a.t)
             elif a.name in ("value_int", "value_ints", "value_float", "value_floats"):
                 values[n.output[0]] = np.asarray(onnx.helper.get_attribute_value(a))
+        elif n.op_type == "Identity" and n.input and n.input[0] in values:  # a weight shared under two names
+            values[n.output[0]] = values[n.input[0]]
     return values
 
 
@@ -202,11 +209,12 @@ def _is_float(dtype) -> bool:
 
 
 def measure(model: onnx.ModelProto, feeds: dict, names, *, batch_axes: dict | None = None,
-            other_feeds: dict | None = None) -> tuple[dict, dict, dict]:
+            other_feeds: dict | None = None, arrays: dict | None = None) -> tuple[dict, dict, dict]:
     """(shapes, dtypes, small integer values) of tensors ``names`` of ``model`` on ``feeds``: one
     onnxruntime run with them as extra outputs (initializers are read from the graph). With
     ``other_feeds`` (another batch size) and a dict ``batch_axes``, a second run fills ``batch_axes``
-    with each tensor's axes whose extent differs between the two runs (those that follow the batch)."""
+    with each tensor's axes whose extent differs between the two runs (those that follow the batch);
+    ``arrays``: a dict whose keys name tensors, filled with their values on the first run."""
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
@@ -214,7 +222,7 @@ def measure(model: onnx.ModelProto, feeds: dict, names, *, batch_axes: dict | No
     initialisers = {t.name: t for t in probe.graph.initializer}
     existing = {o.name for o in probe.graph.output}
     inputs = {i.name for i in probe.graph.input}
-    wanted = sorted(set(names) - set(initialisers) - existing - inputs)
+    wanted = sorted((set(names) | set(arrays or ())) - set(initialisers) - existing - inputs)
     for name in wanted:
         probe.graph.output.append(onnx.ValueInfoProto(name=name))
     options = ort.SessionOptions()
@@ -222,18 +230,20 @@ def measure(model: onnx.ModelProto, feeds: dict, names, *, batch_axes: dict | No
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     out_names = [o.name for o in session.get_outputs()]
     shapes, dtypes, values = {}, {}, {}
-    arrays = dict(zip(out_names, session.run(out_names, feeds)))
-    arrays.update({k: v for k, v in feeds.items()})
+    got = dict(zip(out_names, session.run(out_names, feeds)))
+    got.update(feeds)
+    if arrays is not None:
+        arrays.update({k: got[k] for k in arrays if k in got})
     if other_feeds is not None and batch_axes is not None:
         others = dict(zip(out_names, session.run(out_names, other_feeds)))
         others.update(other_feeds)
-        for name, value in arrays.items():
+        for name, value in got.items():
             a, o = np.shape(value), np.shape(others[name])
             if len(a) == len(o):
                 batch_axes[name] = frozenset(i for i, (p, q) in enumerate(zip(a, o)) if p != q)
         for t in initialisers.values():
             batch_axes[t.name] = frozenset()
-    for name, value in arrays.items():
+    for name, value in got.items():
         value = np.asarray(value)
         shapes[name], dtypes[name] = tuple(value.shape), value.dtype
         if value.dtype.kind in "iu" and value.size <= 64:
@@ -263,3 +273,235 @@ def gradient_model(model: onnx.ModelProto, wrt: str, of: str, feeds: dict) -> on
              outputs=["gradient"], **({} if opset >= 13 else {"axes": [0]}))
     out.graph.output.append(onnx.helper.make_tensor_value_info("gradient", ctx.elem_type(wrt), list(ctx.shape(wrt))))
     return out
+
+
+# the head reading its class token early ------------------------------------------------------------------------
+#: ops that compute each token from that token alone (given constant weights)
+TOKENWISE_UNARY = {"Erf", "Gelu", "Relu", "Sigmoid", "Tanh", "Sqrt", "Reciprocal", "Identity", "Cast", "Dropout",
+                   "Clip", "HardSigmoid", "HardSwish", "Neg", "Abs", "Exp", "Log", "Softplus", "LeakyRelu", "Elu",
+                   "Mish", "FastGelu", "BiasGelu"}
+TOKENWISE_BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
+
+
+def select_early(model: onnx.ModelProto, layout, values: dict | None = None) -> onnx.ModelProto | None:
+    """A copy of a token head that reads one token (a class token, ``Gather(axis=1)`` of a constant index)
+    where it picks that token as early as the ops allow: back through ops that commute with picking one
+    token (elementwise ops, LayerNorms and Softmaxes over other axes, MatMuls along their rows,
+    Transposes and Reshapes that keep the token axis whole, whose target then holds 1 token), as long as
+    every reader of a tensor is such an op; where the walk stops, the tensor is sliced to the token. On a
+    ViT's last block the MLP, the projection, the norms and the attention's query rows then run on the
+    class token alone. The same function of the same values; None where the head does not read a token
+    that way. ``layout``: the feature layer's ``FeatureLayout``; ``values``: measured values of computed
+    integer tensors (a Reshape target built from Shapes, as a dynamic-batch export writes it: its token
+    entry is then set to 1 in the graph, the other entries computed as before)."""
+    graph = model.graph
+    known = infer_shapes(model)
+    consts = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    producer = producers(graph)
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    tokens = layout.prefix + layout.grid[0] * layout.grid[1]
+
+    def shape(name):
+        vi = known.get(name)
+        return dims(vi) if vi is not None else None
+
+    def is_tokens(name):
+        d = shape(name)
+        return d is not None and len(d) == 3 and d[1] == tokens
+
+    def carries(name, axis):
+        d = shape(name)
+        return d is not None and 0 <= axis < len(d) and d[axis] == tokens
+
+    def attr(node, name, default=None):
+        for a in node.attribute:
+            if a.name == name:
+                return onnx.helper.get_attribute_value(a)
+        return default
+
+    def step(node, a: int):
+        """{input: its token axis} when ``node`` commutes with picking one token along output axis ``a``
+        (the inputs listed are picked too, the others read whole); None when it does not."""
+        out = node.output[0]
+        rank = len(shape(out) or [])
+        data = [i for i in node.input if i]
+        if len(node.output) != 1 or not carries(out, a):
+            return None
+        op = node.op_type
+        if op in TOKENWISE_UNARY:
+            return {data[0]: a} if carries(data[0], a) and all(i in consts for i in data[1:]) else None
+        if op in TOKENWISE_BINARY:
+            picked = {}
+            for i in data:
+                d = shape(i)
+                if d is None:
+                    return None
+                ai = a - (rank - len(d))
+                if ai >= 0 and d[ai] == tokens:
+                    picked[i] = ai
+                elif ai >= 0 and d[ai] != 1:
+                    return None
+            return picked or None
+        if op in ("LayerNormalization", "Softmax"):
+            axis = attr(node, "axis", -1)
+            axis = axis + rank if axis < 0 else axis
+            ok = axis > a and carries(data[0], a) and all(i in consts for i in data[1:])
+            return {data[0]: a} if ok else None
+        if op == "ReduceMean" and len(data) == 1:  # a decomposed LayerNorm (opset < 18)
+            axes = [x + rank if x < 0 else x for x in attr(node, "axes", [])]
+            ok = axes and a not in axes and attr(node, "keepdims", 1) == 1 and carries(data[0], a)
+            return {data[0]: a} if ok else None
+        if op == "MatMul":  # rows of the product are rows of the left operand
+            d = shape(data[0])
+            if d is None or rank < 2 or a != rank - 2:
+                return None
+            ai = a - (rank - len(d))
+            return {data[0]: ai} if carries(data[0], ai) else None
+        if op == "Transpose":
+            perm = attr(node, "perm")
+            return {data[0]: perm[a]} if perm is not None and carries(data[0], perm[a]) else None
+        if op == "Reshape":
+            target = _constant(graph, data[1]) if data[1] in consts else (values or {}).get(data[1])
+            din, dout = shape(data[0]), shape(out)
+            if target is None or din is None or dout is None or a == 0 or int(target[a]) != tokens:
+                return None
+            before = np.prod([x for x in dout[1:a]], dtype=np.int64) if None not in dout[1:a] else None
+            for j in range(1, len(din)):
+                if din[j] == tokens and None not in din[1:j] and np.prod(din[1:j], dtype=np.int64) == before:
+                    reshapes[id(node)] = a
+                    return {data[0]: j}
+            return None
+        return None
+
+    selects = [n for n in graph.node if n.op_type == "Gather" and attr(n, "axis", 0) == 1 and is_tokens(n.input[0])
+               and n.input[1] in consts]
+    if len(selects) != 1:
+        return None
+    select = selects[0]
+    index = _constant(graph, select.input[1])
+    if index is None or index.ndim != 0 or not 0 <= int(index) < tokens:
+        return None
+    reshapes: dict[int, int] = {}  # id of a Reshape in the region -> the token axis of its target
+    region, frontier, changed = {id(select)}, {select.input[0]: 1}, True
+    while changed:
+        changed = False
+        for t, a in sorted(frontier.items()):
+            node = producer.get(t)
+            if node is None or any(id(c) not in region for c in consumers.get(t, [])):
+                continue
+            picked = step(node, a)
+            if picked is None:
+                reshapes.pop(id(node), None)
+                continue
+            if any(i in frontier and frontier[i] != ai for i, ai in picked.items()):
+                return None  # one tensor picked along two axes: leave the head whole
+            region.add(id(node))
+            del frontier[t]
+            frontier.update(picked)
+            changed = True
+            break
+    if len(region) == 1:
+        return None
+    k = int(index)
+    zero = "recipro_early/zero"
+    renamed = {t: f"recipro_early/{t}" for t in sorted(frontier)}
+    constants = [onnx.numpy_helper.from_array(np.asarray(0, np.int64), zero),
+                 onnx.numpy_helper.from_array(np.asarray([k], np.int64), "recipro_early/starts"),
+                 onnx.numpy_helper.from_array(np.asarray([k + 1], np.int64), "recipro_early/ends")]
+    for a in sorted(set(frontier.values())):
+        constants.append(onnx.numpy_helper.from_array(np.asarray([a], np.int64), f"recipro_early/axis{a}"))
+
+    def slice_of(t):
+        return helper.make_node("Slice", [t, "recipro_early/starts", "recipro_early/ends", f"recipro_early/axis{frontier[t]}"],
+                                [renamed[t]], name=f"recipro_early/slice:{t}")
+
+    nodes = [slice_of(t) for t in sorted(frontier) if t not in producer]  # of the head's inputs
+    for n in graph.node:
+        copied = onnx.NodeProto()
+        copied.CopyFrom(n)
+        if id(n) in region:
+            copied.input[:] = [renamed.get(i, i) for i in n.input]
+            if n is select:
+                copied.input[1] = zero
+            if id(n) in reshapes and n.input[1] in consts:  # the target's token count becomes 1
+                target = _constant(graph, n.input[1]).astype(np.int64).copy()
+                target[reshapes[id(n)]] = 1
+                name = f"recipro_early/target:{n.output[0]}"
+                constants.append(onnx.numpy_helper.from_array(target, name))
+                copied.input[1] = name
+            elif id(n) in reshapes:  # computed: target * (1 - e_a) + e_a, e_a the token entry's unit vector
+                unit = np.zeros(len(values[n.input[1]]), np.int64)
+                unit[reshapes[id(n)]] = 1
+                keep, one, scaled = (f"recipro_early/{k}:{n.output[0]}" for k in ("keep", "one", "scaled"))
+                constants += [onnx.numpy_helper.from_array(1 - unit, keep), onnx.numpy_helper.from_array(unit, one)]
+                nodes += [helper.make_node("Mul", [n.input[1], keep], [scaled], name=scaled),
+                          helper.make_node("Add", [scaled, one], [f"recipro_early/target:{n.output[0]}"],
+                                           name=f"recipro_early/target:{n.output[0]}")]
+                copied.input[1] = f"recipro_early/target:{n.output[0]}"
+        nodes.append(copied)
+        nodes.extend(slice_of(o) for o in n.output if o in renamed)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    out.graph.initializer.extend(constants)
+    return out
+
+
+def _constant(graph: onnx.GraphProto, name: str):
+    for t in graph.initializer:
+        if t.name == name:
+            return onnx.numpy_helper.to_array(t)
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output and n.output[0] == name and n.attribute and n.attribute[0].name == "value":
+            return onnx.numpy_helper.to_array(n.attribute[0].t)
+    return None
+
+
+def early_head(model: onnx.ModelProto, head: Head, layout, shapes: dict, dtypes: dict, dynamic: dict,
+               values: dict, prefix: str) -> tuple[list, list, str, list[str]] | None:
+    """``head`` of ``model`` (a token layer's) as ``select_early`` rewrites it, to be added to ``model``'s
+    graph: (nodes, new initializers, the scores tensor, the tensors it reads from the graph), every
+    tensor it computes or adds renamed under ``prefix``; None where the head does not read one token
+    early. ``shapes``, ``dtypes``, ``dynamic``, ``values``: the measured shapes, dtypes, batch axes and
+    small integer values of the head's tensors (the rewritten head's inputs are declared with them;
+    computed Reshape targets are read from them)."""
+    graph = model.graph
+    constants = constant_values(graph)
+    reads = sorted(t for t in head.inputs if t not in constants and t != head.feature)
+    if head.feature not in shapes or any(t not in shapes for t in reads):
+        return None
+
+    def info(name: str):
+        batch = dynamic.get(name, frozenset())
+        shape = ["N" if i in batch else int(d) for i, d in enumerate(shapes[name])]
+        return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtypes[name])), shape)
+
+    used = {i for n in head.nodes for i in n.input if i in constants}
+    sub = helper.make_graph([n for n in head.nodes], "head", [info(head.feature)] + [info(t) for t in reads],
+                            [helper.make_tensor_value_info(head.scores, helper.np_dtype_to_tensor_dtype(
+                                np.dtype(dtypes.get(head.scores, np.float32))), None)],
+                            initializer=[numpy_helper.from_array(np.asarray(constants[t]), t) for t in sorted(used)])
+    whole = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    whole.functions.extend(model.functions)
+    early = select_early(whole, layout, values)
+    if early is None:
+        return None
+    inputs = {head.feature, *reads}
+    outside = inputs | {t.name for t in graph.initializer} | set(constants)
+    added = [t for t in early.graph.initializer if t.name not in used]
+    renamed = {t.name: prefix + t.name for t in added}
+    renamed.update({o: prefix + o for n in early.graph.node for o in n.output if o and o not in outside})
+    nodes = []
+    for n in early.graph.node:
+        copied = onnx.NodeProto()
+        copied.CopyFrom(n)
+        copied.input[:] = [renamed.get(i, i) for i in n.input]
+        copied.output[:] = [renamed.get(o, o) for o in n.output]
+        copied.name = prefix + (n.name or n.output[0])
+        nodes.append(copied)
+    initializers = [numpy_helper.from_array(numpy_helper.to_array(t), renamed[t.name]) for t in added]
+    return nodes, initializers, renamed[head.scores], [head.feature, *reads]

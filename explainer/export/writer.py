@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 from ..errors import ExportWriteError, InvalidParameterError, LayerNotFeatureMapError, UnsupportedModelError
 from . import EXPORTERS, _register_builtin
 from .context import ExportContext
-from .head import Backward, Head, constant_values, measure
+from .head import Backward, Head, constant_values, early_head, measure
 from .resize import resize_maps
 
 MAP_SIZES = ("feature", "input")
@@ -80,11 +80,12 @@ def build_explained(net, method: str, feature_layer, top_k: int, map_size: str, 
     ctx = ExportContext(graph, opset, feature, layout, scores, net.num_classes, top_k=max(top_k, 1), head=head,
                         ir_version=model.ir_version)
     ctx.require_opset(7, "the explanation branch (numpy-style broadcasting in Add, Mul, ...)")
-    _measure(net, source, ctx, head)
+    _measure(net, source, ctx, head.tensors | head.inputs | {ctx.feature})
     ctx.feature_branch = _branch_feature(ctx, graph, feature)
     # other tensors the head reads that a fused op makes (a residual branch's Conv): computed again too
     fused = {t: _recomputed(ctx, graph, t) for t in sorted(head.inputs) if t in ctx.shapes}
-    mapping = head.copy(ctx, ctx.feature_branch, inputs={t: v for t, v in fused.items() if v is not None})
+    fused = {t: v for t, v in fused.items() if v is not None}
+    mapping = head.copy(ctx, ctx.feature_branch, inputs=fused)
     scores_copy = mapping[scores]
     # the classes ranked on the source's own scores where they are an output of the graph (computed and
     # kept anyway: a reader changes nothing in how the source's nodes run), else on the copy's
@@ -107,17 +108,21 @@ def build_explained(net, method: str, feature_layer, top_k: int, map_size: str, 
     ctx.classes = SALIENCY_CLASS
 
     def differentiate() -> str:
+        d_head, d_mapping = head, mapping
+        early = _token_early(net, source, ctx, head) if layout.kind == "tokens" else None
+        if early is not None:  # the gradient through the head that reads the class token early
+            d_head, d_mapping = early, early.copy(ctx, ctx.feature_branch, inputs=fused)
         arange = ctx.const(np.arange(net.num_classes, dtype=np.int64), "classes")
         hot = ctx.node("Equal", [ctx.unsqueeze(ctx.classes, [2]), arange])  # (N, K, classes)
         seed = ctx.node("Cast", [ctx.node("Transpose", [hot], perm=[1, 0, 2])], to=ctx.elem_type(scores))
-        seed = ctx.reshape_like(seed, scores, scores_copy)
+        seed = ctx.reshape_like(seed, scores, d_mapping[d_head.scores])
         # scores (N, classes): the seed's rows are one-hot, and a Gemm or MatMul making the scores
         # gathers the classes' weights (the one-hot seed then goes unused and is dropped)
         shape = ctx.shape(scores)
         one_hot = shape is not None and len(shape) == 2 and shape[0] == ctx.measured_batch \
             and shape[1] == net.num_classes
         indices = ctx.node("Transpose", [ctx.classes], perm=[1, 0]) if one_hot else None  # (K, N)
-        return Backward(ctx, head, mapping, constant_values(graph)).run(seed, indices)
+        return Backward(ctx, d_head, d_mapping, constant_values(graph)).run(seed, indices)
 
     ctx._differentiate = differentiate
     ctx.diagnostics = {} if diagnostics else None
@@ -283,10 +288,11 @@ def _batch_dim(model, name):
     return None
 
 
-def _measure(net, source, ctx: ExportContext, head: Head) -> None:
-    """Shapes, dtypes and small integer values of the head's tensors, from one onnxruntime run of the
-    source graph (a batch of 2 where the graph takes any batch, so that broadcasting over the batch
-    shows)."""
+def _measure(net, source, ctx: ExportContext, names, arrays: dict | None = None) -> None:
+    """Shapes, dtypes and small integer values of tensors ``names`` (the head's) into ``ctx``'s tables,
+    from one onnxruntime run of the source graph (a batch of 2 where the graph takes any batch, so that
+    broadcasting over the batch shows); ``arrays``: a dict filled with the values of the tensors it
+    names (keys) on that run."""
     extra = [i.name for i in source.graph.input
              if i.name != net.input.name and i.name not in {t.name for t in source.graph.initializer}]
     if extra:
@@ -300,13 +306,37 @@ def _measure(net, source, ctx: ExportContext, head: Head) -> None:
     feeds = {net.input.name: x[:batch]}
     # a second run at batch 3 tells which axes follow the batch (the branch then writes the others'
     # extents as constants); a graph with a fixed batch has none
-    ctx.dynamic = {}
-    ctx.shapes, ctx.dtypes, ctx.values = measure(source, feeds, head.tensors | head.inputs | {ctx.feature},
-                                                 batch_axes=ctx.dynamic,
-                                                 other_feeds={net.input.name: x} if dynamic else None)
-    if not dynamic:
-        ctx.dynamic = {name: frozenset() for name in ctx.shapes}
+    batch_axes = {}
+    shapes, dtypes, values = measure(source, feeds, names, batch_axes=batch_axes,
+                                     other_feeds={net.input.name: x} if dynamic else None, arrays=arrays)
+    ctx.shapes.update(shapes)
+    ctx.dtypes.update(dtypes)
+    ctx.values.update(values)
+    ctx.dynamic.update(batch_axes if dynamic else {name: frozenset() for name in shapes})
     ctx.measured_batch = batch
+
+
+def _token_early(net, source, ctx: ExportContext, head: Head) -> Head | None:
+    """The head that reads the class token early (``head.early_head``) added to ``ctx.graph``'s tables,
+    for the gradient: its tensors measured on a run of the source graph with it, and its scores checked
+    there against the whole head's (kept where they differ beyond float32 rounding, 1e-5 of the largest
+    score, as the library's Recipro-CAM checks its copy); None where it does not apply."""
+    found = early_head(source, head, ctx.layout, ctx.shapes, ctx.dtypes, ctx.dynamic, ctx.values,
+                       ctx.name("early") + "/")
+    if found is None:
+        return None
+    nodes, initializers, scores, roots = found
+    probe = onnx.ModelProto()
+    probe.CopyFrom(source)
+    probe.graph.node.extend(nodes)
+    probe.graph.initializer.extend(initializers)
+    arrays = {head.scores: None, scores: None}
+    _measure(net, probe, ctx, {o for n in nodes for o in n.output if o} | set(roots), arrays=arrays)
+    whole, early = (np.asarray(arrays[t], np.float64) for t in (head.scores, scores))
+    if whole.shape != early.shape or np.abs(whole - early).max() > 1e-5 * max(np.abs(whole).max(), 1e-30):
+        return None
+    ctx.graph.initializer.extend(initializers)
+    return Head(onnx.helper.make_graph(nodes, "early_head", [], []), head.feature, scores, roots=roots)
 
 
 def _metadata(net, model, method, layer, top_k, map_size, layout) -> None:

@@ -74,6 +74,7 @@ from onnx import helper
 from .. import limits
 from ..errors import HeadSplitError, InvalidParameterError, LayerNotFeatureMapError
 from ..export.engine import Decision
+from ..export.head import select_early
 from ..graph import dims, infer_shapes, producers
 from ..runtime.feature_layers import default_feature_layer, location_masks
 from ..runtime.ort_engine import OrtEngine
@@ -290,171 +291,6 @@ def _head_model(net: Classifier, nodes, inputs, outputs) -> onnx.ModelProto:
     return out
 
 
-# reading the class token early ------------------------------------------------------------------------
-#: ops that compute each token from that token alone (given constant weights)
-TOKENWISE_UNARY = {"Erf", "Gelu", "Relu", "Sigmoid", "Tanh", "Sqrt", "Reciprocal", "Identity", "Cast", "Dropout",
-                   "Clip", "HardSigmoid", "HardSwish", "Neg", "Abs", "Exp", "Log", "Softplus", "LeakyRelu", "Elu",
-                   "Mish", "FastGelu", "BiasGelu"}
-TOKENWISE_BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
-
-
-def select_early(model: onnx.ModelProto, layout: FeatureLayout) -> onnx.ModelProto | None:
-    """A copy of a token head that reads one token (a class token, ``Gather(axis=1)`` of a constant index)
-    where it picks that token as early as the ops allow: back through ops that commute with picking one
-    token (elementwise ops, LayerNorms and Softmaxes over other axes, MatMuls along their rows,
-    Transposes and Reshapes that keep the token axis whole, whose target then holds 1 token), as long as
-    every reader of a tensor is such an op; where the walk stops, the tensor is sliced to the token. On a
-    ViT's last block the MLP, the projection, the norms and the attention's query rows then run on the
-    class token alone. The same function of the same values; None where the head does not read a token
-    that way."""
-    graph = model.graph
-    known = infer_shapes(model)
-    consts = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    producer = producers(graph)
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    tokens = layout.prefix + layout.grid[0] * layout.grid[1]
-
-    def shape(name):
-        vi = known.get(name)
-        return dims(vi) if vi is not None else None
-
-    def is_tokens(name):
-        d = shape(name)
-        return d is not None and len(d) == 3 and d[1] == tokens
-
-    def carries(name, axis):
-        d = shape(name)
-        return d is not None and 0 <= axis < len(d) and d[axis] == tokens
-
-    def attr(node, name, default=None):
-        for a in node.attribute:
-            if a.name == name:
-                return onnx.helper.get_attribute_value(a)
-        return default
-
-    def step(node, a: int):
-        """{input: its token axis} when ``node`` commutes with picking one token along output axis ``a``
-        (the inputs listed are picked too, the others read whole); None when it does not."""
-        out = node.output[0]
-        rank = len(shape(out) or [])
-        data = [i for i in node.input if i]
-        if len(node.output) != 1 or not carries(out, a):
-            return None
-        op = node.op_type
-        if op in TOKENWISE_UNARY:
-            return {data[0]: a} if carries(data[0], a) and all(i in consts for i in data[1:]) else None
-        if op in TOKENWISE_BINARY:
-            picked = {}
-            for i in data:
-                d = shape(i)
-                if d is None:
-                    return None
-                ai = a - (rank - len(d))
-                if ai >= 0 and d[ai] == tokens:
-                    picked[i] = ai
-                elif ai >= 0 and d[ai] != 1:
-                    return None
-            return picked or None
-        if op in ("LayerNormalization", "Softmax"):
-            axis = attr(node, "axis", -1)
-            axis = axis + rank if axis < 0 else axis
-            ok = axis > a and carries(data[0], a) and all(i in consts for i in data[1:])
-            return {data[0]: a} if ok else None
-        if op == "ReduceMean" and len(data) == 1:  # a decomposed LayerNorm (opset < 18)
-            axes = [x + rank if x < 0 else x for x in attr(node, "axes", [])]
-            ok = axes and a not in axes and attr(node, "keepdims", 1) == 1 and carries(data[0], a)
-            return {data[0]: a} if ok else None
-        if op == "MatMul":  # rows of the product are rows of the left operand
-            d = shape(data[0])
-            if d is None or rank < 2 or a != rank - 2:
-                return None
-            ai = a - (rank - len(d))
-            return {data[0]: ai} if carries(data[0], ai) else None
-        if op == "Transpose":
-            perm = attr(node, "perm")
-            return {data[0]: perm[a]} if perm is not None and carries(data[0], perm[a]) else None
-        if op == "Reshape":
-            target = _constant(graph, data[1]) if data[1] in consts else None
-            din, dout = shape(data[0]), shape(out)
-            if target is None or din is None or dout is None or a == 0 or int(target[a]) != tokens:
-                return None
-            before = np.prod([x for x in dout[1:a]], dtype=np.int64) if None not in dout[1:a] else None
-            for j in range(1, len(din)):
-                if din[j] == tokens and None not in din[1:j] and np.prod(din[1:j], dtype=np.int64) == before:
-                    reshapes[id(node)] = a
-                    return {data[0]: j}
-            return None
-        return None
-
-    selects = [n for n in graph.node if n.op_type == "Gather" and attr(n, "axis", 0) == 1 and is_tokens(n.input[0])
-               and n.input[1] in consts]
-    if len(selects) != 1:
-        return None
-    select = selects[0]
-    index = _constant(graph, select.input[1])
-    if index is None or index.ndim != 0 or not 0 <= int(index) < tokens:
-        return None
-    reshapes: dict[int, int] = {}  # id of a Reshape in the region -> the token axis of its target
-    region, frontier, changed = {id(select)}, {select.input[0]: 1}, True
-    while changed:
-        changed = False
-        for t, a in sorted(frontier.items()):
-            node = producer.get(t)
-            if node is None or any(id(c) not in region for c in consumers.get(t, [])):
-                continue
-            picked = step(node, a)
-            if picked is None:
-                reshapes.pop(id(node), None)
-                continue
-            if any(i in frontier and frontier[i] != ai for i, ai in picked.items()):
-                return None  # one tensor picked along two axes: leave the head whole
-            region.add(id(node))
-            del frontier[t]
-            frontier.update(picked)
-            changed = True
-            break
-    if len(region) == 1:
-        return None
-    k = int(index)
-    zero = "recipro_early/zero"
-    renamed = {t: f"recipro_early/{t}" for t in sorted(frontier)}
-    constants = [onnx.numpy_helper.from_array(np.asarray(0, np.int64), zero),
-                 onnx.numpy_helper.from_array(np.asarray([k], np.int64), "recipro_early/starts"),
-                 onnx.numpy_helper.from_array(np.asarray([k + 1], np.int64), "recipro_early/ends")]
-    for a in sorted(set(frontier.values())):
-        constants.append(onnx.numpy_helper.from_array(np.asarray([a], np.int64), f"recipro_early/axis{a}"))
-
-    def slice_of(t):
-        return helper.make_node("Slice", [t, "recipro_early/starts", "recipro_early/ends", f"recipro_early/axis{frontier[t]}"],
-                                [renamed[t]], name=f"recipro_early/slice:{t}")
-
-    nodes = [slice_of(t) for t in sorted(frontier) if t not in producer]  # of the head's inputs
-    for n in graph.node:
-        copied = onnx.NodeProto()
-        copied.CopyFrom(n)
-        if id(n) in region:
-            copied.input[:] = [renamed.get(i, i) for i in n.input]
-            if n is select:
-                copied.input[1] = zero
-            if id(n) in reshapes:  # the target's token count becomes 1
-                target = _constant(graph, n.input[1]).astype(np.int64).copy()
-                target[reshapes[id(n)]] = 1
-                name = f"recipro_early/target:{n.output[0]}"
-                constants.append(onnx.numpy_helper.from_array(target, name))
-                copied.input[1] = name
-        nodes.append(copied)
-        nodes.extend(slice_of(o) for o in n.output if o in renamed)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    out.graph.initializer.extend(constants)
-    return out
-
-
 def pooled_head(model: onnx.ModelProto, feature: str) -> tuple[str, onnx.ModelProto] | None:
     """(pool output, the head after it) where the feature map's only reader is a GlobalAveragePool: a copy
     keeping location (i, j) alone pools to that location's vector / (h*w), so point masks need the head
@@ -472,16 +308,6 @@ def pooled_head(model: onnx.ModelProto, feature: str) -> tuple[str, onnx.ModelPr
     del out.graph.input[:]
     out.graph.input.append(helper.make_tensor_value_info(pool, elem, ["N", None, 1, 1]))
     return pool, out
-
-
-def _constant(graph: onnx.GraphProto, name: str):
-    for t in graph.initializer:
-        if t.name == name:
-            return onnx.numpy_helper.to_array(t)
-    for n in graph.node:
-        if n.op_type == "Constant" and n.output and n.output[0] == name and n.attribute and n.attribute[0].name == "value":
-            return onnx.numpy_helper.to_array(n.attribute[0].t)
-    return None
 
 
 # the in-graph path ----------------------------------------------------------------------------------
