@@ -8,9 +8,9 @@ model (its own outputs), the exported model with Grad-CAM in the graph (top-1 cl
 feature grid), the library's in-graph path (``explainer.export.engine.cam_maps``: the normalised
 graph plus the branch, one onnxruntime call for the batch) and the library's torch path
 (``BaseCAM.low_resolution``, one forward + backward per image, as ``explainer.gradcam`` runs today,
-the bicubic resize excluded from both); file-size overhead. Rounds alternate the variants; each
-figure is the median over rounds of the median of ``repeats`` calls, and each ratio the median over
-rounds of that round's ratio.
+the bicubic resize excluded from both); file-size overhead. Within a round the variants are called in
+turn, one call each, ``repeats`` times (``interleaved``); each figure is the median over rounds of the
+round's median call, and each ratio the median over rounds of that round's ratio.
 
 The public calls (issue 27, point 5), on the embedded EfficientNet-Lite0, one image: ``explainer.gradcam``
 and ``explainer.gradcam_plus_plus`` (image in, map at the image's size out) against one forward pass,
@@ -36,9 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .run import timed as median_time  # the median of repeats after one warm-up
 
 RESULTS = Path(__file__).parent / "results"
+#: seconds between timed calls (see ``interleaved``)
+GAP = 0.02
 
 
 def files(quick: bool):
@@ -88,10 +89,8 @@ def bench(name, make, rounds, repeats, tmp: Path) -> dict:
             "library_ingraph": lambda: cam_maps(net, x, top[:, None]),
             "library_torch": lambda: [cam.low_resolution(pixels[i], [int(top[i])]) for i in range(batch)],
         }
-        timings = {k: [] for k in variants}
-        for _ in range(rounds):
-            for key, fn in variants.items():
-                timings[key].append(median_time(fn, repeats if key != "library_torch" or batch == 1 else max(2, repeats // 4)))
+        calls = {k: repeats if k != "library_torch" or batch == 1 else max(2, repeats // 4) for k in variants}
+        timings = interleaved(variants, rounds, calls)
         for key, values in timings.items():
             row[f"{key}_ms_b{batch}"] = 1000 * statistics.median(values)
         per_round = lambda a, b: statistics.median(p / q for p, q in zip(timings[a], timings[b]))  # noqa: E731
@@ -100,6 +99,31 @@ def bench(name, make, rounds, repeats, tmp: Path) -> dict:
         row[f"torch_over_ingraph_b{batch}"] = row[f"library_torch_ms_b{batch}"] / row[f"library_ingraph_ms_b{batch}"]
         row[f"plain_batched_b{batch}"] = dynamic
     return row
+
+
+def interleaved(variants: dict, rounds: int, calls: dict) -> dict:
+    """{variant: per-round median seconds}: after one warm-up call of each, each round calls the variants
+    in turn, one call each, ``calls[variant]`` times (the first of the turn rotating), so that a slow
+    spell of a shared machine hits every variant alike, each call ``GAP`` seconds after the previous one
+    ended (onnxruntime's pool threads spin for a while after a call: without the gap, the variant called
+    after another session's call shares the cores with its spinning threads, which made the exported
+    model look 1.3x the plain one at batch 1 where it is 1.0x)."""
+    for fn in variants.values():
+        fn()
+    keys = list(variants)
+    out = {k: [] for k in keys}
+    for _ in range(rounds):
+        got = {k: [] for k in keys}
+        for turn in range(max(calls.values())):
+            for key in keys[turn % len(keys):] + keys[:turn % len(keys)]:
+                if turn < calls[key]:
+                    time.sleep(GAP)
+                    start = time.perf_counter()
+                    variants[key]()
+                    got[key].append(time.perf_counter() - start)
+        for key in keys:
+            out[key].append(statistics.median(got[key]))
+    return out
 
 
 def public(rounds: int, repeats: int) -> list[dict]:
@@ -123,10 +147,7 @@ def public(rounds: int, repeats: int) -> list[dict]:
             "gradcam": lambda: explainer.gradcam(net, image, label),
             "gradcam_plus_plus": lambda: explainer.gradcam_plus_plus(net, image, label),
         }
-        timings = {k: [] for k in variants}
-        for _ in range(rounds):
-            for key, fn in variants.items():
-                timings[key].append(median_time(fn, repeats))
+        timings = interleaved(variants, rounds, {k: repeats for k in variants})
         row = dict(image=name, engine=str(explainer.gradcam_engine(net)))
         for key, values in timings.items():
             row[f"{key}_ms"] = 1000 * statistics.median(values)

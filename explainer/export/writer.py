@@ -335,8 +335,12 @@ def _token_early(net, source, ctx: ExportContext, head: Head) -> Head | None:
     whole, early = (np.asarray(arrays[t], np.float64) for t in (head.scores, scores))
     if whole.shape != early.shape or np.abs(whole - early).max() > 1e-5 * max(np.abs(whole).max(), 1e-30):
         return None
-    ctx.graph.initializer.extend(initializers)
-    return Head(onnx.helper.make_graph(nodes, "early_head", [], []), head.feature, scores, roots=roots)
+    if ctx.ir_version < 4:  # initializers must then be graph inputs too: Constant nodes instead
+        ctx.graph.node.extend(helper.make_node("Constant", [], [t.name], name=ctx.name("Constant_node"), value=t)
+                              for t in initializers)
+    else:
+        ctx.graph.initializer.extend(initializers)
+    return Head(helper.make_graph(nodes, "early_head", [], []), head.feature, scores, roots=roots)
 
 
 def _metadata(net, model, method, layer, top_k, map_size, layout) -> None:
