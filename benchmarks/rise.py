@@ -22,14 +22,16 @@ reads), the chelsea photo and class 285 (Egyptian cat):
 * sample efficiency (``--parts efficiency``; issue #31 point 3): RISE at <= 500 passes
   (``estimator="regression"``: complementary mask pairs, ridge on the masks' block means, the masks'
   exact covariance) against the full map, a 4,000-mask run of the library's default RISE
-  (``estimator="centred"``, the reference) and a 4,000-pass regression run, on the embedded
+  (``estimator="centred"``, the reference), on the embedded
   EfficientNet-Lite0 and the torchvision resnet18 export of ``benchmarks.openvino`` (seeded weights),
   chelsea / astronaut / coffee, each model's top-1 class, 3 seeds: Pearson r with the references,
-  deletion and insertion AUC (``explainer.evaluate``) against the reference's, wall times; OpenVINO
-  XAI's AISE (preset BALANCE, f32, its pass count) on the same file, image and class beside, run in its
+  deletion and insertion AUC (``explainer.evaluate``) against the reference's, wall times; the same at
+  1,000 passes, and a 4,000-pass regression run (seed 0) against the reference (bias or variance: its
+  r against the reference's ceiling); OpenVINO XAI's AISE (preset BALANCE, f32, its pass count) on the same file, image and class beside, run in its
   own environment as ``benchmarks.openvino`` runs it (``--peer-python`` or
   ``$EXPLAINER_OVXAI_PYTHON``; skipped without one);
-* stopping on the map's reliability (``--parts stopping``, ``--stop-models``): the same references, and
+* stopping on the map's reliability (``--parts stopping``, ``--stop-models``): the same references (made
+  once per process when both parts run), and
   ``rise(num_masks=2000, estimator="regression", stop_reliability=0.95)`` over 3 seeds: the passes each
   run drew, r, AUC changes beside the reference halves' own (how far AUCs stray by chance).
 
@@ -147,8 +149,24 @@ def faithfulness(net, image, quick: bool) -> list[dict]:
 
 
 EFFICIENT_PASSES = 500
+MORE_PASSES = 1000  # the regression at twice the budget: where the criterion is met when 500 falls short
 REFERENCE_MASKS = 4000
 EFFICIENCY_IMAGES = ("chelsea", "astronaut", "coffee")
+_REFERENCES: dict = {}  # (model, image, masks) -> (seconds, halves): made once per process, shared by the parts
+
+
+def reference_halves(net, model: str, name: str, image, label: int, masks: int):
+    """(seconds, the two halves): ``rise(num_masks=masks // 2)`` of the default (centred) estimator with
+    seeds 1000 and 1001, whose mean is the reference; computed once per process (efficiency and stopping
+    use the same maps)."""
+    from explainer.methods.rise import rise
+
+    key = (model, name, masks)
+    if key not in _REFERENCES:
+        timed = [once(lambda: rise(net, image, label, num_masks=masks // 2, random_state=seed, verbose=False))
+                 for seed in (1000, 1001)]
+        _REFERENCES[key] = (sum(t for t, _ in timed), [m for _, m in timed])
+    return _REFERENCES[key]
 
 
 def aise_maps(python: str, jobs: list[dict], tmp: str) -> dict:
@@ -203,15 +221,23 @@ def efficiency(quick: bool, peer_python: str | None) -> list[dict]:
             rise(net, image, label, num_masks=64, verbose=False)  # warm-up: sessions made, threads started
             # the reference: 4,000 masks of the default estimator, as two halves of 2,000 (seeds 1000, 1001)
             # whose mean is the map; the halves' agreement says how noisy the reference itself is
-            half_s, halves = zip(*(run(reference_masks // 2, "centred", seed) for seed in (1000, 1001)))
+            reference_s, halves = reference_halves(net, model, name, image, label, reference_masks)
             ref, split = (halves[0] + halves[1]) / 2, correlation(*halves)
             ref_auc = auc(ref)
-            row = dict(model=model, image=name, label=label, reference_masks=reference_masks, reference_s=sum(half_s),
+            row = dict(model=model, image=name, label=label, reference_masks=reference_masks, reference_s=reference_s,
                        r_reference_halves=split, reference_reliability=2 * split / (1 + split),
-                       reference_auc=ref_auc, passes=EFFICIENT_PASSES, runs=[])
+                       reference_auc=ref_auc, passes=EFFICIENT_PASSES, runs=[], more_passes=MORE_PASSES, more=[])
             for seed in seeds:
                 seconds, m = run(EFFICIENT_PASSES, "regression", seed)
                 row["runs"].append(dict(seed=seed, seconds=seconds, r=correlation(m, ref), auc=auc(m)))
+            for seed in seeds:
+                seconds, m = run(MORE_PASSES, "regression", seed)
+                row["more"].append(dict(seed=seed, seconds=seconds, r=correlation(m, ref), auc=auc(m)))
+            # bias or variance: the regression at the reference's passes (seed 0). Its noise is then small,
+            # so r(limit, ref) near the ceiling says that the regression estimates the reference's map
+            # (no bias), and what 500 passes lack is passes (variance)
+            seconds, m = run(reference_masks, "regression", 0)
+            row["limit"] = dict(passes=reference_masks, seed=0, seconds=seconds, r=correlation(m, ref), auc=auc(m))
             if key in theirs:
                 seconds, passes, m = theirs[key]
                 m = resize_map(m[None].astype(np.float32), image.shape[:2])[0]
@@ -267,6 +293,29 @@ def efficiency_markdown(meta: dict, rows: list[dict]) -> list[str]:
               "change of the AUC from the reference's, toward worse (deletion: + is worse, lower is better; "
               "insertion: - is worse). Times: wall seconds of one call on this machine (500 passes: median "
               "over the seeds); AISE's from its own run in its environment."]
+    if not all(row.get("limit") for row in rows):  # results of a run before the bias-or-variance columns
+        return lines
+    lines += ["", f"### Bias or variance ({meta['date']}, the same run)", "",
+              f"What keeps r(500, ref) below the ceiling: `rise(num_masks={first['limit']['passes']}, "
+              "estimator=\"regression\", random_state=0)` (the limit: the estimator with little noise left) "
+              f"and `rise(num_masks={first['more_passes']}, estimator=\"regression\")` with the same seeds, "
+              "against the same reference.", "",
+              f"| model | image | ceiling | r({first['limit']['passes']} regression, ref) | r(500, ref) min / median "
+              f"| r({first['more_passes']}, ref) min / median | deletion AUC: {first['more_passes']}, worst change "
+              f"| insertion AUC: {first['more_passes']}, worst change | {first['more_passes']} (s) "
+              f"| {first['limit']['passes']} regression (s) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        ref, limit = row["reference_auc"], row["limit"]
+        r, _, _ = _worst(row["runs"], ref)
+        r2, dd, di = _worst(row["more"], ref)
+        lines.append(f"| {row['model']} | {row['image']} | {np.sqrt(row['reference_reliability']):.3f} | "
+                     f"{limit['r']:.3f} | {min(r):.3f} / {np.median(r):.3f} | {min(r2):.3f} / {np.median(r2):.3f} | "
+                     f"{100 * dd:+.1f} % | {100 * di:+.1f} % | "
+                     f"{np.median([x['seconds'] for x in row['more']]):.2f} | {limit['seconds']:.2f} |")
+    lines += ["", "A limit at the ceiling means no bias: the regression and the reference estimate the same map, "
+              "and a 500-pass map falls short by its sampling noise alone (whose variance falls as 1 / passes); a limit "
+              "below the ceiling would be a bias no number of passes removes."]
     return lines
 
 
@@ -302,8 +351,7 @@ def stopping(quick: bool, models: list[str]) -> list[dict]:
                             insertion=evaluate.insertion(net, image, m, label, verbose=False).auc)
 
             rise(net, image, label, num_masks=64, verbose=False)  # warm-up
-            halves = [rise(net, image, label, num_masks=reference_masks // 2, random_state=seed, verbose=False)
-                      for seed in (1000, 1001)]
+            halves = reference_halves(net, model, name, image, label, reference_masks)[1]
             ref = (halves[0] + halves[1]) / 2
             row = dict(model=model, image=name, label=label, reference_masks=reference_masks, reference_auc=auc(ref),
                        r_reference_halves=correlation(*halves), halves_auc=[auc(h) for h in halves],
