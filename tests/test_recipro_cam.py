@@ -5,6 +5,7 @@ class's softmax score per location, min-max scaled. The masks are made here by c
 maps with the kernel (the library builds them by slicing a padded kernel). OpenVINO XAI's
 ReciproCAM/ViTReciproCAM on the same files: benchmarks/recipro_cam.py (map correlation there)."""
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -101,12 +102,31 @@ def test_cnn_equals_reference_on_the_source_module(resnet, chelsea):
     references.assert_close_in_units(public, expected, 1e-4, "Recipro-CAM at the image's size")
 
 
-def test_vit_equals_reference_on_the_source_module(vit, chelsea):
+def _attention_rows(model: onnx.ModelProto) -> list[int]:
+    """The query rows of each Softmax over the keys (rank 4) of a head model, run on one image of zeros."""
+    import onnxruntime as ort
+
+    model = onnx.shape_inference.infer_shapes(model)
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in model.graph.value_info}
+    names = [n.output[0] for n in model.graph.node if n.op_type == "Softmax" and ranks.get(n.input[0]) == 4]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    feeds = {i.name: np.zeros([d.dim_value or 1 for d in i.type.tensor_type.shape.dim], np.float32)
+             for i in probe.graph.input}
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [int(a.shape[-2]) for a in session.run(names, feeds)]
+
+
+@pytest.mark.parametrize("exporter_name", ["legacy", "legacy-dynamic"])
+def test_vit_equals_reference_on_the_source_module(exporter_name, chelsea):
     """ViT-Tiny at the default layer (the last block's norm1; its input masked too), Gaussian (the
     default on tokens) and point kernels. (The residual stream's masking does not show here: the
     score reads the class token, which is kept, and the last block's patch tokens reach only their own
-    outputs; OpenVINO XAI's ViTReciproCAM masks it too.)"""
-    net, model = vit
+    outputs; OpenVINO XAI's ViTReciproCAM masks it too.) The head that runs picks the class token
+    early, into the attention's queries, whether the Reshape targets are constants (batch 1) or
+    computed from Shapes (dynamic batch)."""
+    net, model = explainer.load(exports.export("vit_tiny", exporter_name)), exports.build("vit_tiny")
     layer = net.layer("/blocks/blocks.11/norm1/LayerNormalization")
     assert default_feature_layer(net)[0] == layer.name
     x = model_input(net, chelsea)
@@ -119,6 +139,7 @@ def test_vit_equals_reference_on_the_source_module(vit, chelsea):
     # the head that ran reads the class token before the last block's MLP (checked against the whole head)
     head = head_of(net, layer)
     assert head.checked and any(n.name.startswith("recipro_early/slice") for n in head.engine.model.graph.node)
+    assert _attention_rows(head.engine.model) == [1]
 
 
 def test_labels_images_and_batches_share_the_runs(default_net, chelsea, coffee):
@@ -195,6 +216,14 @@ def test_exported_graph_equals_the_library(request, tmp_path, chelsea, family, b
     ours = low_resolution(net, small, layer, classes)
     assert got["saliency"].shape == (1, 3, *ours.shape[1:])
     assert float(np.abs(got["saliency"][0] - ours).max()) <= bound
+    if family == "vit":  # the copies run the head that reads the class token early: one query row each
+        model = onnx.load(str(out))
+        attention = [n.output[0] for n in model.graph.node if n.op_type == "Softmax" and n.name.startswith("explain/")
+                     and next((a.i for a in n.attribute if a.name == "axis"), -1) == -1]
+        model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in attention)
+        rows = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            attention, {net.input.name: x})
+        assert [a.shape[:1] + a.shape[-2:] for a in rows] == [(196, 1, 197)]
 
 
 def test_exported_graph_on_a_batch_with_target_classes_at_the_input_size(default_net, tmp_path, chelsea, coffee):

@@ -243,3 +243,15 @@ class ExportContext:
 
     def _differentiate(self) -> str:  # replaced by the writer, which knows the head's copy
         raise NotImplementedError
+
+    def early_head(self):
+        """On a token layer, the head that picks the class token as early as the ops allow
+        (``export.head.early_head``: a ViT's last block then runs its MLP and attention queries on one
+        token; its scores checked against the whole head's), or None where that does not apply; built
+        once, on first use."""
+        if not hasattr(self, "_early_head"):
+            self._early_head = self._read_early()
+        return self._early_head
+
+    def _read_early(self):  # replaced by the writer, which can run the source graph
+        return None

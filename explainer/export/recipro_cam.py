@@ -3,7 +3,8 @@ defaults (point masks on feature maps, the 3 x 3 Gaussian on tokens; softmax pro
 min-max scaled), written into the model as a side branch.
 
 The feature tensor (N, ...) is tiled h*w times with the location masks, (N, h*w, ...) → (N*h*w, ...),
-and a copy of the head's nodes (renamed) computes the scores of every masked copy (where the head
+and a copy of the head's nodes (renamed; on tokens, of the head that picks the class token early,
+``ctx.early_head()``) computes the scores of every masked copy (where the head
 starts with a GlobalAveragePool of the feature map, the copies are its h*w pooled vectors instead,
 each location's vector / (h*w), read by the head after the pool); the Softmax of the
 copies' scores, reshaped to (N, classes, h*w), gives each explained class's map by GatherElements with
@@ -62,15 +63,15 @@ def _tiled(ctx: ExportContext, tensor: str, masks: str, per_image: list[int]) ->
     return ctx.reshape(copies, ctx.const(np.asarray([-1, *per_image], np.int64), "tiled_shape"))
 
 
-def _side_tensors(ctx: ExportContext) -> list[str]:
-    """The image-dependent tensors the head reads besides the feature layer (none on a CNN layer that
+def _side_tensors(ctx: ExportContext, head) -> list[str]:
+    """The image-dependent tensors ``head`` reads besides the feature layer (none on a CNN layer that
     splits the graph; a ViT's residual stream on its first LayerNorm)."""
     graph = ctx.graph
     image = [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}]
     flows = set()
     for name in image:
         flows |= image_dependent(graph, name)
-    return sorted(t for t in ctx.head.inputs if t in flows and t != ctx.feature)
+    return sorted(t for t in head.inputs if t in flows and t != ctx.feature)
 
 
 def _check_side(ctx: ExportContext, side: list[str]) -> None:
@@ -164,10 +165,9 @@ def _free_flat_gathers(ctx: ExportContext, nodes) -> dict:
     return changes
 
 
-def _copy_head(ctx: ExportContext, inputs: dict) -> str:
-    """A renamed copy of the head's nodes reading ``inputs`` ({original tensor: new tensor}); returns the
+def _copy_head(ctx: ExportContext, head, inputs: dict) -> str:
+    """A renamed copy of ``head``'s nodes reading ``inputs`` ({original tensor: new tensor}); returns the
     copy's scores tensor."""
-    head = ctx.head
     mapping, allow_zero = dict(inputs), set()
     _free_batch_reshapes(ctx, head.nodes, mapping, allow_zero)
     flat_gathers = _free_flat_gathers(ctx, head.nodes)
@@ -195,7 +195,7 @@ def _copy_head(ctx: ExportContext, inputs: dict) -> str:
             del copied.attribute[:]
             copied.attribute.extend(kept + [onnx.helper.make_attribute(k, v) for k, v in attributes.items()])
         ctx.graph.node.append(copied)
-    return mapping[ctx.scores]
+    return mapping[head.scores]
 
 
 def _global_pool(ctx: ExportContext) -> str | None:
@@ -214,7 +214,10 @@ def recipro_cam(ctx: ExportContext) -> str:
     layout = ctx.layout
     h, w = layout.grid
     hw = h * w
-    side = _side_tensors(ctx)
+    # on tokens, the copies run the head that reads the class token early where it applies (a ViT's
+    # last block then runs its MLP and attention queries on one token per copy)
+    head = (ctx.early_head() if layout.kind == "tokens" else None) or ctx.head
+    side = _side_tensors(ctx, head)
     _check_side(ctx, side)
     dtype = np.dtype(ctx.np_dtype(ctx.feature))
     # the feature as the branch reads it (kept apart from the source's tensor, or computed again: the
@@ -233,7 +236,7 @@ def recipro_cam(ctx: ExportContext) -> str:
     else:
         masks, per_image = _mask_constant(ctx, layout, dtype), _per_image_shape(layout)
         inputs = {t: _tiled(ctx, r, masks, per_image) for t, r in read.items()}
-    scores = ctx.float32(ctx.node("Flatten", [_copy_head(ctx, inputs)], axis=1), ctx.scores)  # (N*hw, classes)
+    scores = ctx.float32(ctx.node("Flatten", [_copy_head(ctx, head, inputs)], axis=1), ctx.scores)  # (N*hw, classes)
     if ctx.diagnostics is not None:  # the library's in-graph path: the copies' scores, image by image
         ctx.diagnostics["copy_scores"] = scores
     probabilities = ctx.node("Softmax", [scores], axis=1)

@@ -109,7 +109,7 @@ def build_explained(net, method: str, feature_layer, top_k: int, map_size: str, 
 
     def differentiate() -> str:
         d_head, d_mapping = head, mapping
-        early = _token_early(net, source, ctx, head) if layout.kind == "tokens" else None
+        early = ctx.early_head()
         if early is not None:  # the gradient through the head that reads the class token early
             d_head, d_mapping = early, early.copy(ctx, ctx.feature_branch, inputs=fused)
         arange = ctx.const(np.arange(net.num_classes, dtype=np.int64), "classes")
@@ -125,6 +125,7 @@ def build_explained(net, method: str, feature_layer, top_k: int, map_size: str, 
         return Backward(ctx, d_head, d_mapping, constant_values(graph)).run(seed, indices)
 
     ctx._differentiate = differentiate
+    ctx._read_early = lambda: _token_early(net, source, ctx, head) if layout.kind == "tokens" else None
     ctx.diagnostics = {} if diagnostics else None
     maps = EXPORTERS[method](ctx)
     for key, tensor in (ctx.diagnostics or {}).items():

@@ -33,7 +33,9 @@ Speed: where a token head reads one token (a ViT's class token, ``Gather(axis=1)
 picks that token as early as the ops allow (``select_early``): back through the final norm, the last
 block's MLP, projection, residual Adds and norms, and into its attention, whose query is picked (the
 keys and values still come from every token), following the token axis through Transposes and
-Reshapes. Those ops then run on one token per masked copy instead of all of them: the same values
+Reshapes (targets held as constants, or computed from Shapes as a dynamic-batch export writes them:
+their values read once on a run of zeros, the token entry then set to 1 in the graph). Those ops then
+run on one token per masked copy instead of all of them: the same values
 (checked once per head against the whole head, which is kept where they differ beyond float32
 rounding); on ViT-Tiny the head takes about a third of the time. On a feature map that the head pools
 globally first (GlobalAveragePool: ResNet, EfficientNet, ...), a point-masked copy pools to its
@@ -74,7 +76,7 @@ from onnx import helper
 from .. import limits
 from ..errors import HeadSplitError, InvalidParameterError, LayerNotFeatureMapError
 from ..export.engine import Decision
-from ..export.head import select_early
+from ..export.head import integer_values, select_early
 from ..graph import dims, infer_shapes, producers
 from ..runtime.feature_layers import default_feature_layer, location_masks
 from ..runtime.ort_engine import OrtEngine
@@ -255,7 +257,8 @@ def head_of(net: Classifier, layer: Layer, where: str = "recipro_cam") -> Head:
 
         engine = engine_of(model, layer.output)
         head = Head(layer.output, (layer.output, *side), layout, outputs, model, engine)
-        early = select_early(model, layout) if layout.kind == "tokens" else None
+        # Reshape targets computed from Shapes (a dynamic-batch export's) read on one run of zeros
+        early = select_early(model, layout, integer_values(model)) if layout.kind == "tokens" else None
         if early is not None:
             head.full_engine, head.engine = engine, engine_of(early, layer.output, "|early")
         after_pool = pooled_head(model, layer.output) if layout.kind == "CHW" and not side else None
@@ -339,8 +342,8 @@ def _engine_name(net: Classifier) -> str:
 def _not_in_graph(net: Classifier, layout: FeatureLayout, kernel: str) -> str | None:
     """Why the in-graph path does not run for this layout and kernel (None: it may)."""
     if layout.kind == "tokens":
-        return ("token layer: the two-stage head reads the class token early (select_early); the graph's "
-                "branch runs the whole head on every copy (measured 1.9x slower on ViT-Tiny)")
+        return ("token layer: the two-stage head reads the class token early (select_early), as the graph's "
+                "branch does; the one-session path is kept to feature maps")
     if _kernel(kernel, layout) != "point":
         return f"kernel {kernel!r}: the graph's branch keeps single locations (point masks)"
     if net.gradient_scores != (net.output.softmax_input or net.output.name):
