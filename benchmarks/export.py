@@ -5,7 +5,9 @@ run on one machine, batch 1 and batch 16, CPU onnxruntime (default session optio
 
 Per file (the embedded EfficientNet-Lite0, and the compatibility suite's ViT-Tiny export): the plain
 model (its own outputs), the exported model with Grad-CAM in the graph (top-1 class, maps at the
-feature grid), the library's in-graph path (``explainer.export.engine.cam_maps``: the normalised
+feature grid), the exported model with Recipro-CAM in the graph (top-1 class) beside OpenVINO XAI's
+Recipro-CAM on the same file (``--ovxai-python``: its own environment, float32, one image per call),
+the library's in-graph path (``explainer.export.engine.cam_maps``: the normalised
 graph plus the branch, one onnxruntime call for the batch) and the library's torch path
 (``BaseCAM.low_resolution``, one forward + backward per image, as ``explainer.gradcam`` runs today,
 the bicubic resize excluded from both); file-size overhead. Within a round the variants are called in
@@ -55,12 +57,11 @@ def files(quick: bool):
     return out
 
 
-def bench(name, make, rounds, repeats, tmp: Path) -> dict:
+def bench(name, make, rounds, repeats, tmp: Path, peer_python: str | None = None) -> dict:
     import onnxruntime as ort
     from skimage import data
 
     import explainer
-    from explainer.export.engine import cam_maps
     from explainer.methods.gradcam import GradCAM
 
     net = make()
@@ -76,29 +77,66 @@ def bench(name, make, rounds, repeats, tmp: Path) -> dict:
     x16 = net.to_model_input(np.rint(pixels))
     dynamic = not net.source_model.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
     cam = GradCAM(net, runs_on="torch")  # the torch path (explainer.gradcam itself runs in the graph now)
+    recipro = explainer.export_explained(net, tmp / "recipro.onnx", method="recipro_cam", top_k=1)
+    s_recipro = ort.InferenceSession(str(recipro), options, providers=["CPUExecutionProvider"])
     row = dict(model=name, size_mb=plain.stat().st_size / 1e6, exported_mb=path.stat().st_size / 1e6,
-               layer=cam.feature_layer)
-    for batch in (1, 16):
-        x = x16[:batch]
-        top = np.argmax(net.ort.run(x, [net.output.name])[0].reshape(batch, -1), axis=1)
-        variants = {
-            "plain": lambda: [s_plain.run(None, {net.input.name: x[i:i + 1]}) for i in range(batch)]
-            if not dynamic else s_plain.run(None, {net.input.name: x}),
-            "exported": lambda: [s_expl.run(None, {net.input.name: x[i:i + 1]}) for i in range(batch)]
-            if not dynamic else s_expl.run(None, {net.input.name: x}),
-            "library_ingraph": lambda: cam_maps(net, x, top[:, None]),
-            "library_torch": lambda: [cam.low_resolution(pixels[i], [int(top[i])]) for i in range(batch)],
-        }
-        calls = {k: repeats if k != "library_torch" or batch == 1 else max(2, repeats // 4) for k in variants}
-        timings = interleaved(variants, rounds, calls)
-        for key, values in timings.items():
-            row[f"{key}_ms_b{batch}"] = 1000 * statistics.median(values)
-        per_round = lambda a, b: statistics.median(p / q for p, q in zip(timings[a], timings[b]))  # noqa: E731
-        row[f"exported_over_plain_b{batch}"] = per_round("exported", "plain")
-        row[f"ingraph_over_plain_b{batch}"] = per_round("library_ingraph", "plain")
-        row[f"torch_over_ingraph_b{batch}"] = row[f"library_torch_ms_b{batch}"] / row[f"library_ingraph_ms_b{batch}"]
-        row[f"plain_batched_b{batch}"] = dynamic
+               recipro_mb=recipro.stat().st_size / 1e6, layer=cam.feature_layer)
+    theirs = _their_recipro_cam(net, cam.feature_layer, plain, x16[:1], tmp, peer_python)
+    row["ovxai"] = theirs.meta if theirs is not None else None
+    try:
+        for batch in (1, 16):
+            _batch(row, batch, net, x16, pixels, dynamic, cam, s_plain, s_expl, s_recipro, theirs, rounds, repeats)
+    finally:
+        if theirs is not None:
+            theirs.close()
     return row
+
+
+def _their_recipro_cam(net, layer: str, path: Path, x: np.ndarray, tmp: Path, python: str | None):
+    """OpenVINO XAI's Recipro-CAM on the same file in its own environment (``benchmarks.recipro_cam``'s
+    worker, float32), or None without one."""
+    if not python or not Path(python).exists():
+        return None
+    from .recipro_cam import OV_SCRIPT, Theirs
+
+    script = tmp / "ovxai_recipro_cam.py"
+    script.write_text(OV_SCRIPT)
+    kind = net.feature_map_layout(net.layer(layer), "benchmarks.export").kind
+    return Theirs(python, script, str(path), kind, x, tmp)
+
+
+def _batch(row, batch, net, x16, pixels, dynamic, cam, s_plain, s_expl, s_recipro, theirs, rounds, repeats):
+    """One batch size's timings and ratios into ``row``."""
+    from explainer.export.engine import cam_maps
+
+    x = x16[:batch]
+    top = np.argmax(net.ort.run(x, [net.output.name])[0].reshape(batch, -1), axis=1)
+    variants = {
+        "plain": lambda: [s_plain.run(None, {net.input.name: x[i:i + 1]}) for i in range(batch)]
+        if not dynamic else s_plain.run(None, {net.input.name: x}),
+        "exported": lambda: [s_expl.run(None, {net.input.name: x[i:i + 1]}) for i in range(batch)]
+        if not dynamic else s_expl.run(None, {net.input.name: x}),
+        "exported_recipro": lambda: [s_recipro.run(None, {net.input.name: x[i:i + 1]}) for i in range(batch)]
+        if not dynamic else s_recipro.run(None, {net.input.name: x}),
+        # one image per call (its branch is written for one): its worker's own clock, the pipe not counted
+        "ovxai_recipro": (lambda: sum(theirs.time()[0] for _ in range(batch))) if theirs is not None else None,
+        "library_ingraph": lambda: cam_maps(net, x, top[:, None]),
+        "library_torch": lambda: [cam.low_resolution(pixels[i], [int(top[i])]) for i in range(batch)],
+    }
+    variants = {k: v for k, v in variants.items() if v is not None}
+    slow = ("library_torch", "ovxai_recipro", "exported_recipro")
+    calls = {k: repeats if k not in slow or batch == 1 else max(2, repeats // 4) for k in variants}
+    timings = interleaved(variants, rounds, calls)
+    for key, values in timings.items():
+        row[f"{key}_ms_b{batch}"] = 1000 * statistics.median(values)
+    per_round = lambda a, b: statistics.median(p / q for p, q in zip(timings[a], timings[b]))  # noqa: E731
+    row[f"exported_over_plain_b{batch}"] = per_round("exported", "plain")
+    row[f"ingraph_over_plain_b{batch}"] = per_round("library_ingraph", "plain")
+    row[f"torch_over_ingraph_b{batch}"] = row[f"library_torch_ms_b{batch}"] / row[f"library_ingraph_ms_b{batch}"]
+    row[f"recipro_over_plain_b{batch}"] = per_round("exported_recipro", "plain")
+    if "ovxai_recipro" in timings:
+        row[f"ovxai_over_recipro_b{batch}"] = per_round("ovxai_recipro", "exported_recipro")
+    row[f"plain_batched_b{batch}"] = dynamic
 
 
 def interleaved(variants: dict, rounds: int, calls: dict) -> dict:
@@ -119,8 +157,8 @@ def interleaved(variants: dict, rounds: int, calls: dict) -> dict:
                 if turn < calls[key]:
                     time.sleep(GAP)
                     start = time.perf_counter()
-                    variants[key]()
-                    got[key].append(time.perf_counter() - start)
+                    seconds = variants[key]()  # a float: the variant timed itself (another process)
+                    got[key].append(seconds if isinstance(seconds, float) else time.perf_counter() - start)
         for key in keys:
             out[key].append(statistics.median(got[key]))
     return out
@@ -175,6 +213,17 @@ def markdown(meta: dict, rows: list[dict], calls: list[dict] | None = None) -> s
                          f"{r[f'exported_over_plain_b{b}']:.2f} | {r[f'library_ingraph_ms_b{b}']:.1f} | "
                          f"{r[f'ingraph_over_plain_b{b}']:.2f} | {r[f'library_torch_ms_b{b}']:.1f} | "
                          f"{r[f'torch_over_ingraph_b{b}']:.1f} | {r['size_mb']:.1f} ({r['exported_mb']:.1f}) |")
+    lines += ["", "Recipro-CAM exported (top-1 class at the feature grid) beside OpenVINO XAI's Recipro-CAM on the "
+              "same file (float32, one image per call: its branch is written for one; its worker's own clock). "
+              "theirs / ours above 1: the exported file is faster.", "",
+              "| model | N | plain | Recipro-CAM exported | ratio to plain | OpenVINO XAI | theirs / ours | size MB |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        for b in (1, 16):
+            theirs = (f"{r[f'ovxai_recipro_ms_b{b}']:.1f} | {r[f'ovxai_over_recipro_b{b}']:.2f}"
+                      if f"ovxai_recipro_ms_b{b}" in r else "not run | ")
+            lines.append(f"| {r['model']} | {b} | {r[f'plain_ms_b{b}']:.1f} | {r[f'exported_recipro_ms_b{b}']:.1f} | "
+                         f"{r[f'recipro_over_plain_b{b}']:.2f} | {theirs} | {r['recipro_mb']:.1f} |")
     if calls:
         lines += ["", "## The public calls, one image (EfficientNet-Lite0)", "",
                   "Median ms per call; ratios are medians of per-round ratios. raw: `net.ort.run` on the "
@@ -198,6 +247,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for export.json and export.md")
+    parser.add_argument("--ovxai-python", default=os.environ.get("OVXAI_PYTHON", "/work/ovxai-venv/bin/python"),
+                        help="the Python of an environment with openvino-xai (its Recipro-CAM beside the exported "
+                             "one; skipped where it does not exist)")
     args = parser.parse_args(argv)
     rounds, repeats = (2, 3) if args.quick else (args.rounds, args.repeats)
     meta = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -206,7 +258,7 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, make in files(args.quick):
-            rows.append(bench(name, make, rounds, repeats, Path(tmp)))
+            rows.append(bench(name, make, rounds, repeats, Path(tmp), args.ovxai_python))
             print(json.dumps(rows[-1], indent=1), flush=True)
     calls = public(rounds, repeats * 2)
     print(json.dumps(calls, indent=1), flush=True)
