@@ -169,6 +169,10 @@ class OpenVinoEngine(OrtEngine):
     def failure(self, exc: BaseException, shape) -> Exception:
         return openvino_error(exc, shape)
 
+    def return_memory(self, example: np.ndarray, outputs: Sequence[str] | None = None,
+                      single_thread: bool = False) -> None:
+        """Nothing: onnxruntime's arenas only (an OpenVINO infer request keeps its buffers)."""
+
     def run_unoptimised(self, batch: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
         return self.reference.run_unoptimised(batch, outputs)
 
