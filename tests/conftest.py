@@ -2,6 +2,7 @@ import atexit
 import gc
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -59,16 +60,16 @@ def coffee() -> np.ndarray:
     return data.coffee()
 
 
-#: the session-scoped classifiers below (loaded once for the whole suite; see ``_shared_nets_give_back``)
-_SHARED_NETS: list = []
+#: the session-scoped classifiers below by fixture name (loaded once for the whole suite; see
+#: ``_shared_nets_give_back``)
+_SHARED_NETS: dict = {}
 
 
 @pytest.fixture(scope="session")
 def default_net():
     import explainer
 
-    net = explainer.load()
-    _SHARED_NETS.append(net)
+    net = _SHARED_NETS["default_net"] = explainer.load()
     return net
 
 
@@ -77,31 +78,43 @@ def googlenet_graph():
     """GoogLeNet's exact zoo graph (opset 9, LRN, Dropout, asymmetric AveragePool), seeded weights."""
     import explainer
 
-    net = explainer.load("seeded-inception_v1")
-    _SHARED_NETS.append(net)
+    net = _SHARED_NETS["googlenet_graph"] = explainer.load("seeded-inception_v1")
     return net
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _shared_nets_give_back():
-    """After each test file, the session-scoped classifiers let go of what its tests made them keep, as
-    if they had been loaded for that file alone (kept, they held it to the suite's end: every feature
+def _shared_nets_give_back(request):
+    """After each test file, the session-scoped classifiers its tests used let go of what those tests
+    made them keep, as if loaded for that file alone (kept, they held it to the suite's end: every feature
     layer's in-graph Grad-CAM and Recipro-CAM session, and onnxruntime arenas grown to the largest batch
-    any test ran, measured 0.6-1.1 GB after test_cams / test_layers). The in-graph sessions are dropped
-    (made again on next use), the classifier's own sessions kept with their arenas returned to the OS
-    (``OrtEngine.return_memory``); the loaded graph and its converted torch module stay."""
+    any test ran; measured 0.6-1.1 GB after test_cams / test_layers). The in-graph sessions are dropped
+    (made again on next use), and so are the classifier's sessions with further outputs (activations);
+    its plain session is kept, its arena returned to the OS (``OrtEngine.return_memory``); the loaded
+    graph and its converted torch module stay. Also the session tests/source_references.py keeps for its
+    last file (test_compatibility's last case)."""
     yield
-    if not _SHARED_NETS:
+    references = sys.modules.get("source_references")  # its last file's onnxruntime session (lru_cache(1))
+    if references is not None:
+        references._session.cache_clear()
+    used = set()  # the fixtures the file's tests request, by argument or as a parameter's name (getfixturevalue)
+    for item in request.session.items:
+        if getattr(item, "module", None) is request.module:
+            used.update(item.fixturenames)
+            used.update(v for v in getattr(getattr(item, "callspec", None), "params", {}).values() if isinstance(v, str))
+    nets = [net for name, net in _SHARED_NETS.items() if name in used]
+    if not nets:
         return
     from explainer.export import engine as in_graph
     from explainer.methods import recipro_cam
 
-    for net in _SHARED_NETS:
+    for net in nets:
         for table in (in_graph._SESSIONS, recipro_cam._HEADS, recipro_cam._GRAPHS):
             table.pop(net, None)
+        with net.ort._lock:  # the sessions with further outputs (a layer's activations) go, the plain one stays
+            for key in [k for k in net.ort._sessions if k != ((), False)]:
+                del net.ort._sessions[key]
         grey = np.full((1, *net.input.size, net.input.channels), 128, np.float32)
         net.ort.return_memory(net.to_model_input(grey))
-    gc.collect()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
