@@ -204,28 +204,6 @@ def test_regression_estimates_the_rise_expectation_with_less_noise():
     assert (errors[:, 0] < errors[:, 1]).all() and errors[:, 0].mean() < 0.5 * errors[:, 1].mean(), errors
 
 
-def test_regression_ignores_the_even_part_of_the_score():
-    """With complementary pairs, a part of the score that a mask and its complement share (an even
-    function: here a product of two regions' centred coverages and a square of the mask's) has zero
-    covariance with every pixel of the masks, so its RISE map is its mean, flat: adding it to the score
-    moves the regression map by that mean and nothing else (the ridge strength, chosen on the pairs'
-    residuals, does not see it)."""
-    from explainer.methods.rise import MaskRegression, RiseMasks
-
-    masks = RiseMasks((28, 28), 400, 7, 0.5, random_state=7, antithetic=True)
-    m = masks.masks().astype(np.float64)
-    a, b = m[:, :14, :14].mean(axis=(1, 2)) - 0.5, m[:, 14:, 14:].mean(axis=(1, 2)) - 0.5
-    even = 2 * a * b + 3 * (m.mean(axis=(1, 2)) - 0.5) ** 2
-    np.testing.assert_allclose(even[0::2], even[1::2], atol=1e-12)  # the pairs share it
-    maps = []
-    for score in (_score(m), _score(m) + even):
-        estimate = MaskRegression(masks, 1)
-        for start in range(0, 400, 64):
-            estimate.add(masks.masks(start, min(400, start + 64)), score[start:start + 64, None])
-        maps.append(estimate.maps()[0].astype(np.float64))
-    np.testing.assert_allclose(maps[1] - maps[0], even.mean(), atol=1e-6)
-
-
 def test_regression_on_a_model(default_net, chelsea):
     """On the embedded model: 300 regression passes agree better with a 2,000-mask centred map than 300
     centred passes do; units are the paper's (mean probability of the masked images keeping the pixel)."""
