@@ -75,3 +75,25 @@ def test_measuring_the_batch_size_returns_the_arena_of_the_largest_candidate(mon
     net.stream_batch_size
     assert returned == [(1, (net.output.name,), False), (1, (net.output.name,), True)]
     assert len(net.ort._sessions) == 2  # both kept
+
+
+def test_recipro_cams_check_sessions_close_once_the_in_graph_path_is_chosen(chelsea):
+    """The in-graph Recipro-CAM path is chosen after comparing its maps with the two-stage path's, which
+    opens the head's sessions and the classifier's session with the feature layer as an output: those
+    are closed once the in-graph path wins (they hold their own copies of the weights), and a two-stage
+    call asked for later opens them again and gives the same maps."""
+    from explainer.methods import recipro_cam
+    from explainer.methods.gradcam import default_feature_layer
+
+    net = explainer.load()
+    layer = net.layer(default_feature_layer(net)[0])
+    assert explainer.recipro_cam_engine(net) == "in-graph"
+    head = recipro_cam.head_of(net, layer)
+    engines = [e for e in (head.engine, head.full_engine, head.pooled[1] if head.pooled else None) if e is not None]
+    assert engines and not any(e._sessions for e in engines)
+    assert all(key[0] == () for key in net.ort._sessions)  # no session with the feature layer as an output
+    small = net.fit_pixels(chelsea)
+    one = recipro_cam.low_resolution(net, small, layer, [285])
+    two = recipro_cam.low_resolution(net, small, layer, [285], path="two-stage")
+    assert any(e._sessions for e in engines)
+    np.testing.assert_allclose(one, two, atol=1e-5)

@@ -441,10 +441,22 @@ def _in_graph_entry(net: Classifier, layer: Layer, kernel: str) -> tuple:
             if reason is None:
                 entry = (ReciproPath(IN_GRAPH, f"one {_engine_name(net)} session: the backbone, {copies} masked "
                                                "copies of the feature layer and the head"), session)
+                _close_two_stage(net, head_of(net, layer))
             else:
                 entry = (ReciproPath(TWO_STAGE, reason), None)
         per_net[key] = entry
         return entry
+
+
+def _close_two_stage(net: Classifier, head: Head) -> None:
+    """The sessions the in-graph check opened for the two-stage path (the head's, the classifier's with
+    the feature layer as an output) closed once the in-graph path is chosen: they hold their own copies
+    of the weights (about 675 MB for a seeded AlexNet's head); a two-stage call asked for later (another
+    kernel, ``path="two-stage"``) opens them again."""
+    for engine in (head.engine, head.full_engine, head.pooled[1] if head.pooled else None):
+        if engine is not None:
+            engine.drop_sessions()
+    net.ort.drop_sessions(list(head.inputs))
 
 
 @public

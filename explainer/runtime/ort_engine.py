@@ -129,6 +129,18 @@ class OrtEngine:
                 self._sessions.popitem(last=False)
         return session
 
+    def drop_sessions(self, outputs: Sequence[str] | None = None) -> None:
+        """Closes the cached sessions whose further outputs are ``outputs`` (None: every session), with
+        the memory they hold (their copy of the weights, their arena); ``session`` opens them again on
+        next use."""
+        with self._lock:
+            if outputs is None:
+                self._sessions.clear()
+                return
+            extra = tuple(o for o in dict.fromkeys(outputs) if o not in self.default_outputs)
+            for key in [k for k in self._sessions if k[0] == extra]:
+                del self._sessions[key]
+
     def _open(self, data: bytes, single_thread: bool):
         """A new runtime session of the serialised graph ``data`` (``session`` caches it)."""
         import onnxruntime as ort
