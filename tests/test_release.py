@@ -30,7 +30,8 @@ def _used_and_dropped():
     from explainer.export import engine as in_graph
     from explainer.methods import recipro_cam
 
-    made.update({f"in-graph session {key}": s for key, (_, s) in in_graph._SESSIONS.get(net, {}).items() if s})
+    made.update({f"in-graph session {key}": s for key, (_, s) in in_graph._SESSIONS.get(net, {}).items()
+                 if s is not None and s is not in_graph.CLOSED})
     made.update({f"Recipro-CAM head {key}": h for key, h in recipro_cam._HEADS.get(net, {}).items()})
     made.update({f"Recipro-CAM session {key}": s for key, (_, s) in recipro_cam._GRAPHS.get(net, {}).items() if s})
     assert any(k.startswith("in-graph session") for k in made) and any(k.startswith("Recipro-CAM head") for k in made)
@@ -97,3 +98,25 @@ def test_recipro_cams_check_sessions_close_once_the_in_graph_path_is_chosen(chel
     two = recipro_cam.low_resolution(net, small, layer, [285], path="two-stage")
     assert any(e._sessions for e in engines)
     np.testing.assert_allclose(one, two, atol=1e-5)
+
+
+def test_in_graph_gradcam_keeps_a_bounded_number_of_sessions_open(chelsea):
+    """Each layer's in-graph Grad-CAM session holds a copy of the weights: a classifier keeps at most
+    ``MAX_OPEN`` of them open (the least recently used closed, its decision kept); a closed layer's map
+    is computed again, equal to the first."""
+    from explainer.export import engine as in_graph
+
+    net = explainer.load()
+    layers = [l.name for l in net.layers() if l.op_type == "Clip" and l.shape and len(l.shape) == 3][-(in_graph.MAX_OPEN + 2):]
+    x, targets = net.to_model_input(net.fit_pixels(chelsea)[None]), np.asarray([[285]])
+    first = in_graph.cam_maps(net, x, targets, feature_layer=layers[0])
+    for layer in layers[1:]:
+        in_graph.cam_maps(net, x, targets, feature_layer=layer)
+    entries = in_graph._SESSIONS[net]
+    assert all((("gradcam", layer) in entries) for layer in layers)
+    assert sum(s is not None and s is not in_graph.CLOSED for _, s in entries.values()) == in_graph.MAX_OPEN
+    assert entries[("gradcam", layers[0])][1] is in_graph.CLOSED
+    assert all(choice == "onnxruntime" for choice, _ in entries.values())
+    again = in_graph.cam_maps(net, x, targets, feature_layer=layers[0])
+    assert entries[("gradcam", layers[0])][1] is not in_graph.CLOSED
+    np.testing.assert_array_equal(again, first)

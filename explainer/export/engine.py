@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import OrderedDict
 
 import numpy as np
 
@@ -24,9 +25,16 @@ from ..runtime.feature_layers import default_feature_layer
 from ..runtime.ort_engine import ort_error
 from .writer import SALIENCY, TARGET, build_explained
 
-#: classifier -> {(method, layer name): (EngineChoice, session or None)}
+#: classifier -> {(method, layer name): (EngineChoice, session, None (the torch path) or CLOSED)}, the
+#: most recently used entry last
 _SESSIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
+#: how many in-graph sessions a classifier keeps open (each holds a copy of the model's weights, about
+#: 55 MB on EfficientNet-Lite0, and its arena): the least recently used beyond it are closed, their
+#: decisions kept, and opened again on next use
+MAX_OPEN = 4
+#: an entry whose session was closed (``MAX_OPEN``)
+CLOSED = "closed"
 
 ONNXRUNTIME, TORCH = "onnxruntime", "torch"
 DIFFERENTIATED = "differentiated head"
@@ -163,12 +171,14 @@ def _normalising(net, model) -> bool:
 def _entry(net, method: str, feature_layer, pixels: bool = True) -> tuple:
     layer = layer_key(net, feature_layer)
     key = (method, layer) if pixels else (method, layer, "model input")
-    per_net = _SESSIONS.get(net)
-    if per_net is not None and key in per_net:
-        return per_net[key]
     with _LOCK:
-        per_net = _SESSIONS.setdefault(net, {})
-        if key not in per_net:
+        per_net = _SESSIONS.setdefault(net, OrderedDict())
+        if key in per_net and per_net[key][1] is not CLOSED:
+            per_net.move_to_end(key)
+            return per_net[key]
+        if key in per_net:  # closed to bound the memory: opened again, the decision stands
+            per_net[key] = (per_net[key][0], _open(net, method, layer, pixels))
+        else:
             try:
                 per_net[key] = (EngineChoice(ONNXRUNTIME, DIFFERENTIATED), _open(net, method, layer, pixels))
             except ExplainerError as exc:  # no rule for an op of the head, an opset too old, ...
@@ -176,6 +186,10 @@ def _entry(net, method: str, feature_layer, pixels: bool = True) -> tuple:
             except Exception as exc:  # onnxruntime refuses the written graph (an op on this provider, ...)
                 per_net[key] = (EngineChoice(TORCH, f"onnxruntime cannot run the differentiated head: "
                                                     f"{type(exc).__name__}: {str(exc)[:200]}"), None)
+        per_net.move_to_end(key)
+        open_keys = [k for k, (_, s) in per_net.items() if s is not None and s is not CLOSED]
+        for old_key in open_keys[:-MAX_OPEN]:
+            per_net[old_key] = (per_net[old_key][0], CLOSED)
         return per_net[key]
 
 
