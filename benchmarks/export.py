@@ -149,9 +149,10 @@ def interleaved(variants: dict, rounds: int, calls: dict) -> dict:
     """{variant: per-round median seconds}: after one warm-up call of each, each round calls the variants
     in turn, one call each, ``calls[variant]`` times (the first of the turn rotating), so that a slow
     spell of a shared machine hits every variant alike, each call ``GAP`` seconds after the previous one
-    ended (onnxruntime's pool threads spin for a while after a call: without the gap, the variant called
-    after another session's call shares the cores with its spinning threads, which made the exported
-    model look 1.3x the plain one at batch 1 where it is 1.0x)."""
+    ended (onnxruntime's pool threads spin for a while after a call; the gap lets them stop before the
+    next variant's call). Blocks of one variant's calls, and alternations of six variants (sessions, a
+    torch module, OpenVINO XAI's worker), put Lite0's exported model at 1.3-1.4x the plain one at batch
+    1; its two sides alone alternate at 0.99x: ``_batch`` times each ratio that way."""
     for fn in variants.values():
         fn()
     keys = list(variants)
