@@ -14,7 +14,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import UnsupportedHeadOpError, UnsupportedModelError
-from ..graph import dims, infer_shapes, producers
+from ..graph import attribute, constant_value, consumers, dims, infer_shapes, producers
 from .errors import RECIPRO_HINT
 from .rules import RULES
 
@@ -312,11 +312,7 @@ def select_early(model: onnx.ModelProto, layout, values: dict | None = None) -> 
     graph = model.graph
     known = infer_shapes(model)
     consts = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    producer = producers(graph)
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, readers = producers(graph), consumers(graph)
     tokens = layout.prefix + layout.grid[0] * layout.grid[1]
 
     def shape(name):
@@ -330,12 +326,6 @@ def select_early(model: onnx.ModelProto, layout, values: dict | None = None) -> 
     def carries(name, axis):
         d = shape(name)
         return d is not None and 0 <= axis < len(d) and d[axis] == tokens
-
-    def attr(node, name, default=None):
-        for a in node.attribute:
-            if a.name == name:
-                return onnx.helper.get_attribute_value(a)
-        return default
 
     def step(node, a: int):
         """{input: its token axis} when ``node`` commutes with picking one token along output axis ``a``
@@ -361,13 +351,13 @@ def select_early(model: onnx.ModelProto, layout, values: dict | None = None) -> 
                     return None
             return picked or None
         if op in ("LayerNormalization", "Softmax"):
-            axis = attr(node, "axis", -1)
+            axis = attribute(node, "axis", -1)
             axis = axis + rank if axis < 0 else axis
             ok = axis > a and carries(data[0], a) and all(i in consts for i in data[1:])
             return {data[0]: a} if ok else None
         if op == "ReduceMean" and len(data) == 1:  # a decomposed LayerNorm (opset < 18)
-            axes = [x + rank if x < 0 else x for x in attr(node, "axes", [])]
-            ok = axes and a not in axes and attr(node, "keepdims", 1) == 1 and carries(data[0], a)
+            axes = [x + rank if x < 0 else x for x in attribute(node, "axes", [])]
+            ok = axes and a not in axes and attribute(node, "keepdims", 1) == 1 and carries(data[0], a)
             return {data[0]: a} if ok else None
         if op == "MatMul":  # rows of the product are rows of the left operand
             d = shape(data[0])
@@ -376,10 +366,10 @@ def select_early(model: onnx.ModelProto, layout, values: dict | None = None) -> 
             ai = a - (rank - len(d))
             return {data[0]: ai} if carries(data[0], ai) else None
         if op == "Transpose":
-            perm = attr(node, "perm")
+            perm = attribute(node, "perm")
             return {data[0]: perm[a]} if perm is not None and carries(data[0], perm[a]) else None
         if op == "Reshape":
-            target = _constant(graph, data[1]) if data[1] in consts else (values or {}).get(data[1])
+            target = constant_value(graph, data[1]) if data[1] in consts else (values or {}).get(data[1])
             din, dout = shape(data[0]), shape(out)
             if target is None or din is None or dout is None or a == 0 or int(target[a]) != tokens:
                 return None
@@ -391,12 +381,12 @@ def select_early(model: onnx.ModelProto, layout, values: dict | None = None) -> 
             return None
         return None
 
-    selects = [n for n in graph.node if n.op_type == "Gather" and attr(n, "axis", 0) == 1 and is_tokens(n.input[0])
+    selects = [n for n in graph.node if n.op_type == "Gather" and attribute(n, "axis", 0) == 1 and is_tokens(n.input[0])
                and n.input[1] in consts]
     if len(selects) != 1:
         return None
     select = selects[0]
-    index = _constant(graph, select.input[1])
+    index = constant_value(graph, select.input[1])
     if index is None or index.ndim != 0 or not 0 <= int(index) < tokens:
         return None
     reshapes: dict[int, int] = {}  # id of a Reshape in the region -> the token axis of its target
@@ -405,7 +395,7 @@ def select_early(model: onnx.ModelProto, layout, values: dict | None = None) -> 
         changed = False
         for t, a in sorted(frontier.items()):
             node = producer.get(t)
-            if node is None or any(id(c) not in region for c in consumers.get(t, [])):
+            if node is None or any(id(c) not in region for c in readers.get(t, [])):
                 continue
             picked = step(node, a)
             if picked is None:
@@ -442,7 +432,7 @@ def select_early(model: onnx.ModelProto, layout, values: dict | None = None) -> 
             if n is select:
                 copied.input[1] = zero
             if id(n) in reshapes and n.input[1] in consts:  # the target's token count becomes 1
-                target = _constant(graph, n.input[1]).astype(np.int64).copy()
+                target = constant_value(graph, n.input[1]).astype(np.int64).copy()
                 target[reshapes[id(n)]] = 1
                 name = f"recipro_early/target:{n.output[0]}"
                 constants.append(onnx.numpy_helper.from_array(target, name))
@@ -464,16 +454,6 @@ def select_early(model: onnx.ModelProto, layout, values: dict | None = None) -> 
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(constants)
     return out
-
-
-def _constant(graph: onnx.GraphProto, name: str):
-    for t in graph.initializer:
-        if t.name == name:
-            return onnx.numpy_helper.to_array(t)
-    for n in graph.node:
-        if n.op_type == "Constant" and n.output and n.output[0] == name and n.attribute and n.attribute[0].name == "value":
-            return onnx.numpy_helper.to_array(n.attribute[0].t)
-    return None
 
 
 def early_head(model: onnx.ModelProto, head: Head, layout, shapes: dict, dtypes: dict, dynamic: dict,

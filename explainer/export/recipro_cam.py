@@ -27,6 +27,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import UnsupportedModelError
+from ..graph import constant_value
 from ..runtime.feature_layers import location_masks
 from ..model.structure import image_dependent
 from . import exporter
@@ -121,17 +122,6 @@ def _free_batch_reshapes(ctx: ExportContext, nodes, mapping: dict, allow_zero: s
         mapping[target] = ctx.const(fixed, "reshape_target")
 
 
-def _constant_array(ctx: ExportContext, name: str):
-    for t in ctx.graph.initializer:
-        if t.name == name:
-            return numpy_helper.to_array(t)
-    for n in ctx.graph.node:
-        if n.op_type == "Constant" and n.output and n.output[0] == name and n.attribute \
-                and n.attribute[0].name == "value":
-            return numpy_helper.to_array(n.attribute[0].t)
-    return None
-
-
 def _free_flat_gathers(ctx: ExportContext, nodes) -> dict:
     """Flat gathers of a graph exported for batch 1 (the dynamo exporter's ``as_strided``: Reshape(x, [-1])
     then Gather(axis=0) with constant indices (1, ...) into the one image's elements) pick the first
@@ -152,7 +142,7 @@ def _free_flat_gathers(ctx: ExportContext, nodes) -> dict:
         flat = producer.get(gather.input[0])
         if flat is None or flat.op_type != "Reshape" or len(readers.get(flat.output[0], [])) != 1:
             continue
-        target, indices = _constant_array(ctx, flat.input[1]), _constant_array(ctx, gather.input[1])
+        target, indices = constant_value(ctx.graph, flat.input[1]), constant_value(ctx.graph, gather.input[1])
         shape = ctx.shape(flat.input[0])
         if target is None or indices is None or shape is None or None in shape or target.tolist() != [-1] \
                 or indices.ndim < 1 or indices.shape[0] != 1 or shape[0] != 1:
