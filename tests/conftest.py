@@ -60,6 +60,38 @@ def coffee() -> np.ndarray:
     return data.coffee()
 
 
+@pytest.fixture
+def auto_batch_model(monkeypatch, tmp_path):
+    """A small linear classifier's graph (16x16 images; ``graphs.linear_classifier``) for measuring
+    'auto' batch sizes: the measurements go to a fresh cache folder (``tmp_path``) and the engines run two
+    parallel streams, so both sizes (single runs and streams) are measured on any machine."""
+    from graphs import linear_classifier
+
+    from explainer.runtime import ort_engine
+
+    monkeypatch.setenv("ONNX_EXPLAINER_CACHE", str(tmp_path))
+    monkeypatch.setattr(ort_engine.OrtEngine, "parallel_streams", lambda self: 2)
+    model, _ = linear_classifier(size=(16, 16))
+    return model
+
+
+@pytest.fixture
+def record_calls(monkeypatch):
+    """``record_calls(owner, name, what)``: the method ``owner.name`` patched for the test so that each
+    call appends ``what(*arguments)`` (the arguments after ``self``) to the list returned, then runs."""
+    def record(owner, name, what):
+        calls, real = [], getattr(owner, name)
+
+        def recorded(self, *args, **kwargs):
+            calls.append(what(*args, **kwargs))
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(owner, name, recorded)
+        return calls
+
+    return record
+
+
 #: the session-scoped classifiers below by fixture name (loaded once for the whole suite; see
 #: ``_shared_nets_give_back``)
 _SHARED_NETS: dict = {}
@@ -87,11 +119,11 @@ def _shared_nets_give_back(request):
     """After each test file, the session-scoped classifiers its tests used let go of what those tests
     made them keep, as if loaded for that file alone (kept, they held it to the suite's end: every feature
     layer's in-graph Grad-CAM and Recipro-CAM session, and onnxruntime arenas grown to the largest batch
-    any test ran; measured 0.6-1.1 GB after test_cams / test_layers). The in-graph sessions are dropped
-    (made again on next use), and so are the classifier's sessions with further outputs (activations);
-    its plain session is kept, its arena returned to the OS (``OrtEngine.return_memory``); the loaded
-    graph and its converted torch module stay. Also the session tests/source_references.py keeps for its
-    last file (test_compatibility's last case)."""
+    any test ran; measured 0.6-1.1 GB after test_cams / test_layers): ``Classifier.release_caches`` drops
+    the in-graph sessions and Recipro-CAM heads (made again on next use) and the classifier's sessions
+    other than the plain one (activations, the single-threaded streams'), and returns the plain one's
+    arena to the OS; the loaded graph and its converted torch module stay. Also the session
+    tests/source_references.py keeps for its last file (test_compatibility's last case)."""
     yield
     references = sys.modules.get("source_references")  # its last file's onnxruntime session (lru_cache(1))
     if references is not None:
@@ -104,17 +136,8 @@ def _shared_nets_give_back(request):
     nets = [net for name, net in _SHARED_NETS.items() if name in used]
     if not nets:
         return
-    from explainer.export import engine as in_graph
-    from explainer.methods import recipro_cam
-
     for net in nets:
-        for table in (in_graph._SESSIONS, recipro_cam._HEADS, recipro_cam._GRAPHS):
-            table.pop(net, None)
-        with net.ort._lock:  # the sessions with further outputs (a layer's activations) go, the plain one stays
-            for key in [k for k in net.ort._sessions if k != ((), False)]:
-                del net.ort._sessions[key]
-        grey = np.full((1, *net.input.size, net.input.channels), 128, np.float32)
-        net.ort.return_memory(net.to_model_input(grey))
+        net.release_caches()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 

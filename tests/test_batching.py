@@ -41,19 +41,12 @@ def test_compat_set_batches_equal_single(arch):
                                rtol=1e-4, atol=1e-6)
 
 
-def test_auto_batch_size_measured_once_and_cached(monkeypatch, tmp_path):
+def test_auto_batch_size_measured_once_and_cached(auto_batch_model, record_calls, tmp_path):
     """'auto' is measured once per model for single runs and once for the parallel streams of the
     perturbation methods (each stream running its own batches), then read from the cache."""
-    monkeypatch.setenv("ONNX_EXPLAINER_CACHE", str(tmp_path))
-    from graphs import linear_classifier
-
-    monkeypatch.setattr(ort_engine.OrtEngine, "parallel_streams", lambda self: 2)
-    model, _ = linear_classifier(size=(16, 16))
+    model = auto_batch_model
     net = explainer.load(model, preprocessing="none")
-    calls = []
-    real = ort_engine.OrtEngine._throughput
-    monkeypatch.setattr(ort_engine.OrtEngine, "_throughput",
-                        lambda self, b, o, streams: calls.append((len(b), streams)) or real(self, b, o, streams))
+    calls = record_calls(ort_engine.OrtEngine, "_throughput", lambda b, o, streams: (len(b), streams))
     chosen = net.batch_size
     assert chosen in ort_engine.BATCH_CANDIDATES and len(calls) >= 3 and {s for _, s in calls} == {1}
     calls.clear()

@@ -7,6 +7,7 @@ import gc
 import weakref
 
 import numpy as np
+import pytest
 
 import explainer
 from explainer.methods.gradients import pixel_attributions
@@ -15,15 +16,25 @@ from explainer.runtime.torch_engine import torch_engine
 from graphs import linear_classifier
 
 
-def _used_and_dropped():
-    """Weak references to a classifier and everything running it made, the classifier itself gone."""
+def _small_net():
+    """A small classifier (16x16 images, one conv layer "conv1") and an image for it."""
     model, _ = linear_classifier(k=4, size=(16, 16))
     net = explainer.load(model, preprocessing="none", batch_size=2)
-    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    return net, np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+
+
+def _cams(net, image) -> dict:
+    """Grad-CAM (in the graph) and Recipro-CAM maps of ``image``'s class 1 at conv1."""
+    return {"gradcam": explainer.gradcam(net, image, 1, feature_layer="conv1"),
+            "recipro_cam": explainer.recipro_cam(net, image, 1, feature_layer="conv1", verbose=False)}
+
+
+def _used_and_dropped():
+    """Weak references to a classifier and everything running it made, the classifier itself gone."""
+    net, image = _small_net()
     net.predict(image)
     pixel_attributions(net, image, 1)
-    explainer.gradcam(net, image, 1, feature_layer="conv1")
-    explainer.recipro_cam(net, image, 1, feature_layer="conv1", verbose=False)
+    _cams(net, image)
     made = {"classifier": net, "engine": net.ort, "torch engine": torch_engine(net),
             "torch module": torch_engine(net).pixel_model}
     made.update({f"onnxruntime session {i}": s for i, s in enumerate(net.ort._sessions.values())})
@@ -57,21 +68,15 @@ def test_returning_arena_memory_keeps_the_sessions_and_their_results():
     np.testing.assert_array_equal(net.ort.run(x, [net.output.name])[0], before)
 
 
-def test_measuring_the_batch_size_returns_the_arena_of_the_largest_candidate(monkeypatch, tmp_path):
+def test_measuring_the_batch_size_returns_the_arena_of_the_largest_candidate(auto_batch_model, record_calls):
     """'auto' tries batches up to 64 on the session it keeps: its arena, grown to the largest, is given
     back once the size is chosen (the session stays cached)."""
     from explainer.runtime import ort_engine
 
-    monkeypatch.setenv("ONNX_EXPLAINER_CACHE", str(tmp_path))
-    monkeypatch.setattr(ort_engine.OrtEngine, "parallel_streams", lambda self: 2)
-    model, _ = linear_classifier(size=(16, 16))
-    net = explainer.load(model, preprocessing="none")
-    returned = []
-    real = ort_engine.OrtEngine.return_memory
-    monkeypatch.setattr(ort_engine.OrtEngine, "return_memory",
-                        lambda self, example, outputs=None, single_thread=False:
-                        returned.append((example.shape[0], tuple(outputs), single_thread))
-                        or real(self, example, outputs, single_thread))
+    net = explainer.load(auto_batch_model, preprocessing="none")
+    returned = record_calls(ort_engine.OrtEngine, "return_memory",
+                            lambda example, outputs=None, single_thread=False:
+                            (example.shape[0], tuple(outputs), single_thread))
     net.batch_size
     net.stream_batch_size
     assert returned == [(1, (net.output.name,), False), (1, (net.output.name,), True)]
@@ -120,3 +125,51 @@ def test_in_graph_gradcam_keeps_a_bounded_number_of_sessions_open(chelsea):
     again = in_graph.cam_maps(net, x, targets, feature_layer=layers[0])
     assert entries[("gradcam", layers[0])][1] is not in_graph.CLOSED
     np.testing.assert_array_equal(again, first)
+
+
+def test_release_caches_gives_back_what_explaining_kept_and_the_maps_stay(record_calls):
+    """``Classifier.release_caches``: the classifier's entries in every registered per-classifier cache
+    (the in-graph Grad-CAM sessions, Recipro-CAM's heads and sessions) go, and so do its engine's sessions
+    but the plain one, whose arena is returned; everything is made again on next use, the maps equal."""
+    from explainer import registries
+    from explainer.runtime.ort_engine import OrtEngine
+
+    net, image = _small_net()
+    first = _cams(net, image)
+    net.ort.session([net.layer("conv1").output])  # a layer's activations, and the streams' single-threaded session
+    net.ort.session(single_thread=True)
+    plain = net.ort.session()
+    caches = registries.classifier_caches()
+    assert {"in-graph Grad-CAM sessions", "Recipro-CAM heads and in-graph sessions"} <= set(caches)
+    holding = sorted(name for name, cache in caches.items() for table in cache.tables if net in table)
+    assert "in-graph Grad-CAM sessions" in holding and "Recipro-CAM heads and in-graph sessions" in holding
+    assert len(net.ort._sessions) >= 3
+    returned = record_calls(OrtEngine, "return_memory", lambda example, *rest: example.shape)
+
+    net.release_caches()
+    still = sorted(name for name, cache in caches.items() for table in cache.tables if net in table)
+    assert not still, f"entries of the classifier kept by {still}"
+    assert list(net.ort._sessions) == [((), False)] and net.ort.session() is plain
+    assert returned == [(1, *net.per_image_shape)]
+
+    again = _cams(net, image)
+    for name, cam in first.items():
+        assert np.max(np.abs(again[name] - cam)) <= 1e-6, name
+    assert all(net in caches[name].tables[0] for name in holding)  # made again
+
+
+def test_a_second_classifier_cache_under_a_registered_name_is_refused(monkeypatch):
+    from explainer import registries
+
+    registered = registries.classifier_caches()
+    with pytest.raises(ValueError, match=r"a classifier cache named 'in-graph Grad-CAM sessions' is already "
+                                         r"registered \(explainer/export/engine\.py:\d+\); refused a second "
+                                         r"one \(tests/test_release\.py:\d+\)"):
+        registries.register_classifier_cache("in-graph Grad-CAM sessions", weakref.WeakKeyDictionary())
+    assert registries.classifier_caches() == registered  # nothing overwritten
+    monkeypatch.setattr(registries, "_CLASSIFIER_CACHES", dict(registered))  # the test's own, then
+    registries.register_classifier_cache("a test's", weakref.WeakKeyDictionary())
+    with pytest.raises(ValueError, match="already registered"):
+        registries.register_classifier_cache("a test's", {})
+    with pytest.raises(TypeError):
+        registries.register_classifier_cache("a test's list", [])

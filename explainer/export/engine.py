@@ -21,6 +21,7 @@ from collections import OrderedDict
 import numpy as np
 
 from ..errors import ExplainerError, InvalidParameterError
+from ..registries import register_classifier_cache
 from ..runtime.feature_layers import default_feature_layer
 from ..runtime.ort_engine import ort_error
 from .writer import SALIENCY, TARGET, build_explained
@@ -29,6 +30,7 @@ from .writer import SALIENCY, TARGET, build_explained
 #: most recently used entry last
 _SESSIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
+register_classifier_cache("in-graph Grad-CAM sessions", _SESSIONS, lock=_LOCK)
 #: how many in-graph sessions a classifier keeps open (each holds a copy of the model's weights, about
 #: 55 MB on EfficientNet-Lite0, and its arena): the least recently used beyond it are closed, their
 #: decisions kept, and opened again on next use

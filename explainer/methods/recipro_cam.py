@@ -73,7 +73,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .. import limits
+from .. import limits, registries
 from ..errors import HeadSplitError, InvalidParameterError, LayerNotFeatureMapError
 from ..export.engine import Decision
 from ..export.head import integer_values, select_early
@@ -320,6 +320,7 @@ PATHS = ("auto", IN_GRAPH, TWO_STAGE)
 COPY_SCORES = "saliency_copy_scores"
 #: the in-graph decisions and sessions per Classifier (dropped with it): {(feature, kernel): (choice, session)}
 _GRAPHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+registries.register_classifier_cache("Recipro-CAM heads and in-graph sessions", _HEADS, _GRAPHS, lock=_LOCK)
 
 
 class ReciproPath(Decision):

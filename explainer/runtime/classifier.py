@@ -26,6 +26,7 @@ from ..model.load import LoadedModel
 from ..model.spec import InputSpec, OutputSpec, find_image_input, find_input_normalisation, find_scores_output
 from ..model.structure import Structure
 from ..model.structure import analyse as analyse_structure
+from ..registries import release_classifier_caches
 from ..validation import check_batch_size, check_int, closest
 from .budget import RunGuard
 from .ort_engine import OrtEngine
@@ -314,6 +315,21 @@ class Classifier:
 
     def _grey_input(self) -> np.ndarray:
         return self.to_model_input(np.full((1, *self.input.size, self.input.channels), 128, np.float32))[0]
+
+    def release_caches(self) -> None:
+        """Gives back the memory that explaining with this classifier made it keep, as if it were freshly
+        loaded: its entries in the per-classifier caches of the methods and exports (each in-graph
+        Grad-CAM session, Recipro-CAM's heads with their sessions and its in-graph sessions; the tables
+        registered with ``registries.register_classifier_cache``), the engine's sessions other than the
+        plain one (those with further outputs, e.g. a layer's activations, and the single-threaded one of
+        the perturbation streams: ``OrtEngine.drop_sessions``), and the plain session's onnxruntime arena,
+        returned to the OS (``OrtEngine.return_memory``, one grey image run). The loaded graph, its
+        converted torch module, the measured batch sizes and the decisions kept on ``runtime`` stay.
+        Everything dropped is made again on next use, with the same results. For a classifier kept for a
+        long time (a server, a test suite) after work that touched many layers or large batches."""
+        release_classifier_caches(self)
+        self.ort.drop_sessions(keep_plain=True)
+        self.ort.return_memory(self._grey_input()[None])
 
     def resolve_batch_size(self, value, where: str, backend: str | None = None) -> int:
         """``value`` validated, 'auto' resolved; ``backend``: for a perturbation method on it."""

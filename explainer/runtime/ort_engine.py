@@ -129,16 +129,19 @@ class OrtEngine:
                 self._sessions.popitem(last=False)
         return session
 
-    def drop_sessions(self, outputs: Sequence[str] | None = None) -> None:
+    def drop_sessions(self, outputs: Sequence[str] | None = None, *, keep_plain: bool = False) -> None:
         """Closes the cached sessions whose further outputs are ``outputs`` (None: every session), with
         the memory they hold (their copy of the weights, their arena); ``session`` opens them again on
-        next use."""
+        next use. ``keep_plain``: the plain session (the graph's own outputs, not single-threaded:
+        ``session()``) stays open."""
+        plain = ((), False)
         with self._lock:
             if outputs is None:
-                self._sessions.clear()
+                for key in [k for k in self._sessions if not (keep_plain and k == plain)]:
+                    del self._sessions[key]
                 return
             extra = tuple(o for o in dict.fromkeys(outputs) if o not in self.default_outputs)
-            for key in [k for k in self._sessions if k[0] == extra]:
+            for key in [k for k in self._sessions if k[0] == extra and not (keep_plain and k == plain)]:
                 del self._sessions[key]
 
     def _open(self, data: bytes, single_thread: bool):
