@@ -21,8 +21,9 @@ the chelsea photo, its preprocessed input fed to both sides.
   end (the photo resized and normalised, the Recipro-CAM run, the map upsampled to the photo), and from
   the model input as theirs is timed (``input_maps`` of every class, as theirs gives every class: scaled
   maps at the feature resolution; the same preprocessed input fed to both), on the path
-  ``explainer.recipro_cam_engine`` picks (in-graph on CNNs: one session of the graph with the exported
-  branch; two-stage on token layers); onnxruntime's plain forward pass of the same input.
+  ``explainer.recipro_cam_engine`` picks (in-graph at float32: one session of the graph with the
+  exported branch, on CNNs and on ViT-Tiny's token layer since 2026-12-07; results before that ran the
+  ViT in two stages); onnxruntime's plain forward pass of the same input.
 * agreement: OpenVINO XAI takes the logits (pre-softmax scores), so ours runs with ``scores="logits"``
   for the comparison, at the feature layer's resolution, every class: Pearson r per class (min and
   median over the 1,000 classes) and max |difference| after both are min-max scaled; ours at its

@@ -244,8 +244,9 @@ def test_in_graph_path_equals_the_two_stage_path_and_says_why(default_net, resne
     """On CNNs (EfficientNet-Lite0, ResNet-18) the default path is one session of the graph with the
     exported Recipro-CAM branch; its maps equal the two-stage path's (backbone pass, then the head) for
     every class, probabilities and logits, within 1e-5 of the range (maps are in [0, 1]); so does the
-    public map of a batch. ``explainer.recipro_cam_engine`` says which path runs and why: two stages on
-    token layers, with other kernels, with a batch_size below h*w; path='in-graph' is refused there."""
+    public map of a batch. ``explainer.recipro_cam_engine`` says which path runs and why: two stages with
+    other kernels (point masks on tokens, the Gaussian on feature maps), with a batch_size below h*w;
+    path='in-graph' is refused there."""
     from explainer.errors import InvalidParameterError
 
     every = list(range(1000))
@@ -266,12 +267,81 @@ def test_in_graph_path_equals_the_two_stage_path_and_says_why(default_net, resne
         np.testing.assert_allclose(recipro_cam(net, chelsea, 285, batch_size=5, verbose=False), batch[0][0], atol=1e-5)
         gaussian = explainer.recipro_cam_engine(net, kernel="gaussian")
         assert gaussian == "two-stage" and "point masks" in gaussian.reason
-    token = explainer.recipro_cam_engine(vit[0])
-    assert token == "two-stage" and not token.in_graph and "token layer" in token.describe()
-    with pytest.raises(InvalidParameterError, match="in-graph path cannot run.*token layer"):
-        recipro_cam_on("in-graph", vit[0], chelsea, 285, verbose=False)
+    token = explainer.recipro_cam_engine(vit[0], kernel="point")
+    assert token == "two-stage" and not token.in_graph and "on a token layer" in token.describe()
+    with pytest.raises(InvalidParameterError, match="in-graph path cannot run.*on a token layer"):
+        recipro_cam_on("in-graph", vit[0], chelsea, 285, kernel="point", verbose=False)
     with pytest.raises(InvalidParameterError, match="path must be one of"):
         recipro_cam_on("fast", default_net, chelsea, 285)
+
+
+def test_in_graph_path_on_a_token_layer_checks_the_copies_raw_scores(vit, chelsea):
+    """ViT-Tiny (exported for batch 1) at its default layer with the Gaussian: one session of the graph
+    with the branch (the feature tokens and the residual stream masked, the head that reads the class
+    token early). The decision compares the copies' raw scores with the two-stage head's, within
+    ``TOKEN_SCORES_TOLERANCE`` of their range (min-max scaled maps of near-flat classes would magnify
+    float32 rounding up to 10^4-fold); on onnxruntime the maps of every class equal the two-stage
+    path's (bit-identical here), and so do the copies' scores."""
+    from explainer.methods import recipro_cam as rc
+
+    net = explainer.load(exports.export("vit_tiny", "legacy"))  # a fresh classifier: decided here
+    choice = explainer.recipro_cam_engine(net)
+    assert choice == "in-graph" and choice.in_graph
+    assert "196 Gaussian-masked copies of the feature tokens and of the residual stream" in choice.describe()
+    layer = net.layer(default_feature_layer(net)[0])
+    head, session = head_of(net, layer), rc._in_graph_entry(net, layer, "auto")[1]
+    x = net.to_model_input(net.fit_pixels(chelsea)[None])
+    one = rc._copy_scores(net, rc._run_copies(net, session, x), "logits").astype(np.float64)
+    two = rc.copy_scores(net, head, net.ort.run(x, list(head.inputs)), range(1000), kernel="gaussian",
+                         scores="logits")
+    assert float(np.abs(one - two).max()) <= rc.TOKEN_SCORES_TOLERANCE * float(two.max() - two.min())
+    small = net.fit_pixels(chelsea)
+    every = list(range(1000))
+    for scores in ("probabilities", "logits"):
+        auto = low_resolution(net, small, layer, every, scores=scores)
+        two_stage = low_resolution(net, small, layer, every, scores=scores, path="two-stage")
+        assert float(np.abs(auto - two_stage).max()) <= 1e-5, scores
+    assert head.checked  # the two-stage head that reads the class token early was checked too
+
+
+def test_in_graph_path_on_a_token_layer_on_the_openvino_engine(chelsea):
+    """OpenVINO f32 (ViT-Tiny, dynamic batch): in one session too; the copies' raw scores within
+    ``TOKEN_SCORES_TOLERANCE`` of their range of the two-stage head's (4e-7 measured), though the min-max
+    scaled maps of near-flat classes are 1e-3 of theirs apart; bf16 keeps two stages."""
+    pytest.importorskip("openvino")
+    from explainer.methods import recipro_cam as rc
+
+    net = explainer.load(exports.export("vit_tiny", "legacy-dynamic"), engine="openvino")
+    choice = explainer.recipro_cam_engine(net)
+    assert choice == "in-graph" and "OpenVINO f32 session" in choice.reason
+    layer = net.layer(default_feature_layer(net)[0])
+    head, session = head_of(net, layer), rc._in_graph_entry(net, layer, "auto")[1]
+    x = net.to_model_input(net.fit_pixels(chelsea)[None])
+    one = rc._copy_scores(net, rc._run_copies(net, session, x), "logits").astype(np.float64)
+    two = rc.copy_scores(net, head, net.ort.run(x, list(head.inputs)), range(1000), kernel="gaussian",
+                         scores="logits")
+    assert float(np.abs(one - two).max()) <= rc.TOKEN_SCORES_TOLERANCE * float(two.max() - two.min())
+    from explainer.runtime import openvino_engine
+
+    if "BF16" in openvino_engine.core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        bf16 = explainer.load(exports.export("vit_tiny", "legacy-dynamic"), engine="openvino", precision="bf16")
+        choice = explainer.recipro_cam_engine(bf16)
+        assert choice == "two-stage" and "token layer at bf16" in choice.reason
+
+
+def test_a_token_branch_that_disagrees_falls_back_to_two_stages(monkeypatch, vit, chelsea):
+    """A branch whose copies' scores are not the two-stage head's (here: its masks off by one location, as
+    a wrong branch would be) is not taken: two stages, the reason giving how far apart the scores are,
+    and the map is the two-stage path's."""
+    from explainer.export import recipro_cam as branch
+
+    net = explainer.load(exports.export("vit_tiny", "legacy"))
+    masks = branch.location_masks
+    monkeypatch.setattr(branch, "location_masks", lambda grid, kernel: np.roll(masks(grid, kernel), 1, axis=0))
+    choice = explainer.recipro_cam_engine(net)
+    assert choice == "two-stage" and "other copies' scores than the head" in choice.reason
+    expected = recipro_cam_on("two-stage", vit[0], chelsea, 285, verbose=False)
+    np.testing.assert_allclose(recipro_cam(net, chelsea, 285, verbose=False), expected, atol=1e-5)
 
 
 def test_a_branch_that_cannot_be_written_falls_back_to_two_stages(monkeypatch, chelsea):

@@ -42,21 +42,29 @@ globally first (GlobalAveragePool: ResNet, EfficientNet, ...), a point-masked co
 location's vector / (h*w): the head after the pool runs on those vectors (``pooled_head``; checked
 once per head against the whole head on the masked maps), not on h*w masked maps.
 
-In one session (``recipro_cam_engine``): on a feature map with point masks (CNNs) the whole method runs
-as one call of the classifier's graph with the Recipro-CAM branch that ``export_explained`` writes
-(explainer/export/recipro_cam.py: the feature layer tiled with the h*w masks, a copy of the head on
-the copies), on the classifier's own engine (onnxruntime, or OpenVINO at the classifier's precision):
-no Python between the backbone and the head, no copy of the feature tensor out of the runtime and
-back. Where the head pools the map globally (ResNet, EfficientNet) the branch is the pooled vectors
-(a Reshape, Transpose and Div of the feature map, no masked copies) and the head after the pool on
-them: about 1 % of ResNet-18's run (its Gemm), the rest the backbone. The session is the engine's
+In one session (``recipro_cam_engine``): on a feature map with point masks (CNNs) and on a token layer
+with the Gaussian (ViTs, at float32) the whole method runs as one call of the classifier's graph with
+the Recipro-CAM branch that ``export_explained`` writes (explainer/export/recipro_cam.py: the feature
+layer, and on tokens the residual stream read with it, tiled with the h*w masks, a copy of the head on
+the copies; on tokens the head that reads the class token early), on the classifier's own engine
+(onnxruntime, or OpenVINO at the classifier's precision): no Python between the backbone and the head,
+no copy of the feature tensor out of the runtime and back (ViT-Tiny, every class, 2026-12-07: 1.36-1.39x
+faster than two stages on onnxruntime, 1.29-1.31x on OpenVINO f32, whose two-stage head of two inputs
+runs on onnxruntime). Where the head pools the map globally (ResNet, EfficientNet) the branch is the pooled
+vectors (a Reshape, Transpose and Div of the feature map, no masked copies) and the head after the pool
+on them: about 1 % of ResNet-18's run (its Gemm), the rest the backbone. The session is the engine's
 (``OrtEngine.session``), with onnxruntime's pool threads not spinning (``SPIN``), on OpenVINO compiled
 for one image. The branch returns the copies' raw scores (``COPY_SCORES``), which are turned into
-probabilities or logits and scaled as the two-stage path does; the maps equal that path's (tested
-to 1e-5 of the range; on EfficientNet-Lite0 and ResNet-18 they are bit-identical). Token layers,
-other kernels, a quantized graph's rounded scores, a branch that cannot be written or opened, a
-``batch_size`` below h*w or copies over the run budget take the two-stage path described above;
-``recipro_cam_engine(net)`` says which runs and why, ``path=`` forces one.
+probabilities or logits and scaled as the two-stage path does. The path is taken once the branch agrees
+with the two-stage path on a random image: on feature maps their maps (every class, logits) within
+1e-4 of the range (on EfficientNet-Lite0 and ResNet-18 they are bit-identical; tested to 1e-5); on
+tokens the copies' raw scores within ``TOKEN_SCORES_TOLERANCE`` (1e-5) of their range (ViT-Tiny's are
+equal on onnxruntime, 4e-7 apart on OpenVINO f32): a token map's class barely varies over the copies,
+and its min-max scaling magnifies float32 rounding of another op order up to 10^4-fold. Token layers
+with point masks or at bf16 / f16, feature maps with other kernels, a quantized graph's rounded scores, a
+branch that cannot be written or opened or that disagrees, a ``batch_size`` below h*w or copies over the
+run budget take the two-stage path described above; ``recipro_cam_engine(net)`` says which runs and
+why, ``path=`` forces one.
 
 Memory: the masked copies stream through the shared batching loop (``stream_probabilities``), a
 batch per stream at a time, each batch bounded by the run budget: a copy counts as one image's run of
@@ -343,9 +351,13 @@ def _engine_name(net: Classifier) -> str:
 def _not_in_graph(net: Classifier, layout: FeatureLayout, kernel: str) -> str | None:
     """Why the in-graph path does not run for this layout and kernel (None: it may)."""
     if layout.kind == "tokens":
-        return ("token layer: the two-stage head reads the class token early (select_early), as the graph's "
-                "branch does; the one-session path is kept to feature maps")
-    if _kernel(kernel, layout) != "point":
+        if _kernel(kernel, layout) != "gaussian":
+            return f"kernel {kernel!r} on a token layer: the graph's branch masks tokens with the 3x3 Gaussian"
+        precision = getattr(net.ort, "precision", "f32")
+        if precision != "f32":
+            return (f"token layer at {precision}: the branch's head would round at {precision} too (ViT-Tiny's "
+                    "copies' scores 5e-3 of their range off float32's, near-flat classes' maps uncorrelated)")
+    elif _kernel(kernel, layout) != "point":
         return f"kernel {kernel!r}: the graph's branch keeps single locations (point masks)"
     if net.gradient_scores != (net.output.softmax_input or net.output.name):
         return ("the graph's scores are rounded after the tensor the branch scores (a quantized output): "
@@ -440,8 +452,11 @@ def _in_graph_entry(net: Classifier, layer: Layer, kernel: str) -> tuple:
             except Exception as exc:  # noqa: BLE001 - a branch that cannot be written or opened: two stages
                 session, reason = None, f"the graph's branch cannot be written or opened: {_why_not(exc)}"
             if reason is None:
-                entry = (ReciproPath(IN_GRAPH, f"one {_engine_name(net)} session: the backbone, {copies} masked "
-                                               "copies of the feature layer and the head"), session)
+                what = ("masked copies of the feature layer" if layout.kind != "tokens" else
+                        "Gaussian-masked copies of the feature tokens" + (" and of the residual stream"
+                                                                          if len(head_of(net, layer).inputs) > 1 else ""))
+                entry = (ReciproPath(IN_GRAPH, f"one {_engine_name(net)} session: the backbone, {copies} {what} "
+                                               "and the head"), session)
                 _close_two_stage(net, head_of(net, layer))
             else:
                 entry = (ReciproPath(TWO_STAGE, reason), None)
@@ -465,26 +480,40 @@ def recipro_cam_engine(net: Classifier, feature_layer=None, kernel: str = "auto"
     """Where ``explainer.recipro_cam`` runs for ``net`` at ``feature_layer`` (None: the default layer) with
     ``kernel``, and why: ``"in-graph"`` -- one session call of the classifier's graph with the exported
     Recipro-CAM branch (backbone, h*w masked copies, head), on the classifier's engine (onnxruntime, or
-    OpenVINO at its precision) -- on feature maps with point masks; else ``"two-stage"`` (the backbone
-    pass, then the head on the masked copies in a session of its own), with the reason ("token layer: ...",
-    "kernel 'gaussian': ...", the branch's error). Decided once per classifier, layer and kernel."""
+    OpenVINO at its precision) -- on feature maps with point masks and on token layers with the Gaussian
+    (at float32), where the branch agrees with the two-stage path; else ``"two-stage"`` (the backbone
+    pass, then the head on the masked copies in a session of its own), with the reason ("kernel
+    'gaussian': ...", "token layer at bf16: ...", the branch's error or disagreement). Decided once per
+    classifier, layer and kernel."""
     if kernel not in KERNELS:
         raise InvalidParameterError(f"recipro_cam_engine: kernel must be one of {KERNELS}; got {kernel!r}.")
     layer = net.layer(feature_layer if feature_layer is not None else _default_layer(net))
     return _in_graph_entry(net, layer, kernel)[0]
 
 
+#: on token layers, how far apart (of their range over all copies and classes) the branch's copies' raw
+#: scores may be from the two-stage head's: float32 rounding of another op order (ViT-Tiny's, five images:
+#: equal on onnxruntime, at most 3.7e-7 of the range on OpenVINO f32)
+TOKEN_SCORES_TOLERANCE = 1e-5
+
+
 def _disagreement(net: Classifier, layer: Layer, session) -> str | None:
     """Once per classifier and layer: the branch's maps of a random image (every class, logits) against
     the two-stage path's; the reason the in-graph path is not taken (a run that fails, e.g. a head that
     reads the image's batch size where the copies have another, or maps more than 1e-4 of the range
-    apart; at bf16 / f16, where the two graphs round apart, correlating below 0.99), else None."""
+    apart; at bf16 / f16, where the two graphs round apart, correlating below 0.99), else None. On token
+    layers the copies' raw scores (logits) are compared instead, within ``TOKEN_SCORES_TOLERANCE`` of
+    their range: a token map's class varies little over the copies (ViT-Tiny's least varying by 1e-4 of
+    the scores' range), so min-max scaling magnifies float32 rounding there by up to 10^4 (maps up to
+    2e-3 of their range apart on OpenVINO f32 where the raw scores are 4e-7 of theirs)."""
     head = head_of(net, layer)
     if not _copies_fit(net, head):
         return "the masked copies of one image exceed the run budget in one run: they stream in two stages"
     pixels = np.random.default_rng(0).uniform(0, 255, (1, *net.input_size, net.input.channels)).astype(np.float32)
     x = net.to_model_input(pixels)
     every = list(range(net.num_classes))
+    if head.layout.kind == "tokens":
+        return _token_disagreement(net, head, session, x, every)
     try:
         one = _in_graph_maps(net, head, session, x, every, "logits")
     except Exception as exc:  # noqa: BLE001
@@ -499,15 +528,36 @@ def _disagreement(net: Classifier, layer: Layer, session) -> str | None:
     return None if r >= 0.99 else f"{other} (r = {r:.4f} at {net.ort.precision})"
 
 
-def _in_graph_maps(net: Classifier, head: Head, session, x: np.ndarray, indices, scores: str) -> np.ndarray:
-    """(K, h, w) maps of model input ``x`` (1, ...) from one call of the explained graph's session."""
+def _token_disagreement(net: Classifier, head: Head, session, x: np.ndarray, every: list) -> str | None:
+    """The branch's copies' raw scores of model input ``x`` against the two-stage head's on the same
+    Gaussian-masked copies (``_disagreement`` on token layers)."""
+    try:
+        one = _copy_scores(net, _run_copies(net, session, x), "logits").astype(np.float64)
+    except Exception as exc:  # noqa: BLE001
+        return f"the graph's branch fails at run time: {_why_not(exc)}"
+    two = copy_scores(net, head, net.ort.run(x, list(head.inputs)), every, kernel="gaussian", scores="logits")
+    if one.shape != two.shape:
+        return f"the graph's branch gives {one.shape} copies' scores, the head {two.shape}"
+    span = max(float(two.max() - two.min()), np.finfo(np.float32).tiny)
+    diff = float(np.abs(one - two).max()) / span
+    if diff <= TOKEN_SCORES_TOLERANCE:
+        return None
+    return f"the graph's branch gives other copies' scores than the head (by {diff:.1e} of their range)"
+
+
+def _run_copies(net: Classifier, session, x: np.ndarray) -> np.ndarray:
+    """The branch's ``COPY_SCORES`` of model input ``x`` (1, ...): (h*w, classes)."""
     if net.ort.guard is not None:
         net.ort.guard.check(x.shape)
     try:
-        raw = session.run([COPY_SCORES], {net.input.name: x})[0]
+        return session.run([COPY_SCORES], {net.input.name: x})[0]
     except Exception as exc:
         raise net.ort.failure(exc, x.shape) from None
-    s = _copy_scores(net, raw, scores)
+
+
+def _in_graph_maps(net: Classifier, head: Head, session, x: np.ndarray, indices, scores: str) -> np.ndarray:
+    """(K, h, w) maps of model input ``x`` (1, ...) from one call of the explained graph's session."""
+    s = _copy_scores(net, _run_copies(net, session, x), scores)
     if s.shape[1] <= max(indices):
         raise InvalidParameterError(f"recipro_cam: class {max(indices)} is out of range ({s.shape[1]}).")
     h, w = head.layout.grid
@@ -617,6 +667,16 @@ def low_resolution(net: Classifier, small: np.ndarray, layer: Layer, indices, *,
 def maps_from_values(net: Classifier, head: Head, values: list[np.ndarray], indices, *, kernel: str = "auto",
                      scores: str = "probabilities", batch_size="auto", verbose: bool = False) -> np.ndarray:
     """(K, h, w) maps in [0, 1] from one image's head inputs ``values`` (each (1, ...))."""
+    h, w = head.layout.grid
+    out = copy_scores(net, head, values, indices, kernel=kernel, scores=scores, batch_size=batch_size,
+                      verbose=verbose)
+    return normalise(out.T.reshape(len(indices), h, w))
+
+
+def copy_scores(net: Classifier, head: Head, values: list[np.ndarray], indices, *, kernel: str = "auto",
+                scores: str = "probabilities", batch_size="auto", verbose: bool = False) -> np.ndarray:
+    """(h*w, K) float64: the classes' scores of the masked copies of one image's head inputs ``values``
+    (each (1, ...)), before scaling."""
     layout = head.layout
     h, w = layout.grid
     masks = location_masks(layout.grid, _kernel(kernel, layout))
@@ -648,7 +708,7 @@ def maps_from_values(net: Classifier, head: Head, values: list[np.ndarray], indi
         if s.shape[1] <= max(indices):
             raise InvalidParameterError(f"recipro_cam: class {max(indices)} is out of range ({s.shape[1]}).")
         out[start:stop] = s[:, indices]
-    return normalise(out.T.reshape(len(indices), h, w))
+    return out
 
 
 def _pooled_agrees(head: Head, feeds) -> bool:
