@@ -1,40 +1,17 @@
 """The library's bicubic map resize (PIL's ``Image.resize(..., BICUBIC)`` on float images) as two
 constant matrices: PIL's filter is separable and linear, so out = R_h @ map @ R_w^T exactly, with the
-coefficients PIL computes (a = -0.5, pixel centres, the kernel widened when shrinking, weights
-renormalised at the borders). Two MatMuls run on every opset and every execution provider."""
+coefficients PIL computes (``explainer/model/bicubic.py``: a = -0.5, pixel centres, the kernel widened
+when shrinking, weights renormalised at the borders). Two MatMuls run on every opset and every execution
+provider."""
 from __future__ import annotations
 
 import functools
 
 import numpy as np
 
+from ..model.bicubic import pil_bicubic_matrix
 
-def _bicubic(x: float, a: float = -0.5) -> float:
-    x = abs(x)
-    if x < 1.0:
-        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
-    if x < 2.0:
-        return (((x - 5.0) * x + 8.0) * x - 4.0) * a
-    return 0.0
-
-
-def pil_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out_size, in_size) float64: row i holds the weights PIL gives input pixels for output pixel i
-    (``precompute_coeffs`` in PIL's Resample.c)."""
-    scale = in_size / out_size
-    filterscale = max(scale, 1.0)
-    support = 2.0 * filterscale
-    matrix = np.zeros((out_size, in_size), np.float64)
-    for xx in range(out_size):
-        center = (xx + 0.5) * scale
-        ss = 1.0 / filterscale
-        xmin = max(int(center - support + 0.5), 0)  # C casts truncate toward zero
-        xmax = min(int(center + support + 0.5), in_size) - xmin
-        weights = [_bicubic((x + xmin - center + 0.5) * ss) for x in range(xmax)]
-        total = sum(weights)
-        for x, w in enumerate(weights):
-            matrix[xx, xmin + x] = w / total if total != 0.0 else w
-    return matrix
+__all__ = ["pil_bicubic_matrix", "resize_maps", "upsample"]
 
 
 def resize_maps(ctx, maps: str, size: tuple[int, int], grid: tuple[int, int]) -> str:

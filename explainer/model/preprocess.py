@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from ..errors import InvalidParameterError, InvalidParameterTypeError
+from .bicubic import resize_image, resize_maps
 
 CHANNEL_ORDERS = ("RGB", "BGR")
 METADATA_KEY = "onnx_explainer.preprocessing"
@@ -181,25 +182,22 @@ def resolve(value, metadata: dict | None = None, default="imagenet", given_by: s
 
 
 def resize(pixels: np.ndarray, size: tuple[int, int], clip: bool = True) -> np.ndarray:
-    """Antialiased bicubic resize of an H x W x C float image to ``size`` = (height, width); pixels
-    (``clip=True``) stay in 0..255 despite bicubic overshoot, maps (``clip=False``) are left as they are."""
-    from PIL import Image
-
+    """Antialiased bicubic resize of an H x W x C float image to ``size`` = (height, width): PIL's
+    ``Image.resize(..., BICUBIC)`` on each channel as a float image, computed on PIL's coefficients
+    (``bicubic.py``); pixels (``clip=True``) stay in 0..255 despite bicubic overshoot, maps
+    (``clip=False``) are left as they are."""
     h, w = size
     if pixels.shape[:2] == (h, w):
         return pixels
-    channels = [np.asarray(Image.fromarray(np.ascontiguousarray(pixels[:, :, c], dtype=np.float32))
-                           .resize((w, h), Image.BICUBIC), dtype=np.float32)
-                for c in range(pixels.shape[2])]
-    out = np.stack(channels, axis=2)
-    return np.clip(out, 0.0, 255.0) if clip else out
+    out = resize_image(pixels, (h, w))
+    return np.clip(out, 0.0, 255.0, out=out) if clip else out
 
 
 def resize_map(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bicubic resize of a float map (K, h, w) to (K, H, W), unclipped."""
+    """Bicubic resize of float maps (K, h, w) to (K, H, W), unclipped: ``resize`` of each map."""
     if m.shape[-2:] == tuple(size):
         return m.astype(np.float32)
-    return np.stack([resize(k[:, :, None].astype(np.float32), size, clip=False)[:, :, 0] for k in m])
+    return resize_maps(m, tuple(size))
 
 
 def match_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
