@@ -551,3 +551,151 @@ def test_slice_equals_onnxruntime_without_warnings(opset, starts, ends, axes, st
         warnings.simplefilter("error")
         got = onnx2torch.convert(model)(torch.from_numpy(x)).numpy()
     np.testing.assert_array_equal(got, expected)
+
+
+# --- ScatterND: ours at every version, with its reductions ------------------------------------------
+
+def _scatter_model(data_shape, indices, updates_shape, reduction, opset, indices_input=False):
+    """data, updates (and ``indices`` when ``indices_input``) as inputs -> one ScatterND -> y."""
+    from onnx import TensorProto
+
+    attrs = {} if opset < 16 else {"reduction": reduction}
+    inputs = [helper.make_tensor_value_info("d", TensorProto.FLOAT, data_shape)]
+    inputs += [helper.make_tensor_value_info("i", TensorProto.INT64, list(indices.shape))] if indices_input else []
+    inputs += [helper.make_tensor_value_info("u", TensorProto.FLOAT, updates_shape)]
+    graph = helper.make_graph([helper.make_node("ScatterND", ["d", "i", "u"], ["y"], name="scatter", **attrs)], "g",
+                              inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [] if indices_input else [numpy_helper.from_array(indices, "i")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def _scatter_indices(rng, data_shape, k, count, unique):
+    """``count`` index tuples into the first ``k`` dimensions (distinct when ``unique``, else with
+    repeats), about half written negative, laid out as (2, count // 2, k)."""
+    lead = data_shape[:k]
+    positions = rng.choice(int(np.prod(lead)), count, replace=False) if unique else \
+        rng.integers(0, min(int(np.prod(lead)), 4), count)
+    if not unique:
+        assert len(set(positions.tolist())) < count  # repeats, combined by the reduction
+    index = np.stack(np.unravel_index(positions, lead), -1).astype(np.int64)
+    negative = rng.random(index.shape) < 0.5
+    index = np.where(negative, index - np.array(lead), index)
+    return index.reshape(2, count // 2, k)
+
+
+SCATTER_CASES = [(shape, k, reduction, opset)
+                 for shape in ([5, 6], [3, 4, 5], [2, 3, 4, 5]) for k in sorted({1, 2, len(shape)})
+                 for reduction, opset in (("none", 11), ("none", 13), ("none", 16), ("add", 16), ("mul", 16),
+                                          ("none", 18), ("add", 18), ("mul", 18), ("max", 18), ("min", 18))]
+
+
+@pytest.mark.parametrize("shape,k,reduction,opset", SCATTER_CASES,
+                         ids=[f"r{len(c[0])}-k{c[1]}-{c[2]}-{c[3]}" for c in SCATTER_CASES])
+def test_scatter_nd_equals_onnxruntime_without_warnings(shape, k, reduction, opset):
+    """ScatterND for data of rank 2-4, index tuples of 1, 2 and all dimensions (negative ones too, with
+    repeats where a reduction combines them), at each version and reduction: within 1e-6 of
+    onnxruntime, and no warning converting or running it (onnx2torch's own indexes with a list, which
+    torch deprecates, and refuses every reduction)."""
+    import warnings
+
+    import onnx2torch
+
+    from explainer.convert import converters  # noqa: F401  (ours in onnx2torch's registry)
+
+    rng = np.random.default_rng(SCATTER_CASES.index((shape, k, reduction, opset)))
+    count = min(6, int(np.prod(shape[:k])) // 2 * 2) if reduction == "none" else 6  # distinct where they overwrite
+    indices = _scatter_indices(rng, shape, k, count, unique=reduction == "none")
+    updates_shape = [*indices.shape[:-1], *shape[k:]]
+    model = _scatter_model(shape, indices, updates_shape, reduction, opset)
+    data = rng.standard_normal(shape).astype(np.float32)
+    shift = {"max": 2.0, "min": -2.0}.get(reduction, 0.0)  # max and min: most updates win, some lose
+    updates = (3 * rng.standard_normal(updates_shape) + shift).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"d": data, "u": updates})[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module = onnx2torch.convert(model)
+        got = module(torch.from_numpy(data), torch.from_numpy(updates)).numpy()
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1e-6
+    assert np.abs(expected - data).max() > 0.1  # the updates landed
+
+
+def test_scatter_nd_batch_in_the_indices():
+    """Indices that carry the batch (one row of a table written per image), fed at run time: one
+    converted module serves batches of 1 and 3, equal to onnxruntime."""
+    import onnx2torch
+
+    from explainer.convert import converters  # noqa: F401
+
+    rng = np.random.default_rng(21)
+    model = _scatter_model(["N", 4, 3], np.zeros((1, 1, 2), np.int64), ["N", 1, 3], "add", 16, indices_input=True)
+    model.graph.input[1].type.tensor_type.shape.dim[0].dim_param = "N"
+    model.graph.input[2].type.tensor_type.shape.dim[0].dim_param = "N"
+    module = onnx2torch.convert(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for n in (1, 3):
+        data = rng.standard_normal((n, 4, 3)).astype(np.float32)
+        updates = rng.standard_normal((n, 1, 3)).astype(np.float32)
+        indices = np.stack([np.arange(n), rng.integers(0, 4, n)], -1).reshape(n, 1, 2).astype(np.int64)
+        expected = session.run(None, {"d": data, "i": indices, "u": updates})[0]
+        got = module(*(torch.from_numpy(a) for a in (data, indices, updates))).numpy()
+        assert np.abs(got - expected).max() <= 1e-6
+
+
+def test_scatter_nd_gradients_hand_computed():
+    """d/d data and d/d updates of sum(out * upstream), on (3, 4) data with rows 2 and 0 written
+    (k = 1): none passes upstream to the data outside the written rows and to the updates inside them;
+    add passes it to the data everywhere and to the updates; mul multiplies it by the other factor."""
+    import onnx2torch
+
+    from explainer.convert import converters  # noqa: F401
+
+    rng = np.random.default_rng(22)
+    rows = np.array([[2], [0]], np.int64)
+    data = torch.from_numpy(rng.standard_normal((3, 4))).float()
+    updates = torch.from_numpy(rng.standard_normal((2, 4))).float()
+    upstream = torch.from_numpy(rng.standard_normal((3, 4))).float()
+    written = torch.tensor([1.0, 0.0, 1.0])[:, None]
+    at_rows = upstream[[2, 0]]
+    factor = torch.ones(3, 4).index_copy(0, torch.tensor([2, 0]), updates)  # what mul multiplies each entry by
+    expected = {"none": ((1 - written) * upstream, at_rows),
+                "add": (upstream, at_rows),
+                "mul": (upstream * factor, at_rows * data[[2, 0]])}
+    for reduction, (d_data, d_updates) in expected.items():
+        module = onnx2torch.convert(_scatter_model([3, 4], rows, [2, 4], reduction, 16))
+        d, u = data.clone().requires_grad_(True), updates.clone().requires_grad_(True)
+        (module(d, u) * upstream).sum().backward()
+        torch.testing.assert_close(d.grad, d_data, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(u.grad, d_updates, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["none", "add", "mul", "max", "min"])
+def test_scatter_nd_gradients_against_finite_differences(reduction):
+    """torch.autograd.gradcheck (central differences in float64) w.r.t. the data and the updates, on
+    (2, 3, 4) data with pairs (k = 2) written, repeated ones included where a reduction combines them
+    (max and min on values without ties, where their gradient is defined)."""
+    import onnx2torch
+
+    from explainer.convert import converters  # noqa: F401
+
+    indices = np.array([[[0, 1], [1, -1]], [[0, 1], [1, 0]]] if reduction != "none" else
+                       [[[0, 1], [1, -1]], [[0, 2], [1, 0]]], np.int64)
+    module = onnx2torch.convert(_scatter_model([2, 3, 4], indices, [2, 2, 4], reduction, 18))
+    rng = np.random.default_rng(23)
+    data = torch.from_numpy(rng.standard_normal((2, 3, 4))).requires_grad_(True)
+    updates = torch.from_numpy(rng.standard_normal((2, 2, 4))).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda d, u: module(d, u), (data, updates))
+
+
+def test_scatter_nd_reductions_through_the_library():
+    """Through ``convert_graph`` (the attribute check, the passes): add at version 16 and max at 18 are
+    converted and equal onnxruntime; max at version 16, which that version does not define, is refused
+    by the converter with the reduction named."""
+    rng = np.random.default_rng(24)
+    inits = [("i", np.array([[0, 1], [0, 1], [0, 2]], np.int64)),
+             ("u", rng.standard_normal((3, 4, 4)).astype(np.float32))]
+    for reduction, opset in (("add", 16), ("max", 18), ("mul", 18)):
+        _check(single_op("ScatterND", {"reduction": reduction}, shape=[1, 3, 4, 4], inits=inits, opset=opset))
+    with pytest.raises(NotImplementedError, match="ScatterND-16 with reduction='max' has no converter"):
+        convert_graph(single_op("ScatterND", {"reduction": "max"}, shape=[1, 3, 4, 4], inits=inits, opset=16), "image")

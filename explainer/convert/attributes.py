@@ -115,7 +115,7 @@ HONOURED: dict[str, dict[str, object]] = {
                "coordinate_transformation_mode": one_of("half_pixel", "pytorch_half_pixel", "align_corners",
                                                         "asymmetric", "tf_half_pixel_for_nn"),
                "nearest_mode": ANY, "cubic_coeff_a": ANY, "exclude_outside": ANY},
-    "ScatterND": {"reduction": one_of("none")},
+    "ScatterND": {"reduction": one_of("none", "add", "mul", "max", "min")},  # max, min: version 18 only
     "RoiAlign": {"mode": ANY, "output_height": ANY, "output_width": ANY, "sampling_ratio": ANY,
                  "spatial_scale": ANY, "coordinate_transformation_mode": ANY},
     "NonMaxSuppression": {"center_point_box": ANY},

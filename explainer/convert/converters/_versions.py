@@ -37,8 +37,6 @@ for _v in _newer_versions("Pad", 13):  # 18: an axes input; 19: mode "wrap" (ref
     delegate("Pad", _v, 13, absent_inputs=(3,))
 for _v in _newer_versions("AveragePool", 11):  # 19: dilations
     delegate("AveragePool", _v, 11, {"dilations": _all_ones})
-for _v in _newer_versions("ScatterND", 16):  # 18: reductions max and min
-    delegate("ScatterND", _v, 16, {"reduction": lambda v: v in ("none", "add", "mul")})
 
 
 def _signature(schema) -> tuple:
