@@ -199,3 +199,56 @@ def _measured(model: onnx.ModelProto, image: str, names: list[str], shapes: list
                 for shape in shapes]
     except Exception:  # the probe in Classifier reports what fails
         return [{} for _ in shapes]
+
+
+def head_nodes(graph: onnx.GraphProto, feature: str, scores, roots=(), *, take=None) -> tuple[list, list[str]]:
+    """(nodes, reads): the head of ``graph`` from tensor ``feature`` (and ``roots``) to ``scores`` (a
+    tensor name, or several: a scores output and the logits before its Softmax): the nodes on paths from
+    ``feature`` or ``roots`` to the scores, in graph order, and the tensors where the walk stopped, sorted:
+    what computing the scores needs from outside those nodes (``feature`` among them, the weights, what
+    the graph computes around the head; a score tensor that the head does not compute itself; the names
+    that a node's subgraphs read from the graph count as the node's inputs).
+
+    The walk goes back from the scores and stops at ``feature`` and ``roots`` (their producers are not
+    in the head). A node the walk meets that ``feature`` and ``roots`` do not reach (a weight's
+    Identity, a Shape, the residual stream around the feature) is left out by default, the tensor it
+    gives being read from the graph as it is: what a copy of the head inside the same graph wants
+    (export's ``Head``). ``take(node, tensor)``, called for such a node giving ``tensor``, True takes the
+    node into the head instead, and the walk goes on through what it reads: what a head run as a model
+    of its own wants for tensors computed from constants (Recipro-CAM's two-stage head,
+    ``methods.recipro_cam.head_cut``, which takes every node but those of image-dependent tensors and
+    Shape(image))."""
+    producer = producers(graph)
+    starts = {feature, *roots}
+    reached, downstream = set(starts), set()
+    for node in graph.node:
+        if any(i in reached for i in node.input):
+            downstream.add(id(node))
+            reached.update(o for o in node.output if o)
+    taken, reads, seen = set(), set(), set()
+    todo = [scores] if isinstance(scores, str) else list(scores)
+    while todo:
+        name = todo.pop()
+        if not name or name in seen:
+            continue
+        seen.add(name)
+        node = producer.get(name)
+        if name in starts or node is None or not (id(node) in downstream or (take is not None and take(node, name))):
+            reads.add(name)
+            continue
+        if id(node) not in taken:
+            taken.add(id(node))
+            todo.extend(node.input)
+            todo.extend(subgraph_reads(node))
+    return [n for n in graph.node if id(n) in taken], sorted(reads)
+
+
+def subgraph_reads(node: onnx.NodeProto) -> list[str]:
+    """The names that ``node``'s subgraphs (an If's branches, a Loop's or Scan's body) read from the
+    graph around them: what their nodes read that they neither compute nor take as inputs or weights."""
+    names = []
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            inner = {i.name for i in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
+            names.extend(i for n in g.node for i in [*n.input, *subgraph_reads(n)] if i and i not in inner)
+    return names

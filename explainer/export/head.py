@@ -14,7 +14,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import UnsupportedHeadOpError, UnsupportedModelError
-from ..graph import attribute, constant_value, consumers, dims, infer_shapes, producers
+from ..graph import attribute, constant_value, consumers, dims, head_nodes, infer_shapes, producers
 from .errors import RECIPRO_HINT
 from .rules import RULES
 
@@ -29,27 +29,14 @@ STRAIGHT_THROUGH = {"QuantizeLinear", "DequantizeLinear"}
 
 class Head:
     """The nodes on paths from ``feature`` to ``scores`` in ``graph`` (with ``roots``: from those tensors
-    too: the head of ``early_head``, whose Slices of the residual stream belong to the head)."""
+    too: the head of ``early_head``, whose Slices of the residual stream belong to the head):
+    ``graph.head_nodes``, every other tensor they read being read from the graph as it is."""
 
     def __init__(self, graph: onnx.GraphProto, feature: str, scores: str, roots=()):
         self.graph, self.feature, self.scores = graph, feature, scores
-        producer = producers(graph)
-        reached = {feature, *roots}
-        for n in graph.node:
-            if any(i in reached for i in n.input):
-                reached.update(o for o in n.output if o)
-        needed, stack = set(), [scores]
-        while stack:
-            t = stack.pop()
-            if t in needed or t == feature:
-                continue
-            needed.add(t)
-            n = producer.get(t)
-            if n is not None:
-                stack.extend(i for i in n.input if i)
-                stack.extend(_subgraph_inputs(n))
-        self.nodes = [n for n in graph.node if any(o in reached and o in needed for o in n.output)]
-        self.found = scores in reached
+        # the nodes the feature (and roots) reach; what they read from elsewhere is read as it is
+        self.nodes, reads = head_nodes(graph, feature, scores, roots)
+        self.found = scores in (feature, *roots) or any(scores in n.output for n in self.nodes)
         for n in self.nodes:
             if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
                 raise UnsupportedHeadOpError(
@@ -57,7 +44,9 @@ class Head:
                     f"covers control flow. {RECIPRO_HINT}.")
         #: tensors computed by the head (renamed in a copy)
         self.tensors = {o for n in self.nodes for o in n.output if o}
-        self.inputs = {i for n in self.nodes for i in n.input if i and i not in self.tensors}
+        #: tensors the head's nodes read from the graph (the feature, weights, the residual stream,
+        #: shapes); none where it has no nodes (the scores are the feature, or do not depend on it)
+        self.inputs = set(reads) if self.nodes else set()
 
     def copy(self, ctx, new_feature: str, tag: str = "fwd", inputs: dict | None = None) -> dict:
         """Copy the head's nodes into ``ctx.graph``, reading ``new_feature`` for the feature (and
@@ -78,14 +67,6 @@ class Head:
             copied.output.extend(mapping[o] if o else "" for o in n.output)
             ctx.graph.node.append(copied)
         return mapping
-
-
-def _subgraph_inputs(node) -> list[str]:
-    names = []
-    for a in node.attribute:
-        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-            names.extend(i for n in g.node for i in n.input if i)
-    return names
 
 
 def constant_values(graph: onnx.GraphProto) -> dict:

@@ -29,7 +29,7 @@ from onnx import numpy_helper
 from ..errors import UnsupportedModelError
 from ..graph import constant_value
 from ..runtime.feature_layers import location_masks
-from ..model.structure import image_dependent
+from ..model.structure import image_reads
 from . import exporter
 from .context import ExportContext
 
@@ -67,12 +67,7 @@ def _tiled(ctx: ExportContext, tensor: str, masks: str, per_image: list[int]) ->
 def _side_tensors(ctx: ExportContext, head) -> list[str]:
     """The image-dependent tensors ``head`` reads besides the feature layer (none on a CNN layer that
     splits the graph; a ViT's residual stream on its first LayerNorm)."""
-    graph = ctx.graph
-    image = [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}]
-    flows = set()
-    for name in image:
-        flows |= image_dependent(graph, name)
-    return sorted(t for t in head.inputs if t in flows and t != ctx.feature)
+    return [t for t in image_reads(ctx.graph, head.inputs) if t != ctx.feature]
 
 
 def _check_side(ctx: ExportContext, side: list[str]) -> None:

@@ -85,7 +85,8 @@ from .. import limits, registries
 from ..errors import HeadSplitError, InvalidParameterError, LayerNotFeatureMapError
 from ..export.engine import Decision
 from ..export.head import integer_values, select_early
-from ..graph import dims, infer_shapes, producers
+from ..graph import dims, head_nodes, infer_shapes, producers
+from ..model.structure import image_reads
 from ..runtime.feature_layers import default_feature_layer, location_masks
 from ..runtime.ort_engine import OrtEngine
 from ..runtime.perturb import stream_probabilities
@@ -135,36 +136,23 @@ class Head:
 
 def head_cut(net: Classifier, feature: str) -> tuple[list, list[str]]:
     """(head nodes in graph order, image-dependent tensors other than ``feature`` that they read): the
-    nodes between ``feature`` and the scores; tensors computed from constants alone are computed in
-    the head too."""
+    nodes between ``feature`` and the scores (and the logits before their Softmax), ``graph.head_nodes``
+    with what the two-stage head, a model of its own, needs beside export's copy inside the graph:
+    tensors computed from constants alone (shapes, weights' Identities) are computed in the head too;
+    the image-dependent ones around the feature are its other inputs (``image_reads``); a Shape of the
+    image (the batch passes' batch size) stays in the head without the image, for ``head_of`` to
+    rewrite (``_image_shape_nodes``)."""
     graph = net.model.graph
-    producer = producers(graph)
-    inits = {t.name for t in graph.initializer}
     flows = net.structure.image_dependent
-    after, downstream = {feature}, set()  # tensors and nodes the feature layer reaches
-    for node in graph.node:
-        if any(i in after for i in node.input):
-            downstream.add(id(node))
-            after.update(o for o in node.output if o)
     targets = [net.output.name] + ([net.output.softmax_input] if net.output.softmax_input else [])
-    chosen, side, seen, todo = set(), set(), set(), list(targets)
-    while todo:
-        name = todo.pop()
-        if not name or name in seen or name == feature or name in inits:
-            continue
-        seen.add(name)
-        node = producer.get(name)
-        if node is None:  # a graph input: the image
-            side.add(name)
-            continue
-        if id(node) not in downstream and name in flows:
-            side.add(name)  # from the image, around the feature layer
-            continue
-        chosen.add(id(node))
-        if _reads_image_shape(net, node):  # the batch passes' Shape(image): rewritten in the head
-            continue
-        todo.extend(node.input)
-    return [n for n in graph.node if id(n) in chosen], sorted(side)
+    nodes, reads = head_nodes(graph, feature, targets,
+                              take=lambda node, name: name not in flows and not _reads_image_shape(net, node))
+    producer = producers(graph)
+    shapes = {id(producer[t]) for t in reads if t in producer and _reads_image_shape(net, producer[t])}
+    if shapes:
+        kept = {id(n) for n in nodes} | shapes
+        nodes = [n for n in graph.node if id(n) in kept]
+    return nodes, [t for t in image_reads(graph, reads, flows) if t != feature]
 
 
 def _reads_image_shape(net: Classifier, node) -> bool:

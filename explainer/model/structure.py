@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..graph import attribute, constant_value, consumers, producers
+from ..graph import attribute, constant_value, consumers, initializer_names, producers, real_inputs
 
 # through these only the input's shape or size flows, not its values
 NO_VALUE_FLOW = frozenset({"Shape", "Size", "ConstantOfShape", "EyeLike"})
@@ -66,6 +66,16 @@ def image_dependent(graph: onnx.GraphProto, image: str) -> set[str]:
         if any(i in reached for i in node.input if i):
             reached.update(o for o in node.output if o)
     return reached
+
+
+def image_reads(graph: onnx.GraphProto, reads, flows=None) -> list[str]:
+    """Which of ``reads`` (tensors a head reads from the graph around it: ``graph.head_nodes``) carry
+    the values of the graph's inputs, sorted: the tensors ``flows`` holds (``image_dependent``; default:
+    the tensors every fed input reaches) and tensors that no node computes and no weight holds (inputs)."""
+    if flows is None:
+        flows = set().union(*(image_dependent(graph, i.name) for i in real_inputs(graph)))
+    producer, weights = producers(graph), initializer_names(graph)
+    return sorted(t for t in reads if t in flows or (t not in producer and t not in weights))
 
 
 def attention_tensors(graph: onnx.GraphProto, flows: set[str]) -> set[str]:
