@@ -315,3 +315,42 @@ def test_auto_decides_once_and_remembers(default_net, chelsea):
     plain = explainer.occlusion_sensitivity(default_net, chelsea, 285, incremental=False, **options)
     _assert_equal_maps(first, plain)
     _assert_equal_maps(again, plain)
+
+
+def test_auto_batch_of_the_incremental_path_is_its_own_measurement(monkeypatch, tmp_path, chelsea):
+    """batch_size='auto' on a decided split runs at the split's own best batch of mask positions, measured
+    once (``ort_engine.fastest_batch`` over ``stream_throughput`` of the split's forward; faked here: the
+    fastest at 16) and remembered, not at the plain forward's (1 here); the maps are the same at any
+    batch size."""
+    from explainer.methods import occlusion
+    from explainer.runtime import ort_engine
+
+    monkeypatch.setenv("ONNX_EXPLAINER_CACHE", str(tmp_path))
+    monkeypatch.setattr(ort_engine.OrtEngine, "parallel_streams", lambda self: 2)
+    net = explainer.load(_odd_cnn(), preprocessing="imagenet", batch_size=1)  # the plain path's batch: 1
+    measured = []
+
+    def fake_throughput(run, size, streams):
+        out = run()  # the split's forward on ``size`` mask positions
+        measured.append((size, len(out), streams))
+        return {16: 10.0}.get(size, float(size.bit_length()))
+
+    monkeypatch.setattr(ort_engine, "stream_throughput", fake_throughput)
+    streamed = []
+    real = occlusion.stream_probabilities
+    monkeypatch.setattr(occlusion, "stream_probabilities",
+                        lambda *args, **kw: (streamed.append(kw["batch_size"]), real(*args, **kw))[1])
+    options = dict(mask_size=5, stride=3, verbose=False, output_upsampling="none", incremental=True)
+    maps = [explainer.occlusion_sensitivity(net, chelsea, [0, 3], **options) for _ in range(3)]
+    assert inc.last_decision(net).incremental
+    assert measured == [(b, b, 2) for b in ort_engine.BATCH_CANDIDATES], measured  # once, every candidate
+    assert streamed[1:] == [16, 16] and streamed[0] in (1, 16), streamed  # the first may race at the plain batch
+    assert list(net.runtime.incremental_batches.values()) == [16]
+    one = explainer.occlusion_sensitivity(net, chelsea, [0, 3], batch_size=1, **options)
+    many = explainer.occlusion_sensitivity(net, chelsea, [0, 3], batch_size=64, **options)
+    assert streamed[-2:] == [1, 64]
+    for other in maps + [many]:
+        assert np.max(np.abs(other - one)) <= 1e-6
+    plain = explainer.occlusion_sensitivity(net, chelsea, [0, 3], **{**options, "incremental": False})
+    assert streamed[-1] == 1  # the plain path keeps the plain forward's batch
+    _assert_equal_maps(maps[-1], plain)

@@ -173,3 +173,31 @@ def test_a_second_classifier_cache_under_a_registered_name_is_refused(monkeypatc
         registries.register_classifier_cache("a test's", {})
     with pytest.raises(TypeError):
         registries.register_classifier_cache("a test's list", [])
+
+
+def test_release_caches_drops_incremental_occlusions_split_and_its_sessions():
+    """Incremental occlusion keeps the graph split on ``net.runtime.incremental_split``, with a session per
+    stage and per suffix (a suffix holds most of the weights): ``release_caches`` drops it, sessions
+    included; its decisions (numbers) stay, and occlusion again makes a new split with an equal map."""
+    net, image = _small_net()
+    options = dict(mask_size=3, stride=2, verbose=False, output_upsampling="none", batch_size=4, incremental=True)
+    first = explainer.occlusion_sensitivity(net, image, 1, **options)
+    split = net.runtime.incremental_split
+    assert split is not None and split._suffixes and any(stage.engines for stage in split._stages.values())
+    engines = list(split._suffixes.values()) + [e for s in split._stages.values() for e in s.engines.values()]
+    sessions = [s for e in engines for s in e._sessions.values()]
+    assert sessions
+    refs = [weakref.ref(obj) for obj in [split, *engines, *sessions]]
+    decisions = dict(net.runtime.incremental_decisions)
+    del split, engines, sessions
+
+    net.release_caches()
+    gc.collect()
+    assert net.runtime.incremental_split is None
+    alive = [ref() for ref in refs if ref() is not None]
+    assert not alive, f"still alive after release_caches: {alive}"
+    assert net.runtime.incremental_decisions == decisions  # the decisions stay
+
+    again = explainer.occlusion_sensitivity(net, image, 1, **options)
+    assert net.runtime.incremental_split is not None  # made again
+    assert np.max(np.abs(again - first)) <= 1e-6

@@ -11,7 +11,11 @@ each mask position is the drop of the class probability when that region is occl
 * ``mask_clipping=True``: mask centres run over the whole image, from its first pixel, and masks are
   clipped at the borders; ``False``: masks lie fully inside the image (Captum's windows).
 * ``batch_size="auto"``: the fastest batch size on the parallel onnxruntime streams the masks run on,
-  measured once per model and machine (``Classifier.stream_batch_size``).
+  measured once per model and machine (``Classifier.stream_batch_size``); where the incremental path
+  runs (below) with a decided split, the fastest batch of mask positions through that split instead
+  (crops, stages, pasting and suffix on the same streams), measured the same way once per model, mask
+  geometry, split and machine (``incremental.Occluder.best_batch``; the first run of a geometry, which
+  races the plain path against the splits, runs at the plain path's batch size).
 * ``incremental="auto"``: on onnxruntime, recompute for each mask only what the mask can change: the
   graph is split after its spatially local prefix (``explainer.runtime.incremental``), the prefix runs
   on a crop around the mask and the rest on the clean activations with the crop pasted in; the maps
@@ -112,7 +116,7 @@ class Occlusion(MapMethod):
     def explain(self, pixels, indices):
         small = self.net.fit_pixels(pixels)
         grid = _drops(self.net, small, fill_colour(self.mask_value, small), self.rows, self.cols, indices, self.batch,
-                      self.backend, self.verbose, self.incremental)
+                      self.backend, self.verbose, self.incremental, auto_batch=self.batch_size == "auto")
         return _upsample(grid, self.rows, self.cols, self.net.input.size, pixels.shape[:2], self.output_upsampling)
 
 
@@ -138,7 +142,8 @@ def _occluder(net: Classifier, canvas, rows, cols, batch, incremental):
     return occluder
 
 
-def _drops(net: Classifier, small, fill, rows, cols, indices, batch, backend, verbose, incremental="auto"):
+def _drops(net: Classifier, small, fill, rows, cols, indices, batch, backend, verbose, incremental="auto",
+           auto_batch=False):
     positions = [(r, c) for r in rows for c in cols]
     canvas = Canvas(net, small, fill)
 
@@ -154,6 +159,8 @@ def _drops(net: Classifier, small, fill, rows, cols, indices, batch, backend, ve
         occluder = _occluder(net, canvas, rows, cols, batch, incremental)
         if occluder is not None:  # the batches are mask positions; the occluder builds the crops
             forward = occluder.forward
+            if auto_batch and not occluder.racing and occluder.decision.incremental:
+                batch = occluder.best_batch()  # the split's own best batch, not the plain forward's
     batches = make_batch if forward is None else lambda start, stop: positions[start:stop]
     drops = np.empty((len(positions), len(indices)), np.float32)
     for start, stop, probs in stream_probabilities(net, batches, len(positions), batch_size=batch,

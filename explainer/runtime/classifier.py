@@ -85,11 +85,13 @@ class Layer:
 class RuntimeCaches:
     """What running a Classifier leaves on it, declared here and written only by ``explainer.runtime``:
     the converted torch module per torch device (``torch_engine``), and incremental occlusion's split of
-    the graph, its decisions per image size and mask, and the latest decision (``incremental``), and the
-    default feature layer of the CAMs with its reason (``feature_layers``)."""
+    the graph, its decisions per image size and mask, its measured batch sizes per mask geometry and
+    split, and the latest decision (``incremental``), and the default feature layer of the CAMs with its
+    reason (``feature_layers``)."""
     torch_engines: dict = field(default_factory=dict)
     incremental_split: object | None = None
     incremental_decisions: dict = field(default_factory=dict)
+    incremental_batches: dict = field(default_factory=dict)
     incremental_last: object | None = None
     default_feature_layer: tuple | None = None
 
@@ -322,12 +324,15 @@ class Classifier:
         Grad-CAM session, Recipro-CAM's heads with their sessions and its in-graph sessions; the tables
         registered with ``registries.register_classifier_cache``), the engine's sessions other than the
         plain one (those with further outputs, e.g. a layer's activations, and the single-threaded one of
-        the perturbation streams: ``OrtEngine.drop_sessions``), and the plain session's onnxruntime arena,
-        returned to the OS (``OrtEngine.return_memory``, one grey image run). The loaded graph, its
-        converted torch module, the measured batch sizes and the decisions kept on ``runtime`` stay.
+        the perturbation streams: ``OrtEngine.drop_sessions``), incremental occlusion's split of the graph
+        (``runtime.incremental_split``: its stage and suffix sessions, each suffix holding most of the
+        weights), and the plain session's onnxruntime arena, returned to the OS (``OrtEngine.return_memory``,
+        one grey image run). The loaded graph, its converted torch module, the measured batch sizes and the
+        decisions kept on ``runtime`` (numbers) stay.
         Everything dropped is made again on next use, with the same results. For a classifier kept for a
         long time (a server, a test suite) after work that touched many layers or large batches."""
         release_classifier_caches(self)
+        self.runtime.incremental_split = None  # a running occlusion keeps its own reference to it
         self.ort.drop_sessions(keep_plain=True)
         self.ort.return_memory(self._grey_input()[None])
 

@@ -928,12 +928,16 @@ def estimates(split: Split, rows, cols) -> list[Estimate]:
     return sorted(found.values(), key=lambda e: e.share)
 
 
-def _key(net: Classifier, rows, cols, batch: int, mode) -> str:
+def _geometry(net: Classifier, rows, cols) -> str:
     import hashlib
 
-    geometry = hashlib.sha256(repr((tuple(net.input.size), tuple(rows), tuple(cols))).encode()).hexdigest()[:16]
-    return (f"v{PLAN_VERSION}|{net.ort.model_key}|{','.join(net.ort.providers)}|{os.cpu_count()}|{geometry}|b{batch}|"
-            f"s{net.ort.parallel_streams()}|{'auto' if mode == 'auto' else 'forced'}")
+    return hashlib.sha256(repr((tuple(net.input.size), tuple(rows), tuple(cols))).encode()).hexdigest()[:16]
+
+
+def _key(net: Classifier, rows, cols, batch: int, mode) -> str:
+    return (f"v{PLAN_VERSION}|{net.ort.model_key}|{','.join(net.ort.providers)}|{os.cpu_count()}|"
+            f"{_geometry(net, rows, cols)}|b{batch}|s{net.ort.parallel_streams()}|"
+            f"{'auto' if mode == 'auto' else 'forced'}")
 
 
 def record_decision(net: Classifier, decision: Decision) -> None:
@@ -1136,6 +1140,43 @@ class Occluder:
         else:
             faster, reason = True, f"incremental=True: the fastest measured split (cuts {', '.join(e.cuts)})"
         self._remember(Decision(faster, reason, e.cuts, runner.crops, e.share, per_mask, parts, candidates))
+
+    def best_batch(self) -> int:
+        """occlusion's ``batch_size="auto"`` on the decided split: the batch of mask positions with the
+        highest throughput of this split's forward (crops, stages, pasting, suffix) on the parallel
+        streams, measured by the plain path's helpers (``ort_engine.fastest_batch`` over
+        ``stream_throughput``) once per model, mask geometry, split and machine, and remembered
+        (``net.runtime.incremental_batches`` and ``batch_sizes.json``). At most what the memory budget
+        allows and what gives every stream a batch."""
+        from .. import cache
+        from ..errors import CacheError
+        from .ort_engine import BATCH_CANDIDATES, fastest_batch, stream_throughput
+
+        net, cuts = self.net, self.decision.cuts
+        streams = net.ort.parallel_streams()
+        masks = len(self.rows) * len(self.cols)
+        limit = min(net.resolve_batch_size(BATCH_CANDIDATES[-1], "occlusion_sensitivity", "onnxruntime"),
+                    max(1, masks // streams))
+        key = (f"v{PLAN_VERSION}|{net.ort.model_key}|{','.join(net.ort.providers)}|{os.cpu_count()}|"
+               f"{_geometry(net, self.rows, self.cols)}|{' > '.join(cuts)}|streams={streams}|incremental")
+        memo = net.runtime.incremental_batches
+        if key not in memo:
+            known = cache.read_json("batch_sizes.json").get(key)
+            if not (isinstance(known, int) and known >= 1):
+                run = self._runner(cuts).forward(single_thread=streams > 1)
+                positions = [(r, c) for r in self.rows for c in self.cols]
+
+                def rate(size: int) -> float:  # masks spread over the image (border crops shift inwards)
+                    batch = [positions[int(i)] for i in np.linspace(0, masks - 1, size)]
+                    return stream_throughput(lambda: run(batch), size, streams)
+
+                known = fastest_batch(rate, limit)
+                try:
+                    cache.update_json("batch_sizes.json", key, known)
+                except CacheError:  # a read-only cache costs a new measurement next time, not the result
+                    pass
+            memo[key] = known
+        return min(memo[key], limit)
 
     # running -----------------------------------------------------------------------------------------
     def forward(self, single_thread: bool) -> Callable:

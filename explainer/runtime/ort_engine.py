@@ -17,7 +17,7 @@ import time
 import warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -211,16 +211,9 @@ class OrtEngine:
         known = cache.read_json("batch_sizes.json").get(key)
         if isinstance(known, int) and known >= 1:
             return min(known, limit)
-        best, best_rate, worse = 1, 0.0, 0
         try:
-            for size in [c for c in BATCH_CANDIDATES if c <= limit]:
-                rate = self._throughput(np.repeat(example[None], size, axis=0), outputs, streams)
-                if rate > best_rate * 1.05:
-                    best, best_rate, worse = size, rate, 0
-                else:
-                    worse += 1
-                    if worse >= 2:
-                        break
+            best = fastest_batch(lambda size: self._throughput(np.repeat(example[None], size, axis=0), outputs,
+                                                               streams), limit)
         finally:  # the session stays cached: its arena, grown to the largest candidate, need not
             self.return_memory(example[None], outputs, streams > 1)
         try:
@@ -261,24 +254,49 @@ class OrtEngine:
         """Images per second forwarding ``batch`` again and again (at least 0.2 s) in each stream."""
         session = self.session(outputs, single_thread=streams > 1)
         names, feed = list(outputs), {self.input_name: batch}
-
-        def timed(_) -> int:
-            start, runs = time.perf_counter(), 0
-            while time.perf_counter() - start < 0.2 or runs < 2:
-                session.run(names, feed)
-                runs += 1
-            return runs
-
         if self.guard is not None:  # the streams run at once: each gets its share of the budget
             self.guard.check((len(batch) * streams, *batch.shape[1:]))
-        with ThreadPoolExecutor(streams) as pool:
-            try:
-                list(pool.map(lambda _: session.run(names, feed), range(streams)))  # warm-up
-            except Exception as exc:
-                raise ort_error(exc, batch.shape) from None
-            start = time.perf_counter()
-            runs = sum(pool.map(timed, range(streams)))
-            return len(batch) * runs / (time.perf_counter() - start)
+        try:
+            return stream_throughput(lambda: session.run(names, feed), len(batch), streams)
+        except ExplainerError:
+            raise
+        except Exception as exc:
+            raise ort_error(exc, batch.shape) from None
+
+
+def fastest_batch(rate: Callable[[int], float], limit: int = BATCH_CANDIDATES[-1]) -> int:
+    """The batch size among ``BATCH_CANDIDATES`` up to ``limit`` with the highest ``rate(size)`` (items
+    per second), tried in increasing order: a size replaces the best so far only when 5 % faster, and two
+    sizes in a row that are not end the search. ``OrtEngine.best_batch_size``'s measurement, and
+    incremental occlusion's (``incremental.Occluder.best_batch``)."""
+    best, best_rate, worse = 1, 0.0, 0
+    for size in [c for c in BATCH_CANDIDATES if c <= max(1, limit)]:
+        measured = rate(size)
+        if measured > best_rate * 1.05:
+            best, best_rate, worse = size, measured, 0
+        else:
+            worse += 1
+            if worse >= 2:
+                break
+    return best
+
+
+def stream_throughput(run: Callable[[], object], size: int, streams: int) -> float:
+    """Items per second of ``run()`` (one batch of ``size`` items) called again and again (at least 0.2 s
+    and twice) in each of ``streams`` parallel threads at once, after one warm-up call in each."""
+
+    def timed(_) -> int:
+        start, runs = time.perf_counter(), 0
+        while time.perf_counter() - start < 0.2 or runs < 2:
+            run()
+            runs += 1
+        return runs
+
+    with ThreadPoolExecutor(streams) as pool:
+        list(pool.map(lambda _: run(), range(streams)))  # warm-up
+        start = time.perf_counter()
+        runs = sum(pool.map(timed, range(streams)))
+        return size * runs / (time.perf_counter() - start)
 
 
 def ort_error(exc: BaseException, shape) -> Exception:
