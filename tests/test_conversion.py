@@ -125,8 +125,37 @@ def test_mismatch_refuses_gradient_methods(default_net, monkeypatch):
 
     monkeypatch.setattr(default_net.runtime, "torch_engines", {})  # convert again
     monkeypatch.setattr(te, "MAX_RELATIVE_ERROR", 0.0)  # any rounding difference is now a mismatch
-    with pytest.raises(ConversionError, match="differs from onnxruntime"):  # (Grad-CAM runs on onnxruntime)
+    monkeypatch.setattr(te.TorchEngine, "_float_spread", lambda self, *a: 0.0)  # ... of a graph evaluated exactly
+    with pytest.raises(ConversionError, match="differs from onnxruntime.*own evaluations of the graph differ by 0.0"):
         explainer.gradient_attribution(default_net, np.zeros((224, 224, 3), np.uint8), 0, verbose=False)
+
+
+def test_mismatch_within_the_graphs_own_float_spread_is_accepted(default_net, monkeypatch):
+    """A module off by more than MAX_RELATIVE_ERROR is accepted where onnxruntime's own evaluations of the
+    graph (optimised against node by node, and on inputs nudged by float32 rounding) are twice as far
+    apart: Hugging Face's LeViT-128S (seeded) was refused at 3.7e-4 where they differ by 2e-4 and 1.6e-3,
+    and its gradient is the file's (tests/frameworks/check.py: rise_along_gradient)."""
+    from explainer.runtime import torch_engine as te
+
+    monkeypatch.setattr(default_net.runtime, "torch_engines", {})
+    monkeypatch.setattr(te, "MAX_RELATIVE_ERROR", 0.0)
+    monkeypatch.setattr(te.TorchEngine, "_float_spread", lambda self, *a: 0.5)
+    explainer.gradient_attribution(default_net, np.zeros((224, 224, 3), np.uint8), 0, verbose=False)
+    assert torch_engine(default_net).allowed_relative_error == 1.0
+
+
+def test_float_spread_of_a_well_conditioned_graph_is_float32_rounding(default_net):
+    """The spread that may widen the check is measured, and on EfficientNet-Lite0 it stays at float32
+    rounding: far below MAX_RELATIVE_ERROR, so the check there is as tight as before."""
+    from explainer.runtime import torch_engine as te
+
+    engine = torch_engine(default_net)
+    pixels = np.random.default_rng(12345).uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
+    x = default_net.to_model_input(pixels)
+    logits = default_net.gradient_scores
+    expected = default_net.ort.reference.run(x, [logits])[0].reshape(2, -1).astype(np.float64)
+    spread = engine._float_spread(logits, x, expected)
+    assert 0 < spread < te.MAX_RELATIVE_ERROR / 10
 
 
 def test_clip_with_empty_trailing_bound_converts(chelsea):

@@ -230,22 +230,28 @@ class TorchEngine:
         allowed = MAX_RELATIVE_ERROR_HALF if self.half else MAX_RELATIVE_ERROR
         if self.quantized:
             allowed = max(allowed, self._quantised_tolerance(logits, net.to_model_input(pixels), expected))
-        self.allowed_relative_error = allowed
         error = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12))
+        spread = None
+        if not error <= allowed and not self.quantized:  # a graph whose float32 evaluation is itself that loose?
+            spread = self._float_spread(logits, net.to_model_input(pixels), expected)
+            allowed = max(allowed, 2 * spread)
+        self.allowed_relative_error = allowed
         if not error <= allowed:
+            own = (f"; onnxruntime's own evaluations of the graph differ by {spread:.1e}" if spread is not None else "")
             raise ConversionError(
                 f"the converted torch module of {net.name!r} differs from onnxruntime: relative max error "
-                f"{error:.2e} on pre-softmax scores (allowed {allowed:.1e}); gradient methods "
+                f"{error:.2e} on pre-softmax scores (allowed {allowed:.1e}{own}); gradient methods "
                 "are refused for this model. Occlusion and LIME (onnxruntime) still work.")
         return error
 
-    def _quantised_tolerance(self, logits: str, inputs: np.ndarray, expected: np.ndarray) -> float:
-        """How far the converted module of a quantized graph may be from onnxruntime. Rounding to
-        integers turns float differences of 1e-7 into whole quantisation steps, which later layers
-        carry on, so two correct evaluations of the same graph differ: onnxruntime's fused int8
-        kernels and its node-by-node evaluation do, and so do two runs on inputs 1e-6 apart. The
-        module may differ by twice the larger of those spreads, and always by two quantisation steps of
-        the scores (when they are quantized)."""
+    def _float_spread(self, logits: str, inputs: np.ndarray, expected: np.ndarray) -> float:
+        """How far two correct float evaluations of the graph's scores are apart, relative to their
+        largest magnitude: onnxruntime's optimised session against its node-by-node evaluation (no
+        fusions), and against the same inputs nudged by 1e-6 of themselves (the float32 rounding of the
+        input). On a well-conditioned graph about 1e-6; on one that amplifies rounding (Hugging Face's
+        LeViT-128S with seeded weights: 2e-4 to 7e-4, and 1.6e-3 for the nudge) as large as what a
+        correct conversion differs by, so the module may differ by twice it (``MAX_RELATIVE_ERROR`` at
+        least). Measured only when the module is off by more than ``MAX_RELATIVE_ERROR``."""
         net = self.net
         size = net.max_batch or len(inputs)
 
@@ -258,8 +264,18 @@ class TorchEngine:
         if inputs.dtype.kind == "f":
             nudged = inputs * (1 + 1e-6 * np.random.default_rng(0).standard_normal(inputs.shape))
             spread = max(spread, np.abs(scores(net.ort.reference.run, nudged.astype(inputs.dtype)) - expected).max() / scale)
-        step = output_quantisation_step(net.source_model, logits)
-        return float(max(2 * spread, 2 * step / scale))
+        return float(spread)
+
+    def _quantised_tolerance(self, logits: str, inputs: np.ndarray, expected: np.ndarray) -> float:
+        """How far the converted module of a quantized graph may be from onnxruntime. Rounding to
+        integers turns float differences of 1e-7 into whole quantisation steps, which later layers
+        carry on, so two correct evaluations of the same graph differ: onnxruntime's fused int8
+        kernels and its node-by-node evaluation do, and so do two runs on inputs 1e-6 apart. The
+        module may differ by twice the larger of those spreads (``_float_spread``), and always by two
+        quantisation steps of the scores (when they are quantized)."""
+        spread = self._float_spread(logits, inputs, expected)
+        step = output_quantisation_step(self.net.source_model, logits)
+        return float(max(2 * spread, 2 * step / max(np.abs(expected).max(), 1e-12)))
 
     def tensor(self, array: np.ndarray):
         """A float32 numpy array as a tensor on the engine's device."""
