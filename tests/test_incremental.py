@@ -354,3 +354,31 @@ def test_auto_batch_of_the_incremental_path_is_its_own_measurement(monkeypatch, 
     plain = explainer.occlusion_sensitivity(net, chelsea, [0, 3], **{**options, "incremental": False})
     assert streamed[-1] == 1  # the plain path keeps the plain forward's batch
     _assert_equal_maps(maps[-1], plain)
+
+
+def test_a_stored_decision_this_analysis_cannot_build_is_measured_again(monkeypatch, tmp_path, chelsea):
+    """A decision in the cache folder whose cuts this version of the analysis cannot build (named by
+    another version: an EfficientNet-Lite0 entry of tensor names where the split now names cuts 'r8')
+    is decided again, not an error under incremental=True nor a silent plain path under 'auto'; the
+    new decision replaces it."""
+    import json
+
+    monkeypatch.setenv("ONNX_EXPLAINER_CACHE", str(tmp_path))
+    options = dict(mask_size=5, stride=3, verbose=False, output_upsampling="none", batch_size=4)
+    net = explainer.load(_odd_cnn(), preprocessing="imagenet")
+    explainer.occlusion_sensitivity(net, chelsea, 0, incremental=True, **options)
+    stored = tmp_path / "incremental.json"
+    entries = json.loads(stored.read_text())
+    assert entries and all(e["incremental"] for e in entries.values())
+    for entry in entries.values():  # as another version of the analysis wrote them
+        entry["cuts"] = [f"/another/version/{c}" for c in entry["cuts"]]
+        entry["candidates"] = []
+    stored.write_text(json.dumps(entries))
+    again = explainer.load(_odd_cnn(), preprocessing="imagenet")  # nothing remembered in the process
+    ours = explainer.occlusion_sensitivity(again, chelsea, 0, incremental=True, **options)
+    decision = inc.last_decision(again)
+    assert decision.incremental and not any(c.startswith("/another/") for c in decision.cuts), decision
+    rewritten = json.loads(stored.read_text())
+    assert not any(c.startswith("/another/") for e in rewritten.values() for c in e["cuts"]), rewritten
+    plain = explainer.occlusion_sensitivity(again, chelsea, 0, incremental=False, **options)
+    _assert_equal_maps(ours, plain)

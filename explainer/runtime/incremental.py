@@ -965,10 +965,18 @@ class Occluder:
         self._times: dict[str, list[float]] = {}
         self._count = 0
         self._lock = threading.Lock()
+        if self.decision is not None and self.decision.incremental:
+            try:
+                self._runner(self.decision.cuts)
+            except Exception as exc:  # noqa: BLE001 - a stored decision this analysis cannot build (cuts
+                # named by another version of it, or a graph that no longer splits there): decided again,
+                # as if never stored; a stale cache costs a measurement, never the incremental path
+                _log.debug("occlusion: the stored decision (cuts %s) cannot be built here (%s: %s); measuring "
+                           "again", ", ".join(self.decision.cuts), type(exc).__name__, exc)
+                net.runtime.incremental_decisions.pop(self.key, None)
+                self.decision = None
         if self.decision is None:
             self._prepare()
-        elif self.decision.incremental:
-            self._runner(self.decision.cuts)  # raises NotLocal if the graph changed: caught by caller
         net.runtime.incremental_last = self.decision or Decision(
             True, f"measuring: the first batches alternate between {', '.join(self.contenders)} (too few "
             "batches to decide leave this decision open)", tuple(self.contenders[-1].split(" > ")),
