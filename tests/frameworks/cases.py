@@ -97,9 +97,14 @@ _HF_MORE = {  # name -> (recipe, exporter, preprocessing)
     "hf-dinov2-small-dynamo": ("dinov2:small", "dynamo", HF_IMAGENET),
     "hf-beit-mini-legacy": ("beit:mini", "legacy", HF_HALF),
 }
+#: run in CI (the rest of _HF_MORE is the ``extra`` subset): LeViT-128S amplifies float32 rounding (its
+#: converted module is 3.7e-4 / 5.5e-4 off onnxruntime, which is itself 2.2e-4 / 6.5e-4 off its node-by-node
+#: evaluation), the one cross-framework case of the conversion check's own-spread tolerance
+_HF_IN_CI = {"hf-levit-128S-legacy", "hf-levit-128S-dynamo"}
 for _name, (_recipe, _exporter, _pre) in _HF_MORE.items():
     CASES[_name] = _case("main", "transformers", f"torch.onnx-{_exporter}", _recipe, (224, 224), _pre, "NCHW",
-                         opset=17 if _exporter == "legacy" else None, optional="extra")
+                         opset=17 if _exporter == "legacy" else None,
+                         optional=None if _name in _HF_IN_CI else "extra")
 
 
 def cache_root() -> Path:
