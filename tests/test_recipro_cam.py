@@ -282,19 +282,11 @@ def test_in_graph_path_on_a_token_layer_checks_the_copies_raw_scores(vit, chelse
     ``TOKEN_SCORES_TOLERANCE`` of their range (min-max scaled maps of near-flat classes would magnify
     float32 rounding up to 10^4-fold); on onnxruntime the maps of every class equal the two-stage
     path's (bit-identical here), and so do the copies' scores."""
-    from explainer.methods import recipro_cam as rc
-
     net = explainer.load(exports.export("vit_tiny", "legacy"))  # a fresh classifier: decided here
     choice = explainer.recipro_cam_engine(net)
     assert choice == "in-graph" and choice.in_graph
     assert "196 Gaussian-masked copies of the feature tokens and of the residual stream" in choice.describe()
-    layer = net.layer(default_feature_layer(net)[0])
-    head, session = head_of(net, layer), rc._in_graph_entry(net, layer, "auto")[1]
-    x = net.to_model_input(net.fit_pixels(chelsea)[None])
-    one = rc._copy_scores(net, rc._run_copies(net, session, x), "logits").astype(np.float64)
-    two = rc.copy_scores(net, head, net.ort.run(x, list(head.inputs)), range(1000), kernel="gaussian",
-                         scores="logits")
-    assert float(np.abs(one - two).max()) <= rc.TOKEN_SCORES_TOLERANCE * float(two.max() - two.min())
+    layer, head = _token_copies_agree(net, chelsea)
     small = net.fit_pixels(chelsea)
     every = list(range(1000))
     for scores in ("probabilities", "logits"):
@@ -309,18 +301,10 @@ def test_in_graph_path_on_a_token_layer_on_the_openvino_engine(chelsea):
     ``TOKEN_SCORES_TOLERANCE`` of their range of the two-stage head's (4e-7 measured), though the min-max
     scaled maps of near-flat classes are 1e-3 of theirs apart; bf16 keeps two stages."""
     pytest.importorskip("openvino")
-    from explainer.methods import recipro_cam as rc
-
     net = explainer.load(exports.export("vit_tiny", "legacy-dynamic"), engine="openvino")
     choice = explainer.recipro_cam_engine(net)
     assert choice == "in-graph" and "OpenVINO f32 session" in choice.reason
-    layer = net.layer(default_feature_layer(net)[0])
-    head, session = head_of(net, layer), rc._in_graph_entry(net, layer, "auto")[1]
-    x = net.to_model_input(net.fit_pixels(chelsea)[None])
-    one = rc._copy_scores(net, rc._run_copies(net, session, x), "logits").astype(np.float64)
-    two = rc.copy_scores(net, head, net.ort.run(x, list(head.inputs)), range(1000), kernel="gaussian",
-                         scores="logits")
-    assert float(np.abs(one - two).max()) <= rc.TOKEN_SCORES_TOLERANCE * float(two.max() - two.min())
+    _token_copies_agree(net, chelsea)
     from explainer.runtime import openvino_engine
 
     if "BF16" in openvino_engine.core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
@@ -481,3 +465,18 @@ def test_working_copy_softmax_and_scaling_equal_the_plain_expressions_bit_for_bi
             span = cams.max(axis=(-2, -1), keepdims=True) - low
             plain = np.where(span > 0, (cams - low) / np.where(span > 0, span, 1), 0).astype(np.float32)
             np.testing.assert_array_equal(normalise(cams), plain)
+
+
+def _token_copies_agree(net, chelsea):
+    """(layer, head) of the default layer, after asserting that the one-session branch's copies' raw scores
+    (logits) of chelsea are within ``TOKEN_SCORES_TOLERANCE`` of their range of the two-stage head's."""
+    from explainer.methods import recipro_cam as rc
+
+    layer = net.layer(default_feature_layer(net)[0])
+    head, session = head_of(net, layer), rc._in_graph_entry(net, layer, "auto")[1]
+    x = net.to_model_input(net.fit_pixels(chelsea)[None])
+    one = rc._copy_scores(net, rc._run_copies(net, session, x), "logits").astype(np.float64)
+    two = rc.copy_scores(net, head, net.ort.run(x, list(head.inputs)), range(1000), kernel="gaussian",
+                         scores="logits")
+    assert float(np.abs(one - two).max()) <= rc.TOKEN_SCORES_TOLERANCE * float(two.max() - two.min())
+    return layer, head
