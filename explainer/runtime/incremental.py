@@ -934,10 +934,15 @@ def _geometry(net: Classifier, rows, cols) -> str:
     return hashlib.sha256(repr((tuple(net.input.size), tuple(rows), tuple(cols))).encode()).hexdigest()[:16]
 
 
-def _key(net: Classifier, rows, cols, batch: int, mode) -> str:
+def _prefix(net: Classifier, rows, cols) -> str:
+    """What every cached entry of incremental occlusion is keyed by: the plan's version, the model, its
+    providers, the machine's cores and the mask geometry."""
     return (f"v{PLAN_VERSION}|{net.ort.model_key}|{','.join(net.ort.providers)}|{os.cpu_count()}|"
-            f"{_geometry(net, rows, cols)}|b{batch}|s{net.ort.parallel_streams()}|"
-            f"{'auto' if mode == 'auto' else 'forced'}")
+            f"{_geometry(net, rows, cols)}")
+
+
+def _key(net: Classifier, rows, cols, batch: int, mode) -> str:
+    return f"{_prefix(net, rows, cols)}|b{batch}|s{net.ort.parallel_streams()}|{'auto' if mode == 'auto' else 'forced'}"
 
 
 def record_decision(net: Classifier, decision: Decision) -> None:
@@ -1165,8 +1170,7 @@ class Occluder:
         masks = len(self.rows) * len(self.cols)
         limit = min(net.resolve_batch_size(BATCH_CANDIDATES[-1], "occlusion_sensitivity", "onnxruntime"),
                     max(1, masks // streams))
-        key = (f"v{PLAN_VERSION}|{net.ort.model_key}|{','.join(net.ort.providers)}|{os.cpu_count()}|"
-               f"{_geometry(net, self.rows, self.cols)}|{' > '.join(cuts)}|streams={streams}|incremental")
+        key = f"{_prefix(net, self.rows, self.cols)}|{' > '.join(cuts)}|streams={streams}|incremental"
         memo = net.runtime.incremental_batches
         if key not in memo:
             known = cache.read_json("batch_sizes.json").get(key)

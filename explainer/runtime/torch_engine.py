@@ -211,7 +211,8 @@ class TorchEngine:
         pixels = rng.uniform(0, 255, (2, *net.input.size, net.input.channels)).astype(np.float32)
         if net.input.dtype == np.uint8:
             pixels = np.rint(pixels)
-        expected = net.ort.reference.run_batched(net.to_model_input(pixels), [logits], net.max_batch or 2)[0]
+        inputs = net.to_model_input(pixels)
+        expected = net.ort.reference.run_batched(inputs, [logits], net.max_batch or 2)[0]
         expected = expected.reshape(2, -1).astype(np.float64)
         x = self.tensor(pixels).permute(0, 3, 1, 2)
         try:
@@ -229,11 +230,11 @@ class TorchEngine:
                 "this model. Occlusion and LIME (onnxruntime) still work.") from None
         allowed = MAX_RELATIVE_ERROR_HALF if self.half else MAX_RELATIVE_ERROR
         if self.quantized:
-            allowed = max(allowed, self._quantised_tolerance(logits, net.to_model_input(pixels), expected))
+            allowed = max(allowed, self._quantised_tolerance(logits, inputs, expected))
         error = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12))
         spread = None
         if not error <= allowed and not self.quantized:  # a graph whose float32 evaluation is itself that loose?
-            spread = self._float_spread(logits, net.to_model_input(pixels), expected)
+            spread = self._float_spread(logits, inputs, expected)
             allowed = max(allowed, 2 * spread)
         self.allowed_relative_error = allowed
         if not error <= allowed:
