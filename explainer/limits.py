@@ -29,7 +29,8 @@ MAX_IMAGE_BYTES = _env_int("ONNX_EXPLAINER_MAX_IMAGE_BYTES", 256 << 20)
 MAX_DOWNLOAD_BYTES = _env_int("ONNX_EXPLAINER_MAX_DOWNLOAD_BYTES", 1 << 31)
 #: Largest memory one run may take for its intermediate tensors (onnxruntime's at the peak of a forward
 #: pass; the torch module's summed over the pass, which a backward pass keeps), estimated from the
-#: graph's shapes before the run: batch sizes (given or "auto") are held under it, and a graph whose run
+#: graph's shapes before the run: batch sizes (given or "auto") are held under it, runs in parallel
+#: streams share it (fewer streams run where their batches together exceed it), and a graph whose run
 #: on a single image exceeds it is refused with ResourceLimitError. None (the default): half of the
 #: memory available when the run is checked (``available_memory``: the machine's ``MemAvailable``, less
 #: where a cgroup or the address-space limit leaves less), at least 256 MiB.

@@ -107,3 +107,30 @@ def test_parallel_streams_yield_in_order_with_bounded_memory_and_stop_early(monk
     for a, b, p in stream_probabilities(net, make_batch, 400, batch_size=4, verbose=False):
         break
     assert len(made) <= 2 * streams + 1  # the rest of the 100 batches was never made
+
+
+def test_parallel_streams_share_the_run_budget(monkeypatch):
+    """The run budget holds every run in flight at once: two streams of batch 4 run only where eight
+    images fit the budget; where four fit, one stream runs (the fuzz campaign's huge Pad ran two
+    streams of a batch the budget held once, and onnxruntime failed to allocate)."""
+    from graphs import linear_classifier
+
+    from explainer import limits
+    from explainer.runtime.perturb import stream_probabilities
+
+    model, _ = linear_classifier(size=(16, 16))
+    net = explainer.load(model, preprocessing="none")
+    monkeypatch.setattr(net.ort, "parallel_streams", lambda: 2)
+    peak = net.ort.guard.estimate_for(net.per_image_shape).peak
+    x = np.random.default_rng(0).random((16, 3, 16, 16)).astype(np.float32)
+    modes = []
+
+    def forward(single_thread):  # the parallel path asks for single-threaded runs
+        modes.append(single_thread)
+        return lambda batch: np.zeros((len(batch), 1), np.float32)
+
+    for budget, parallel in [(8 * peak, True), (8 * peak - 1, False), (4 * peak, False)]:
+        monkeypatch.setattr(limits, "MAX_RUN_BYTES", budget)
+        modes.clear()
+        list(stream_probabilities(net, lambda a, b: x[a:b], 16, batch_size=4, verbose=False, forward=forward))
+        assert modes == [parallel], (budget / peak, modes)

@@ -1160,7 +1160,7 @@ class Occluder:
         streams, measured by the plain path's helpers (``ort_engine.fastest_batch`` over
         ``stream_throughput``) once per model, mask geometry, split and machine, and remembered
         (``net.runtime.incremental_batches`` and ``batch_sizes.json``). At most what the memory budget
-        allows and what gives every stream a batch."""
+        allows the streams together and what gives every stream a batch."""
         from .. import cache
         from ..errors import CacheError
         from .ort_engine import BATCH_CANDIDATES, fastest_batch, stream_throughput
@@ -1168,8 +1168,9 @@ class Occluder:
         net, cuts = self.net, self.decision.cuts
         streams = net.ort.parallel_streams()
         masks = len(self.rows) * len(self.cols)
-        limit = min(net.resolve_batch_size(BATCH_CANDIDATES[-1], "occlusion_sensitivity", "onnxruntime"),
-                    max(1, masks // streams))
+        shared = net.ort.guard.max_batch(net.per_image_shape) // streams  # the streams' runs share the budget
+        limit = max(1, min(net.resolve_batch_size(BATCH_CANDIDATES[-1], "occlusion_sensitivity", "onnxruntime"),
+                           shared, masks // streams))
         key = f"{_prefix(net, self.rows, self.cols)}|{' > '.join(cuts)}|streams={streams}|incremental"
         memo = net.runtime.incremental_batches
         if key not in memo:

@@ -3,9 +3,10 @@
 A method describes its perturbed images as ``make_batch(start, stop)`` returning a batch in the
 graph's input form, usually written through a ``Canvas``; ``make_batch`` must depend on nothing but
 (start, stop), because on onnxruntime's CPU provider batches are made and forwarded in parallel
-streams (see ``OrtEngine.parallel_streams``). At most two batches per stream are in flight, so memory
-does not grow with the number of masks or samples; probabilities are yielded in order, and callers
-may stop early (batches not started yet are cancelled).
+streams (see ``OrtEngine.parallel_streams``), as many as the run budget holds at once
+(``limits.MAX_RUN_BYTES`` is the budget of every run in flight together, not of each). At most two
+batches per stream are made ahead, so memory does not grow with the number of masks or samples;
+probabilities are yielded in order, and callers may stop early (batches not started yet are cancelled).
 """
 from __future__ import annotations
 
@@ -106,6 +107,8 @@ def stream_probabilities(net: Classifier, make_batch: Callable[[int, int], np.nd
         forward = lambda single_thread: forward_fn(net, backend, single_thread=single_thread, logits=logits)  # noqa: E731
     spans = [(start, min(start + batch_size, total)) for start in range(0, total, batch_size)]
     streams = min(net.ort.parallel_streams() if backend == "onnxruntime" else 1, len(spans))
+    if streams > 1 and net.ort.guard is not None:  # the runs in flight at once share the run budget
+        streams = max(1, min(streams, net.ort.guard.max_batch(net.per_image_shape) // batch_size))
     with progress.bar(total=total, desc=desc, unit="img", verbose=verbose) as bar:
         if streams <= 1:
             run = forward(False)
