@@ -685,8 +685,15 @@ def _walk(explainer, image, source, auto: bool, full: bool) -> None:
         explainer.occlusion_sensitivity(net, image, 0, verbose=False, incremental=False, batch_size=3)
 
 
-def _child(fd: int, data: bytes, full: bool, cap: int | None) -> None:
-    """Walks ``data`` and writes its report (JSON) to the pipe ``fd``; runs in the forked process."""
+def _child(fd: int, data: bytes, full: bool, cap: int | None, trace: str | None = None,
+           time_limit: float = TIME_LIMIT) -> None:
+    """Walks ``data`` and writes its report (JSON) to the pipe ``fd``; runs in the forked process.
+    ``trace``: a file the Python stacks of every thread are written to shortly before ``time_limit``
+    (what a hang was doing, read by ``run_many``)."""
+    if trace is not None:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(max(1.0, time_limit - 2.0), file=open(trace, "w"))  # noqa: SIM115
     import explainer
     import torch
     from explainer import limits
@@ -787,9 +794,37 @@ def run_many(items, *, jobs: int = 2, time_limit: float = TIME_LIMIT, full: bool
              cap: int | None = -1, progress=None) -> list[Outcome]:
     """Each (name, bytes) in ``items`` walked in its own forked process (``jobs`` at a time) under the
     address-space cap ``cap`` (-1: the parent's mapping plus ``CAP_ABOVE_PARENT``; None: no cap)."""
+    import shutil
+
     prepare_parent()
     if cap == -1:
         cap = _vm_size() + CAP_ABOVE_PARENT
+    traces = tempfile.mkdtemp(prefix="onnx-explainer-fuzz-traces-")
+    try:
+        return _run_many(items, jobs, time_limit, full, cap, progress, traces)
+    finally:
+        shutil.rmtree(traces, ignore_errors=True)
+
+
+def _hang_stack(trace: str, frames: int = 8) -> str:
+    """The innermost ``frames`` frames of each thread's stack a hung child dumped, or ''."""
+    try:
+        with open(trace) as f:
+            text = f.read()
+    except OSError:
+        return ""
+    kept, depth = [], 0
+    for line in text.splitlines():
+        if not line.startswith("  "):  # a thread's header ("Thread 0x... (most recent call first):")
+            kept.append(line)
+            depth = 0
+        elif depth < frames:
+            kept.append(line)
+            depth += 1
+    return "\n".join(kept)[:4000]
+
+
+def _run_many(items, jobs, time_limit, full, cap, progress, traces) -> list[Outcome]:
     base_rss = _rss()
     pending = list(items)
     running = []  # (pid, read end, chunks, name, data, start)
@@ -802,7 +837,7 @@ def run_many(items, *, jobs: int = 2, time_limit: float = TIME_LIMIT, full: bool
             if pid == 0:  # the child: never returns into the caller's code
                 try:
                     os.close(read)
-                    _child(write, data, full, cap)
+                    _child(write, data, full, cap, os.path.join(traces, f"{os.getpid()}.txt"), time_limit)
                 finally:
                     os._exit(3)
             os.close(write)
@@ -821,7 +856,9 @@ def run_many(items, *, jobs: int = 2, time_limit: float = TIME_LIMIT, full: bool
             if done == 0:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-                out = Outcome(name, "hang", f"over {time_limit:.0f} s", elapsed, data)
+                stack = _hang_stack(os.path.join(traces, f"{pid}.txt"))
+                out = Outcome(name, "hang", f"over {time_limit:.0f} s" + (f"; its stacks:\n{stack}" if stack else ""),
+                              elapsed, data)
             else:
                 _drain(read, chunks)
                 try:

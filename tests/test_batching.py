@@ -134,3 +134,97 @@ def test_parallel_streams_share_the_run_budget(monkeypatch):
         modes.clear()
         list(stream_probabilities(net, lambda a, b: x[a:b], 16, batch_size=4, verbose=False, forward=forward))
         assert modes == [parallel], (budget / peak, modes)
+
+
+def test_runs_in_flight_wait_for_room_in_the_budget(monkeypatch):
+    """budget.InFlight: a run that would take the bytes in flight over the budget waits until the run
+    holding them ends; a run alone never waits; a run inside a run of the same thread does not wait
+    for itself."""
+    import threading
+
+    from explainer import limits
+    from explainer.runtime.budget import InFlight
+
+    monkeypatch.setattr(limits, "MAX_RUN_BYTES", 100)
+    flight = InFlight()
+    entered, release = threading.Event(), threading.Event()
+    order = []
+
+    def first():
+        with flight.hold(60):
+            order.append("first in")
+            with flight.hold(60):  # nested: 120 held, no wait
+                order.append("nested")
+            entered.set()
+            release.wait(10)
+            order.append("first out")
+
+    def second():
+        entered.wait(10)
+        with flight.hold(60):
+            order.append("second in")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    entered.wait(10)
+    threads[1].join(0.5)  # the second may not enter while the first holds 60 of 100
+    assert "second in" not in order and threads[1].is_alive()
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert order == ["first in", "nested", "first out", "second in"]
+    assert flight.bytes == 0 and flight.peak == 120
+    with flight.hold(500):  # alone and over the budget (a refused size never gets here): no wait
+        assert flight.bytes == 500
+
+
+def test_two_callers_streams_share_the_budget(monkeypatch):
+    """Two threads each running the batching loop (as the service's workers do), with a budget that
+    holds one batch: never two batches in onnxruntime at once; with room for four, they overlap."""
+    import threading
+
+    from graphs import linear_classifier
+
+    from explainer import limits
+    from explainer.runtime.perturb import stream_probabilities
+
+    model, _ = linear_classifier(size=(16, 16))
+    net = explainer.load(model, preprocessing="none")
+    monkeypatch.setattr(net.ort, "parallel_streams", lambda: 2)
+    peak = net.ort.guard.estimate_for(net.per_image_shape).peak
+    x = np.random.default_rng(0).random((32, 3, 16, 16)).astype(np.float32)
+    lock, now, most = threading.Lock(), [0], [0]
+    both_in = threading.Barrier(2, timeout=1)
+
+    def forward(single_thread):
+        def run(batch):
+            with lock:
+                now[0] += 1
+                most[0] = max(most[0], now[0])
+            try:
+                try:  # wait a little for another run to be in flight too (none comes when serialised)
+                    both_in.wait()
+                except threading.BrokenBarrierError:
+                    pass
+                return np.zeros((len(batch), 1), np.float32)
+            finally:
+                with lock:
+                    now[0] -= 1
+        return run
+
+    def caller():
+        list(stream_probabilities(net, lambda a, b: x[a:b], 32, batch_size=4, verbose=False, forward=forward))
+
+    for budget, overlap_wanted, most_allowed in [(4 * peak, False, 1), (16 * peak, True, 4)]:
+        monkeypatch.setattr(limits, "MAX_RUN_BYTES", budget)
+        now[0] = most[0] = 0
+        both_in.reset()
+        threads = [threading.Thread(target=caller) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert most[0] <= most_allowed, (budget / peak, most[0])
+        if overlap_wanted:
+            assert most[0] >= 2  # room for several: the runs did overlap

@@ -31,6 +31,8 @@ CORPUS = Path(__file__).parent / "fuzz_corpus"
 def _report(results) -> str:
     bad = [r for r in results if r.outcome not in fuzz.OK]
     lines = [f"{r.outcome}: {r.name}: {r.detail.splitlines()[0][:300] if r.detail else ''}" for r in bad]
+    lines += [f"stacks of {r.name} before it was stopped:\n{r.detail.split(chr(10), 1)[1]}" for r in bad
+              if r.outcome == "hang" and "\n" in r.detail][:2]  # what a hang was doing, for two of them
     return f"counts {fuzz.counts(results)}; failures:\n" + "\n".join(lines)
 
 
@@ -77,6 +79,20 @@ def test_corpus_walks_the_public_api():
 
 def test_corpus_files_are_small():
     assert all(f.stat().st_size < 64 << 10 for f in CORPUS.glob("*.onnx"))
+
+
+def test_a_hang_reports_what_it_was_doing(monkeypatch):
+    """A mutant stopped at the time limit is reported with the Python stacks its process dumped
+    shortly before (a walk that waits 60 s here, stopped at 3 s)."""
+    import time
+
+    def stuck_in_a_walk(data, full):
+        time.sleep(60)
+
+    monkeypatch.setattr(fuzz, "walk", stuck_in_a_walk)  # the forked child calls the patched walk
+    (out,) = fuzz.run_many([("stuck", b"")], jobs=1, time_limit=3.0)
+    assert out.outcome == "hang"
+    assert "stuck_in_a_walk" in out.detail and "stacks of stuck" in _report([out])
 
 
 # --- zero extents -------------------------------------------------------------------------------------

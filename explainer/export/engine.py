@@ -14,6 +14,7 @@ CAMs run on the converted module. The decisions and sessions are kept per classi
 with it)."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections import OrderedDict
@@ -262,10 +263,12 @@ def _maps(net, run, x: np.ndarray, targets, with_unaveraged: bool):
     for i in range(0, len(x), step):
         batch = x[i:i + step]
         shape = (len(batch), *net.per_image_shape)  # the model's input, whichever the session takes
-        if guard is not None:
-            guard.check(shape)
+        held = guard.hold(shape) if guard is not None else contextlib.nullcontext()  # refused over the budget
         try:
-            parts.append(run.run(names, {image: batch, TARGET: np.ascontiguousarray(targets[i:i + step])}))
+            with held:
+                parts.append(run.run(names, {image: batch, TARGET: np.ascontiguousarray(targets[i:i + step])}))
+        except ExplainerError:
+            raise
         except Exception as exc:  # as the forward passes: a failed allocation or run is the library's error
             raise ort_error(exc, shape) from None
     maps = np.concatenate([p[0] for p in parts])

@@ -72,6 +72,7 @@ the whole graph (the head's intermediates are a subset) plus its masked feature 
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from dataclasses import dataclass
@@ -82,7 +83,7 @@ import onnx
 from onnx import helper
 
 from .. import limits, registries
-from ..errors import HeadSplitError, InvalidParameterError, LayerNotFeatureMapError
+from ..errors import ExplainerError, HeadSplitError, InvalidParameterError, LayerNotFeatureMapError
 from ..export.engine import Decision
 from ..export.head import integer_values, select_early
 from ..graph import dims, head_nodes, infer_shapes, producers
@@ -535,10 +536,12 @@ def _token_disagreement(net: Classifier, head: Head, session, x: np.ndarray, eve
 
 def _run_copies(net: Classifier, session, x: np.ndarray) -> np.ndarray:
     """The branch's ``COPY_SCORES`` of model input ``x`` (1, ...): (h*w, classes)."""
-    if net.ort.guard is not None:
-        net.ort.guard.check(x.shape)
+    held = net.ort.guard.hold(x.shape) if net.ort.guard is not None else contextlib.nullcontext()
     try:
-        return session.run([COPY_SCORES], {net.input.name: x})[0]
+        with held:
+            return session.run([COPY_SCORES], {net.input.name: x})[0]
+    except ExplainerError:
+        raise
     except Exception as exc:
         raise net.ort.failure(exc, x.shape) from None
 

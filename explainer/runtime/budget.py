@@ -9,10 +9,17 @@
   sizes it cannot tell are measured once, in one unoptimised run), scaled by the batch size, must stay
   under ``limits.max_run_bytes()``; the torch path, which keeps every intermediate for the backward
   pass, is held to the same budget with the sum of all intermediates.
+* Runs at once: the budget holds the onnxruntime / OpenVINO runs in flight in the process together
+  (parallel streams, the service's workers, a caller's threads, any classifier): ``RunGuard.hold``
+  counts a run's bytes in ``IN_FLIGHT`` while it runs, and a run that would take the total over the
+  budget waits until enough of the others end (a run alone never waits: one over the budget by itself
+  was refused). A run inside another of the same thread is counted without waiting.
 * Allocation failures in onnxruntime or torch become ``ResourceLimitError`` (``allocation_error``).
 """
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -204,6 +211,41 @@ def _measure(model: onnx.ModelProto, image: str, shape: list[int], dtype, names:
     return {n: int(np.asarray(v).nbytes) for n, v in zip(names, values)}
 
 
+class InFlight:
+    """The bytes of the runs in flight in this process, and the wait that keeps them under the budget."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._local = threading.local()
+        self.bytes = 0  # held now, every thread
+        self.peak = 0  # the most held at once since the process started (or ``peak`` was reset)
+
+    @contextmanager
+    def hold(self, need: int):
+        """Counts ``need`` bytes while the block runs; first waits while other runs are in flight and
+        ``need`` would take their total over ``limits.max_run_bytes()`` (not when this thread already
+        holds bytes: a run inside a run would wait for itself)."""
+        depth = getattr(self._local, "depth", 0)
+        with self._changed:
+            if depth == 0:
+                while self.bytes > 0 and self.bytes + need > limits.max_run_bytes():
+                    self._changed.wait()
+            self.bytes += need
+            self.peak = max(self.peak, self.bytes)
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+            with self._changed:
+                self.bytes -= need
+                self._changed.notify_all()
+
+
+#: the process's runs in flight (every classifier and engine share the budget)
+IN_FLIGHT = InFlight()
+
+
 def _mb(n: int) -> str:
     return f"{n / (1 << 20):,.1f} MiB"
 
@@ -265,6 +307,16 @@ class RunGuard:
         """Refuses a run on a batch of ``shape`` (N, ...) over the budget (or with a zero extent)."""
         est = self.estimate_for(tuple(shape[1:]))
         self._refuse(est, max(int(shape[0]), 1), torch)
+
+    def hold(self, shape, refuse: bool = True):
+        """``check(shape)`` (``refuse=False``: not again, for a batch sized under the budget already),
+        then a context in which the run's bytes count in ``IN_FLIGHT`` (entered once the runs in flight
+        leave room for them)."""
+        est = self.estimate_for(tuple(shape[1:]))
+        batch = max(int(shape[0]), 1)
+        if refuse:
+            self._refuse(est, batch)
+        return IN_FLIGHT.hold(est.peak * batch)
 
     def max_batch(self, per_image: tuple, torch: bool = False) -> int:
         """The largest batch the budget allows (at least 1)."""

@@ -11,6 +11,7 @@ The engine knows nothing about explanation methods: it maps an input batch to na
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -162,11 +163,11 @@ class OrtEngine:
         options = self._session_options()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         extra = [o for o in dict.fromkeys(outputs) if o not in self.default_outputs]
-        if self.guard is not None:
-            self.guard.check(batch.shape)
+        held = self.guard.hold(batch.shape) if self.guard is not None else contextlib.nullcontext()
         try:
             session = ort.InferenceSession(self._serialised(extra), options, providers=["CPUExecutionProvider"])
-            return session.run(list(outputs), {self.input_name: batch})
+            with held:
+                return session.run(list(outputs), {self.input_name: batch})
         except Exception as exc:
             raise ort_error(exc, batch.shape) from None
 
@@ -178,10 +179,10 @@ class OrtEngine:
     def run(self, batch: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
         """One forward pass of the whole ``batch``: checked by the guard first; a failed allocation is a
         ``ResourceLimitError``, any other onnxruntime failure an ``UnsupportedModelError``."""
-        if self.guard is not None:
-            self.guard.check(batch.shape)
+        held = self.guard.hold(batch.shape) if self.guard is not None else contextlib.nullcontext()
         try:
-            return self.session(outputs).run(list(outputs), {self.input_name: batch})
+            with held:
+                return self.session(outputs).run(list(outputs), {self.input_name: batch})
         except ExplainerError:
             raise
         except Exception as exc:

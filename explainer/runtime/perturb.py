@@ -107,18 +107,27 @@ def stream_probabilities(net: Classifier, make_batch: Callable[[int, int], np.nd
         forward = lambda single_thread: forward_fn(net, backend, single_thread=single_thread, logits=logits)  # noqa: E731
     spans = [(start, min(start + batch_size, total)) for start in range(0, total, batch_size)]
     streams = min(net.ort.parallel_streams() if backend == "onnxruntime" else 1, len(spans))
-    if streams > 1 and net.ort.guard is not None:  # the runs in flight at once share the run budget
-        streams = max(1, min(streams, net.ort.guard.max_batch(net.per_image_shape) // batch_size))
+    guard = net.ort.guard if backend == "onnxruntime" else None
+    if streams > 1 and guard is not None:  # the runs in flight at once share the run budget
+        streams = max(1, min(streams, guard.max_batch(net.per_image_shape) // batch_size))
+
+    def held(run, span):  # a batch's run counted among the process's runs in flight (budget.IN_FLIGHT)
+        batch = make_batch(*span)
+        if guard is None:
+            return run(batch)
+        with guard.hold((span[1] - span[0], *net.per_image_shape), refuse=False):  # sized at resolve
+            return run(batch)
+
     with progress.bar(total=total, desc=desc, unit="img", verbose=verbose) as bar:
         if streams <= 1:
             run = forward(False)
             for start, stop in spans:
-                probs = run(make_batch(start, stop))
+                probs = held(run, (start, stop))
                 bar.update(stop - start)
                 yield start, stop, probs
             return
         run = forward(True)
-        work = lambda span: run(make_batch(*span))  # noqa: E731
+        work = lambda span: held(run, span)  # noqa: E731
         pool = ThreadPoolExecutor(streams, thread_name_prefix="explainer-stream")
         try:
             pending = deque()
