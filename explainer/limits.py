@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 
 def _env_int(name: str, default: int) -> int:
@@ -84,11 +85,23 @@ def available_memory() -> int | None:
     return min(found)
 
 
+#: seconds a reading of the available memory serves ``max_run_bytes`` (every run asks for the budget;
+#: reading /proc/meminfo each time cost about 0.1 ms a run)
+AVAILABLE_MEMORY_TTL = 0.25
+_reading: tuple[float, int | None] = (float("-inf"), None)  # (time.monotonic() of the reading, bytes)
+
+
 def max_run_bytes() -> int:
-    """The run budget now: ``MAX_RUN_BYTES``, or ``RUN_BYTES_FRACTION`` of the available memory."""
+    """The run budget now: ``MAX_RUN_BYTES``, or ``RUN_BYTES_FRACTION`` of the available memory (read
+    at most every ``AVAILABLE_MEMORY_TTL`` seconds)."""
+    global _reading
     if MAX_RUN_BYTES:
         return int(MAX_RUN_BYTES)
-    available = available_memory()
+    stamp, available = _reading
+    now = time.monotonic()
+    if not now - stamp < AVAILABLE_MEMORY_TTL:
+        available = available_memory()
+        _reading = (now, available)
     if available is None:
         return 8 << 30
     return max(256 << 20, int(available * RUN_BYTES_FRACTION))

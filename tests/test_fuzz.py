@@ -233,10 +233,20 @@ def test_methods_batching_their_own_passes_stay_under_the_budget(monkeypatch, me
 
 
 def test_default_budget_is_a_fraction_of_available_memory(monkeypatch):
+    """The default budget is RUN_BYTES_FRACTION of the available memory, read again once a reading is
+    older than AVAILABLE_MEMORY_TTL (at least 256 MiB; MAX_RUN_BYTES, when set, instead)."""
     monkeypatch.setattr(limits, "MAX_RUN_BYTES", None)
-    available = limits.available_memory()
-    if available is not None:
-        assert limits.max_run_bytes() == max(256 << 20, int(available * limits.RUN_BYTES_FRACTION))
+    monkeypatch.setattr(limits, "_reading", (float("-inf"), None))
+    available = [10 << 30]
+    monkeypatch.setattr(limits, "available_memory", lambda: available[0])
+    monkeypatch.setattr(limits, "AVAILABLE_MEMORY_TTL", 1e9)
+    assert limits.max_run_bytes() == int((10 << 30) * limits.RUN_BYTES_FRACTION)
+    available[0] = 20 << 30
+    assert limits.max_run_bytes() == int((10 << 30) * limits.RUN_BYTES_FRACTION)  # the reading still serves
+    monkeypatch.setattr(limits, "AVAILABLE_MEMORY_TTL", 0.0)
+    assert limits.max_run_bytes() == int((20 << 30) * limits.RUN_BYTES_FRACTION)  # read again
+    available[0] = 100 << 20
+    assert limits.max_run_bytes() == 256 << 20
     monkeypatch.setattr(limits, "MAX_RUN_BYTES", 123456789)
     assert limits.max_run_bytes() == 123456789
 
