@@ -20,8 +20,10 @@ all.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
+import weakref
 
 
 def prefer_passive_openmp() -> bool:
@@ -31,3 +33,33 @@ def prefer_passive_openmp() -> bool:
         return False
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     return True
+
+
+# --- fork ----------------------------------------------------------------------------------------
+# A forked child inherits the parent's onnxruntime sessions but not their thread pools' threads: it
+# may run them, but destroying one joins threads that are not there and waits forever (a script that
+# forks workers after explaining with a classifier, and drops it in a worker, hung; so did the fuzz
+# campaign's children, collecting a session the parent had left as garbage). So every long-lived
+# session is registered here, and in a forked child each one inherited is kept alive for the child's
+# whole life: never destroyed there (its memory is the parent's, shared copy-on-write), still usable.
+# (OpenVINO's compiled models are destroyed in a child without waiting: not registered.)
+_SESSIONS: weakref.WeakSet = weakref.WeakSet()
+
+
+def keep_in_forks(session):
+    """``session`` (an onnxruntime session) registered so that a forked child never destroys it;
+    returned."""
+    _SESSIONS.add(session)
+    return session
+
+
+def _keep_inherited() -> None:
+    """In a forked child: one more reference to each inherited session, never released (a reference
+    from Python would be dropped at interpreter exit, when the destructor would hang)."""
+    for session in list(_SESSIONS):
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(session))
+    _SESSIONS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_keep_inherited)

@@ -743,7 +743,11 @@ def prepare_parent() -> None:
     from explainer.methods import gradcam, occlusion, saliency  # noqa: F401
     from explainer.runtime import classifier, torch_engine  # noqa: F401
     import explainer.runtime.incremental  # noqa: F401
+    import explainer.convert.converters  # noqa: F401  (the torch path's registry, built at import)
     import PIL.Image  # noqa: F401
+    import gc
+
+    gc.collect()  # the parent's garbage (a test's sessions) is not left for every child to collect
 
     if "ONNX_EXPLAINER_CACHE" not in os.environ:  # never the user's cache; removed when the run ends
         import atexit

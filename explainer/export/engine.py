@@ -25,6 +25,7 @@ from ..errors import ExplainerError, InvalidParameterError
 from ..registries import register_classifier_cache
 from ..runtime.feature_layers import default_feature_layer
 from ..runtime.ort_engine import ort_error
+from ..threads import keep_in_forks
 from .writer import SALIENCY, TARGET, build_explained
 
 #: classifier -> {(method, layer name): (EngineChoice, session, None (the torch path) or CLOSED)}, the
@@ -99,7 +100,7 @@ def _open(net, method: str, layer: str, pixels: bool = True):
     options = ort.SessionOptions()
     options.log_severity_level = 3
     providers = list(getattr(net.ort, "providers", None) or ["CPUExecutionProvider"])
-    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    return keep_in_forks(ort.InferenceSession(model.SerializeToString(), options, providers=providers))
 
 
 def takes_pixels(run) -> bool:

@@ -27,6 +27,7 @@ import onnx
 
 from ..errors import DegenerateMapError, InvalidParameterError, NonFiniteOutputError
 from ..runtime.feature_layers import default_feature_layer
+from ..threads import keep_in_forks
 from .writer import SALIENCY, SALIENCY_CLASS, TARGET
 
 if TYPE_CHECKING:
@@ -154,7 +155,8 @@ class ExplainedModel:
         #: the file's bytes (what a Ray actor opens it from)
         self.data = model.SerializeToString()
         #: the exported model's session (its runs are the fast path's only work)
-        self.session = ort.InferenceSession(self.data, options, providers=list(providers or ["CPUExecutionProvider"]))
+        self.session = keep_in_forks(ort.InferenceSession(self.data, options,
+                                                   providers=list(providers or ["CPUExecutionProvider"])))
         self.input = image_input
         self.outputs = [o.name for o in model.graph.output]
         dim = next(i for i in model.graph.input if i.name == image_input).type.tensor_type.shape.dim

@@ -26,6 +26,7 @@ import onnx
 from .. import cache
 from ..errors import CacheError, ExplainerError, UnsupportedModelError
 from ..graph import infer_shapes
+from ..threads import keep_in_forks
 from .budget import allocation_error, is_allocation_failure
 from .providers import provider_options, quiet_session
 
@@ -150,9 +151,9 @@ class OrtEngine:
         import onnxruntime as ort
 
         if self.on_cuda:
-            return quiet_session(data, self.providers)
-        return ort.InferenceSession(data, self._session_options(single_thread), providers=self.providers,
-                                    provider_options=provider_options(self.providers))
+            return keep_in_forks(quiet_session(data, self.providers))
+        return keep_in_forks(ort.InferenceSession(data, self._session_options(single_thread), providers=self.providers,
+                                           provider_options=provider_options(self.providers)))
 
     def run_unoptimised(self, batch: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
         """One forward pass with every graph optimisation off: each node computed as the ONNX spec
