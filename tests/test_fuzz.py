@@ -168,6 +168,22 @@ class _FixedSide:
         return fuzz.SIDES.index(self.side) if self.side in fuzz.SIDES else 0
 
 
+def test_a_declared_shape_that_contradicts_the_graph_does_not_hide_a_huge_tensor(monkeypatch):
+    """A file's declared shapes are not trusted by the budget: the graph's output renamed to the first
+    node's output (the mutation duplicate_output), declared (N, 6), was merged by inference, which then
+    could not tell any later tensor, and the run that measures unknown sizes allocated what the graph
+    asks for (seed 5's mutant 50: 29 GB). Now a Resize to 8192 x 8192 after the pool, whose size needs
+    its input's shape, is refused at load with nothing run to measure."""
+    monkeypatch.setattr(limits, "MAX_RUN_BYTES", 64 << 20)
+    model = fuzz.m_huge_resize(fuzz.base("resnet"), _FixedSide(8192))
+    model.graph.output[0].name = model.graph.node[0].output[0]
+    measured = []
+    monkeypatch.setattr(budget, "_measure", lambda *a: measured.append(a[-1]) or {})
+    with pytest.raises(ResourceLimitError, match=r"node 'fz_resize' \(Resize\)"):
+        explainer.load(model, preprocessing="none")
+    assert measured == []  # nothing had to be run to find it
+
+
 def test_single_image_over_the_budget_is_refused_at_load(monkeypatch):
     monkeypatch.setattr(limits, "MAX_RUN_BYTES", 64 << 20)
     model = _expand_classifier(8192)  # 8 channels x 8192 x 8192 floats: 2 GiB
