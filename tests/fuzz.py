@@ -861,8 +861,8 @@ def _run_many(items, jobs, time_limit, full, cap, progress, traces) -> list[Outc
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
                 stack = _hang_stack(os.path.join(traces, f"{pid}.txt"))
-                out = Outcome(name, "hang", f"over {time_limit:.0f} s" + (f"; its stacks:\n{stack}" if stack else ""),
-                              elapsed, data)
+                detail = f"over {time_limit:.0f} s" + (f"; its stacks:\n{stack}" if stack else "")
+                out = Outcome(name, "hang", detail, elapsed, data)
             else:
                 _drain(read, chunks)
                 try:

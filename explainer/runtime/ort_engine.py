@@ -152,8 +152,9 @@ class OrtEngine:
 
         if self.on_cuda:
             return keep_in_forks(quiet_session(data, self.providers))
-        return keep_in_forks(ort.InferenceSession(data, self._session_options(single_thread), providers=self.providers,
-                                           provider_options=provider_options(self.providers)))
+        options = self._session_options(single_thread)
+        return keep_in_forks(ort.InferenceSession(data, options, providers=self.providers,
+                                                  provider_options=provider_options(self.providers)))
 
     def run_unoptimised(self, batch: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
         """One forward pass with every graph optimisation off: each node computed as the ONNX spec
