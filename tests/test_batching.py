@@ -228,3 +228,34 @@ def test_two_callers_streams_share_the_budget(monkeypatch):
         assert most[0] <= most_allowed, (budget / peak, most[0])
         if overlap_wanted:
             assert most[0] >= 2  # room for several: the runs did overlap
+
+
+def test_a_torch_turn_is_counted_among_the_runs_in_flight():
+    """The torch engine's turn on its module counts its largest pass in budget.IN_FLIGHT (every
+    intermediate where the pass keeps its graph for backward) until the turn ends: an onnxruntime run
+    of another thread then waits for room in the budget."""
+    import torch
+    from graphs import linear_classifier
+
+    from explainer.runtime.budget import IN_FLIGHT
+    from explainer.runtime.torch_engine import torch_engine
+
+    model, _ = linear_classifier(size=(16, 16))
+    net = explainer.load(model, preprocessing="none")
+    engine = torch_engine(net)
+    x = torch.rand(2, 3, 16, 16) * 255
+    est = net.ort.guard.estimate_for(net.per_image_shape)
+    before = IN_FLIGHT.bytes
+    with engine.exclusive(), torch.enable_grad():
+        engine.pixel_model(x)
+        assert IN_FLIGHT.bytes - before == 2 * est.total
+        with engine.exclusive():  # re-entered: the same turn
+            engine.pixel_model(x[:1])  # a smaller pass adds nothing
+            assert IN_FLIGHT.bytes - before == 2 * est.total
+    assert IN_FLIGHT.bytes == before
+    with engine.exclusive(), torch.no_grad():
+        engine.pixel_model(x)
+        assert IN_FLIGHT.bytes - before == 2 * est.peak  # nothing kept for a backward pass
+    assert IN_FLIGHT.bytes == before
+    engine.pixel_model(x)  # outside a turn: not counted
+    assert IN_FLIGHT.bytes == before

@@ -9,11 +9,13 @@
   sizes it cannot tell are measured once, in one unoptimised run), scaled by the batch size, must stay
   under ``limits.max_run_bytes()``; the torch path, which keeps every intermediate for the backward
   pass, is held to the same budget with the sum of all intermediates.
-* Runs at once: the budget holds the onnxruntime / OpenVINO runs in flight in the process together
-  (parallel streams, the service's workers, a caller's threads, any classifier): ``RunGuard.hold``
-  counts a run's bytes in ``IN_FLIGHT`` while it runs, and a run that would take the total over the
-  budget waits until enough of the others end (a run alone never waits: one over the budget by itself
-  was refused). A run inside another of the same thread is counted without waiting.
+* Runs at once: the budget holds the runs in flight in the process together (parallel streams, the
+  service's workers, a caller's threads, any classifier): ``RunGuard.hold`` counts an onnxruntime or
+  OpenVINO run's bytes in ``IN_FLIGHT`` while it runs, the torch engine counts the largest pass of a
+  turn on its module (``TorchEngine.exclusive``: the pass's graph lives until the backward is done), and
+  a run that would take the total over the budget waits until enough of the others end (a run alone
+  never waits: one over the budget by itself was refused). A run inside another of the same thread is
+  counted without waiting.
 * Allocation failures in onnxruntime or torch become ``ResourceLimitError`` (``allocation_error``).
 """
 from __future__ import annotations
@@ -313,6 +315,12 @@ class RunGuard:
         """Refuses a run on a batch of ``shape`` (N, ...) over the budget (or with a zero extent)."""
         est = self.estimate_for(tuple(shape[1:]))
         self._refuse(est, max(int(shape[0]), 1), torch)
+
+    def need(self, shape, torch: bool = False) -> int:
+        """The bytes a run on a batch of ``shape`` (N, ...) is counted for (``torch``: every intermediate
+        of the pass, which a backward pass keeps)."""
+        est = self.estimate_for(tuple(shape[1:]))
+        return (est.total if torch else est.peak) * max(int(shape[0]), 1)
 
     def hold(self, shape, refuse: bool = True):
         """``check(shape)`` (``refuse=False``: not again, for a batch sized under the budget already),

@@ -12,7 +12,7 @@ import functools
 import threading
 import warnings
 import weakref
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
@@ -23,7 +23,7 @@ from ..convert.ops import check_differentiable
 from ..convert.precision import is_half
 from ..convert.quantized import is_quantized, output_quantisation_step
 from ..errors import ConversionError, ExplainerError, UnknownLayerError
-from .budget import allocation_error, is_allocation_failure
+from .budget import IN_FLIGHT, allocation_error, is_allocation_failure
 
 if TYPE_CHECKING:
     from .classifier import Classifier
@@ -47,6 +47,10 @@ def pixel_model_class():
 
     class PixelModel(_torch().nn.Module):
         """Pixels (N, C, h, w) in 0..255, RGB → logits (N, K) of the converted graph."""
+
+        #: set by the engine: the run budget's checks, and its count of the passes in flight
+        guard = None
+        account = None
 
         def __init__(self, graph_module, spec, preprocessing, logits_index: int, one_at_a_time: bool = False):
             super().__init__()
@@ -97,9 +101,12 @@ def pixel_model_class():
             of 1 runs image by image (gradients flow through the concatenation)."""
             if self.one_at_a_time and len(x) > 1:
                 return _torch().cat([self.logits(x[i:i + 1]) for i in range(len(x))])
-            guard = getattr(self, "guard", None)
+            guard = self.guard
             if guard is not None:  # a pass that keeps its graph for backward keeps every intermediate
-                guard.check(tuple(x.shape), torch=_torch().is_grad_enabled())
+                grad = _torch().is_grad_enabled()
+                guard.check(tuple(x.shape), torch=grad)
+                if self.account is not None:
+                    self.account(guard.need(tuple(x.shape), torch=grad))
             out = self.graph(x)
             if isinstance(out, (tuple, list)):
                 out = out[self.logits_index]
@@ -155,7 +162,9 @@ class TorchEngine:
                                       one_at_a_time).eval()
         self.pixel_model.to(self.device)
         self.pixel_model.guard = net.ort.guard  # the run budget and the shape checks of onnxruntime's graph
+        self.pixel_model.account = self._account
         self._turn = threading.RLock()
+        self._held = threading.local()  # the bytes counted in budget.IN_FLIGHT for this thread's turn
         with self.exclusive():
             self.max_relative_error = self._check_against_onnxruntime(logits)
         #: image sizes other than the input's at which the module was tried, and whether it runs there
@@ -316,6 +325,9 @@ class TorchEngine:
         would feed or be rewritten by them. Re-entrant; onnxruntime sessions need no such turn. On
         CUDA, TF32 is off meanwhile (see ``float32_exact``)."""
         with self._turn, float32_exact(self.device):
+            outer = getattr(self._held, "stack", None) is None
+            if outer:  # the turn's passes are counted among the runs in flight until it ends
+                self._held.stack, self._held.bytes = ExitStack(), 0
             try:
                 yield
             except ExplainerError:
@@ -324,6 +336,19 @@ class TorchEngine:
                 if is_allocation_failure(exc):
                     raise allocation_error(exc, "torch") from None
                 raise
+            finally:
+                if outer:
+                    stack, self._held.stack = self._held.stack, None
+                    stack.close()
+
+    def _account(self, need: int) -> None:
+        """A pass of ``need`` bytes in this thread's turn: the turn is counted in ``budget.IN_FLIGHT``
+        for its largest pass (its first waits for room there; a pass outside a turn is not counted)."""
+        stack = getattr(self._held, "stack", None)
+        if stack is None or need <= self._held.bytes:
+            return
+        stack.enter_context(IN_FLIGHT.hold(need - self._held.bytes))
+        self._held.bytes = need
 
     @contextmanager
     def capture(self, layer_names: Sequence[str]) -> Iterator["Captured"]:

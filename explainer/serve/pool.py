@@ -10,8 +10,8 @@ had (``progress``). A job counts against the bound until its thread is really fr
 
 Threads, not worker processes (issue #29): the one model is loaded at start, where the library's checks
 refuse a graph that could crash onnxruntime natively (zero extents, found by shape inference before any
-session) or exhaust memory (the run budget, ``limits.MAX_RUN_BYTES``), and the onnxruntime runs of all
-requests in flight share that budget (``runtime.budget.IN_FLIGHT``); allocation failures are typed errors,
+session) or exhaust memory (the run budget, ``limits.MAX_RUN_BYTES``), and the runs of all requests in
+flight share that budget (``runtime.budget.IN_FLIGHT``); allocation failures are typed errors,
 answered like the others. A native crash these
 checks do not foresee ends the process: run the service under a supervisor that restarts it.
 """
