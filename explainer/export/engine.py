@@ -14,7 +14,6 @@ CAMs run on the converted module. The decisions and sessions are kept per classi
 with it)."""
 from __future__ import annotations
 
-import contextlib
 import threading
 import weakref
 from collections import OrderedDict
@@ -258,13 +257,12 @@ def _maps(net, run, x: np.ndarray, targets, with_unaveraged: bool):
     # the run budget says fewer
     step = 1 if net.max_batch == 1 or len(x) == 1 else min(len(x), _chunk(net, targets.shape[1]))
     names = [SALIENCY, f"{SALIENCY}_unaveraged"]
-    guard = getattr(net.ort, "guard", None)
     image = PIXELS if takes_pixels(run) else net.input.name
     parts = []
     for i in range(0, len(x), step):
         batch = x[i:i + step]
         shape = (len(batch), *net.per_image_shape)  # the model's input, whichever the session takes
-        held = guard.hold(shape) if guard is not None else contextlib.nullcontext()  # refused over the budget
+        held = net.ort.held(shape)  # refused over the budget
         try:
             with held:
                 parts.append(run.run(names, {image: batch, TARGET: np.ascontiguousarray(targets[i:i + step])}))

@@ -72,7 +72,6 @@ the whole graph (the head's intermediates are a subset) plus its masked feature 
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 import weakref
 from dataclasses import dataclass
@@ -536,7 +535,7 @@ def _token_disagreement(net: Classifier, head: Head, session, x: np.ndarray, eve
 
 def _run_copies(net: Classifier, session, x: np.ndarray) -> np.ndarray:
     """The branch's ``COPY_SCORES`` of model input ``x`` (1, ...): (h*w, classes)."""
-    held = net.ort.guard.hold(x.shape) if net.ort.guard is not None else contextlib.nullcontext()
+    held = net.ort.held(x.shape)
     try:
         with held:
             return session.run([COPY_SCORES], {net.input.name: x})[0]

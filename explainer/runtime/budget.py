@@ -326,11 +326,9 @@ class RunGuard:
         """``check(shape)`` (``refuse=False``: not again, for a batch sized under the budget already),
         then a context in which the run's bytes count in ``IN_FLIGHT`` (entered once the runs in flight
         leave room for them)."""
-        est = self.estimate_for(tuple(shape[1:]))
-        batch = max(int(shape[0]), 1)
         if refuse:
-            self._refuse(est, batch)
-        return IN_FLIGHT.hold(est.peak * batch)
+            self.check(shape)
+        return IN_FLIGHT.hold(self.need(shape))
 
     def max_batch(self, per_image: tuple, torch: bool = False) -> int:
         """The largest batch the budget allows (at least 1)."""

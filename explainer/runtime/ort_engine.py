@@ -165,7 +165,7 @@ class OrtEngine:
         options = self._session_options()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         extra = [o for o in dict.fromkeys(outputs) if o not in self.default_outputs]
-        held = self.guard.hold(batch.shape) if self.guard is not None else contextlib.nullcontext()
+        held = self.held(batch.shape)
         try:
             session = ort.InferenceSession(self._serialised(extra), options, providers=["CPUExecutionProvider"])
             with held:
@@ -181,7 +181,7 @@ class OrtEngine:
     def run(self, batch: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
         """One forward pass of the whole ``batch``: checked by the guard first; a failed allocation is a
         ``ResourceLimitError``, any other onnxruntime failure an ``UnsupportedModelError``."""
-        held = self.guard.hold(batch.shape) if self.guard is not None else contextlib.nullcontext()
+        held = self.held(batch.shape)
         try:
             with held:
                 return self.session(outputs).run(list(outputs), {self.input_name: batch})
@@ -189,6 +189,11 @@ class OrtEngine:
             raise
         except Exception as exc:
             raise self.failure(exc, batch.shape) from None
+
+    def held(self, shape):
+        """The guard's ``hold`` for a run on a batch of ``shape`` (refused over the budget now, counted
+        among the runs in flight while the block runs); nothing for an engine without a guard."""
+        return self.guard.hold(shape) if self.guard is not None else contextlib.nullcontext()
 
     def failure(self, exc: BaseException, shape) -> Exception:
         """The library's error for a run of ``shape`` that failed with ``exc`` in the runtime."""
