@@ -275,6 +275,54 @@ def test_in_graph_path_equals_the_two_stage_path_and_says_why(default_net, resne
         recipro_cam_on("fast", default_net, chelsea, 285)
 
 
+def test_in_graph_probabilities_are_the_branchs_scaled_maps_where_they_equal_ours(resnet, vit, chelsea, monkeypatch):
+    """On a CNN at float32 the in-graph path reads every class's map of probabilities as the branch scales
+    it (``EVERY_MAP``), not the copies' scores scaled in Python: decided once against the Python scaling
+    of the same call (1e-5). Those maps equal the Python-scaled ones from the copies' scores (computed
+    independently here: softmax in float64, min-max per class); a branch whose maps differ (here: every
+    map replaced by its square) is not read; logits are scaled in Python; token layers never read it;
+    non-finite copies' scores still raise the library's error on that path."""
+    from explainer.errors import NonFiniteOutputError
+    from explainer.methods import recipro_cam as rc
+
+    net = explainer.load(exports.export("resnet18", "legacy"), preprocessing="imagenet")  # decided here
+    layer = net.layer(default_feature_layer(net)[0])
+    choice, session, scaled = rc._in_graph_entry(net, layer, "auto")
+    assert choice == "in-graph" and scaled
+    x = net.to_model_input(net.fit_pixels(chelsea)[None])
+    classes = [285, 0, 999, 504]
+    calls = []
+    run = rc._run_copies
+    monkeypatch.setattr(rc, "_run_copies", lambda *a, **k: calls.append(tuple(a[3] if len(a) > 3 else k.get(
+        "outputs", (rc.COPY_SCORES,)))) or run(*a, **k))
+    got = rc.input_maps(net, layer, x, classes)
+    assert calls == [(rc.COPY_SCORES, rc.EVERY_MAP)]  # the branch's maps read, in one call
+    raw = run(net, session, x)[0].astype(np.float64)
+    p = np.exp(raw - raw.max(axis=1, keepdims=True))
+    p = (p / p.sum(axis=1, keepdims=True))[:, classes].T.reshape(len(classes), 7, 7)
+    low, high = p.min(axis=(1, 2), keepdims=True), p.max(axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(got, (p - low) / (high - low), atol=1e-5)
+    calls.clear()
+    rc.input_maps(net, layer, x, classes, scores="logits")
+    assert calls == [(rc.COPY_SCORES,)]  # the copies' scores alone, scaled here
+    monkeypatch.setattr(rc, "_run_copies", run)
+
+    # a branch whose scaled maps differ from ours is not read
+    other = explainer.load(exports.export("resnet18", "legacy"), preprocessing="imagenet")
+    squared = lambda *a, **k: [v ** 2 if i == 1 else v for i, v in enumerate(run(*a, **k))]  # noqa: E731
+    monkeypatch.setattr(rc, "_run_copies", squared)
+    assert rc._in_graph_entry(other, other.layer(layer.name), "auto")[2] is False
+    monkeypatch.setattr(rc, "_run_copies", run)
+    # tokens: the copies' scores, always
+    assert explainer.recipro_cam_engine(vit[0]) == "in-graph"
+    assert rc._in_graph_entry(vit[0], vit[0].layer(default_feature_layer(vit[0])[0]), "auto")[2] is False
+    # non-finite scores on the branch's path
+    broken = lambda *a, **k: [np.full_like(v, np.nan) for v in run(*a, **k)]  # noqa: E731
+    monkeypatch.setattr(rc, "_run_copies", broken)
+    with pytest.raises(NonFiniteOutputError):
+        rc.input_maps(net, layer, x, classes)
+
+
 def test_in_graph_path_on_a_token_layer_checks_the_copies_raw_scores(vit, chelsea):
     """ViT-Tiny (exported for batch 1) at its default layer with the Gaussian: one session of the graph
     with the branch (the feature tokens and the residual stream masked, the head that reads the class
@@ -475,7 +523,7 @@ def _token_copies_agree(net, chelsea):
     layer = net.layer(default_feature_layer(net)[0])
     head, session = head_of(net, layer), rc._in_graph_entry(net, layer, "auto")[1]
     x = net.to_model_input(net.fit_pixels(chelsea)[None])
-    one = rc._copy_scores(net, rc._run_copies(net, session, x), "logits").astype(np.float64)
+    one = rc._copy_scores(net, rc._run_copies(net, session, x)[0], "logits").astype(np.float64)
     two = rc.copy_scores(net, head, net.ort.run(x, list(head.inputs)), range(1000), kernel="gaussian",
                          scores="logits")
     assert float(np.abs(one - two).max()) <= rc.TOKEN_SCORES_TOLERANCE * float(two.max() - two.min())

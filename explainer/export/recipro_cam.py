@@ -194,6 +194,15 @@ def _global_pool(ctx: ExportContext) -> str | None:
     return readers[0].output[0]
 
 
+def _scaled(ctx: ExportContext, cams: str) -> str:
+    """(N, K, hw) maps, each min-max scaled to [0, 1] over its hw locations (0 where constant)."""
+    low = ctx.reduce("ReduceMin", cams, [2], keepdims=1)
+    span = ctx.node("Sub", [ctx.reduce("ReduceMax", cams, [2], keepdims=1), low])
+    varies = ctx.node("Greater", [span, ctx.scalar(0.0)])
+    safe = ctx.node("Where", [varies, span, ctx.scalar(1.0)])
+    return ctx.node("Where", [varies, ctx.node("Div", [ctx.node("Sub", [cams, low]), safe]), ctx.scalar(0.0)])
+
+
 @exporter("recipro_cam")
 def recipro_cam(ctx: ExportContext) -> str:
     layout = ctx.layout
@@ -227,13 +236,10 @@ def recipro_cam(ctx: ExportContext) -> str:
     probabilities = ctx.node("Softmax", [scores], axis=1)
     per_image_scores = ctx.reshape(probabilities, ctx.const(np.asarray([-1, hw, ctx.num_classes], np.int64), "grid"))
     by_class = ctx.node("Transpose", [per_image_scores], perm=[0, 2, 1])  # (N, classes, hw)
+    if ctx.diagnostics is not None:  # the library's in-graph path: every class's map, scaled, image by image
+        ctx.diagnostics["every_map"] = _scaled(ctx, by_class)  # (N, classes, hw)
     index_shape = ctx.node("Concat", [ctx.shape_of(ctx.classes), ctx.const(np.asarray([hw], np.int64), "hw")], axis=0)
     index = ctx.node("Expand", [ctx.unsqueeze(ctx.classes, [2]), index_shape])  # (N, K, hw)
-    cams = ctx.node("GatherElements", [by_class, index], axis=1)  # (N, K, hw)
-    low = ctx.reduce("ReduceMin", cams, [2], keepdims=1)
-    span = ctx.node("Sub", [ctx.reduce("ReduceMax", cams, [2], keepdims=1), low])
-    varies = ctx.node("Greater", [span, ctx.scalar(0.0)])
-    safe = ctx.node("Where", [varies, span, ctx.scalar(1.0)])
-    scaled = ctx.node("Where", [varies, ctx.node("Div", [ctx.node("Sub", [cams, low]), safe]), ctx.scalar(0.0)])
+    scaled = _scaled(ctx, ctx.node("GatherElements", [by_class, index], axis=1))  # (N, K, hw)
     shape = ctx.node("Concat", [ctx.shape_of(ctx.classes), ctx.const(np.asarray([h, w], np.int64), "hw_grid")], axis=0)
     return ctx.reshape(scaled, shape)

@@ -55,7 +55,10 @@ vectors (a Reshape, Transpose and Div of the feature map, no masked copies) and 
 on them: about 1 % of ResNet-18's run (its Gemm), the rest the backbone. The session is the engine's
 (``OrtEngine.session``), with onnxruntime's pool threads not spinning (``SPIN``), on OpenVINO compiled
 for one image. The branch returns the copies' raw scores (``COPY_SCORES``), which are turned into
-probabilities or logits and scaled as the two-stage path does. The path is taken once the branch agrees
+probabilities or logits and scaled as the two-stage path does, and every class's map of probabilities
+scaled in the graph (``EVERY_MAP``: the softmax and the scaling of 1,000 maps took about 0.5 ms of
+Python a call), read instead where it equals the maps scaled here (``_branch_scales``: feature maps at
+float32). The path is taken once the branch agrees
 with the two-stage path on a random image: on feature maps their maps (every class, logits) within
 1e-4 of the range (on EfficientNet-Lite0 and ResNet-18 they are bit-identical; tested to 1e-5); on
 tokens the copies' raw scores within ``TOKEN_SCORES_TOLERANCE`` (1e-5) of their range (ViT-Tiny's are
@@ -314,7 +317,11 @@ IN_GRAPH, TWO_STAGE = "in-graph", "two-stage"
 PATHS = ("auto", IN_GRAPH, TWO_STAGE)
 #: the explained graph's output holding the masked copies' scores (N*h*w, classes): export/recipro_cam.py
 COPY_SCORES = "saliency_copy_scores"
-#: the in-graph decisions and sessions per Classifier (dropped with it): {(feature, kernel): (choice, session)}
+#: its output holding every class's map (N, classes, h*w): the softmax of the copies' scores, each class
+#: min-max scaled over the locations (``_in_graph_maps`` reads it where those are the maps asked for)
+EVERY_MAP = "saliency_every_map"
+#: the in-graph decisions and sessions per Classifier (dropped with it): {(feature, kernel): (choice, session,
+#: whether the branch's scaled maps serve probabilities)}
 _GRAPHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 registries.register_classifier_cache("Recipro-CAM heads and in-graph sessions", _HEADS, _GRAPHS, lock=_LOCK)
 
@@ -355,7 +362,7 @@ def _not_in_graph(net: Classifier, layout: FeatureLayout, kernel: str) -> str | 
 
 def _open_in_graph(net: Classifier, layer: Layer):
     """The session of ``net.model`` plus the Recipro-CAM branch at ``layer``, kept to its ``COPY_SCORES``
-    output, on the classifier's engine (``net.ort.derived``: onnxruntime on its providers, or OpenVINO at
+    and ``EVERY_MAP`` outputs, on the classifier's engine (``net.ort.derived``: onnxruntime on its providers, or OpenVINO at
     its precision, there for a batch of one image), opened as the engine opens the classifier's own. On
     onnxruntime the pool threads do not spin (``SPIN``: one call per explanation; measured no slower on
     the shared 2-core machine, and the threads then leave the cores to other work between calls); zero
@@ -363,7 +370,7 @@ def _open_in_graph(net: Classifier, layer: Layer):
     from ..export.writer import build_explained
 
     model = _only(build_explained(net, "recipro_cam", layer.name, 1, "feature", source=net.model, diagnostics=True,
-                                  where="recipro_cam"), COPY_SCORES)
+                                  where="recipro_cam"), (COPY_SCORES, EVERY_MAP))
     if net.ort.engine != "onnxruntime":  # OpenVINO: compiled for one image (each call explains one): a static
         _one_image(model, net.input.name)  # shape took 2-9 % less CPU time than the dynamic batch (ResNet-18, Lite0)
     engine = net.ort.derived(model, net.input.name, f"{net.ort.model_key}|recipro_in_graph:{layer.output}",
@@ -380,15 +387,15 @@ def _one_image(model: onnx.ModelProto, input_name: str) -> None:
             first.dim_value = 1
 
 
-def _only(model: onnx.ModelProto, output: str) -> onnx.ModelProto:
-    """``model`` with ``output`` as its only output and the nodes it does not need dropped (the explained
+def _only(model: onnx.ModelProto, keep: tuple[str, ...]) -> onnx.ModelProto:
+    """``model`` with the outputs ``keep`` alone and the nodes they do not need dropped (the explained
     graph's maps, classes and the source's own outputs: an engine that computes every output would run
     them on each call)."""
     graph = model.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         return model  # subgraphs read outer names beside their inputs: left whole
     producer = producers(graph)
-    needed, todo = set(), [output]
+    needed, todo = set(), list(keep)
     while todo:
         node = producer.get(todo.pop())
         if node is None or id(node) in needed:
@@ -396,7 +403,7 @@ def _only(model: onnx.ModelProto, output: str) -> onnx.ModelProto:
         needed.add(id(node))
         todo.extend(i for i in node.input if i)
     kept = [n for n in graph.node if id(n) in needed]
-    outputs = [o for o in graph.output if o.name == output]
+    outputs = [o for o in graph.output if o.name in keep]
     del graph.node[:]
     graph.node.extend(kept)
     del graph.output[:]
@@ -421,8 +428,9 @@ def _why_not(exc: BaseException) -> str:
 
 
 def _in_graph_entry(net: Classifier, layer: Layer, kernel: str) -> tuple:
-    """(ReciproPath, session or None) for ``layer`` and ``kernel``: decided once per classifier (the branch
-    written and its session opened, or the reason it is not), then read from the per-classifier table."""
+    """(ReciproPath, session or None, whether the branch's scaled maps serve probabilities
+    (``_branch_scales``)) for ``layer`` and ``kernel``: decided once per classifier (the branch written and
+    its session opened, or the reason it is not), then read from the per-classifier table."""
     layout = head_of(net, layer).layout
     key = (layer.output, _kernel(kernel, layout))
     with _LOCK:
@@ -431,7 +439,7 @@ def _in_graph_entry(net: Classifier, layer: Layer, kernel: str) -> tuple:
             return per_net[key]
         reason = _not_in_graph(net, layout, kernel)
         if reason is not None:
-            entry = (ReciproPath(TWO_STAGE, reason), None)
+            entry = (ReciproPath(TWO_STAGE, reason), None, False)
         else:
             copies = layout.grid[0] * layout.grid[1]
             try:
@@ -444,10 +452,10 @@ def _in_graph_entry(net: Classifier, layer: Layer, kernel: str) -> tuple:
                         "Gaussian-masked copies of the feature tokens" + (" and of the residual stream"
                                                                           if len(head_of(net, layer).inputs) > 1 else ""))
                 entry = (ReciproPath(IN_GRAPH, f"one {_engine_name(net)} session: the backbone, {copies} {what} "
-                                               "and the head"), session)
+                                               "and the head"), session, _branch_scales(net, head_of(net, layer), session))
                 _close_two_stage(net, head_of(net, layer))
             else:
-                entry = (ReciproPath(TWO_STAGE, reason), None)
+                entry = (ReciproPath(TWO_STAGE, reason), None, False)
         per_net[key] = entry
         return entry
 
@@ -516,11 +524,34 @@ def _disagreement(net: Classifier, layer: Layer, session) -> str | None:
     return None if r >= 0.99 else f"{other} (r = {r:.4f} at {net.ort.precision})"
 
 
+def _branch_scales(net: Classifier, head: Head, session) -> bool:
+    """Once per classifier and layer, where the in-graph path runs: whether the branch's own scaled maps
+    (``EVERY_MAP``) serve ``scores="probabilities"``, saving the softmax and the scaling of every class's
+    map here (about 0.5 ms a call on 1,000 classes): on feature maps at float32, where the library's
+    probabilities are the softmax of the scores the branch reads (a graph ending in a Softmax, or giving
+    logits), and where they equal the maps scaled here from the same call's copies' scores within
+    1e-5 on a random image (the two softmaxes round apart by about 1e-8 of a probability, which scaling
+    magnifies where a class's map barely varies; on token layers, whose maps do, never)."""
+    softmax_of_scores = net.output.softmax_input or not net.output.is_probability  # as ``scores_from_outputs``
+    if head.layout.kind == "tokens" or not softmax_of_scores or getattr(net.ort, "precision", "f32") != "f32":
+        return False
+    pixels = np.random.default_rng(1).uniform(0, 255, (1, *net.input_size, net.input.channels)).astype(np.float32)
+    try:
+        raw, every = _run_copies(net, session, net.to_model_input(pixels), (COPY_SCORES, EVERY_MAP))
+    except Exception:  # noqa: BLE001 - the copies' scores, scaled here, serve then
+        return False
+    if not np.all(np.isfinite(raw)):
+        return False
+    h, w = head.layout.grid
+    here = normalise(_copy_scores(net, raw, "probabilities").astype(np.float64).T.reshape(-1, h, w))
+    return float(np.abs(every[0].reshape(here.shape) - here).max()) <= 1e-5
+
+
 def _token_disagreement(net: Classifier, head: Head, session, x: np.ndarray, every: list) -> str | None:
     """The branch's copies' raw scores of model input ``x`` against the two-stage head's on the same
     Gaussian-masked copies (``_disagreement`` on token layers)."""
     try:
-        one = _copy_scores(net, _run_copies(net, session, x), "logits").astype(np.float64)
+        one = _copy_scores(net, _run_copies(net, session, x)[0], "logits").astype(np.float64)
     except Exception as exc:  # noqa: BLE001
         return f"the graph's branch fails at run time: {_why_not(exc)}"
     two = copy_scores(net, head, net.ort.run(x, list(head.inputs)), every, kernel="gaussian", scores="logits")
@@ -533,25 +564,39 @@ def _token_disagreement(net: Classifier, head: Head, session, x: np.ndarray, eve
     return f"the graph's branch gives other copies' scores than the head (by {diff:.1e} of their range)"
 
 
-def _run_copies(net: Classifier, session, x: np.ndarray) -> np.ndarray:
-    """The branch's ``COPY_SCORES`` of model input ``x`` (1, ...): (h*w, classes)."""
+def _run_copies(net: Classifier, session, x: np.ndarray, outputs=(COPY_SCORES,)) -> list[np.ndarray]:
+    """The branch's ``outputs`` of model input ``x`` (1, ...): ``COPY_SCORES`` (h*w, classes), ``EVERY_MAP``
+    (1, classes, h*w)."""
     held = net.ort.held(x.shape)
     try:
         with held:
-            return session.run([COPY_SCORES], {net.input.name: x})[0]
+            return session.run(list(outputs), {net.input.name: x})
     except ExplainerError:
         raise
     except Exception as exc:
         raise net.ort.failure(exc, x.shape) from None
 
 
-def _in_graph_maps(net: Classifier, head: Head, session, x: np.ndarray, indices, scores: str) -> np.ndarray:
-    """(K, h, w) maps of model input ``x`` (1, ...) from one call of the explained graph's session."""
-    s = _copy_scores(net, _run_copies(net, session, x), scores)
-    if s.shape[1] <= max(indices):
-        raise InvalidParameterError(f"recipro_cam: class {max(indices)} is out of range ({s.shape[1]}).")
+def _in_graph_maps(net: Classifier, head: Head, session, x: np.ndarray, indices, scores: str,
+                   scaled: bool = False) -> np.ndarray:
+    """(K, h, w) maps of model input ``x`` (1, ...) from one call of the explained graph's session: the
+    branch's scaled maps of every class where ``scaled`` (``_branch_scales``) and the probabilities are
+    asked for, else scaled here from the copies' scores."""
     h, w = head.layout.grid
+    if scaled and scores == "probabilities":
+        raw, every = _run_copies(net, session, x, (COPY_SCORES, EVERY_MAP))
+        if not np.all(np.isfinite(raw)):
+            net.scores_from_outputs([raw.reshape(len(raw), -1)])  # raises the library's NonFiniteOutputError
+        _check_classes(indices, every.shape[1])
+        return every[0, indices].reshape(len(indices), h, w).astype(np.float32)
+    s = _copy_scores(net, _run_copies(net, session, x)[0], scores)
+    _check_classes(indices, s.shape[1])
     return normalise(s[:, indices].astype(np.float64).T.reshape(len(indices), h, w))
+
+
+def _check_classes(indices, classes: int) -> None:
+    if classes <= max(indices):
+        raise InvalidParameterError(f"recipro_cam: class {max(indices)} is out of range ({classes}).")
 
 
 def _copies_fit(net: Classifier, head: Head) -> bool:
@@ -576,13 +621,13 @@ def input_maps(net: Classifier, layer: Layer, x: np.ndarray, indices, *, kernel=
     where ``path`` allows and ``recipro_cam_engine`` says so (all copies in one run within the budget),
     else the backbone pass then the head on the copies."""
     head = head_of(net, layer)
-    choice, session = _in_graph_entry(net, layer, kernel) if path != TWO_STAGE else (None, None)
+    choice, session, scaled = _in_graph_entry(net, layer, kernel) if path != TWO_STAGE else (None, None, False)
     if path == IN_GRAPH and session is None:
         raise InvalidParameterError(f"recipro_cam: the in-graph path cannot run at layer {layer.name!r}: "
                                     f"{choice.reason}; path='auto' takes the two-stage path there.")
     whole = batch_size == "auto" or int(batch_size) >= head.layout.grid[0] * head.layout.grid[1]
     if session is not None and (path == IN_GRAPH or whole):  # the copies' budget: checked at the decision
-        return _in_graph_maps(net, head, session, x, indices, scores)
+        return _in_graph_maps(net, head, session, x, indices, scores, scaled)
     values = net.ort.run(x, list(head.inputs))
     return maps_from_values(net, head, values, indices, kernel=kernel, scores=scores, batch_size=batch_size,
                             verbose=verbose)
