@@ -836,6 +836,51 @@ def test_unsupported_head_falls_back_to_torch_and_says_why(default_net, chelsea,
     assert choice == "torch" and other in choice.reason and "class scores" in choice.reason
 
 
+def test_the_differentiated_heads_run_counts_its_own_memory(chelsea, coffee, monkeypatch):
+    """The run budget counts the in-graph Grad-CAM run as the graph with the branch needs it, not as the
+    classifier's forward: Grad-CAM's weighted feature map (N, K, C, H, W) and the feature map itself are
+    alive at once in the branch, at least (K + 1) feature maps an image, where the forward's peak here
+    is two (the Conv's output and its Relu; a fuzzed file's branch ran 384 MB where its forward counted
+    96 MB). Counted per image and class; a budget for one image runs one image a call, with the bytes
+    in flight never over it; more classes than the budget holds for one image is one typed error; a
+    budget between the forward's need and one image's branch takes the torch path, saying why."""
+    from explainer import limits
+    from explainer.errors import ResourceLimitError
+    from explainer.export import engine
+    from explainer.runtime.budget import IN_FLIGHT
+
+    c, k, size = 6, 5, 256
+    head = ([_n("GlobalMaxPool", ["feature"], ["p"]), _n("Flatten", ["p"], ["f"]),
+             _n("Gemm", ["f", "w"], ["scores"], transB=1)], [_const("w", _w(k, c))])
+    feature = c * size * size * 4  # bytes of the feature map, one image
+    net = _classifier(*head, size=size)
+    forward = net.ort.guard.need((1, *net.per_image_shape))
+    choice, _, cost = engine._entry(net, "gradcam", "feature")
+    assert choice == "onnxruntime", choice.describe()
+    assert forward < cost.bytes(1, 1) and all(cost.bytes(1, n) >= (n + 1) * feature for n in (1, 2, 5))
+    assert cost.bytes(3, 2) == 3 * cost.bytes(1, 2)
+
+    # a budget for one image (with one class), not two: one image a call, the bytes in flight within it
+    monkeypatch.setattr(limits, "MAX_RUN_BYTES", cost.bytes(1, 1) + cost.bytes(1, 1) // 2)
+    calls = []
+    original = engine._held
+    monkeypatch.setattr(engine, "_held", lambda *a: calls.append(a[2:]) or original(*a))
+    IN_FLIGHT.peak = 0
+    maps = explainer.gradcam(net, [chelsea, coffee], 1, feature_layer="feature")
+    assert calls == [(1, 1), (1, 1)] and 0 < IN_FLIGHT.peak <= limits.MAX_RUN_BYTES
+    expected = explainer.methods.gradcam.GradCAM(net, "feature", runs_on="torch")([chelsea, coffee], 1)
+    for a, b in zip(maps, expected):
+        assert float(np.abs(a - b).max()) <= 1e-4
+    with pytest.raises(ResourceLimitError, match="fewer classes"):
+        explainer.gradcam(net, chelsea, [0, 1, 2, 3, 4], feature_layer="feature")
+
+    # a budget between the forward's need and one image's branch: the torch path, saying why
+    monkeypatch.setattr(limits, "MAX_RUN_BYTES", (forward + cost.bytes(1, 1)) // 2)
+    other = _classifier(*head, size=size)
+    choice = explainer.gradcam_engine(other, "feature")
+    assert choice == "torch" and "over the run budget" in choice.reason, choice.describe()
+
+
 def _lite0_int8(tmp_path_factory, default_net):
     """The embedded EfficientNet-Lite0 quantised as the compatibility suite's int8 variants are
     (onnxruntime.quantization, static QDQ, per-channel int8 weights, uint8 activations)."""

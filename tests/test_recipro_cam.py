@@ -278,7 +278,7 @@ def test_in_graph_path_equals_the_two_stage_path_and_says_why(default_net, resne
 def test_in_graph_probabilities_are_the_branchs_scaled_maps_where_they_equal_ours(resnet, vit, chelsea, monkeypatch):
     """On a CNN at float32 the in-graph path reads every class's map of probabilities as the branch scales
     it (``EVERY_MAP``), not the copies' scores scaled in Python: decided once against the Python scaling
-    of the same call (1e-5). Those maps equal the Python-scaled ones from the copies' scores (computed
+    of the same call (``BRANCH_SCALING_TOLERANCE``). Those maps equal the Python-scaled ones from the copies' scores (computed
     independently here: softmax in float64, min-max per class); a branch whose maps differ (here: every
     map replaced by its square) is not read; logits are scaled in Python; token layers never read it;
     non-finite copies' scores still raise the library's error on that path."""
@@ -287,7 +287,7 @@ def test_in_graph_probabilities_are_the_branchs_scaled_maps_where_they_equal_our
 
     net = explainer.load(exports.export("resnet18", "legacy"), preprocessing="imagenet")  # decided here
     layer = net.layer(default_feature_layer(net)[0])
-    choice, session, scaled = rc._in_graph_entry(net, layer, "auto")
+    choice, session, scaled, need = rc._in_graph_entry(net, layer, "auto")
     assert choice == "in-graph" and scaled
     x = net.to_model_input(net.fit_pixels(chelsea)[None])
     classes = [285, 0, 999, 504]
@@ -321,6 +321,28 @@ def test_in_graph_probabilities_are_the_branchs_scaled_maps_where_they_equal_our
     monkeypatch.setattr(rc, "_run_copies", broken)
     with pytest.raises(NonFiniteOutputError):
         rc.input_maps(net, layer, x, classes)
+
+
+def test_in_graph_run_counts_its_copies_in_the_budget(vit, chelsea, monkeypatch):
+    """The in-graph session's run counts the graph with the copies among the runs in flight, not the
+    classifier's forward: on ViT-Tiny the 196 copies of the feature tokens and of the residual stream
+    (197 x 192 float32 each) are alive at once, at least 2 x 196 x 197 x 192 x 4 bytes, where one
+    image's forward counts about 1 MB. A budget below that run takes the two-stage path, saying so."""
+    from explainer import limits
+    from explainer.methods import recipro_cam as rc
+    from explainer.runtime.budget import IN_FLIGHT
+
+    net = vit[0]
+    layer = net.layer(default_feature_layer(net)[0])
+    choice, session, _, need = rc._in_graph_entry(net, layer, "auto")
+    assert choice == "in-graph" and need >= 2 * 196 * 197 * 192 * 4 > net.ort.guard.need((1, *net.per_image_shape))
+    IN_FLIGHT.peak = 0
+    low_resolution(net, net.fit_pixels(chelsea), layer, [285])
+    assert IN_FLIGHT.peak >= need
+    monkeypatch.setattr(limits, "MAX_RUN_BYTES", need // 2)
+    small = explainer.load(exports.export("vit_tiny", "legacy"))  # decided under the small budget
+    choice = explainer.recipro_cam_engine(small)
+    assert choice == "two-stage" and "over the run budget" in choice.reason, choice.describe()
 
 
 def test_in_graph_path_on_a_token_layer_checks_the_copies_raw_scores(vit, chelsea):

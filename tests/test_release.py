@@ -41,10 +41,10 @@ def _used_and_dropped():
     from explainer.export import engine as in_graph
     from explainer.methods import recipro_cam
 
-    made.update({f"in-graph session {key}": s for key, (_, s) in in_graph._SESSIONS.get(net, {}).items()
+    made.update({f"in-graph session {key}": s for key, (_, s, _) in in_graph._SESSIONS.get(net, {}).items()
                  if s is not None and s is not in_graph.CLOSED})
     made.update({f"Recipro-CAM head {key}": h for key, h in recipro_cam._HEADS.get(net, {}).items()})
-    made.update({f"Recipro-CAM session {key}": s for key, (_, s) in recipro_cam._GRAPHS.get(net, {}).items() if s})
+    made.update({f"Recipro-CAM session {key}": s for key, (_, s, *_) in recipro_cam._GRAPHS.get(net, {}).items() if s})
     assert any(k.startswith("in-graph session") for k in made) and any(k.startswith("Recipro-CAM head") for k in made)
     return {what: weakref.ref(obj) for what, obj in made.items()}
 
@@ -119,9 +119,9 @@ def test_in_graph_gradcam_keeps_a_bounded_number_of_sessions_open(chelsea):
         in_graph.cam_maps(net, x, targets, feature_layer=layer)
     entries = in_graph._SESSIONS[net]
     assert all((("gradcam", layer) in entries) for layer in layers)
-    assert sum(s is not None and s is not in_graph.CLOSED for _, s in entries.values()) == in_graph.MAX_OPEN
+    assert sum(s is not None and s is not in_graph.CLOSED for _, s, _ in entries.values()) == in_graph.MAX_OPEN
     assert entries[("gradcam", layers[0])][1] is in_graph.CLOSED
-    assert all(choice == "onnxruntime" for choice, _ in entries.values())
+    assert all(choice == "onnxruntime" for choice, _, _ in entries.values())
     again = in_graph.cam_maps(net, x, targets, feature_layer=layers[0])
     assert entries[("gradcam", layers[0])][1] is not in_graph.CLOSED
     np.testing.assert_array_equal(again, first)

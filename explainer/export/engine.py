@@ -17,18 +17,20 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
+from typing import NamedTuple
 
 import numpy as np
 
-from ..errors import ExplainerError, InvalidParameterError
+from .. import limits
+from ..errors import ExplainerError, InvalidParameterError, ResourceLimitError
 from ..registries import register_classifier_cache
 from ..runtime.feature_layers import default_feature_layer
 from ..runtime.ort_engine import ort_error
 from ..threads import keep_in_forks
 from .writer import SALIENCY, TARGET, build_explained
 
-#: classifier -> {(method, layer name): (EngineChoice, session, None (the torch path) or CLOSED)}, the
-#: most recently used entry last
+#: classifier -> {(method, layer name): (EngineChoice, session, None (the torch path) or CLOSED,
+#: BranchCost or None)}, the most recently used entry last
 _SESSIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 register_classifier_cache("in-graph Grad-CAM sessions", _SESSIONS, lock=_LOCK)
@@ -87,19 +89,53 @@ def layer_key(net, feature_layer) -> str:
 PIXELS = "explain/pixels"
 
 
-def _open(net, method: str, layer: str, pixels: bool = True):
-    """The session of ``net.model`` plus the branch; with ``pixels`` and where ``_normalising`` can
-    write the library's preprocessing as nodes, its input is the images' pixels (``PIXELS``)."""
+class BranchCost(NamedTuple):
+    """The memory of one run of the graph with the branch: about ``images * (per_image + per_target *
+    K)`` bytes for ``images`` images and K target classes each (the forward pass and the head's
+    gradient for each class; the gradient of a head that pads or tiles the feature map is the size of
+    what it pads: a fuzzed head's Pad made one image's run 384 MB where the forward's peak is 96 MB)."""
+    per_image: int
+    per_target: int
+
+    def bytes(self, images: int, k: int) -> int:
+        return max(int(images), 1) * (self.per_image + self.per_target * max(int(k), 1))
+
+
+def _branch_cost(net, model) -> BranchCost | None:
+    """The explained ``model``'s live-tensor peak for one image at K = 1 and K = 2 target classes
+    (``budget.peak_at``: shape inference, as the run budget estimates a classifier's graph), as a
+    ``BranchCost``; None where inference cannot tell."""
+    from ..runtime.budget import peak_at
+
+    shape = [1, *net.per_image_shape]
+    peaks = [peak_at(model, net.input.name, shape, {TARGET: [1, k]}) for k in (1, 2)]
+    if None in peaks:
+        return None
+    per_target = max(peaks[1] - peaks[0], 0)
+    return BranchCost(max(peaks[0] - per_target, 0), per_target)
+
+
+def _open(net, method: str, layer: str, pixels: bool = True) -> tuple:
+    """(the session of ``net.model`` plus the branch, its ``BranchCost`` or None); with ``pixels`` and
+    where ``_normalising`` can write the library's preprocessing as nodes, the session's input is the
+    images' pixels (``PIXELS``). Refused (``ResourceLimitError``) where one image's run at K = 1 is over
+    the run budget."""
     import onnxruntime as ort
 
     model = build_explained(net, method, layer, 0, "feature", source=net.model, targets_per_image=True,
                             diagnostics=True, where=method)
+    cost = _branch_cost(net, model) if getattr(net.ort, "guard", None) is not None else None
+    if cost is not None and cost.bytes(1, 1) > limits.max_run_bytes():
+        raise ResourceLimitError(
+            f"{method}: the graph with the differentiated head needs about {cost.bytes(1, 1) / (1 << 20):,.1f} "
+            f"MiB for one image and one class, over the run budget limits.max_run_bytes()="
+            f"{limits.max_run_bytes() / (1 << 20):,.1f} MiB")
     if pixels:
         _normalising(net, model)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     providers = list(getattr(net.ort, "providers", None) or ["CPUExecutionProvider"])
-    return keep_in_forks(ort.InferenceSession(model.SerializeToString(), options, providers=providers))
+    return keep_in_forks(ort.InferenceSession(model.SerializeToString(), options, providers=providers)), cost
 
 
 def takes_pixels(run) -> bool:
@@ -172,6 +208,7 @@ def _normalising(net, model) -> bool:
 
 
 def _entry(net, method: str, feature_layer, pixels: bool = True) -> tuple:
+    """(EngineChoice, session or None, BranchCost or None) for ``method`` at ``feature_layer``."""
     layer = layer_key(net, feature_layer)
     key = (method, layer) if pixels else (method, layer, "model input")
     with _LOCK:
@@ -180,19 +217,19 @@ def _entry(net, method: str, feature_layer, pixels: bool = True) -> tuple:
             per_net.move_to_end(key)
             return per_net[key]
         if key in per_net:  # closed to bound the memory: opened again, the decision stands
-            per_net[key] = (per_net[key][0], _open(net, method, layer, pixels))
+            per_net[key] = (per_net[key][0], *_open(net, method, layer, pixels))
         else:
             try:
-                per_net[key] = (EngineChoice(ONNXRUNTIME, DIFFERENTIATED), _open(net, method, layer, pixels))
-            except ExplainerError as exc:  # no rule for an op of the head, an opset too old, ...
-                per_net[key] = (EngineChoice(TORCH, _why_not(exc)), None)
+                per_net[key] = (EngineChoice(ONNXRUNTIME, DIFFERENTIATED), *_open(net, method, layer, pixels))
+            except ExplainerError as exc:  # no rule for an op of the head, an opset too old, over the budget, ...
+                per_net[key] = (EngineChoice(TORCH, _why_not(exc)), None, None)
             except Exception as exc:  # onnxruntime refuses the written graph (an op on this provider, ...)
                 per_net[key] = (EngineChoice(TORCH, f"onnxruntime cannot run the differentiated head: "
-                                                    f"{type(exc).__name__}: {str(exc)[:200]}"), None)
+                                                    f"{type(exc).__name__}: {str(exc)[:200]}"), None, None)
         per_net.move_to_end(key)
-        open_keys = [k for k, (_, s) in per_net.items() if s is not None and s is not CLOSED]
+        open_keys = [k for k, (_, s, _) in per_net.items() if s is not None and s is not CLOSED]
         for old_key in open_keys[:-MAX_OPEN]:
-            per_net[old_key] = (per_net[old_key][0], CLOSED)
+            per_net[old_key] = (per_net[old_key][0], CLOSED, per_net[old_key][2])
         return per_net[key]
 
 
@@ -211,16 +248,19 @@ def session(net, method: str = "gradcam", feature_layer=None, pixels: bool = Tru
         run = session(net, method, feature_layer)  # the decision (and its reason) is the pixel session's
         if not takes_pixels(run):
             return run
-    choice, run = _entry(net, method, feature_layer, pixels)
+    choice, run, _ = _entry(net, method, feature_layer, pixels)
     if run is None:
         raise InvalidParameterError(f"{method}: the in-graph path cannot run at layer "
                                     f"{layer_key(net, feature_layer)!r}: {choice.reason}.")
     return run
 
 
-def _chunk(net, k: int) -> int:
-    """Images per session call: all of them unless the run budget (one image's forward, the gradient
-    of K classes beside it) says fewer."""
+def _chunk(net, k: int, cost: BranchCost | None) -> int:
+    """Images per session call: all of them unless the run budget (the branch's ``cost`` of one image
+    with K classes; without one, one image's forward and the gradient of K classes beside it) says
+    fewer."""
+    if cost is not None:
+        return max(1, limits.max_run_bytes() // max(cost.bytes(1, k), 1))
     guard = getattr(net.ort, "guard", None)
     if guard is None:
         return 1 << 30
@@ -230,12 +270,30 @@ def _chunk(net, k: int) -> int:
         return 1 << 30
 
 
+def _held(net, cost: BranchCost | None, images: int, k: int):
+    """The run's bytes counted among the runs in flight (``budget.IN_FLIGHT``) while it runs: the branch's
+    ``cost``, refused over the budget (``ResourceLimitError`` naming the fix); without a cost, the
+    classifier's own guard for the forward pass of ``images`` images."""
+    if cost is None:
+        return net.ort.held((images, *net.per_image_shape))
+    from ..runtime.budget import IN_FLIGHT
+
+    need = cost.bytes(images, k)
+    if need > limits.max_run_bytes():
+        raise ResourceLimitError(
+            f"Grad-CAM in the graph: {images} image(s) with {k} classes each need about {need / (1 << 20):,.1f} MiB "
+            f"in one run, over the run budget limits.max_run_bytes()={limits.max_run_bytes() / (1 << 20):,.1f} "
+            "MiB. To go on: ask for fewer classes per call.")
+    return IN_FLIGHT.hold(need)
+
+
 def cam_maps(net, x: np.ndarray, targets, method: str = "gradcam", feature_layer=None,
              with_unaveraged: bool = False):
     """(N, K, h, w) float32 maps of model input ``x`` (N, ...) for ``targets`` (N, K) class indices;
     with ``with_unaveraged``, also (N, K): each map's peak of sum_c mean|g| |A|, for the library's
     refusal of maps at float32 noise level (``BaseCAM._refuse_degenerate``)."""
-    return _maps(net, session(net, method, feature_layer, pixels=False), x, targets, with_unaveraged)
+    return _maps(net, session(net, method, feature_layer, pixels=False), x, targets, with_unaveraged,
+                 _entry(net, method, feature_layer)[2])
 
 
 def pixel_cam_maps(net, pixels: np.ndarray, targets, method: str = "gradcam", feature_layer=None,
@@ -246,23 +304,24 @@ def pixel_cam_maps(net, pixels: np.ndarray, targets, method: str = "gradcam", fe
     run = session(net, method, feature_layer)
     if not takes_pixels(run):
         return cam_maps(net, net.to_model_input(pixels), targets, method, feature_layer, with_unaveraged)
-    return _maps(net, run, np.ascontiguousarray(pixels, dtype=np.float32), targets, with_unaveraged)
+    return _maps(net, run, np.ascontiguousarray(pixels, dtype=np.float32), targets, with_unaveraged,
+                 _entry(net, method, feature_layer)[2])
 
 
-def _maps(net, run, x: np.ndarray, targets, with_unaveraged: bool):
+def _maps(net, run, x: np.ndarray, targets, with_unaveraged: bool, cost: BranchCost | None = None):
     targets = np.asarray(targets, np.int64)
     if targets.ndim == 1:
         targets = np.broadcast_to(targets[None], (len(x), len(targets)))
     # graphs that keep their exported batch: one image a call; others: every image in one call, unless
     # the run budget says fewer
-    step = 1 if net.max_batch == 1 or len(x) == 1 else min(len(x), _chunk(net, targets.shape[1]))
+    step = 1 if net.max_batch == 1 or len(x) == 1 else min(len(x), _chunk(net, targets.shape[1], cost))
     names = [SALIENCY, f"{SALIENCY}_unaveraged"]
     image = PIXELS if takes_pixels(run) else net.input.name
     parts = []
     for i in range(0, len(x), step):
         batch = x[i:i + step]
         shape = (len(batch), *net.per_image_shape)  # the model's input, whichever the session takes
-        held = net.ort.held(shape)  # refused over the budget
+        held = _held(net, cost, len(batch), targets.shape[1])  # refused over the budget
         try:
             with held:
                 parts.append(run.run(names, {image: batch, TARGET: np.ascontiguousarray(targets[i:i + step])}))

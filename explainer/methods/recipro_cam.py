@@ -85,11 +85,12 @@ import onnx
 from onnx import helper
 
 from .. import limits, registries
-from ..errors import ExplainerError, HeadSplitError, InvalidParameterError, LayerNotFeatureMapError
+from ..errors import ExplainerError, HeadSplitError, InvalidParameterError, LayerNotFeatureMapError, ResourceLimitError
 from ..export.engine import Decision
 from ..export.head import integer_values, select_early
 from ..graph import dims, head_nodes, infer_shapes, producers
 from ..model.structure import image_reads
+from ..runtime.budget import IN_FLIGHT, peak_at
 from ..runtime.feature_layers import default_feature_layer, location_masks
 from ..runtime.ort_engine import OrtEngine
 from ..runtime.perturb import stream_probabilities
@@ -321,7 +322,7 @@ COPY_SCORES = "saliency_copy_scores"
 #: min-max scaled over the locations (``_in_graph_maps`` reads it where those are the maps asked for)
 EVERY_MAP = "saliency_every_map"
 #: the in-graph decisions and sessions per Classifier (dropped with it): {(feature, kernel): (choice, session,
-#: whether the branch's scaled maps serve probabilities)}
+#: whether the branch's scaled maps serve probabilities, the bytes of its run of one image)}
 _GRAPHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 registries.register_classifier_cache("Recipro-CAM heads and in-graph sessions", _HEADS, _GRAPHS, lock=_LOCK)
 
@@ -360,9 +361,10 @@ def _not_in_graph(net: Classifier, layout: FeatureLayout, kernel: str) -> str | 
     return None
 
 
-def _open_in_graph(net: Classifier, layer: Layer):
-    """The session of ``net.model`` plus the Recipro-CAM branch at ``layer``, kept to its ``COPY_SCORES``
-    and ``EVERY_MAP`` outputs, on the classifier's engine (``net.ort.derived``: onnxruntime on its providers, or OpenVINO at
+def _open_in_graph(net: Classifier, layer: Layer) -> tuple:
+    """(the session of ``net.model`` plus the Recipro-CAM branch at ``layer``, the bytes of its run of one
+    image or None: ``budget.peak_at`` of that graph, the h*w copies included). The session is kept to
+    its ``COPY_SCORES`` and ``EVERY_MAP`` outputs, on the classifier's engine (``net.ort.derived``: onnxruntime on its providers, or OpenVINO at
     its precision, there for a batch of one image), opened as the engine opens the classifier's own. On
     onnxruntime the pool threads do not spin (``SPIN``: one call per explanation; measured no slower on
     the shared 2-core machine, and the threads then leave the cores to other work between calls); zero
@@ -373,9 +375,13 @@ def _open_in_graph(net: Classifier, layer: Layer):
                                   where="recipro_cam"), (COPY_SCORES, EVERY_MAP))
     if net.ort.engine != "onnxruntime":  # OpenVINO: compiled for one image (each call explains one): a static
         _one_image(model, net.input.name)  # shape took 2-9 % less CPU time than the dynamic batch (ResNet-18, Lite0)
+    need = peak_at(model, net.input.name, [1, *net.per_image_shape]) if getattr(net.ort, "guard", None) else None
+    if need is not None and need > limits.max_run_bytes():
+        raise ResourceLimitError(f"recipro_cam: the graph with the {layer.name!r} copies needs about "
+                                 f"{need / (1 << 20):,.1f} MiB for one image, over the run budget")
     engine = net.ort.derived(model, net.input.name, f"{net.ort.model_key}|recipro_in_graph:{layer.output}",
                              spinning=SPIN)
-    return engine.session([])
+    return engine.session([]), need
 
 
 def _one_image(model: onnx.ModelProto, input_name: str) -> None:
@@ -429,7 +435,7 @@ def _why_not(exc: BaseException) -> str:
 
 def _in_graph_entry(net: Classifier, layer: Layer, kernel: str) -> tuple:
     """(ReciproPath, session or None, whether the branch's scaled maps serve probabilities
-    (``_branch_scales``)) for ``layer`` and ``kernel``: decided once per classifier (the branch written and
+    (``_branch_scales``), the bytes of the session's run or None) for ``layer`` and ``kernel``: decided once per classifier (the branch written and
     its session opened, or the reason it is not), then read from the per-classifier table."""
     layout = head_of(net, layer).layout
     key = (layer.output, _kernel(kernel, layout))
@@ -439,12 +445,13 @@ def _in_graph_entry(net: Classifier, layer: Layer, kernel: str) -> tuple:
             return per_net[key]
         reason = _not_in_graph(net, layout, kernel)
         if reason is not None:
-            entry = (ReciproPath(TWO_STAGE, reason), None, False)
+            entry = (ReciproPath(TWO_STAGE, reason), None, False, None)
         else:
             copies = layout.grid[0] * layout.grid[1]
+            need = None
             try:
-                session = _open_in_graph(net, layer)
-                reason = _disagreement(net, layer, session)
+                session, need = _open_in_graph(net, layer)
+                reason = _disagreement(net, layer, session, need)
             except Exception as exc:  # noqa: BLE001 - a branch that cannot be written or opened: two stages
                 session, reason = None, f"the graph's branch cannot be written or opened: {_why_not(exc)}"
             if reason is None:
@@ -452,10 +459,11 @@ def _in_graph_entry(net: Classifier, layer: Layer, kernel: str) -> tuple:
                         "Gaussian-masked copies of the feature tokens" + (" and of the residual stream"
                                                                           if len(head_of(net, layer).inputs) > 1 else ""))
                 entry = (ReciproPath(IN_GRAPH, f"one {_engine_name(net)} session: the backbone, {copies} {what} "
-                                               "and the head"), session, _branch_scales(net, head_of(net, layer), session))
+                                               "and the head"), session,
+                         _branch_scales(net, head_of(net, layer), session, need), need)
                 _close_two_stage(net, head_of(net, layer))
             else:
-                entry = (ReciproPath(TWO_STAGE, reason), None, False)
+                entry = (ReciproPath(TWO_STAGE, reason), None, False, None)
         per_net[key] = entry
         return entry
 
@@ -493,7 +501,7 @@ def recipro_cam_engine(net: Classifier, feature_layer=None, kernel: str = "auto"
 TOKEN_SCORES_TOLERANCE = 1e-5
 
 
-def _disagreement(net: Classifier, layer: Layer, session) -> str | None:
+def _disagreement(net: Classifier, layer: Layer, session, need: int | None = None) -> str | None:
     """Once per classifier and layer: the branch's maps of a random image (every class, logits) against
     the two-stage path's; the reason the in-graph path is not taken (a run that fails, e.g. a head that
     reads the image's batch size where the copies have another, or maps more than 1e-4 of the range
@@ -509,9 +517,9 @@ def _disagreement(net: Classifier, layer: Layer, session) -> str | None:
     x = net.to_model_input(pixels)
     every = list(range(net.num_classes))
     if head.layout.kind == "tokens":
-        return _token_disagreement(net, head, session, x, every)
+        return _token_disagreement(net, head, session, x, every, need)
     try:
-        one = _in_graph_maps(net, head, session, x, every, "logits")
+        one = _in_graph_maps(net, head, session, x, every, "logits", need=need)
     except Exception as exc:  # noqa: BLE001
         return f"the graph's branch fails at run time: {_why_not(exc)}"
     two = maps_from_values(net, head, net.ort.run(x, list(head.inputs)), every, kernel="point", scores="logits")
@@ -524,34 +532,43 @@ def _disagreement(net: Classifier, layer: Layer, session) -> str | None:
     return None if r >= 0.99 else f"{other} (r = {r:.4f} at {net.ort.precision})"
 
 
-def _branch_scales(net: Classifier, head: Head, session) -> bool:
+#: how far apart (of the [0, 1] range) the branch's scaled maps of probabilities may be from the maps scaled
+#: here from the same call's copies' scores for the branch's to be read (``_branch_scales``): the two
+#: softmaxes round apart by about 1e-8 of a probability, which min-max scaling magnifies where a class's
+#: map barely varies (EfficientNet-Lite0's, a random image: 1.5e-5 at most; ResNet-18's: 1.1e-6); the same
+#: bound as the in-graph path's own check against the two-stage path
+BRANCH_SCALING_TOLERANCE = 1e-4
+
+
+def _branch_scales(net: Classifier, head: Head, session, need: int | None = None) -> bool:
     """Once per classifier and layer, where the in-graph path runs: whether the branch's own scaled maps
     (``EVERY_MAP``) serve ``scores="probabilities"``, saving the softmax and the scaling of every class's
     map here (about 0.5 ms a call on 1,000 classes): on feature maps at float32, where the library's
     probabilities are the softmax of the scores the branch reads (a graph ending in a Softmax, or giving
-    logits), and where they equal the maps scaled here from the same call's copies' scores within
-    1e-5 on a random image (the two softmaxes round apart by about 1e-8 of a probability, which scaling
-    magnifies where a class's map barely varies; on token layers, whose maps do, never)."""
+    logits), and where they equal the maps scaled here from the same call's copies' scores on a random
+    image within ``BRANCH_SCALING_TOLERANCE``; never on token layers (their maps barely vary: scaling
+    magnifies the softmaxes' rounding there up to 10^4-fold)."""
     softmax_of_scores = net.output.softmax_input or not net.output.is_probability  # as ``scores_from_outputs``
     if head.layout.kind == "tokens" or not softmax_of_scores or getattr(net.ort, "precision", "f32") != "f32":
         return False
     pixels = np.random.default_rng(1).uniform(0, 255, (1, *net.input_size, net.input.channels)).astype(np.float32)
     try:
-        raw, every = _run_copies(net, session, net.to_model_input(pixels), (COPY_SCORES, EVERY_MAP))
+        raw, every = _run_copies(net, session, net.to_model_input(pixels), (COPY_SCORES, EVERY_MAP), need)
     except Exception:  # noqa: BLE001 - the copies' scores, scaled here, serve then
         return False
     if not np.all(np.isfinite(raw)):
         return False
     h, w = head.layout.grid
     here = normalise(_copy_scores(net, raw, "probabilities").astype(np.float64).T.reshape(-1, h, w))
-    return float(np.abs(every[0].reshape(here.shape) - here).max()) <= 1e-5
+    return float(np.abs(every[0].reshape(here.shape) - here).max()) <= BRANCH_SCALING_TOLERANCE
 
 
-def _token_disagreement(net: Classifier, head: Head, session, x: np.ndarray, every: list) -> str | None:
+def _token_disagreement(net: Classifier, head: Head, session, x: np.ndarray, every: list,
+                        need: int | None = None) -> str | None:
     """The branch's copies' raw scores of model input ``x`` against the two-stage head's on the same
     Gaussian-masked copies (``_disagreement`` on token layers)."""
     try:
-        one = _copy_scores(net, _run_copies(net, session, x)[0], "logits").astype(np.float64)
+        one = _copy_scores(net, _run_copies(net, session, x, need=need)[0], "logits").astype(np.float64)
     except Exception as exc:  # noqa: BLE001
         return f"the graph's branch fails at run time: {_why_not(exc)}"
     two = copy_scores(net, head, net.ort.run(x, list(head.inputs)), every, kernel="gaussian", scores="logits")
@@ -564,10 +581,12 @@ def _token_disagreement(net: Classifier, head: Head, session, x: np.ndarray, eve
     return f"the graph's branch gives other copies' scores than the head (by {diff:.1e} of their range)"
 
 
-def _run_copies(net: Classifier, session, x: np.ndarray, outputs=(COPY_SCORES,)) -> list[np.ndarray]:
+def _run_copies(net: Classifier, session, x: np.ndarray, outputs=(COPY_SCORES,),
+                need: int | None = None) -> list[np.ndarray]:
     """The branch's ``outputs`` of model input ``x`` (1, ...): ``COPY_SCORES`` (h*w, classes), ``EVERY_MAP``
-    (1, classes, h*w)."""
-    held = net.ort.held(x.shape)
+    (1, classes, h*w). The run counts ``need`` bytes among the runs in flight (the graph with the copies;
+    None: the classifier's forward of ``x``)."""
+    held = net.ort.held(x.shape) if need is None else IN_FLIGHT.hold(need)
     try:
         with held:
             return session.run(list(outputs), {net.input.name: x})
@@ -578,18 +597,18 @@ def _run_copies(net: Classifier, session, x: np.ndarray, outputs=(COPY_SCORES,))
 
 
 def _in_graph_maps(net: Classifier, head: Head, session, x: np.ndarray, indices, scores: str,
-                   scaled: bool = False) -> np.ndarray:
+                   scaled: bool = False, need: int | None = None) -> np.ndarray:
     """(K, h, w) maps of model input ``x`` (1, ...) from one call of the explained graph's session: the
     branch's scaled maps of every class where ``scaled`` (``_branch_scales``) and the probabilities are
     asked for, else scaled here from the copies' scores."""
     h, w = head.layout.grid
     if scaled and scores == "probabilities":
-        raw, every = _run_copies(net, session, x, (COPY_SCORES, EVERY_MAP))
+        raw, every = _run_copies(net, session, x, (COPY_SCORES, EVERY_MAP), need)
         if not np.all(np.isfinite(raw)):
             net.scores_from_outputs([raw.reshape(len(raw), -1)])  # raises the library's NonFiniteOutputError
         _check_classes(indices, every.shape[1])
         return every[0, indices].reshape(len(indices), h, w).astype(np.float32)
-    s = _copy_scores(net, _run_copies(net, session, x)[0], scores)
+    s = _copy_scores(net, _run_copies(net, session, x, need=need)[0], scores)
     _check_classes(indices, s.shape[1])
     return normalise(s[:, indices].astype(np.float64).T.reshape(len(indices), h, w))
 
@@ -621,13 +640,14 @@ def input_maps(net: Classifier, layer: Layer, x: np.ndarray, indices, *, kernel=
     where ``path`` allows and ``recipro_cam_engine`` says so (all copies in one run within the budget),
     else the backbone pass then the head on the copies."""
     head = head_of(net, layer)
-    choice, session, scaled = _in_graph_entry(net, layer, kernel) if path != TWO_STAGE else (None, None, False)
+    choice, session, scaled, need = (_in_graph_entry(net, layer, kernel) if path != TWO_STAGE
+                                     else (None, None, False, None))
     if path == IN_GRAPH and session is None:
         raise InvalidParameterError(f"recipro_cam: the in-graph path cannot run at layer {layer.name!r}: "
                                     f"{choice.reason}; path='auto' takes the two-stage path there.")
     whole = batch_size == "auto" or int(batch_size) >= head.layout.grid[0] * head.layout.grid[1]
     if session is not None and (path == IN_GRAPH or whole):  # the copies' budget: checked at the decision
-        return _in_graph_maps(net, head, session, x, indices, scores, scaled)
+        return _in_graph_maps(net, head, session, x, indices, scores, scaled, need)
     values = net.ort.run(x, list(head.inputs))
     return maps_from_values(net, head, values, indices, kernel=kernel, scores=scores, batch_size=batch_size,
                             verbose=verbose)

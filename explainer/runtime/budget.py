@@ -109,6 +109,27 @@ def infer_at(model: onnx.ModelProto, image: str, shape: list[int]) -> dict[str, 
     return {vi.name: vi for vi in list(g.value_info) + list(g.output)}
 
 
+def peak_at(model: onnx.ModelProto, image: str, shape: list[int], fixed: dict | None = None) -> int | None:
+    """The live-tensor peak (bytes) of one run of ``model`` with the image input at ``shape`` and the
+    other inputs ``fixed`` ({name: shape}), from shape inference as ``estimate`` makes it (tensors whose
+    size inference cannot tell not counted); None where inference fails outright. For the graphs the
+    library writes around a classifier's (the explanation branches), whose runs count in the budget."""
+    if fixed:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(without_weight_data(model))
+        for vi in copy.graph.input:
+            if vi.name in fixed:
+                dims = vi.type.tensor_type.shape.dim
+                del dims[:]
+                for d in fixed[vi.name]:
+                    dims.add().dim_value = int(d)
+        model = copy
+    known = infer_at(model, image, shape)
+    if not known:
+        return None
+    return estimate(model, image, shape, known).peak
+
+
 def check_extents(model: onnx.ModelProto, image: str, shape: list[int], known: dict) -> None:
     """UnsupportedModelError for the first node of ``ZERO_EXTENT_OPS`` whose data input or output has
     an extent of 0 or less when the image is ``shape``."""
