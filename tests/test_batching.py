@@ -179,6 +179,54 @@ def test_runs_in_flight_wait_for_room_in_the_budget(monkeypatch):
         assert flight.bytes == 500
 
 
+def test_runs_in_flight_wait_in_the_order_they_asked(monkeypatch):
+    """budget.InFlight: a run that waits for room is not passed by a smaller one that asks after it and
+    would fit beside the runs in flight (a large run would starve while small ones keep fitting): with
+    60 of 100 held, a run of 80 waits, and a run of 30 asked after it waits behind it; when the 60 end
+    the 80 runs, then the 30."""
+    import threading
+    import time
+
+    from explainer import limits
+    from explainer.runtime.budget import InFlight
+
+    monkeypatch.setattr(limits, "MAX_RUN_BYTES", 100)
+    flight = InFlight()
+    held, release = threading.Event(), {name: threading.Event() for name in ("a", "b", "c")}
+    order = []
+
+    def run(name, need):
+        with flight.hold(need):
+            order.append(f"{name} in")
+            held.set()
+            release[name].wait(10)
+            order.append(f"{name} out")
+
+    def waiting(n):  # until n runs wait (at most 10 s)
+        for _ in range(1000):
+            if len(flight._waiting) == n:
+                return True
+            time.sleep(0.01)
+        return False
+
+    a = threading.Thread(target=run, args=("a", 60))
+    a.start()
+    assert held.wait(10)
+    b = threading.Thread(target=run, args=("b", 80))
+    b.start()
+    assert waiting(1)
+    c = threading.Thread(target=run, args=("c", 30))
+    c.start()
+    assert waiting(2)  # 60 + 30 would fit, but the 80 asked first
+    assert order == ["a in"]
+    for name in ("a", "b", "c"):
+        release[name].set()
+    for t in (a, b, c):
+        t.join(10)
+    assert order == ["a in", "a out", "b in", "b out", "c in", "c out"]
+    assert flight.bytes == 0 and not flight._waiting
+
+
 def test_two_callers_streams_share_the_budget(monkeypatch):
     """Two threads each running the batching loop (as the service's workers do), with a budget that
     holds one batch: never two batches in onnxruntime at once; with room for four, they overlap."""

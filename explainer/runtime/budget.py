@@ -20,6 +20,8 @@
 """
 from __future__ import annotations
 
+import collections
+import itertools
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -248,17 +250,27 @@ class InFlight:
         self._local = threading.local()
         self.bytes = 0  # held now, every thread
         self.peak = 0  # the most held at once since the process started (or ``peak`` was reset)
+        self._tickets = itertools.count()  # the order runs asked in
+        self._waiting: collections.deque = collections.deque()  # tickets of the runs waiting, first asked first
 
     @contextmanager
     def hold(self, need: int):
         """Counts ``need`` bytes while the block runs; first waits while other runs are in flight and
         ``need`` would take their total over ``limits.max_run_bytes()`` (not when this thread already
-        holds bytes: a run inside a run would wait for itself)."""
+        holds bytes: a run inside a run would wait for itself). Waiting runs go in the order they asked:
+        a run does not pass one that waits before it, so a large run is not starved by smaller ones that
+        keep fitting beside the others."""
         depth = getattr(self._local, "depth", 0)
         with self._changed:
-            if depth == 0:
-                while self.bytes > 0 and self.bytes + need > limits.max_run_bytes():
-                    self._changed.wait()
+            if depth == 0 and (self._waiting or (self.bytes > 0 and self.bytes + need > limits.max_run_bytes())):
+                ticket = next(self._tickets)
+                self._waiting.append(ticket)
+                try:
+                    while self._waiting[0] != ticket or (self.bytes > 0 and self.bytes + need > limits.max_run_bytes()):
+                        self._changed.wait()
+                finally:
+                    self._waiting.remove(ticket)
+                    self._changed.notify_all()  # the next in line may fit too
             self.bytes += need
             self.peak = max(self.peak, self.bytes)
         self._local.depth = depth + 1
