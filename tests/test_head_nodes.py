@@ -90,3 +90,25 @@ def test_subgraph_reads_are_the_names_read_from_around_the_subgraph():
                                initializer=[numpy_helper.from_array(np.ones(1, np.float32), "inner_w")])
     node = helper.make_node("If", ["cond"], ["out"], then_branch=branch, else_branch=branch)
     assert subgraph_reads(node) == ["outer", "outer"]
+
+
+def test_integer_values_run_the_head_at_the_given_shapes_and_never_raise():
+    """``integer_values`` (the Shape and Reshape-target values ``select_early`` reads) runs a head on
+    zeros: at the shapes given for its inputs, where a symbolic axis taken as 1 cannot run (a Hugging
+    Face SegFormer's and SwinV2's token heads: onnxruntime's Gemm refused the ranks, a raw error left
+    ``recipro_cam``); where the head cannot run at all, nothing is read (no raise)."""
+    from explainer.export.head import integer_values
+
+    c = 4
+    tokens = helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["N", "T", c])
+    nodes = [helper.make_node("Shape", ["tokens"], ["shape"]),
+             helper.make_node("Reshape", ["tokens", "pairs"], ["paired"]),  # needs an even token count
+             helper.make_node("ReduceMean", ["paired"], ["scores"], axes=[1], keepdims=0)]
+    graph = helper.make_graph(nodes, "head", [tokens], [helper.make_tensor_value_info("scores", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(np.asarray([0, -1, 2 * c], np.int64), "pairs")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert integer_values(model) == {}  # T taken as 1: the Reshape cannot pair the tokens
+    values = integer_values(model, {"tokens": (1, 6, c)})
+    assert values, "ran"
+    np.testing.assert_array_equal(values["shape"], [1, 6, c])

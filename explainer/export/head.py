@@ -235,19 +235,23 @@ def measure(model: onnx.ModelProto, feeds: dict, names, *, batch_axes: dict | No
     return shapes, dtypes, values
 
 
-def integer_values(model: onnx.ModelProto) -> dict:
+def integer_values(model: onnx.ModelProto, shapes: dict | None = None) -> dict:
     """The small integer tensors of ``model`` (shapes, Reshape targets: ``measure``'s ``values``) on one
-    onnxruntime run of zero inputs, one image (a symbolic axis of an input taken as 1): what
-    ``select_early`` reads for Reshape targets computed from Shapes."""
+    onnxruntime run of zero inputs, one image: each input at its shape in ``shapes`` ({name: shape}),
+    else at its declared one with a symbolic axis taken as 1; what ``select_early`` reads for Reshape
+    targets computed from Shapes. {} where the graph cannot run so (nothing is read then)."""
     feeds = {}
     for i in model.graph.input:
         if i.name in {t.name for t in model.graph.initializer}:
             continue
         t = i.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim]
+        shape = (shapes or {}).get(i.name) or [d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim]
         feeds[i.name] = np.zeros(shape, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
     names = {o for n in model.graph.node for o in n.output if o}
-    return measure(model, feeds, names)[2]
+    try:
+        return measure(model, feeds, names)[2]
+    except Exception:  # noqa: BLE001 - a head that cannot run on zeros here: no values read
+        return {}
 
 
 def gradient_model(model: onnx.ModelProto, wrt: str, of: str, feeds: dict) -> onnx.ModelProto:

@@ -258,7 +258,10 @@ def head_of(net: Classifier, layer: Layer, where: str = "recipro_cam") -> Head:
         engine = engine_of(model, layer.output)
         head = Head(layer.output, (layer.output, *side), layout, outputs, model, engine)
         # Reshape targets computed from Shapes (a dynamic-batch export's) read on one run of zeros
-        early = select_early(model, layout, integer_values(model)) if layout.kind == "tokens" else None
+        early = None
+        if layout.kind == "tokens":
+            shapes = {t: (1, *net.layer(t).shape) for t in head.inputs if _is_layer(net, t) and net.layer(t).shape}
+            early = select_early(model, layout, integer_values(model, shapes))
         if early is not None:
             head.full_engine, head.engine = engine, engine_of(early, layer.output, "|early")
         after_pool = pooled_head(model, layer.output) if layout.kind == "CHW" and not side else None
