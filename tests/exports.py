@@ -198,14 +198,15 @@ def _export_to(path: Path, family: str, exporter: str, variant: str) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if exporter.startswith("legacy"):
-            for opset in (13, 14) if exporter == "legacy-old" else (17,):
+            opsets = (13, 14) if exporter == "legacy-old" else (17,)
+            for opset in opsets:
                 try:
                     torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset,
                                       input_names=["input"], output_names=["scores"],
                                       dynamic_axes={"input": {0: "N"}, "scores": {0: "N"}} if dynamic else None)
                     break
                 except torch.onnx.errors.UnsupportedOperatorError:  # scaled_dot_product_attention: 14
-                    if opset == 14:
+                    if opset == opsets[-1]:  # the last opset tried: no file was written
                         raise
         else:
             shapes = ({0: torch.export.Dim("N", min=1, max=1024)},) if dynamic else None
