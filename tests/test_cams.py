@@ -1,5 +1,7 @@
 """Grad-CAM++ and Score-CAM equal pytorch-grad-cam's GradCAMPlusPlus and ScoreCAM on the converted
 module; Score-CAM itself runs on onnxruntime only."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -102,3 +104,70 @@ def test_public_gradcam_is_its_low_resolution_map_upsampled_by_pil(default_net, 
     got = explainer.gradcam(default_net, chelsea, 281)
     assert got.shape == chelsea.shape[:2]
     assert np.abs(got - expected[0]).max() <= 1e-6 * np.ptp(expected)
+
+
+class _TokenAttention(torch.nn.Module):
+    """A class-token transformer block whose attention softmax is not over all the tokens: ``factorised``
+    (CoaT: the keys' softmax over the tokens, axis -2) or ``strided`` (CvT: the keys and values pooled
+    2 x 2 on the patch grid, the class token's beside them); a final norm, and a head reading the class
+    token."""
+
+    def __init__(self, mode: str, c: int = 16, k: int = 5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mode = mode
+        self.patch = torch.nn.Conv2d(3, c, 8, 8)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, c) * 0.5)
+        self.norm1 = torch.nn.LayerNorm(c)
+        self.qkv = torch.nn.Linear(c, 3 * c)
+        self.proj = torch.nn.Linear(c, c)
+        self.norm = torch.nn.LayerNorm(c)
+        self.head = torch.nn.Linear(c, k)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)  # (N, 64, c): an 8 x 8 grid
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1)
+        h = self.norm1(t)
+        q, k, v = self.qkv(h).chunk(3, -1)
+        if self.mode == "factorised":
+            a = q @ (k.softmax(dim=-2).transpose(1, 2) @ v)
+        else:
+            def pooled(z):
+                grid = z[:, 1:].transpose(1, 2).reshape(z.shape[0], -1, 8, 8)
+                return torch.cat([z[:, :1], torch.nn.functional.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)], 1)
+            a = (q @ pooled(k).transpose(1, 2) * 0.25).softmax(-1) @ pooled(v)
+        t = t + self.proj(a)
+        return self.head(self.norm(t)[:, 0])
+
+
+@pytest.mark.parametrize("mode", ["factorised", "strided"])
+def test_default_layer_on_tokens_is_before_an_attention_over_other_axes(mode, tmp_path, chelsea):
+    """A class-token model whose attention's softmax is over the tokens' axis -2 (CoaT) or over fewer keys
+    than tokens (CvT) still gets its default Grad-CAM layer before the last attention (the block's
+    norm1), where the patch tokens reach the class token's score, not the final norm, whose patch tokens
+    the head never reads (an all-zero map); the map there equals Grad-CAM computed by torch autograd on
+    the source module's norm1 output (mean gradient over the patch tokens as channel weights)."""
+    from explainer.methods.gradcam import GradCAM, default_feature_layer
+
+    model = _TokenAttention(mode).eval()
+    path = tmp_path / "tokens.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        torch.onnx.export(model, (torch.randn(1, 3, 64, 64),), str(path), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["scores"])
+    net = explainer.load(str(path), preprocessing="imagenet")
+    layer, reason = default_feature_layer(net)
+    assert "norm1" in layer and "before the last attention" in reason, (layer, reason)
+    pixels = net.fit_pixels(chelsea)
+    label = int(np.argmax(net.predict(chelsea)))
+    ours = GradCAM(net).low_resolution(pixels, [label])[0]
+
+    captured = {}
+    model.norm1.register_forward_hook(lambda m, i, o: captured.update(a=o))
+    x = torch.from_numpy(net.to_model_input(pixels[None]))
+    score = model(x)[0, label]
+    (grad,) = torch.autograd.grad(score, captured["a"])
+    a, g = captured["a"][0, 1:].detach(), grad[0, 1:]  # the 64 patch tokens
+    expected = torch.relu((a * g.mean(0)).sum(-1)).reshape(8, 8).numpy()
+    assert expected.max() > 0
+    np.testing.assert_allclose(ours, expected, atol=1e-4 * expected.max())

@@ -80,6 +80,12 @@ def _default_feature_layer(net: Classifier) -> tuple[str, str]:
     # attention over all tokens: self-attention (T x T) or class attention (1 x T: CaiT, XCiT)
     attention = [i for i, l in enumerate(layers) if l.op_type == "Softmax" and l.shape and len(l.shape) >= 2
                  and l.shape[-1] == layout.prefix + layout.grid[0] * layout.grid[1]]
+    if not attention:  # attention over another axis (CoaT's factorised attention: the keys' softmax over the
+        # tokens, axis -2) or over fewer keys (CvT's strided keys and values): any softmax of two or more
+        # axes an image that the score depends on (without it, the last token layer: CoaT's and CvT's final
+        # norm, whose patch tokens the class-token head never reads, gave an all-zero map)
+        attention = [i for i, l in enumerate(layers) if l.op_type == "Softmax" and l.shape and len(l.shape) >= 2
+                     and l.output in ancestors and l.output in reached]
     before = [(i, l, lay) for i, l, lay in candidates if attention and i < attention[-1]]
     norms = [c for c in before if c[1].output in net.structure.norms] or before
     if not norms:
