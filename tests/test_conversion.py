@@ -232,3 +232,49 @@ def test_legacy_exports_at_opsets_that_lose_ranks(tmp_path, opset, dynamic):
                           opset_version=opset, input_names=["input"], output_names=["scores"],
                           dynamic_axes={"input": {0: "N"}, "scores": {0: "N"}} if dynamic else None)
     _check_against_ort(explainer.load(str(path), preprocessing="none"))
+
+
+def test_image_independent_arithmetic_on_weights_is_folded_for_the_torch_conversion(chelsea):
+    """Weight standardisation as NF-RegNet exports it (a BatchNormalization with training_mode=1 over a
+    conv weight, which the conversion refuses) and a Clip of a parameter with a Constant bound (SwinV2's
+    logit scale, which onnx2torch calls dynamic) are computed once into weights for the torch module
+    (the ``fold-constant-math`` pass): gradient methods run, the module's scores equal onnxruntime's on
+    the file, and the library's own graph keeps both nodes (its outputs stay the file's)."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    rng = np.random.default_rng(0)
+    c, k = 4, 3
+    init = lambda name, value: numpy_helper.from_array(np.asarray(value), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Reshape", ["w", "flat"], ["w_flat"]),
+        helper.make_node("BatchNormalization", ["w_flat", "ones", "zeros", "zeros", "ones"],
+                         ["w_std", "running_mean", "running_var"], training_mode=1, epsilon=1e-5),
+        helper.make_node("Reshape", ["w_std", "w_shape"], ["w_conv"]),
+        helper.make_node("Conv", ["image", "w_conv"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("Constant", [], ["max"], value=numpy_helper.from_array(np.float32(4.6))),
+        helper.make_node("Clip", ["logit_scale", "min", "max"], ["scale"]),
+        helper.make_node("Exp", ["scale"], ["factor"]),
+        helper.make_node("Mul", ["relu", "factor"], ["scaled"]),
+        helper.make_node("GlobalAveragePool", ["scaled"], ["pool"]),
+        helper.make_node("Flatten", ["pool"], ["features"]),
+        helper.make_node("Gemm", ["features", "fc"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1)]
+    inits = [init("w", rng.standard_normal((c, 3, 3, 3)).astype(np.float32)),
+             init("flat", np.asarray([1, c, -1], np.int64)), init("w_shape", np.asarray([c, 3, 3, 3], np.int64)),
+             init("ones", np.ones(c, np.float32)), init("zeros", np.zeros(c, np.float32)),
+             init("logit_scale", np.float32(1.2)), init("min", np.float32(-5.0)),
+             init("fc", rng.standard_normal((k, c)).astype(np.float32))]
+    graph = helper.make_graph(nodes, "standardised", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", k])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    net = explainer.load(model, preprocessing="imagenet")
+    engine = torch_engine(net)  # refused before: training_mode=1, then the Clip
+    assert engine.max_relative_error <= MAX_RELATIVE_ERROR
+    assert not {"BatchNormalization", "Clip"} & set(engine.op_types.values())
+    assert {"BatchNormalization", "Clip"} <= {n.op_type for n in net.model.graph.node}
+    saliency = explainer.saliency(net, chelsea, 0)
+    assert saliency.shape == chelsea.shape[:2] and float(saliency.max()) > 0

@@ -90,6 +90,23 @@ def drop_unused_initializers(g: onnx.GraphProto) -> None:
         g.input.remove(vi)
 
 
+#: more ops folded where every input is a constant, for the torch conversion only (onnxruntime folds them
+#: itself; the library's own graph keeps them, so its outputs stay the file's bit for bit): the image-
+#: independent arithmetic that exporters leave on weights, which onnx2torch could not convert or the
+#: conversion refuses -- NF-RegNet's weight standardisation (a BatchNormalization with training_mode=1 on
+#: a conv weight, its statistics ReduceMeans of it), SwinV2's logit scale (a Clip of a parameter with a
+#: Constant bound, "dynamic" to onnx2torch). No op here makes its output larger than its inputs.
+CONSTANT_MATH = FOLDABLE | {"BatchNormalization", "Clip", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin",
+                            "Sqrt", "Pow", "Exp", "Log", "Reciprocal", "Sigmoid", "Tanh", "Relu", "Erf", "Sum",
+                            "Mean", "Softmax", "LayerNormalization"}
+
+
+@register("fold-constant-math", targets=("torch",), order=6)
+def fold_constant_math(model: onnx.ModelProto, ctx) -> int:
+    """Image-independent arithmetic on weights (``CONSTANT_MATH``) folded into initializers."""
+    return fold(model, CONSTANT_MATH)
+
+
 @register("fold-constants", targets=("runtime", "torch"), order=5)
 def fold_constants(model: onnx.ModelProto, ctx) -> int:
     """Also for onnxruntime (which folds them anyway): ``free-batch`` reads shapes that exporters
