@@ -10,7 +10,8 @@ Grad-CAM and Recipro-CAM engine decisions, ``recipro_cam``, ``export_explained``
 bit-identical in onnxruntime, the saliency equal to the library's torch-path Grad-CAM within 1e-4 of its
 range), the source module whose output equals our default layer's activations (the Grad-CAM
 reference's target), then ``compat.check`` (every method against the source torch module). Each step's
-outcome goes to ``OUT/NAME.json`` (tracebacks to ``OUT/NAME.tb``), the table to ``OUT/sweep.md``.
+outcome goes to ``OUT/NAME.json`` (tracebacks to ``OUT/NAME.tb``, the worker's output to ``OUT/NAME.log``),
+the table to ``OUT/sweep.md``.
 Exports are cached under ``$EXPORT_CACHE`` as the suite's are. Not a test: nothing here runs in CI (the
 run of 2026-12-07 took 56 minutes for 50 models on 2 cores); README ("Gradient engine") has its findings.
 """
@@ -145,7 +146,7 @@ def install_builders() -> None:
         library, kind, kwargs = exports.FAMILIES[family]
         model = _build_hf(kind, kwargs) if library == "hf" else original(family)
         heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1000]
-        if heads and all(float(h.weight.abs().max()) == 0 for h in heads):
+        if heads and all(float(h.weight.detach().abs().max()) == 0 for h in heads):
             generator = torch.Generator().manual_seed(2)
             with torch.no_grad():
                 for h in heads:
@@ -373,8 +374,9 @@ def main(argv=None) -> int:
     for k, name in enumerate(names, 1):
         start = time.time()
         try:
-            code = subprocess.run([sys.executable, __file__, "--one", name, "--out", str(out)],
-                                  timeout=args.timeout, stdout=subprocess.DEVNULL).returncode
+            with open(out / f"{name}.log", "w") as log:  # the worker's warnings and prints
+                code = subprocess.run([sys.executable, __file__, "--one", name, "--out", str(out)],
+                                      timeout=args.timeout, stdout=log, stderr=subprocess.STDOUT).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
         print(f"[{k}/{len(names)}] {name}: exit {code}, {time.time() - start:.0f} s", flush=True)
