@@ -85,8 +85,10 @@ def _raw_dims(vi: onnx.ValueInfoProto) -> list | None:
     return [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
 
 
-def infer_at(model: onnx.ModelProto, image: str, shape: list[int]) -> dict[str, onnx.ValueInfoProto]:
-    """Every tensor's inferred type and shape with the image input fixed to ``shape``; {} where
+def infer_at(model: onnx.ModelProto, image: str, shape: list[int],
+             fixed: dict | None = None) -> dict[str, onnx.ValueInfoProto]:
+    """Every tensor's inferred type and shape with the image input fixed to ``shape`` (and the other
+    inputs named in ``fixed`` to theirs, {name: shape}); {} where
     inference fails outright (strict mode off: one unknown op leaves the rest inferred). The shapes a
     file declares for its outputs and intermediates are not trusted: inference starts without them (a
     declared output shape that contradicts the graph left everything after it unknown, and the run
@@ -97,11 +99,12 @@ def infer_at(model: onnx.ModelProto, image: str, shape: list[int]) -> dict[str, 
     del shell.graph.value_info[:]
     for vi in shell.graph.output:
         vi.type.tensor_type.ClearField("shape")
+    sizes = {**(fixed or {}), image: shape}
     for vi in shell.graph.input:
-        if vi.name == image:
+        if vi.name in sizes:
             dims = vi.type.tensor_type.shape.dim
             del dims[:]
-            for d in shape:
+            for d in sizes[vi.name]:
                 dims.add().dim_value = int(d)
     try:
         inferred = onnx.shape_inference.infer_shapes(shell, strict_mode=False, data_prop=True)
@@ -116,17 +119,7 @@ def peak_at(model: onnx.ModelProto, image: str, shape: list[int], fixed: dict | 
     other inputs ``fixed`` ({name: shape}), from shape inference as ``estimate`` makes it (tensors whose
     size inference cannot tell not counted); None where inference fails outright. For the graphs the
     library writes around a classifier's (the explanation branches), whose runs count in the budget."""
-    if fixed:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(without_weight_data(model))
-        for vi in copy.graph.input:
-            if vi.name in fixed:
-                dims = vi.type.tensor_type.shape.dim
-                del dims[:]
-                for d in fixed[vi.name]:
-                    dims.add().dim_value = int(d)
-        model = copy
-    known = infer_at(model, image, shape)
+    known = infer_at(model, image, shape, fixed)
     if not known:
         return None
     return estimate(model, image, shape, known).peak
@@ -261,12 +254,16 @@ class InFlight:
         a run does not pass one that waits before it, so a large run is not starved by smaller ones that
         keep fitting beside the others."""
         depth = getattr(self._local, "depth", 0)
+
+        def crowded() -> bool:  # others in flight, and no room for this run beside them
+            return self.bytes > 0 and self.bytes + need > limits.max_run_bytes()
+
         with self._changed:
-            if depth == 0 and (self._waiting or (self.bytes > 0 and self.bytes + need > limits.max_run_bytes())):
+            if depth == 0 and (self._waiting or crowded()):
                 ticket = next(self._tickets)
                 self._waiting.append(ticket)
                 try:
-                    while self._waiting[0] != ticket or (self.bytes > 0 and self.bytes + need > limits.max_run_bytes()):
+                    while self._waiting[0] != ticket or crowded():
                         self._changed.wait()
                 finally:
                     self._waiting.remove(ticket)
