@@ -446,11 +446,12 @@ def test_in_graph_path_on_the_openvino_engine(default_net, chelsea):
     assert float(np.corrcoef(low.ravel(), ort_maps.ravel())[0, 1]) >= 0.99
 
 
-def test_in_graph_onnxruntime_session_folds_zero_pads_and_does_not_spin(default_net, chelsea):
+def test_in_graph_onnxruntime_session_folds_zero_pads_and_no_session_spins(default_net, chelsea):
     """EfficientNet-Lite0's 5 zero Pads ("SAME" padding of its stride-2 convolutions) are folded into the
     Convs that read them in the library's graph (the ``fold-zero-pads`` pass: the same outputs as the
     file's, bit for bit, on onnxruntime), so the in-graph Recipro-CAM session has none either; its pool
-    threads do not spin (``OrtEngine(spinning=False)``)."""
+    threads do not spin, nor do the classifier's own session's (``OrtEngine.spinning``: a spinning
+    session slowed the next call of another one, ``predict`` then ``recipro_cam``)."""
     import onnx
     import onnxruntime as ort
 
@@ -473,8 +474,11 @@ def test_in_graph_onnxruntime_session_folds_zero_pads_and_does_not_spin(default_
     np.testing.assert_array_equal(before, library)
     layer = default_net.layer(default_feature_layer(default_net)[0])
     session = _in_graph_entry(default_net, layer, "auto")[1]
-    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    spinning = OrtEngine(model, default_net.input.name, ["CPUExecutionProvider"], "t")._session_options()
+    default_net.predict(chelsea)
+    for s in (session, default_net.ort.session([default_net.output.name])):
+        assert s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    spinning = OrtEngine(model, default_net.input.name, ["CPUExecutionProvider"], "t",
+                         spinning=True)._session_options()
     with pytest.raises(Exception):  # onnxruntime's default: not set, the threads spin
         spinning.get_session_config_entry("session.intra_op.allow_spinning")
 

@@ -53,8 +53,7 @@ faster than two stages on onnxruntime, 1.29-1.31x on OpenVINO f32, whose two-sta
 runs on onnxruntime). Where the head pools the map globally (ResNet, EfficientNet) the branch is the pooled
 vectors (a Reshape, Transpose and Div of the feature map, no masked copies) and the head after the pool
 on them: about 1 % of ResNet-18's run (its Gemm), the rest the backbone. The session is the engine's
-(``OrtEngine.session``), with onnxruntime's pool threads not spinning (``SPIN``), on OpenVINO compiled
-for one image. The branch returns the copies' raw scores (``COPY_SCORES``), which are turned into
+(``OrtEngine.session``), on OpenVINO compiled for one image. The branch returns the copies' raw scores (``COPY_SCORES``), which are turned into
 probabilities or logits and scaled as the two-stage path does, and every class's map of probabilities
 scaled in the graph (``EVERY_MAP``: the softmax and the scaling of 1,000 maps took about 0.5 ms of
 Python a call), read instead where it equals the maps scaled here (``_branch_scales``: feature maps at
@@ -247,13 +246,11 @@ def head_of(net: Classifier, layer: Layer, where: str = "recipro_cam") -> Head:
 
         def engine_of(graph, input_name, suffix=""):
             # the classifier's engine (OpenVINO at its precision too) where it takes the head's one input;
-            # onnxruntime's CPU provider for a head with several inputs (a ViT's residual stream); on
-            # onnxruntime the pool threads do not spin (``SPIN``, as the in-graph session: ViT-Tiny's head
-            # on its 196 copies measured 8 % faster so on the loaded 2-core machine)
+            # onnxruntime's CPU provider for a head with several inputs (a ViT's residual stream)
             if not side and net.ort.engine == "openvino":
                 return net.ort.derived(graph, input_name, key + suffix)
             providers = net.ort.providers if net.ort.engine == "onnxruntime" else ["CPUExecutionProvider"]
-            return OrtEngine(graph, input_name, providers, key + suffix, spinning=SPIN)
+            return OrtEngine(graph, input_name, providers, key + suffix)
 
         engine = engine_of(model, layer.output)
         head = Head(layer.output, (layer.output, *side), layout, outputs, model, engine)
@@ -368,9 +365,7 @@ def _open_in_graph(net: Classifier, layer: Layer) -> tuple:
     """(the session of ``net.model`` plus the Recipro-CAM branch at ``layer``, the bytes of its run of one
     image or None: ``budget.peak_at`` of that graph, the h*w copies included). The session is kept to
     its ``COPY_SCORES`` and ``EVERY_MAP`` outputs, on the classifier's engine (``net.ort.derived``: onnxruntime on its providers, or OpenVINO at
-    its precision, there for a batch of one image), opened as the engine opens the classifier's own. On
-    onnxruntime the pool threads do not spin (``SPIN``: one call per explanation; measured no slower on
-    the shared 2-core machine, and the threads then leave the cores to other work between calls); zero
+    its precision, there for a batch of one image), opened as the engine opens the classifier's own; zero
     Pads are already folded into their Convs in ``net.model`` (the ``fold-zero-pads`` pass)."""
     from ..export.writer import build_explained
 
@@ -382,8 +377,7 @@ def _open_in_graph(net: Classifier, layer: Layer) -> tuple:
     if need is not None and need > limits.max_run_bytes():
         raise ResourceLimitError(f"recipro_cam: the graph with the {layer.name!r} copies needs about "
                                  f"{need / (1 << 20):,.1f} MiB for one image, over the run budget")
-    engine = net.ort.derived(model, net.input.name, f"{net.ort.model_key}|recipro_in_graph:{layer.output}",
-                             spinning=SPIN)
+    engine = net.ort.derived(model, net.input.name, f"{net.ort.model_key}|recipro_in_graph:{layer.output}")
     return engine.session([]), need
 
 
@@ -422,11 +416,6 @@ def _only(model: onnx.ModelProto, keep: tuple[str, ...]) -> onnx.ModelProto:
     del graph.initializer[:]
     graph.initializer.extend(weights)
     return model
-
-
-#: whether the onnxruntime pool threads of Recipro-CAM's sessions (the in-graph session, the two-stage
-#: heads) spin waiting for work (``OrtEngine.spinning``; see ``_open_in_graph``)
-SPIN = False
 
 
 def _why_not(exc: BaseException) -> str:

@@ -38,7 +38,7 @@ class OrtEngine:
     engine = "onnxruntime"  # the runtime's name (the OpenVINO engine, a subclass, says "openvino")
 
     def __init__(self, model: onnx.ModelProto, input_name: str, providers: Sequence[str],
-                 model_key: str, spinning: bool = True):
+                 model_key: str, spinning: bool = False):
         self.model = model
         self.input_name = input_name
         self.providers = list(providers)
@@ -50,10 +50,13 @@ class OrtEngine:
         #: ``budget.RunGuard`` of the graph (set by the classifier): each run's batch is checked against
         #: the memory budget and each new image shape for zero extents before onnxruntime sees it
         self.guard = None
-        #: whether a multi-threaded CPU session's pool threads spin waiting for work (onnxruntime's
-        #: default). Off: they sleep between parallel sections and after each run, leaving the cores to
-        #: other work; for an engine whose runs are single calls on a shared machine (the in-graph
-        #: Recipro-CAM session: measured no slower there, and not slowing the next process's call)
+        #: whether a multi-threaded CPU session's pool threads spin waiting for work (onnxruntime's own
+        #: default) or sleep between parallel sections and after each run (the library's default). Spinning
+        #: threads take the cores from everything else for a while after a run: on the 2-core machine
+        #: beside other work, another session's call 20 ms after a spinning session's run took 1.46x as
+        #: long (a Recipro-CAM right after ``predict``), and back-to-back runs of one session 1.1-1.8x
+        #: (benchmarks/spinning.py has the figures, idle and loaded); as OMP_WAIT_POLICY=PASSIVE for torch
+        #: (explainer/threads.py)
         self.spinning = spinning
 
     # sessions -------------------------------------------------------------------------------------

@@ -107,6 +107,55 @@ for _name, (_recipe, _exporter, _pre) in _HF_MORE.items():
                          optional=None if _name in _HF_IN_CI else "extra")
 
 
+# The ``sweep`` subset: classifiers the other cases do not cover, at their architectures' published
+# input sizes, for a compatibility sweep (build.py --sweep, pytest -m sweep; not in CI)
+HF_EFFICIENTNET = {"mean": [0.485, 0.456, 0.406], "std": [0.47853944 ** 2, 0.4732864 ** 2, 0.47434163 ** 2],
+                   "scale": 1 / 255, "channel_order": "RGB"}  # google/efficientnet-b0: std applied twice
+_SWEEP_KERAS = {  # name -> (keras.applications model, input size, preprocessing, opset, exporter)
+    "keras-convnexttiny-tf2onnx": ("ConvNeXtTiny", 224, "none", 17, "tf2onnx"),
+    "keras-xception-tf2onnx": ("Xception", 299, "tf", 17, "tf2onnx"),
+    "keras-inceptionv3-tf2onnx": ("InceptionV3", 299, "tf", 17, "tf2onnx"),
+    "keras-mobilenetv3small-tf2onnx": ("MobileNetV3Small", 224, "none", 17, "tf2onnx"),
+    "keras-resnet50v2-tf2onnx": ("ResNet50V2", 224, "tf", 17, "tf2onnx"),
+    "keras-efficientnetv2b1-tf2onnx": ("EfficientNetV2B1", 240, "none", 18, "tf2onnx"),
+    "keras-convnexttiny-export": ("ConvNeXtTiny", 224, "none", 17, "keras.export"),
+    "keras-resnet50v2-export": ("ResNet50V2", 224, "tf", 17, "keras.export"),
+}
+for _name, (_model, _px, _pre, _opset, _exporter) in _SWEEP_KERAS.items():
+    CASES[_name] = _case("tf", "keras", _exporter, _model, (_px, _px), _pre, "NHWC", opset=_opset,
+                         optional="sweep")
+_SWEEP_PADDLE = {  # paddle.vision.models name -> (input size, opset)
+    "mobilenet_v2": (224, 17), "densenet121": (224, 17), "googlenet": (224, 17), "inception_v3": (299, 17),
+    "squeezenet1_1": (224, 17), "vgg11": (224, 17),
+}
+for _model, (_px, _opset) in _SWEEP_PADDLE.items():
+    CASES[f"paddle-{_model}"] = _case("paddle", "paddle", "paddle2onnx", _model, (_px, _px), "imagenet", "NCHW",
+                                      opset=_opset, optional="sweep")
+_SWEEP_HF = {  # name -> (recipe, exporter, preprocessing, input size)
+    "hf-dinov2-small-legacy": ("dinov2:small", "legacy", HF_IMAGENET, 224),
+    "hf-beit-mini-dynamo": ("beit:mini", "dynamo", HF_HALF, 224),
+    "hf-data2vec-vision-mini-legacy": ("data2vec-vision:mini", "legacy", HF_HALF, 224),
+    "hf-poolformer-s12-dynamo": ("poolformer:s12", "dynamo", HF_IMAGENET, 224),
+    "hf-deit-tiny-distilled-legacy": ("deit:tiny-distilled", "legacy", HF_IMAGENET, 224),
+    "hf-efficientnet-b0-legacy": ("efficientnet:b0", "legacy", HF_EFFICIENTNET, 224),
+    "hf-regnet-x-002-dynamo": ("regnet:x-002", "dynamo", HF_IMAGENET, 224),
+    "hf-bit-50-legacy": ("bit:50", "legacy", HF_HALF, 224),
+    "hf-convnextv2-atto-dynamo": ("convnextv2:atto", "dynamo", HF_IMAGENET, 224),
+    "hf-focalnet-tiny-legacy": ("focalnet:tiny", "legacy", HF_IMAGENET, 224),
+    "hf-pvt-tiny-legacy": ("pvt:tiny", "legacy", HF_IMAGENET, 224),
+    "hf-pvtv2-b0-dynamo": ("pvtv2:b0", "dynamo", HF_IMAGENET, 224),
+    "hf-swiftformer-xs-legacy": ("swiftformer:xs", "legacy", HF_IMAGENET, 224),
+}
+for _name, (_recipe, _exporter, _pre, _px, *_opset) in _SWEEP_HF.items():
+    CASES[_name] = _case("main", "transformers", f"torch.onnx-{_exporter}", _recipe, (_px, _px), _pre, "NCHW",
+                         opset=(_opset[0] if _opset else 17) if _exporter == "legacy" else None, optional="sweep")
+# MobileViTV2 with the dynamo exporter only: its unfold/fold is aten::col2im, which the legacy exporter
+# refuses at opset 17 (Col2Im is opset 18) and fails on at opset 18 (torch 2.14's symbolic_opset18.col2im:
+# TypeError: 'NoneType' object is not subscriptable, the output size's shape unknown)
+CASES["hf-mobilevitv2-1.0-dynamo"] = _case("main", "transformers", "torch.onnx-dynamo", "mobilevitv2:1.0", (256, 256),
+                                           HF_MOBILEVIT, "NCHW", opset=None, optional="sweep")
+
+
 def cache_root() -> Path:
     """``$EXPORT_CACHE/frameworks`` (default ``~/.cache/onnx-explainer-tests/frameworks``): venvs,
     timings and the versioned case folders."""
@@ -122,6 +171,7 @@ def cases_root() -> Path:
 SUBSETS = {
     "published": "the published-size Hugging Face cases that CI's budget leaves out",
     "extra": "more families and exporter options (CI's budget leaves them out)",
+    "sweep": "a compatibility sweep over more architectures of every framework (not in CI)",
 }
 
 

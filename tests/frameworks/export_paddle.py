@@ -44,12 +44,19 @@ def main() -> None:
     with paddle.no_grad():
         model(paddle.to_tensor(preprocess(common.calibration_pixels(pixels))))
     model.eval()
-    head = [l for l in model.sublayers() if isinstance(l, paddle.nn.Linear) and l.weight.shape[1] == 1000][-1]
+
+    def logits(batch):  # googlenet returns (main, aux1, aux2): the main classifier's logits
+        out = model(paddle.to_tensor(batch))
+        return (out[0] if isinstance(out, (tuple, list)) else out).numpy()
+
+    # the classifier: the last Linear onto the 1000 classes, or (squeezenet) the last 1x1 Conv2D onto them
+    head = [l for l in model.sublayers() if (isinstance(l, paddle.nn.Linear) and l.weight.shape[1] == 1000)
+            or (isinstance(l, paddle.nn.Conv2D) and l.weight.shape[0] == 1000)][-1]
     with paddle.no_grad():
-        scale = common.head_scale(model(paddle.to_tensor(x)).numpy())
+        scale = common.head_scale(logits(x))
         head.weight.set_value(head.weight * scale)
         head.bias.set_value(head.bias * scale)
-        probs = common.softmax(model(paddle.to_tensor(x)).numpy())
+        probs = common.softmax(logits(x))
     spec = [paddle.static.InputSpec(shape=[None, 3, *case["input_size"]], dtype="float32", name="x")]
     kwargs = {"opset_version": case["opset"]} if case["opset"] else {}
     paddle.onnx.export(model, str(folder / "model"), input_spec=spec, **kwargs)

@@ -26,6 +26,13 @@ APPS = {  # name -> (keras.applications module, the case's preprocessing as kera
     "ResNet50": "resnet50",
     "DenseNet121": "densenet",  # mode "torch": ImageNet mean and std on x/255
     "NASNetMobile": "nasnet",
+    # the sweep subset
+    "ConvNeXtTiny": "convnext",  # Normalization in the graph (preprocess_input does nothing)
+    "Xception": "xception",
+    "InceptionV3": "inception_v3",
+    "MobileNetV3Small": "mobilenet_v3",  # Rescaling in the graph; classifier: a 1x1 Conv2D, Flatten, softmax
+    "ResNet50V2": "resnet_v2",
+    "EfficientNetV2B1": "efficientnet_v2",
 }
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -135,13 +142,17 @@ def rescale_head(model, x) -> str:
     import keras
 
     head = model.layers[-1]
-    assert isinstance(head, keras.layers.Dense), head
+    if not isinstance(head, keras.layers.Dense):  # MobileNetV3: 1x1 Conv2D "logits", Flatten, Activation
+        head = model.get_layer("logits")
+        assert isinstance(head, keras.layers.Conv2D) and model.layers[-1].activation is keras.activations.softmax
     features = keras.Model(model.inputs, head.input)
     kernel, bias = head.get_weights()
-    logits = np.asarray(features(x, training=False)) @ kernel + bias
+    inputs = np.asarray(features(x, training=False))
+    logits = inputs.reshape(len(x), -1) @ kernel.reshape(-1, kernel.shape[-1]) + bias
     scale = common.head_scale(logits)
     head.set_weights([kernel * scale, bias * scale])
-    return "probabilities" if head.activation is keras.activations.softmax else "logits"
+    last = model.layers[-1]
+    return "probabilities" if getattr(last, "activation", None) is keras.activations.softmax else "logits"
 
 
 def main() -> None:

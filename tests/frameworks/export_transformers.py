@@ -71,6 +71,53 @@ CONFIGS = {
     "beit:mini": ("Beit", dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=768,
                                image_size=224, patch_size=16, use_relative_position_bias=True,
                                use_mean_pooling=True, layer_scale_init_value=0.1)),
+    # the sweep subset (cases.py): published configurations, or shrunk (``mini``) where marked
+    # Data2Vec-vision shrunk as BEiT (data2vec-vision-base-ft1k: relative position bias, mean pooling)
+    "data2vec-vision:mini": ("Data2VecVision", dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3,
+                                                    intermediate_size=768, image_size=224, patch_size=16,
+                                                    use_relative_position_bias=True, use_mean_pooling=True,
+                                                    layer_scale_init_value=0.1)),
+    # apple/mobilevitv2-1.0-imagenet1k-256 (separable linear attention)
+    "mobilevitv2:1.0": ("MobileViTV2", dict(image_size=256, patch_size=2, width_multiplier=1.0, hidden_act="swish",
+                                            conv_kernel_size=3, output_stride=32, expand_ratio=2.0)),
+    # sail/poolformer_s12
+    "poolformer:s12": ("PoolFormer", dict(depths=[2, 2, 6, 2], hidden_sizes=[64, 128, 320, 512], pool_size=3,
+                                          mlp_ratio=4.0, patch_sizes=[7, 3, 3, 3], strides=[4, 2, 2, 2],
+                                          padding=[2, 1, 1, 1], layer_scale_init_value=0.1,
+                                          hidden_act="gelu", drop_path_rate=0.0)),
+    # facebook/deit-tiny-distilled-patch16-224 (class and distillation tokens, two heads averaged)
+    "deit:tiny-distilled": ("DeiT", dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3,
+                                         intermediate_size=768, image_size=224, patch_size=16, qkv_bias=True,
+                                         layer_norm_eps=1e-12), "DeiTForImageClassificationWithTeacher"),
+    # google/efficientnet-b0 (TF SAME padding computed in torch)
+    "efficientnet:b0": ("EfficientNet", dict(image_size=224, width_coefficient=1.0, depth_coefficient=1.0,
+                                             dropout_rate=0.2, hidden_dim=1280, depthwise_padding=[])),
+    # facebook/regnet-x-002 (RegNetConfig's defaults are regnet-y-040)
+    "regnet:x-002": ("RegNet", dict(embedding_size=32, hidden_sizes=[24, 56, 152, 368], depths=[1, 1, 4, 7],
+                                    groups_width=8, layer_type="x", hidden_act="relu")),
+    # google/bit-50 (weight-standardised convs, TF SAME dynamic padding, pre-activation)
+    "bit:50": ("Bit", dict(layer_type="preactivation", global_padding="SAME", embedding_dynamic_padding=True,
+                           depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048], embedding_size=64)),
+    # facebook/convnextv2-atto-1k-224 (global response normalisation)
+    "convnextv2:atto": ("ConvNextV2", dict(depths=[2, 2, 6, 2], hidden_sizes=[40, 80, 160, 320], patch_size=4,
+                                           num_stages=4, hidden_act="gelu", drop_path_rate=0.0, image_size=224)),
+    # microsoft/focalnet-tiny (focal modulation)
+    "focalnet:tiny": ("FocalNet", dict(embed_dim=96, depths=[2, 2, 6, 2], focal_levels=[2, 2, 2, 2],
+                                       focal_windows=[3, 3, 3, 3], image_size=224, patch_size=4, mlp_ratio=4.0,
+                                       drop_path_rate=0.0, use_layerscale=False, normalize_modulator=False)),
+    # Zetatech/pvt-tiny-224 (spatial-reduction attention, position embeddings)
+    "pvt:tiny": ("Pvt", dict(image_size=224, num_encoder_blocks=4, depths=[2, 2, 2, 2], sequence_reduction_ratios=[8, 4, 2, 1],
+                             hidden_sizes=[64, 128, 320, 512], patch_sizes=[4, 2, 2, 2], strides=[4, 2, 2, 2],
+                             num_attention_heads=[1, 2, 5, 8], mlp_ratios=[8, 8, 4, 4])),
+    # OpenGVLab/pvt_v2_b0 (overlapping patch embedding, depthwise conv in the MLP)
+    "pvtv2:b0": ("PvtV2", dict(image_size=224, num_encoder_blocks=4, depths=[2, 2, 2, 2], sr_ratios=[8, 4, 2, 1],
+                               hidden_sizes=[32, 64, 160, 256], patch_sizes=[7, 3, 3, 3], strides=[4, 2, 2, 2],
+                               num_attention_heads=[1, 2, 5, 8], mlp_ratios=[8, 8, 4, 4])),
+    # MBZUAI/swiftformer-xs (efficient additive attention; a head and a distillation head averaged)
+    "swiftformer:xs": ("SwiftFormer", dict(image_size=224, num_channels=3, depths=[3, 3, 6, 4],
+                                           embed_dims=[48, 56, 112, 220], mlp_ratio=4, downsamples=[True] * 4,
+                                           hidden_act="gelu", down_patch_size=3, down_stride=2, down_pad=1,
+                                           drop_path_rate=0.0, use_layer_scale=True, layer_scale_init_value=0.1)),
 }
 
 
@@ -102,6 +149,36 @@ def processor(family: str):
     if family == "beit":  # microsoft/beit-base-patch16-224: mean = std = 0.5
         return hf.BeitImageProcessor(do_resize=False, do_center_crop=False, do_rescale=True, do_normalize=True,
                                      image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    # the sweep subset
+    if family == "data2vec-vision":  # facebook/data2vec-vision-base-ft1k: BeitImageProcessor, mean = std = 0.5
+        return hf.BeitImageProcessor(do_resize=False, do_center_crop=False, do_rescale=True, do_normalize=True,
+                                     image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    if family == "mobilevitv2":  # as MobileViT: x/255 and BGR
+        return hf.MobileViTImageProcessor(do_resize=False, do_center_crop=False, do_rescale=True,
+                                          do_flip_channel_order=True, do_normalize=False)
+    if family == "poolformer":
+        return hf.PoolFormerImageProcessor(do_resize=False, do_center_crop=False, do_rescale=True,
+                                           do_normalize=True, **imagenet)
+    if family == "deit":
+        return hf.DeiTImageProcessor(do_resize=False, do_center_crop=False, do_rescale=True, do_normalize=True,
+                                     **imagenet)
+    if family == "efficientnet":  # google/efficientnet-b0: std = sqrt(ImageNet std), applied twice (include_top)
+        return hf.EfficientNetImageProcessor(do_resize=False, do_center_crop=False, do_rescale=True,
+                                             do_normalize=True, include_top=True, rescale_offset=False,
+                                             image_mean=[0.485, 0.456, 0.406],
+                                             image_std=[0.47853944, 0.4732864, 0.47434163])
+    if family in ("regnet", "convnextv2"):  # ConvNextImageProcessor
+        return hf.ConvNextImageProcessor(do_resize=False, do_rescale=True, do_normalize=True, **imagenet)
+    if family == "bit":  # google/bit-50: BitImageProcessor, mean = std = 0.5
+        return hf.BitImageProcessor(do_resize=False, do_center_crop=False, do_rescale=True, do_normalize=True,
+                                    do_convert_rgb=True, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    if family in ("focalnet", "dinov2"):  # BitImageProcessor with ImageNet statistics
+        return hf.BitImageProcessor(do_resize=False, do_center_crop=False, do_rescale=True, do_normalize=True,
+                                    do_convert_rgb=True, **imagenet)
+    if family in ("pvt", "pvtv2"):
+        return hf.PvtImageProcessor(do_resize=False, do_rescale=True, do_normalize=True, **imagenet)
+    if family == "swiftformer":  # MBZUAI/swiftformer-xs: ViTImageProcessor, ImageNet statistics
+        return hf.ViTImageProcessor(do_resize=False, do_rescale=True, do_normalize=True, **imagenet)
     raise KeyError(family)
 
 
