@@ -97,3 +97,7 @@ class ExplainerWarning(UserWarning):
 class BatchFallbackWarning(ExplainerWarning):
     """The model runs one image at a time: its graph keeps the batch it was exported with."""
 
+
+class OptimisationFallbackWarning(ExplainerWarning):
+    """onnxruntime's graph optimisations changed the model's scores: it runs with fewer (or none)."""
+

@@ -181,3 +181,52 @@ def test_external_data_cannot_escape_by_absolute_path_or_symlink(tmp_path, escap
     (inner / "m.onnx").write_bytes(proto.SerializeToString())
     with pytest.raises(ModelLoadError, match="outside"):
         explainer.load(inner / "m.onnx", allow_external_data=True)
+
+
+def test_optimisations_that_change_the_scores_are_dropped_with_a_warning(monkeypatch, tmp_path):
+    """``Classifier._settle_optimisation``: where onnxruntime's optimised session gives other scores than
+    the graph's nodes computed one by one (simulated: the one-by-one scores shifted by 1), the engine
+    moves on through ``OPTIMISATIONS`` to the last (none: the reference itself), warns saying so, its
+    sessions (and the derived engines') run unoptimised, and the predictions are the one-by-one ones;
+    the verdict is remembered (a second load runs no comparison and warns again). An unchanged graph
+    keeps every optimisation and says nothing. (A Hugging Face BiT from the dynamo exporter is the case
+    found: onnxruntime 1.31.1's optimised session was 0.08 off torch's probabilities; tests/frameworks,
+    subset ``sweep``.)"""
+    import warnings
+
+    import onnxruntime as ort
+
+    from explainer.errors import OptimisationFallbackWarning
+    from explainer.runtime import ort_engine
+
+    monkeypatch.setenv("ONNX_EXPLAINER_CACHE", str(tmp_path))
+    model, _ = linear_classifier(size=(16, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OptimisationFallbackWarning)
+        plain = explainer.load(model, preprocessing="none")
+    assert plain.ort.optimisation == 0 and plain.ort.optimisation_name == "all"
+
+    model, _ = linear_classifier(size=(16, 16), seed=1)  # another file: another verdict
+    real = ort_engine.OrtEngine.run_unoptimised
+    compared = []
+
+    def shifted(self, batch, outputs):
+        compared.append(batch.shape)
+        return [o + np.float32(1.0) for o in real(self, batch, outputs)]
+
+    monkeypatch.setattr(ort_engine.OrtEngine, "run_unoptimised", shifted)
+    with pytest.warns(OptimisationFallbackWarning, match="runs with none"):
+        net = explainer.load(model, preprocessing="none")
+    assert compared and net.ort.optimisation_name == "none"
+    options = net.ort.session([net.output.name]).get_session_options()
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert net.ort.derived(net.model, net.input.name, "derived").optimisation == net.ort.optimisation
+    image = np.random.default_rng(0).uniform(0, 255, (16, 16, 3)).astype(np.float32)
+    x = net.to_model_input(image[None])
+    expected = real(net.ort, x, [net.output.name])[0]
+    np.testing.assert_array_equal(net.ort.run(x, [net.output.name])[0], expected)
+
+    compared.clear()
+    with pytest.warns(OptimisationFallbackWarning, match="runs with none"):
+        again = explainer.load(model, preprocessing="none")
+    assert not compared and again.ort.optimisation_name == "none"

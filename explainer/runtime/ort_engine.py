@@ -32,6 +32,15 @@ from .providers import provider_options, quiet_session
 
 BATCH_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
 MAX_CACHED_SESSIONS = 4
+#: onnxruntime's graph optimisations, tried in this order where the first changes a graph's function
+#: (``OrtEngine.settle_optimisation``): (what it is called, whether any optimisation runs, the
+#: optimisers turned off). onnxruntime's level-1 rewrite rules and constant folding gave a Hugging Face
+#: BiT (weight-standardised convolutions) other scores than its nodes computed one by one, by 10-25 %
+#: of their range (onnxruntime 1.31.1)
+OPTIMISATIONS = (("all", True, ()),
+                 ("all but the level-1 rewrite rules and constant folding", True,
+                  ("Level1_RuleBasedTransformer", "ConstantFolding")),
+                 ("none", False, ()))
 
 
 class OrtEngine:
@@ -58,13 +67,17 @@ class OrtEngine:
         #: (benchmarks/spinning.py has the figures, idle and loaded); as OMP_WAIT_POLICY=PASSIVE for torch
         #: (explainer/threads.py)
         self.spinning = spinning
+        #: the index in ``OPTIMISATIONS`` of the graph optimisations the sessions run with (0: all;
+        #: ``settle_optimisation`` moves on where they change the graph's function)
+        self.optimisation = 0
 
     # sessions -------------------------------------------------------------------------------------
     def _session_options(self, single_thread: bool = False):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if OPTIMISATIONS[self.optimisation][1]
+                                            else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 4  # failures reach the caller as exceptions; no red log lines
         if single_thread:
@@ -94,9 +107,12 @@ class OrtEngine:
     def derived(self, model: onnx.ModelProto, input_name: str, model_key: str,
                 spinning: bool | None = None) -> "OrtEngine":
         """An engine of the same kind and providers for another graph (incremental occlusion's stages);
-        ``spinning`` as this one's unless given."""
-        return OrtEngine(model, input_name, self.providers, model_key,
-                         self.spinning if spinning is None else spinning)
+        ``spinning`` as this one's unless given; the graph optimisations as this one's (the derived graphs
+        hold this one's nodes)."""
+        engine = OrtEngine(model, input_name, self.providers, model_key,
+                           self.spinning if spinning is None else spinning)
+        engine.optimisation = self.optimisation
+        return engine
 
     @property
     def reference(self) -> "OrtEngine":
@@ -153,11 +169,61 @@ class OrtEngine:
         """A new runtime session of the serialised graph ``data`` (``session`` caches it)."""
         import onnxruntime as ort
 
+        _, optimise, disabled = OPTIMISATIONS[self.optimisation]
         if self.on_cuda:
-            return keep_in_forks(quiet_session(data, self.providers))
+            return keep_in_forks(quiet_session(data, self.providers, optimise, disabled))
         options = self._session_options(single_thread)
         return keep_in_forks(ort.InferenceSession(data, options, providers=self.providers,
-                                                  provider_options=provider_options(self.providers)))
+                                                  provider_options=provider_options(self.providers),
+                                                  disabled_optimizers=list(disabled)))
+
+    def settle_optimisation(self, x: np.ndarray, output: str, tolerance: float) -> float | None:
+        """Checks that onnxruntime's graph optimisations keep the graph's function: ``output`` of input
+        ``x`` against the same graph run with none (each node as the ONNX spec defines it). Where they
+        differ by more than ``tolerance`` of the largest magnitude, the next setting of
+        ``OPTIMISATIONS`` that agrees is kept (the cached sessions closed) and the relative difference
+        of the full set is returned; None where it agrees. The verdict is remembered per model, providers
+        and versions in ``cache_dir()/optimisations.json``, as the best batch size is."""
+        def relative(a: np.ndarray, b: np.ndarray) -> float:
+            finite = np.isfinite(b)
+            if a.shape != b.shape or not np.array_equal(np.isfinite(a), finite):
+                return float("inf")
+            scale = max(float(np.abs(b[finite]).max(initial=0.0)), 1e-12)
+            return float(np.abs(a[finite].astype(np.float64) - b[finite]).max(initial=0.0)) / scale
+
+        import onnxruntime as ort
+
+        from ..version import __version__
+
+        key = (f"{self.model_key}|{','.join(self.providers)}|{output}|{tolerance}|onnxruntime {ort.__version__}|"
+               f"explainer {__version__}")
+        known = cache.read_json("optimisations.json").get(key)
+        if isinstance(known, list) and len(known) == 2 and known[0] in range(len(OPTIMISATIONS)):
+            if known[0]:
+                self.optimisation = known[0]
+                self.drop_sessions()
+            return known[1]
+        reference = self.run_unoptimised(x, [output])[0]
+        first = None
+        for index, (_, optimise, _) in enumerate(OPTIMISATIONS):
+            if index:
+                self.optimisation = index
+                self.drop_sessions()
+            if not optimise:
+                break
+            error = relative(self.run(x, [output])[0], reference)
+            first = error if first is None else first
+            if error <= tolerance:
+                break
+        drift = None if self.optimisation == 0 else first
+        with contextlib.suppress(CacheError):  # an unwritable cache: checked again at the next load
+            cache.update_json("optimisations.json", key, [self.optimisation, drift])
+        return drift
+
+    @property
+    def optimisation_name(self) -> str:
+        """The graph optimisations the sessions run with (``OPTIMISATIONS``)."""
+        return OPTIMISATIONS[self.optimisation][0]
 
     def run_unoptimised(self, batch: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
         """One forward pass with every graph optimisation off: each node computed as the ONNX spec

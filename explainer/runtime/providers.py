@@ -25,15 +25,20 @@ def provider_options(providers) -> list[dict]:
     return [dict(PROVIDER_OPTIONS.get(p, {})) for p in providers]
 
 
-def quiet_session(model_bytes: bytes, providers):
+def quiet_session(model_bytes: bytes, providers, optimise: bool = True, disabled=()):
+    """A session without onnxruntime's log lines; ``optimise``: its default graph optimisations (else
+    none), less the optimisers ``disabled``."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 4
+    if not optimise:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     ort.set_default_logger_severity(4)
     try:
         return ort.InferenceSession(model_bytes, options, providers=providers,
-                                    provider_options=provider_options(providers))
+                                    provider_options=provider_options(providers),
+                                    disabled_optimizers=list(disabled))
     finally:
         ort.set_default_logger_severity(2)
 

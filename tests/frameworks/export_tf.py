@@ -33,6 +33,9 @@ APPS = {  # name -> (keras.applications module, the case's preprocessing as kera
     "MobileNetV3Small": "mobilenet_v3",  # Rescaling in the graph; classifier: a 1x1 Conv2D, Flatten, softmax
     "ResNet50V2": "resnet_v2",
     "EfficientNetV2B1": "efficientnet_v2",
+    "MobileNetV3Large": "mobilenet_v3",
+    "InceptionResNetV2": "inception_resnet_v2",
+    "MobileNet": "mobilenet",
 }
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -142,8 +145,8 @@ def rescale_head(model, x) -> str:
     import keras
 
     head = model.layers[-1]
-    if not isinstance(head, keras.layers.Dense):  # MobileNetV3: 1x1 Conv2D "logits", Flatten, Activation
-        head = model.get_layer("logits")
+    if not isinstance(head, keras.layers.Dense):  # MobileNet: 1x1 Conv2D (V3 "logits", V1 "conv_preds"), ..., softmax
+        head = next(l for l in model.layers if l.name in ("logits", "conv_preds"))
         assert isinstance(head, keras.layers.Conv2D) and model.layers[-1].activation is keras.activations.softmax
     features = keras.Model(model.inputs, head.input)
     kernel, bias = head.get_weights()

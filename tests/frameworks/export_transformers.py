@@ -118,6 +118,18 @@ CONFIGS = {
                                            embed_dims=[48, 56, 112, 220], mlp_ratio=4, downsamples=[True] * 4,
                                            hidden_act="gelu", down_patch_size=3, down_stride=2, down_pad=1,
                                            drop_path_rate=0.0, use_layer_scale=True, layer_scale_init_value=0.1)),
+    # facebook/hiera-tiny-224-hf (mask-unit attention, unroll/reroll reshapes)
+    "hiera:tiny": ("Hiera", dict(embed_dim=96, image_size=[224, 224], patch_size=[7, 7], patch_stride=[4, 4],
+                                 patch_padding=[3, 3], depths=[1, 2, 7, 2], num_heads=[1, 2, 4, 8],
+                                 embed_dim_multiplier=2.0, num_query_pool=2, query_stride=[2, 2],
+                                 masked_unit_size=[8, 8], masked_unit_attention=[True, True, False, False],
+                                 drop_path_rate=0.0)),
+    # HGNetV2Config's defaults (ustc-community/hgnet-v2 B4-like: learnable affine blocks, light blocks)
+    "hgnetv2:default": ("HGNetV2", dict()),
+    # facebook/dinov2-with-registers-small (4 register tokens)
+    "dinov2reg:small": ("Dinov2WithRegisters", dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                                                    mlp_ratio=4, image_size=518, patch_size=14,
+                                                    layerscale_value=1.0, num_register_tokens=4)),
 }
 
 
@@ -177,6 +189,11 @@ def processor(family: str):
                                     do_convert_rgb=True, **imagenet)
     if family in ("pvt", "pvtv2"):
         return hf.PvtImageProcessor(do_resize=False, do_rescale=True, do_normalize=True, **imagenet)
+    if family in ("hiera", "dinov2reg"):  # BitImageProcessor, ImageNet statistics
+        return hf.BitImageProcessor(do_resize=False, do_center_crop=False, do_rescale=True, do_normalize=True,
+                                    do_convert_rgb=True, **imagenet)
+    if family == "hgnetv2":
+        return hf.ConvNextImageProcessor(do_resize=False, do_rescale=True, do_normalize=True, **imagenet)
     if family == "swiftformer":  # MBZUAI/swiftformer-xs: ViTImageProcessor, ImageNet statistics
         return hf.ViTImageProcessor(do_resize=False, do_rescale=True, do_normalize=True, **imagenet)
     raise KeyError(family)
@@ -208,6 +225,11 @@ def build(recipe: str, calibration, photos):
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if norms:
         for m in norms:
+            if kind == "EfficientNet":
+                # transformers draws EfficientNet's BatchNorm scales from N(0, 0.02): with its eps of 1e-3 each
+                # block shrinks the signal (logits about 1e-19 on the photographs, every map constant); the
+                # scales at 1, torch's own initialisation, as a checkpoint's are of order 1
+                torch.nn.init.ones_(m.weight)
             m.reset_running_stats()
             m.momentum = None  # a cumulative average: one pass sets the batch's statistics
             m.train()  # only BatchNorm in training mode: dropout and drop path stay off

@@ -1,5 +1,6 @@
-"""ScatterND at every version (11, 13, 16, 18), with its ``reduction`` (16: none, add, mul; 18: max
-and min too). onnx2torch's own indexes with a list of index lists, which torch deprecates (a
+"""ScatterND and ScatterElements at every version (11, 13, 16, 18), with their ``reduction`` (16: none,
+add, mul; 18: max and min too; onnx2torch has neither ScatterElements, met in the dynamo exports of
+Hugging Face BEiT and Data2Vec-vision: a ``select_scatter`` of the class token). onnx2torch's own indexes with a list of index lists, which torch deprecates (a
 UserWarning on every call; an error or another result once torch reads such a list as one tensor
 index), and refuses every reduction but none.
 
@@ -64,3 +65,39 @@ for _version in (11, 13, 16):
     register("ScatterND", _version, replaces="it indexes with a list of index lists, which torch deprecates (a "
              "warning on every call), and refuses the reductions")(_converter(_version))
 register("ScatterND", 18)(_converter(18))
+
+
+class ScatterElements(torch.nn.Module):
+    """ONNX ScatterElements: a copy of ``data`` with each of ``updates`` written (or combined, by
+    ``reduction``) where ``indices`` (same shape as the updates, negative ones counted from the end)
+    points along ``axis``, at its own position along the others; ``scatter`` / ``scatter_reduce``."""
+
+    def __init__(self, axis: int, reduction: str = "none"):
+        super().__init__()
+        self.axis, self.reduction = axis, reduction
+
+    def forward(self, data, indices, updates):
+        axis = self.axis % data.dim()
+        index = indices.to(torch.int64)
+        index = torch.where(index < 0, index + data.shape[axis], index)
+        values = updates.to(data.dtype)
+        if self.reduction == "none":
+            return data.scatter(axis, index, values)
+        return data.scatter_reduce(axis, index, values, _TORCH[self.reduction], include_self=True)
+
+
+def _elements(version: int):
+    def convert(node, graph):
+        reduction = node.attributes.get("reduction", "none")
+        if isinstance(reduction, bytes):
+            reduction = reduction.decode()
+        if reduction not in REDUCTIONS[version]:
+            raise NotImplementedError(f"ScatterElements-{version} with reduction={reduction!r} has no converter")
+        return OperationConverterResult(torch_module=ScatterElements(int(node.attributes.get("axis", 0)), reduction),
+                                        onnx_mapping=onnx_mapping_from_node(node))
+
+    return convert
+
+
+for _version in (11, 13, 16, 18):
+    register("ScatterElements", _version)(_elements(_version))
