@@ -1,18 +1,19 @@
-"""onnxruntime's spinning pool threads, on and off, idle and beside a busy process per core, in one run.
+"""onnxruntime's spinning pool threads, three ways, idle and beside a busy process per core, in one run.
 
     python -m benchmarks.spinning [--quick]
 
 The library opens every multi-threaded CPU session with ``session.intra_op.allow_spinning=0``
-(``OrtEngine.spinning``): its pool threads sleep between parallel sections and after a run, where
-onnxruntime's default keeps them spinning for a while. Two questions, on EfficientNet-Lite0 and a
+(``OrtEngine.spinning``): its pool threads never spin, where onnxruntime's default has them spin within
+a run and for a while after it; beside both, threads that spin within a run and stop when it ends
+(``session.force_spinning_stop=1``). Two questions, on EfficientNet-Lite0 and a
 torchvision ResNet-18 (the seeded export of tests/exports.py), each under two loads (idle: nothing
 added; loaded: one ``while True: pass`` process per core, started by this run):
 
 * back to back: one session's runs of a batch of 1 and of 16, one after the other (a forward-only
-  method's stream), spinning vs not, in ms per image;
+  method's stream), in ms per image;
 * the next call: ``predict`` then, 20 ms later, Recipro-CAM's in-graph session (another session of
-  the same process; its own threads never spin), timed, after a classifier session that spins and
-  after one that does not (``explainer.recipro_cam`` right after ``explainer.classify``).
+  the same process, the library's), timed, after a classifier session of each kind
+  (``explainer.recipro_cam`` right after ``explainer.classify``).
 
 Calls alternate between the variants turn by turn (a slow spell of the machine hits all); medians.
 Writes ``benchmarks/results/spinning.json`` and ``spinning.md`` (``--quick`` only prints). Run it on an
@@ -88,9 +89,19 @@ def bench(name: str, path: str, keywords: dict, image, turns: int) -> list[dict]
     net = explainer.load(path, batch_size=1, **keywords)
     layer = net.layer(default_feature_layer(net)[0])
     in_graph = _in_graph_entry(net, layer, "auto")[1]
-    engines = {spin: OrtEngine(net.model, net.input.name, ["CPUExecutionProvider"], f"spin{spin}", spinning=spin)
-               for spin in (True, False)}
-    sessions = {spin: e.session([]) for spin, e in engines.items()}
+    import onnxruntime as ort
+
+    def opened(entries: dict):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 4
+        for key, value in entries.items():
+            options.add_session_config_entry(key, value)
+        return ort.InferenceSession(net.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    library = OrtEngine(net.model, net.input.name, ["CPUExecutionProvider"], "library").session([])
+    assert library.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    sessions = {"on": opened({}), "stop": opened({"session.force_spinning_stop": "1"}), "never": library}
     x1 = net.to_model_input(net.fit_pixels(image)[None])
     x16 = np.repeat(x1, 16, axis=0)
     feed = lambda x: {net.input.name: x}  # noqa: E731
@@ -100,17 +111,17 @@ def bench(name: str, path: str, keywords: dict, image, turns: int) -> list[dict]
             for batch, x, per_call in ((1, x1, 8), (16, x16, 1)):
                 for s in sessions.values():
                     s.run(None, feed(x))
-                got = alternate({spin: (None, lambda s=s, x=x: s.run(None, feed(x))) for spin, s in sessions.items()},
+                got = alternate({k: (None, lambda s=s, x=x: s.run(None, feed(x))) for k, s in sessions.items()},
                                 turns, per_call)
                 rows.append(dict(model=name, load=busy, what=f"back to back, batch {batch}",
-                                 spin_ms=1000 * got[True] / batch, no_spin_ms=1000 * got[False] / batch))
+                                 **{f"{k}_ms": 1000 * v / batch for k, v in got.items()}))
             explain = lambda: in_graph.run(None, feed(x1))  # noqa: E731
             explain()
-            got = alternate({spin: (lambda s=s: s.run(None, feed(x1)), explain) for spin, s in sessions.items()}, turns)
+            got = alternate({k: (lambda s=s: s.run(None, feed(x1)), explain) for k, s in sessions.items()}, turns)
             rows.append(dict(model=name, load=busy, what="Recipro-CAM's session 20 ms after a forward",
-                             spin_ms=1000 * got[True], no_spin_ms=1000 * got[False]))
+                             **{f"{k}_ms": 1000 * v for k, v in got.items()}))
     for r in rows:
-        r["spin_over_no_spin"] = r["spin_ms"] / r["no_spin_ms"]
+        r["on_over_never"], r["stop_over_never"] = r["on_ms"] / r["never_ms"], r["stop_ms"] / r["never_ms"]
         print(json.dumps(r), flush=True)
     return rows
 
@@ -120,14 +131,17 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              f"Machine: {meta['cpu']}; {meta['cpus']} CPUs; onnxruntime {meta['onnxruntime']}. Medians of "
              f"{meta['turns']} alternating turns. Load average (1 min) before the run: {meta['load1_before']:.2f}. "
              "loaded: one busy process per core added by the run.", "",
-             "| model | load | what | spinning (ms) | not spinning (ms) | spinning / not |", "|---|---|---|---|---|---|"]
+             "| model | load | what | spinning (onnxruntime's default) (ms) | stopped when a run ends (ms) "
+             "| never spinning, the library's (ms) | spinning / never | stopped / never |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {'loaded' if r['load'] else 'idle'} | {r['what']} | {r['spin_ms']:.2f} | "
-                     f"{r['no_spin_ms']:.2f} | **{r['spin_over_no_spin']:.2f}** |")
+        lines.append(f"| {r['model']} | {'loaded' if r['load'] else 'idle'} | {r['what']} | {r['on_ms']:.2f} | "
+                     f"{r['stop_ms']:.2f} | {r['never_ms']:.2f} | **{r['on_over_never']:.2f}** | "
+                     f"**{r['stop_over_never']:.2f}** |")
     lines += ["", "back to back: ms per image of one session's runs one after the other. Recipro-CAM's session "
               "20 ms after a forward: the in-graph session's call (its threads never spin) 20 ms after a run of "
-              "the classifier's session, spinning or not (above 1: spinning slows it). The library's sessions "
-              "do not spin (`OrtEngine.spinning`).", ""]
+              "the classifier's session of each kind. Ratios above 1: slower than the library's way "
+              "(`OrtEngine.spinning`: `session.intra_op.allow_spinning=0`).", ""]
     return "\n".join(lines)
 
 

@@ -15,9 +15,9 @@ PASSIVE, the steadier of the two when the cores are shared, is the default.
 libgomp reads these once, when torch is first imported, so the choice is made at ``import explainer``:
 PASSIVE unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` (their choice wins) or torch was
 imported before explainer (then it is too late). onnxruntime keeps its own thread pool, whose threads
-spin by default after each parallel section and run: the library opens its multi-threaded sessions
-with spinning off for the same reason (``OrtEngine.spinning``; benchmarks/spinning.py), and the batch
-methods run one single-threaded session per core, which has no pool at all.
+by default spin within a run and for a while after it: the library's multi-threaded sessions do not
+spin, for the same reason (``OrtEngine.spinning``; benchmarks/spinning.py), and the batch methods
+run one single-threaded session per core, which has no pool at all.
 """
 from __future__ import annotations
 

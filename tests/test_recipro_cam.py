@@ -450,8 +450,8 @@ def test_in_graph_onnxruntime_session_folds_zero_pads_and_no_session_spins(defau
     """EfficientNet-Lite0's 5 zero Pads ("SAME" padding of its stride-2 convolutions) are folded into the
     Convs that read them in the library's graph (the ``fold-zero-pads`` pass: the same outputs as the
     file's, bit for bit, on onnxruntime), so the in-graph Recipro-CAM session has none either; its pool
-    threads do not spin, nor do the classifier's own session's (``OrtEngine.spinning``: a spinning
-    session slowed the next call of another one, ``predict`` then ``recipro_cam``)."""
+    threads do not spin, nor do the classifier's own session's (``OrtEngine.spinning``: threads spinning
+    on after a run slowed the next call of another session, ``predict`` then ``recipro_cam``)."""
     import onnx
     import onnxruntime as ort
 

@@ -117,6 +117,7 @@ HONOURED: dict[str, dict[str, object]] = {
                "nearest_mode": ANY, "cubic_coeff_a": ANY, "exclude_outside": ANY},
     "ScatterND": {"reduction": one_of("none", "add", "mul", "max", "min")},  # max, min: version 18 only
     "ScatterElements": {"axis": ANY, "reduction": one_of("none", "add", "mul", "max", "min")},  # the same
+    "Col2Im": {"dilations": ANY, "pads": ANY, "strides": ANY},  # 2 spatial dims, symmetric pads: else refused
     "RoiAlign": {"mode": ANY, "output_height": ANY, "output_width": ANY, "sampling_ratio": ANY,
                  "spatial_scale": ANY, "coordinate_transformation_mode": ANY},
     "NonMaxSuppression": {"center_point_box": ANY},

@@ -59,13 +59,15 @@ class OrtEngine:
         #: ``budget.RunGuard`` of the graph (set by the classifier): each run's batch is checked against
         #: the memory budget and each new image shape for zero extents before onnxruntime sees it
         self.guard = None
-        #: whether a multi-threaded CPU session's pool threads spin waiting for work (onnxruntime's own
-        #: default) or sleep between parallel sections and after each run (the library's default). Spinning
-        #: threads take the cores from everything else for a while after a run: on the 2-core machine
-        #: beside other work, another session's call 20 ms after a spinning session's run took 1.46x as
-        #: long (a Recipro-CAM right after ``predict``), and back-to-back runs of one session 1.1-1.8x
-        #: (benchmarks/spinning.py has the figures, idle and loaded); as OMP_WAIT_POLICY=PASSIVE for torch
-        #: (explainer/threads.py)
+        #: whether a multi-threaded CPU session's pool threads spin waiting for work (onnxruntime's default:
+        #: within a run and for a while after it) or sleep (the library's default). Threads spinning after a
+        #: run take the cores from whatever runs next: on the 2-core machine (benchmarks/spinning.py, run of
+        #: 2026-12-07 19:08 UTC) Recipro-CAM's session 20 ms after a forward of the classifier's took 1.03x
+        #: (EfficientNet-Lite0) and 1.31x (ResNet-18) as long idle, 1.26x and 1.17x beside a busy process per
+        #: core (more beside other multi-threaded work), where spinning made back-to-back runs of one session
+        #: at most 1.16x faster idle (Lite0, batch 1) and mostly slower under load. Stopping them when a
+        #: run ends (``session.force_spinning_stop``) was 1.01-1.19x slower than never spinning. As
+        #: OMP_WAIT_POLICY=PASSIVE for torch (explainer/threads.py)
         self.spinning = spinning
         #: the index in ``OPTIMISATIONS`` of the graph optimisations the sessions run with (0: all;
         #: ``settle_optimisation`` moves on where they change the graph's function)

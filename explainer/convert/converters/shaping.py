@@ -1,7 +1,8 @@
 """Rearranging ops whose onnx2torch converters differ from ONNX for some attribute values: Flatten
 with ``axis=0``, CumSum without ``reverse`` (onnx2torch's default is 1, ONNX's 0), DepthToSpace in
 DCR mode (ONNX's default, refused by onnx2torch), Split-18's ``num_outputs`` over a length it does not
-divide (onnx2torch splits into more parts than the node has outputs)."""
+divide (onnx2torch splits into more parts than the node has outputs); Col2Im (none in onnx2torch: VOLO's
+outlook attention, Hugging Face MobileViTV2's fold), two spatial dimensions, as torch's ``fold``."""
 from __future__ import annotations
 
 import math
@@ -143,3 +144,31 @@ def slice_(node, graph):
 for _version in (10, 11, 13):
     register("Slice", _version, replaces="it indexes with a list of slices, which torch deprecates "
                                          "(a warning on every call)")(slice_)
+
+
+class Col2Im(torch.nn.Module):
+    """ONNX Col2Im of two spatial dimensions: (N, C * kh * kw, L) blocks summed back into (N, C, H, W)
+    images, ``image_shape`` (H, W) and ``block_shape`` (kh, kw) read from their tensors at run time;
+    torch's ``fold``."""
+
+    def __init__(self, dilations, pads, strides):
+        super().__init__()
+        self.dilations, self.pads, self.strides = tuple(dilations), tuple(pads), tuple(strides)
+
+    def forward(self, x, image_shape, block_shape):
+        return torch.nn.functional.fold(x, tuple(int(v) for v in image_shape.tolist()),
+                                        tuple(int(v) for v in block_shape.tolist()), dilation=self.dilations,
+                                        padding=self.pads, stride=self.strides)
+
+
+@register("Col2Im", 18)
+def col2im(node, graph):
+    attrs = node.attributes
+    dilations, pads, strides = (list(attrs.get(k, default)) for k, default in
+                                (("dilations", [1, 1]), ("pads", [0, 0, 0, 0]), ("strides", [1, 1])))
+    if len(dilations) != 2 or len(strides) != 2 or len(pads) != 4:
+        raise NotImplementedError("Col2Im has a converter for two spatial dimensions only (torch's fold)")
+    if pads[:2] != pads[2:]:
+        raise NotImplementedError(f"Col2Im with pads={pads} (not the same at both ends) has no converter")
+    return OperationConverterResult(torch_module=Col2Im(dilations, pads[:2], strides),
+                                    onnx_mapping=onnx_mapping_from_node(node))
