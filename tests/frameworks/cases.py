@@ -179,7 +179,6 @@ CASES["hf-mobilevitv2-1.0-dynamo"] = _case("main", "transformers", "torch.onnx-d
 # typed refusals of the gradient methods (gradient, guided backprop, deep dream), which the test expects
 # instead of their checks: (the error's class, what its message names); occlusion, LIME and RISE still run
 REFUSED_GRADIENTS = ("gradient", "guided-backprop", "deep-dream")
-CASES["hf-mobilevitv2-1.0-dynamo"]["refuses"] = ("ConversionError", "(Col2Im)")  # no converter in onnx2torch
 CASES["hf-dinov2reg-small-dynamo"]["refuses"] = ("ConversionError", "antialias=1")  # its position table's resize
 
 
