@@ -205,7 +205,10 @@ class OrtEngine:
                 self.optimisation = known[0]
                 self.drop_sessions()
             return known[1]
-        reference = self.run_unoptimised(x, [output])[0]
+        try:
+            reference = self.run_unoptimised(x, [output])[0]
+        except ExplainerError:  # the graph unoptimised does not run here (memory, a kernel): left unchecked
+            return None
         first = None
         for index, (_, optimise, _) in enumerate(OPTIMISATIONS):
             if index:
