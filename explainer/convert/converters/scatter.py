@@ -49,22 +49,26 @@ class ScatterND(torch.nn.Module):
         return out.reshape(data.shape)
 
 
-def _converter(version: int):
+def _converter(op: str, version: int, module):
+    """The converter of ``op`` ``version``: its ``reduction`` checked against the version's, then
+    ``module(reduction, attributes)``."""
     def convert(node, graph):
         reduction = node.attributes.get("reduction", "none")
         if isinstance(reduction, bytes):
             reduction = reduction.decode()
         if reduction not in REDUCTIONS[version]:
-            raise NotImplementedError(f"ScatterND-{version} with reduction={reduction!r} has no converter")
-        return OperationConverterResult(torch_module=ScatterND(reduction), onnx_mapping=onnx_mapping_from_node(node))
+            raise NotImplementedError(f"{op}-{version} with reduction={reduction!r} has no converter")
+        return OperationConverterResult(torch_module=module(reduction, node.attributes),
+                                        onnx_mapping=onnx_mapping_from_node(node))
 
     return convert
 
 
 for _version in (11, 13, 16):
     register("ScatterND", _version, replaces="it indexes with a list of index lists, which torch deprecates (a "
-             "warning on every call), and refuses the reductions")(_converter(_version))
-register("ScatterND", 18)(_converter(18))
+             "warning on every call), and refuses the reductions")(
+        _converter("ScatterND", _version, lambda reduction, attributes: ScatterND(reduction)))
+register("ScatterND", 18)(_converter("ScatterND", 18, lambda reduction, attributes: ScatterND(reduction)))
 
 
 class ScatterElements(torch.nn.Module):
@@ -86,18 +90,6 @@ class ScatterElements(torch.nn.Module):
         return data.scatter_reduce(axis, index, values, _TORCH[self.reduction], include_self=True)
 
 
-def _elements(version: int):
-    def convert(node, graph):
-        reduction = node.attributes.get("reduction", "none")
-        if isinstance(reduction, bytes):
-            reduction = reduction.decode()
-        if reduction not in REDUCTIONS[version]:
-            raise NotImplementedError(f"ScatterElements-{version} with reduction={reduction!r} has no converter")
-        return OperationConverterResult(torch_module=ScatterElements(int(node.attributes.get("axis", 0)), reduction),
-                                        onnx_mapping=onnx_mapping_from_node(node))
-
-    return convert
-
-
 for _version in (11, 13, 16, 18):
-    register("ScatterElements", _version)(_elements(_version))
+    register("ScatterElements", _version)(_converter(
+        "ScatterElements", _version, lambda reduction, attributes: ScatterElements(int(attributes.get("axis", 0)), reduction)))
