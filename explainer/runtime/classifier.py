@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 
 from ..convert import BATCH_PASSES, normalise
-from ..errors import (BatchFallbackWarning, OptimisationFallbackWarning, InvalidParameterError, InvalidParameterTypeError, LayerNotFeatureMapError,
-                      NonFiniteOutputError, ResourceLimitError, UnknownClassError, UnknownLayerError,
+from ..errors import (BatchFallbackWarning, InvalidParameterError, InvalidParameterTypeError, LayerNotFeatureMapError,
+                      NonFiniteOutputError, OptimisationFallbackWarning, ResourceLimitError, UnknownClassError, UnknownLayerError,
                       UnsupportedModelError)
 from ..graph import dims, infer_shapes, layer_name
 from ..io import to_pixel_batch

@@ -78,8 +78,9 @@ class OrtEngine:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if OPTIMISATIONS[self.optimisation][1]
-                                            else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        level = ort.GraphOptimizationLevel
+        options.graph_optimization_level = (level.ORT_ENABLE_ALL if OPTIMISATIONS[self.optimisation][1]
+                                            else level.ORT_DISABLE_ALL)
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 4  # failures reach the caller as exceptions; no red log lines
         if single_thread:

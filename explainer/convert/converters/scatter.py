@@ -1,6 +1,6 @@
 """ScatterND and ScatterElements at every version (11, 13, 16, 18), with their ``reduction`` (16: none,
-add, mul; 18: max and min too; onnx2torch has neither ScatterElements, met in the dynamo exports of
-Hugging Face BEiT and Data2Vec-vision: a ``select_scatter`` of the class token). onnx2torch's own indexes with a list of index lists, which torch deprecates (a
+add, mul; 18: max and min too). onnx2torch has no ScatterElements, met in the dynamo exports of Hugging
+Face BEiT and Data2Vec-vision (a ``select_scatter`` of the class token). onnx2torch's own indexes with a list of index lists, which torch deprecates (a
 UserWarning on every call; an error or another result once torch reads such a list as one tensor
 index), and refuses every reduction but none.
 
@@ -92,4 +92,5 @@ class ScatterElements(torch.nn.Module):
 
 for _version in (11, 13, 16, 18):
     register("ScatterElements", _version)(_converter(
-        "ScatterElements", _version, lambda reduction, attributes: ScatterElements(int(attributes.get("axis", 0)), reduction)))
+        "ScatterElements", _version,
+        lambda reduction, attributes: ScatterElements(int(attributes.get("axis", 0)), reduction)))
