@@ -1,8 +1,8 @@
 """ScatterND and ScatterElements at every version (11, 13, 16, 18), with their ``reduction`` (16: none,
 add, mul; 18: max and min too). onnx2torch has no ScatterElements, met in the dynamo exports of Hugging
-Face BEiT and Data2Vec-vision (a ``select_scatter`` of the class token). onnx2torch's own indexes with a list of index lists, which torch deprecates (a
-UserWarning on every call; an error or another result once torch reads such a list as one tensor
-index), and refuses every reduction but none.
+Face BEiT and Data2Vec-vision (a ``select_scatter`` of the class token); its ScatterND indexes with a
+list of index lists, which torch deprecates (a UserWarning on every call; an error or another result
+once torch reads such a list as one tensor index), and refuses every reduction but none.
 
 The first ``k = indices.shape[-1]`` dimensions of the data are flattened into one, each index tuple
 becomes a position along it (negative indices counted from the end), and the updates are scattered
