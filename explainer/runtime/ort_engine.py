@@ -176,9 +176,9 @@ class OrtEngine:
         if self.on_cuda:
             return keep_in_forks(quiet_session(data, self.providers, optimise, disabled))
         options = self._session_options(single_thread)
+        extra = {"disabled_optimizers": list(disabled)} if disabled else {}
         return keep_in_forks(ort.InferenceSession(data, options, providers=self.providers,
-                                                  provider_options=provider_options(self.providers),
-                                                  disabled_optimizers=list(disabled)))
+                                                  provider_options=provider_options(self.providers), **extra))
 
     def settle_optimisation(self, x: np.ndarray, output: str, tolerance: float) -> float | None:
         """Checks that onnxruntime's graph optimisations keep the graph's function: ``output`` of input

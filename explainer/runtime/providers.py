@@ -36,9 +36,9 @@ def quiet_session(model_bytes: bytes, providers, optimise: bool = True, disabled
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     ort.set_default_logger_severity(4)
     try:
+        extra = {"disabled_optimizers": list(disabled)} if disabled else {}
         return ort.InferenceSession(model_bytes, options, providers=providers,
-                                    provider_options=provider_options(providers),
-                                    disabled_optimizers=list(disabled))
+                                    provider_options=provider_options(providers), **extra)
     finally:
         ort.set_default_logger_severity(2)
 
