@@ -85,7 +85,9 @@ def test_seeded_models_are_made_in_memory_never_written(tmp_path, monkeypatch):
     entry = registry.REGISTRY["seeded-squeezenet"]
     first = explainer.load("seeded-squeezenet")
     assert first.name == "seeded-squeezenet"
-    assert list(tmp_path.iterdir()) == []  # VGG19's would be 575 MB of disk per cache
+    # no model written (VGG19's would be 575 MB of disk per cache); only the settings measured at load
+    # (optimisations.json: onnxruntime's graph optimisations checked once per model)
+    assert [p.name for p in tmp_path.iterdir() if p.suffix != ".json" or p.stat().st_size > 65536] == []
     assert entry.make().SerializeToString() == entry.make().SerializeToString()  # the seed fixes them
     with pytest.raises(ValueError, match="built in memory"):
         entry.fetch()
