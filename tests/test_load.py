@@ -187,7 +187,7 @@ def test_optimisations_that_change_the_scores_are_dropped_with_a_warning(monkeyp
     """``Classifier._settle_optimisation``: where onnxruntime's optimised session gives other scores than
     the graph's nodes computed one by one (simulated: the one-by-one scores shifted by 1), the engine
     moves on through ``OPTIMISATIONS`` to the last (none: the reference itself), warns saying so, its
-    sessions (and the derived engines') run unoptimised, and the predictions are the one-by-one ones;
+    sessions (the derived engines' and the in-graph Grad-CAM's too) run unoptimised, and the predictions are the one-by-one ones;
     the verdict is remembered (a second load runs no comparison and warns again). An unchanged graph
     keeps every optimisation and says nothing. (A Hugging Face BiT from the dynamo exporter is the case
     found: onnxruntime 1.31.1's optimised session was 0.08 off torch's probabilities; tests/frameworks,
@@ -221,6 +221,9 @@ def test_optimisations_that_change_the_scores_are_dropped_with_a_warning(monkeyp
     options = net.ort.session([net.output.name]).get_session_options()
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     assert net.ort.derived(net.model, net.input.name, "derived").optimisation == net.ort.optimisation
+    from explainer.export.engine import _open  # the in-graph Grad-CAM's session, opened apart: the same
+    in_graph, _ = _open(net, "gradcam", explainer.gradcam_layers(net)[0])
+    assert in_graph.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     image = np.random.default_rng(0).uniform(0, 255, (16, 16, 3)).astype(np.float32)
     x = net.to_model_input(image[None])
     expected = real(net.ort, x, [net.output.name])[0]

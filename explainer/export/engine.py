@@ -134,8 +134,10 @@ def _open(net, method: str, layer: str, pixels: bool = True) -> tuple:
         _normalising(net, model)
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    extra = net.ort.optimised(options)  # the classifier's graph optimisations (settle_optimisation)
     providers = list(getattr(net.ort, "providers", None) or ["CPUExecutionProvider"])
-    return keep_in_forks(ort.InferenceSession(model.SerializeToString(), options, providers=providers)), cost
+    return keep_in_forks(ort.InferenceSession(model.SerializeToString(), options, providers=providers,
+                                              **extra)), cost
 
 
 def takes_pixels(run) -> bool:

@@ -250,7 +250,9 @@ def head_of(net: Classifier, layer: Layer, where: str = "recipro_cam") -> Head:
             if not side and net.ort.engine == "openvino":
                 return net.ort.derived(graph, input_name, key + suffix)
             providers = net.ort.providers if net.ort.engine == "onnxruntime" else ["CPUExecutionProvider"]
-            return OrtEngine(graph, input_name, providers, key + suffix)
+            engine = OrtEngine(graph, input_name, providers, key + suffix)
+            engine.optimisation = net.ort.optimisation  # the classifier's graph optimisations
+            return engine
 
         engine = engine_of(model, layer.output)
         head = Head(layer.output, (layer.output, *side), layout, outputs, model, engine)

@@ -226,6 +226,17 @@ class OrtEngine:
             cache.update_json("optimisations.json", key, [self.optimisation, drift])
         return drift
 
+    def optimised(self, options) -> dict:
+        """``options`` (onnxruntime SessionOptions of another session of this engine's graph, e.g. the
+        in-graph Grad-CAM's) set to this engine's graph optimisations; returns the further keyword
+        arguments of ``InferenceSession`` they need."""
+        import onnxruntime as ort
+
+        _, optimise, disabled = OPTIMISATIONS[self.optimisation]
+        if not optimise:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return {"disabled_optimizers": list(disabled)} if disabled else {}
+
     @property
     def optimisation_name(self) -> str:
         """The graph optimisations the sessions run with (``OPTIMISATIONS``)."""
