@@ -78,9 +78,7 @@ class OrtEngine:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        level = ort.GraphOptimizationLevel
-        options.graph_optimization_level = (level.ORT_ENABLE_ALL if OPTIMISATIONS[self.optimisation][1]
-                                            else level.ORT_DISABLE_ALL)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 4  # failures reach the caller as exceptions; no red log lines
         if single_thread:
@@ -176,7 +174,7 @@ class OrtEngine:
         if self.on_cuda:
             return keep_in_forks(quiet_session(data, self.providers, optimise, disabled))
         options = self._session_options(single_thread)
-        extra = {"disabled_optimizers": list(disabled)} if disabled else {}
+        extra = self.optimised(options)
         return keep_in_forks(ort.InferenceSession(data, options, providers=self.providers,
                                                   provider_options=provider_options(self.providers), **extra))
 
