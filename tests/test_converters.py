@@ -162,8 +162,6 @@ REFUSED = [  # (op, attributes, opset, initialisers, the attribute named)
     ("Resize", {"coordinate_transformation_mode": "tf_crop_and_resize"}, 13,
      [("roi", np.zeros(0, np.float32)), ("scales", np.array([1, 1, 2, 2], np.float32))],
      "coordinate_transformation_mode"),
-    ("Resize", {"antialias": 1, "mode": "linear"}, 18,
-     [("roi", np.zeros(0, np.float32)), ("scales", np.array([1, 1, 0.5, 0.5], np.float32))], "antialias"),
     ("LayerNormalization", {"stash_type": 0}, 17, [("scale", np.ones(8, np.float32))], "stash_type"),
     ("Conv", {"auto_pad": "SAME_UPPER"}, 17, [W3], "auto_pad"),  # stride 2 on an unknown size (below)
     # an odd total padding: asymmetric, which onnx2torch's ConvTranspose lacks
@@ -353,6 +351,82 @@ def test_resize(mode, ctm, nearest, how):
         factor = {"up2": 2.0, "down2": 0.5, "scales1.5": 1.5}[how]
         inits.append(("scales", np.array([1, 1, factor, factor], np.float32)))
     _check(single_op("Resize", attrs, shape=[1, 3, 6, 9], inits=inits, opset=13))
+
+
+ANTIALIAS_CASES = list(itertools.product(
+    ("linear", "cubic"), ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "half_pixel_symmetric"),
+    (0, 1), ("down2", "down0.3x0.24", "up1.7x1.36", "sizes5x11", "sizes37x3")))
+
+
+@pytest.mark.parametrize("mode,ctm,exclude,how", ANTIALIAS_CASES)
+def test_resize_antialias(mode, ctm, exclude, how):
+    """Resize-19 with antialias=1: onnxruntime's Pillow-style filter, shrinking (the kernel widened) and
+    enlarging, every coordinate transformation, border weights moved in (exclude_outside=0) or dropped."""
+    attrs = {"mode": mode, "coordinate_transformation_mode": ctm, "antialias": 1, "exclude_outside": exclude,
+             "cubic_coeff_a": -0.5}
+    inits = [("roi", np.zeros(0, np.float32))]
+    if how.startswith("sizes"):
+        h, w = (int(v) for v in how[5:].split("x"))
+        inits += [("scales", np.zeros(0, np.float32)), ("sizes", np.array([1, 3, h, w], np.int64))]
+    else:
+        h, w = {"down2": (0.5, 0.5), "down0.3x0.24": (0.3, 0.24), "up1.7x1.36": (1.7, 1.36)}[how]
+        inits.append(("scales", np.array([1, 1, h, w], np.float32)))
+    _check(single_op("Resize", attrs, shape=[1, 3, 13, 17], inits=inits, opset=19))
+
+
+def test_resize_antialias_is_torchs_interpolate():
+    """The node torch's exporter writes for ``interpolate(..., mode='bicubic', antialias=True)`` (cubic,
+    a = -0.5, exclude_outside=1, half_pixel; DINOv2's position table) and for bilinear: the converted
+    module computes what torch computed, shrinking and enlarging."""
+    x = np.random.default_rng(3).standard_normal((2, 4, 37, 29)).astype(np.float32)
+    for mode, torch_mode, extra in (("cubic", "bicubic", {"cubic_coeff_a": -0.5}), ("linear", "bilinear", {})):
+        for size in ((16, 11), (45, 60), (37, 12)):
+            attrs = {"mode": mode, "antialias": 1, "exclude_outside": 1, **extra}
+            inits = [("roi", np.zeros(0, np.float32)), ("scales", np.zeros(0, np.float32)),
+                     ("sizes", np.array([2, 4, *size], np.int64))]
+            module, _ = convert_graph(single_op("Resize", attrs, shape=list(x.shape), inits=inits, opset=18), "image")
+            got = module(torch.from_numpy(x)).detach().numpy()
+            expected = torch.nn.functional.interpolate(torch.from_numpy(x), size=size, mode=torch_mode,
+                                                       antialias=True, align_corners=False).numpy()
+            assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max(), (mode, size)
+
+
+_NO = ("roi", np.zeros(0, np.float32))
+RESIZE_18_CASES = [  # (attributes, initialisers, shape): axes, the aspect-ratio policies, sizes that stay
+    ({"axes": [2, 3]}, [_NO, ("scales", np.array([0.45, 2.2], np.float32))], [1, 2, 10, 9]),
+    ({"axes": [-1, -2]}, [_NO, ("scales", np.zeros(0, np.float32)), ("sizes", np.array([4, 15], np.int64))], [1, 2, 10, 9]),
+    ({"axes": [1, 2]}, [_NO, ("scales", np.array([0.5, 0.7], np.float32))], [1, 10, 9, 3]),
+    ({"axes": [2, 3], "keep_aspect_ratio_policy": "not_larger"},
+     [_NO, ("scales", np.zeros(0, np.float32)), ("sizes", np.array([5, 7], np.int64))], [1, 2, 10, 9]),
+    ({"axes": [2, 3], "keep_aspect_ratio_policy": "not_smaller"},
+     [_NO, ("scales", np.zeros(0, np.float32)), ("sizes", np.array([5, 7], np.int64))], [1, 2, 10, 9]),
+    ({"keep_aspect_ratio_policy": "not_larger"},
+     [_NO, ("scales", np.zeros(0, np.float32)), ("sizes", np.array([1, 2, 23, 30], np.int64))], [1, 2, 10, 9]),
+    ({"coordinate_transformation_mode": "half_pixel_symmetric"},
+     [_NO, ("scales", np.array([1, 1, 0.6, 1.7], np.float32))], [1, 2, 10, 9]),
+    ({}, [_NO, ("scales", np.array([1, 1, 1.05, 1.05], np.float32))], [1, 2, 7, 6]),  # no size changes: a copy
+    ({}, [_NO, ("scales", np.array([1, 1, 1.2, 1.05], np.float32))], [1, 2, 7, 6]),  # W keeps its size, not its scale
+    ({}, [_NO, ("scales", np.array([1.05, 1.05], np.float32))], [7, 6]),
+    ({}, [_NO, ("scales", np.array([1, 1, 0.4, 0.6, 0.5], np.float32))], [1, 2, 10, 9, 8]),
+]
+
+
+RESIZE_18_PARAMS = [(mode, antialias, case) for mode in ("nearest", "linear", "cubic") for antialias in (0, 1)
+                    for case, (_, _, shape) in enumerate(RESIZE_18_CASES)
+                    # beyond onnxruntime's cubic: 5-D, and NHWC (axes 1, 2) without antialias
+                    if not (mode == "cubic" and (len(shape) == 5 or shape[-1] == 3 and not antialias))]
+
+
+@pytest.mark.parametrize("mode,antialias,case", RESIZE_18_PARAMS)
+def test_resize_18_attributes(mode, antialias, case):
+    """``axes``, ``keep_aspect_ratio_policy`` and ``half_pixel_symmetric`` as onnxruntime computes them.
+    antialias is ignored for nearest, as the spec says (onnxruntime refuses that node: the reference is
+    the same node without it)."""
+    attrs, inits, shape = RESIZE_18_CASES[case]
+    model = single_op("Resize", {**attrs, "mode": mode, "antialias": antialias}, shape=shape, inits=inits, opset=19)
+    reference = single_op("Resize", {**attrs, "mode": mode}, shape=shape, inits=inits, opset=19) \
+        if mode == "nearest" else None
+    _check(model, shape, reference=reference)
 
 
 @pytest.mark.parametrize("opset", [10, 19])

@@ -113,8 +113,9 @@ HONOURED: dict[str, dict[str, object]] = {
                                      "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")},
     "Resize": {"mode": one_of("nearest", "linear", "cubic"),
                "coordinate_transformation_mode": one_of("half_pixel", "pytorch_half_pixel", "align_corners",
-                                                        "asymmetric", "tf_half_pixel_for_nn"),
-               "nearest_mode": ANY, "cubic_coeff_a": ANY, "exclude_outside": ANY},
+                                                        "asymmetric", "tf_half_pixel_for_nn", "half_pixel_symmetric"),
+               "nearest_mode": ANY, "cubic_coeff_a": ANY, "exclude_outside": ANY, "antialias": ANY, "axes": ANY,
+               "keep_aspect_ratio_policy": one_of("stretch", "not_larger", "not_smaller")},
     "ScatterND": {"reduction": one_of("none", "add", "mul", "max", "min")},  # max, min: version 18 only
     "ScatterElements": {"axis": ANY, "reduction": one_of("none", "add", "mul", "max", "min")},  # the same
     "Col2Im": {"dilations": ANY, "pads": ANY, "strides": ANY},  # 2 spatial dims, symmetric pads: else refused

@@ -176,10 +176,6 @@ for _name, (_recipe, _exporter, _pre, _px) in _SWEEP_HF.items():
 # TypeError: 'NoneType' object is not subscriptable, the output size's shape unknown)
 CASES["hf-mobilevitv2-1.0-dynamo"] = _case("main", "transformers", "torch.onnx-dynamo", "mobilevitv2:1.0", (256, 256),
                                            HF_MOBILEVIT, "NCHW", opset=None, optional="sweep")
-# typed refusals of the gradient methods (gradient, guided backprop, deep dream), which the test expects
-# instead of their checks: (the error's class, what its message names); occlusion, LIME and RISE still run
-REFUSED_GRADIENTS = ("gradient", "guided-backprop", "deep-dream")
-CASES["hf-dinov2reg-small-dynamo"]["refuses"] = ("ConversionError", "antialias=1")  # its position table's resize
 
 
 def cache_root() -> Path:
