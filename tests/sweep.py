@@ -231,6 +231,33 @@ def _export_explained(net, path, image, out: Path, name: str) -> str:
     return f"outputs bit-identical, saliency within {error:.1e} of the range"
 
 
+_PASS_THROUGH = ("Slice", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Flatten", "Cast", "Gather")
+
+
+def _dynamo_scopes(model, layer: str) -> list[str]:
+    """The source modules the dynamo exporter's node metadata (``pkg.torch.onnx.name_scopes``) puts the
+    layer in, deepest first, followed back through the ops that only select or reshape (the layer
+    ``node_slice_7`` of VOLO is the top module's slice of ``norm``'s output: ``norm`` first). Empty for
+    files without that metadata (the legacy exporter's scopes are in the node names)."""
+    import ast
+
+    producers = {o: n for n in model.graph.node for o in n.output}
+    producers.update({n.name: n for n in model.graph.node if n.name and n.name not in producers})
+    names, tensor = [], layer
+    for _ in range(8):
+        node = producers.get(tensor)
+        if node is None:
+            break
+        meta = {p.key: p.value for p in node.metadata_props}
+        with contextlib.suppress(ValueError, SyntaxError):
+            path = [p for p in ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))[1:-1] if p]
+            names += [".".join(path[:i]) for i in range(len(path), 0, -1) if ".".join(path[:i]) not in names]
+        if node.op_type not in _PASS_THROUGH or not node.input:
+            break
+        tensor = node.input[0]
+    return names
+
+
 def _reference_target(net, name: str, image) -> str:
     """The source module called once whose output equals our default layer's activations (within 1e-3),
     preferring the one named like the layer's ONNX scope; registered as the Grad-CAM reference's target
@@ -284,6 +311,9 @@ def _reference_target(net, name: str, image) -> str:
             scope.append(part)
     parts = ".".join(scope).split(".")
     order = [".".join(scope), re.sub(r"_\d+$", "", ".".join(scope))] + [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+    # by position in the graph before by value: seeded LayerNorms (weight 1, bias 0) make several modules'
+    # outputs equal (timm VOLO's final norm and its class blocks' norm1 on the patch tokens)
+    order = _dynamo_scopes(net.model, layer) + order
     module = next((n for n in order if n in good), None) or min(good, key=lambda n: found[n])
     source_references.TARGETS[name] = source_references.Target(module, kind, prefix)
     return f"{module} ({kind}, prefix {prefix})"

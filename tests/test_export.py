@@ -216,6 +216,11 @@ def _torch_cases():
         "MaxPool-ceil": ([_n("MaxPool", ["x"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)], (1, 2, 5, 5), [], {},
                          lambda x: F.max_pool2d(x, 2, 2, ceil_mode=True)),
         "GlobalMaxPool": ([_n("GlobalMaxPool", ["x"])], (2, 3, 4, 5), [], {}, lambda x: x.amax((2, 3), keepdim=True)),
+        "ReduceMax": ([_n("ReduceMax", ["x", "a"], keepdims=0)], (2, 5, 3), [_const("a", i64([1]))], {"opset": 18},
+                      lambda x: x.amax(1)),
+        "ReduceMax-13": ([_n("ReduceMax", ["x"], axes=[-1, 1], keepdims=1)], (2, 3, 4), [], {"opset": 13},
+                         lambda x: x.amax((1, 2), keepdim=True)),
+        "ReduceMin": ([_n("ReduceMin", ["x"], keepdims=0)], (2, 3, 4), [], {"opset": 13}, lambda x: x.amin()),
         # linear algebra
         "MatMul": ([_n("MatMul", ["x", "w"])], (2, 4, 3), [_const("w", W23)], {}, lambda x: x @ t(W23)),
         "MatMul-both": ([_n("Transpose", ["x"], ["xt"], perm=[0, 2, 1]), _n("MatMul", ["x", "xt"])], (2, 4, 3), [], {},

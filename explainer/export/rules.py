@@ -639,6 +639,19 @@ def _global_max_pool(b, node, grads):
     return [b.ctx.node("Mul", [grads[0], mask])]
 
 
+@rule("ReduceMax", "ReduceMin")
+def _reduce_extreme(b, node, grads):
+    """The gradient to every position equal to the maximum (minimum) over the reduced axes, as
+    GlobalMaxPool's (timm VOLO's auxiliary head takes the maximum over the tokens)."""
+    x, y = node.input[0], node.output[0]
+    axes = _reduce_axes(b, node)
+    g, fy = grads[0], b.fwd(y)
+    if not attr(node, "keepdims", 1):
+        g, fy = b.ctx.unsqueeze(g, [a + 1 for a in axes]), b.ctx.unsqueeze(fy, axes)
+    mask = b.ctx.node("Cast", [b.ctx.node("Equal", [b.fwd(x), fy])], to=b.ctx.elem_type(x))
+    return [b.ctx.node("Mul", [g, mask])] + [None] * (len(node.input) - 1)
+
+
 # normalisation and softmax ------------------------------------------------------------------------
 @rule("Softmax")
 def _softmax(b, node, grads):
