@@ -96,6 +96,9 @@ def build(family: str):
     # the head rescaled so logits spread (std 3) on random images: softmax neither flat nor saturated
     heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1000]
     with torch.no_grad():
+        for head in heads:  # a zero-initialised head (timm's Sequencer) gives every image the same scores
+            if not head.weight.any():
+                head.weight.normal_(0.0, 0.02, generator=generator)
         spread = float(model(torch.randn(4, 3, *input_size(model), generator=generator)).std())
         for head in heads:
             head.weight.mul_(3.0 / max(spread, 1e-6))

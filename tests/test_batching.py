@@ -307,3 +307,52 @@ def test_a_torch_turn_is_counted_among_the_runs_in_flight():
     assert IN_FLIGHT.bytes == before
     engine.pixel_model(x)  # outside a turn: not counted
     assert IN_FLIGHT.bytes == before
+
+
+class _RowRNN(__import__("torch").nn.Module):
+    """Sequencer's pattern: a feature map's rows as sequences through a bidirectional recurrent layer,
+    the batch merged with the rows (sequence axis first, as torch's default)."""
+
+    def __init__(self, kind: str):
+        import torch
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 4, 4)
+        self.rnn = getattr(torch.nn, kind)(8, 6, bidirectional=True)
+        self.fc = torch.nn.Linear(12, 5)
+
+    def forward(self, x):
+        f = self.conv(x)
+        b, c, h, w = f.shape
+        y, _ = self.rnn(f.permute(0, 2, 3, 1).reshape(b * h, w, c).transpose(0, 1))
+        return self.fc(y.transpose(0, 1).reshape(b, h, w, 12).mean((1, 2)))
+
+
+@pytest.mark.parametrize("kind,exporter", [("LSTM", "legacy"), ("GRU", "legacy"), ("RNN", "legacy"),
+                                           ("LSTM", "dynamo")])
+def test_recurrent_layers_exported_at_batch_1_run_batches(kind, exporter, tmp_path):
+    """LSTM / GRU / RNN nodes carry the batch (Y on axis 2, the final states on axis 1) and their initial
+    states scale with it: the legacy exporter's Expand of zeros of the exported rows to a target computed
+    from the sequence, the dynamo exporter's constant zeros. Batches equal torch's module, and the
+    gradient methods' module (converters/recurrent.py) equals onnxruntime."""
+    import warnings
+
+    import torch
+
+    from explainer.runtime.torch_engine import torch_engine
+
+    model, path = _RowRNN(kind).eval(), tmp_path / f"{kind}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), str(path), dynamo=exporter == "dynamo",
+                          opset_version=17 if exporter == "legacy" else 18, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", explainer.errors.BatchFallbackWarning)
+        net = explainer.load(str(path), preprocessing="none", batch_size=3)
+    assert net.max_batch is None
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(net.to_model_input(images.astype(np.float32)))).numpy()
+    np.testing.assert_allclose(net.logits(images), expected, rtol=1e-4, atol=1e-5)
+    assert torch_engine(net).max_relative_error <= 1e-5

@@ -46,6 +46,14 @@ def _odd(value) -> bool:
 
 _all_ones.__doc__ = "all 1"
 _odd.__doc__ = "odd (torch's LocalResponseNorm centres an even window one channel off ONNX's)"
+def _activations(op: str) -> Callable:
+    defaults = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}[op]
+    allowed = [defaults] + ([["Relu"]] if op == "RNN" else [])
+    check = lambda value: any(list(value) in (a, a * 2) for a in allowed)  # noqa: E731  (one per direction)
+    check.__doc__ = f"{' or '.join(map(str, allowed))} per direction"
+    return check
+
+
 _UNPADDED = one_of("NOTSET", "VALID")  # SAME_UPPER / SAME_LOWER are made explicit by the 'auto-pad' pass
 _LEGACY = {"consumed_inputs": ANY}  # opset 1-6 bookkeeping with no effect on the result
 _BROADCAST = {"broadcast": ANY, "axis": ANY}  # opset 1-6 broadcasting, onnx2torch's old_style_broadcast
@@ -122,6 +130,11 @@ HONOURED: dict[str, dict[str, object]] = {
     "RoiAlign": {"mode": ANY, "output_height": ANY, "output_width": ANY, "sampling_ratio": ANY,
                  "spatial_scale": ANY, "coordinate_transformation_mode": ANY},
     "NonMaxSuppression": {"center_point_box": ANY},
+    # recurrent (converters/recurrent.py: torch's fused modules; peepholes and partial sequence_lens refused)
+    "LSTM": {"direction": ANY, "hidden_size": ANY, "layout": ANY, "activations": _activations("LSTM")},
+    "GRU": {"direction": ANY, "hidden_size": ANY, "layout": ANY, "activations": _activations("GRU"),
+            "linear_before_reset": one_of(1)},  # 0 (the default) is refused by the converter
+    "RNN": {"direction": ANY, "hidden_size": ANY, "layout": ANY, "activations": _activations("RNN")},
     # quantization (converters/quantization.py; blocked quantization is refused)
     "QuantizeLinear": {"axis": ANY, "output_dtype": ANY, "saturate": ANY},
     "DequantizeLinear": {"axis": ANY, "output_dtype": ANY},

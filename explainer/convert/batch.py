@@ -273,6 +273,9 @@ def _free_batch(model: onnx.ModelProto, ctx) -> int:
         found = [(k, *axis_of[i]) for k, i in enumerate(node.input) if i in axis_of]
         if not found:
             continue
+        if node.op_type in _RECURRENT:
+            axis_of.update(_recurrent_axes(node, *found[0]))
+            continue
         out = _output_axis(g, node, *found[0], shape_of)
         if out is not None:
             for o in node.output:
@@ -305,6 +308,8 @@ def _free_batch(model: onnx.ModelProto, ctx) -> int:
             if sizes is not None and j < len(sizes) and int(sizes[j]) == 1:
                 node.input[3] = b.scaled_shape(sizes, j, before)
                 changed += 1
+        elif node.op_type in _RECURRENT and node.input[0] in axis_of:
+            changed += _free_initial_states(g, node, b, before, axis_of, producer)
         elif node.op_type == "Expand" and node.input[0] not in axis_of:
             shape = _shape_constant(g, node.input[1])
             j = _joined_axis(node.output[0], len(shape) if shape is not None else 0, users, axis_of, shape_of)
@@ -328,6 +333,52 @@ def _free_batch(model: onnx.ModelProto, ctx) -> int:
     if changed:
         del g.node[:]
         g.node.extend(b.prologue + new_nodes)
+    return changed
+
+
+_RECURRENT = ("LSTM", "GRU", "RNN")
+
+
+def _recurrent_axes(node, k: int, a: int, o: int) -> dict[str, tuple[int, int]]:
+    """A recurrent node whose sequence X carries the batch on its batch axis: Y (sequence, directions,
+    batch, hidden; batch first with layout=1) and the final states (directions, batch, hidden) carry it
+    too. The batch on the time or feature axis (or on a state alone): nothing is followed."""
+    layout = attribute(node, "layout", 0)
+    if k != 0 or a != (0 if layout else 1):
+        return {}
+    axes = {}
+    for i, name in enumerate(node.output):
+        if name:
+            axes[name] = ((0 if layout else 2) if i == 0 else (0 if layout else 1), o)
+    return axes
+
+
+def _free_initial_states(g, node, b: "_Builder", nodes: list, axis_of, producer) -> int:
+    """Initial states (inputs 5 and 6) held as constants of the exported batch, every value the same
+    (the dynamo exporter's zeros): expanded to the run's batch on their batch axis. The legacy
+    exporter's ``Expand(zeros of the exported batch, [D, batch from the sequence's shape, H])`` keeps
+    its computed target, from a constant of ones dims (zeros of 8 rows do not expand to 16)."""
+    j = 0 if attribute(node, "layout", 0) else 1
+    changed = 0
+    for k in (5, 6):
+        name = node.input[k] if len(node.input) > k else ""
+        source = producer.get(name)
+        if source is not None and source.op_type == "Expand" and constant_value(g, source.input[1]) is None:
+            fill = constant_value(g, source.input[0])
+            if fill is not None and fill.ndim == 3 and fill.size and np.all(fill == fill.flat[0]) and \
+                    fill.shape[j] != 1:
+                source.input[0] = b.const(f"{source.input[0]}__fill", np.full((1, 1, 1), fill.flat[0], fill.dtype))
+                changed += 1
+            continue
+        value = constant_value(g, name) if name and name not in axis_of else None
+        if value is None or value.ndim != 3 or not value.size or not np.all(value == value.flat[0]):
+            continue
+        fill = b.const(f"{name}__fill", np.full((1, 1, 1), value.flat[0], value.dtype))
+        expanded = b.name(f"{name}__batch")
+        nodes.append(helper.make_node("Expand", [fill, b.scaled_shape(np.asarray(value.shape, np.int64), j, nodes)],
+                                      [expanded]))
+        node.input[k] = expanded
+        changed += 1
     return changed
 
 

@@ -1,9 +1,10 @@
 """Converters for ONNX ops onnx2torch lacks or converts into another function, registered into its
 registry at import, one small file per op family (in the style of onnx2torch's own
 ``node_converters``): activations, normalization (ranks from the tensor, never from inferred shapes),
-pooling (the same), quantization, reduce, resize (every coordinate mode exactly), scatter (ScatterND at
-every version with its reductions, without torch's deprecated list indexing; ScatterElements), shaping (Flatten, CumSum,
-DepthToSpace, Split-18, Slice, Col2Im). Which attributes each converter honours is in ``../attributes.py``.
+pooling (the same), quantization, recurrent (LSTM, GRU, RNN over torch's fused modules), reduce, resize
+(every coordinate mode exactly, antialiasing), scatter (ScatterND at every version with its reductions,
+without torch's deprecated list indexing; ScatterElements), shaping (Flatten, CumSum, DepthToSpace,
+Split-18, Slice, Col2Im). Which attributes each converter honours is in ``../attributes.py``.
 
 ``register(op, version)`` adds one converter and refuses a second for the same (op, version), unless
 ``replaces`` says why onnx2torch's own is replaced;
