@@ -64,12 +64,28 @@ def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 
 
 def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Name -> the nodes that read it, as an input or from inside their subgraphs (an If's branches, a
+    Loop's body)."""
     found: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in graph.node:
-        for name in node.input:
+        for name in dict.fromkeys(reads(node)):
             if name:
                 found[name].append(node)
     return found
+
+
+def reads(node: onnx.NodeProto) -> list[str]:
+    """Every name ``node`` reads: its inputs, then what its subgraphs read from the graph around them."""
+    return [*node.input, *subgraph_reads(node)] if node.attribute else list(node.input)
+
+
+def all_nodes(graph: onnx.GraphProto):
+    """The graph's nodes and those of every subgraph in it, depth first."""
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from all_nodes(g)
 
 
 def opset(model: onnx.ModelProto, domain: str = "") -> int:

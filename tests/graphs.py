@@ -248,3 +248,50 @@ def seeded_set(architectures) -> list:
     import pytest
 
     return [pytest.param(a, marks=pytest.mark.matrix) if a == "vgg19" else a for a in sorted(architectures)]
+
+
+def loop_classifier(*, unrolled: bool = False, steps: int = 3, k: int = 5, c: int = 4, seed: int = 0,
+                    body_domain: str = "") -> onnx.ModelProto:
+    """image (N, 3, 8, 8) -> Conv 3x3 (c channels) -> a Loop of ``steps`` iterations, v <- Relu(v * S + T)
+    (S, T: main-graph weights that only the body reads, as TensorFlow's while loops read theirs) -> Relu
+    ("post") -> GlobalAveragePool -> Flatten -> Gemm (k logits). ``unrolled``: the same function with
+    the iterations written out (no subgraph), the reference. ``body_domain``: the domain of the body's
+    Relu (a custom one must be refused)."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array((0.02 * rng.standard_normal((c, 3, 3, 3))).astype(np.float32), "conv_w"),
+             numpy_helper.from_array(rng.uniform(0.5, 1.2, (1, c, 1, 1)).astype(np.float32), "S"),
+             numpy_helper.from_array((0.3 * rng.standard_normal((1, c, 1, 1))).astype(np.float32), "T"),
+             numpy_helper.from_array(rng.standard_normal((k, c)).astype(np.float32), "fc_w"),
+             numpy_helper.from_array(rng.standard_normal(k).astype(np.float32), "fc_b")]
+    nodes = [helper.make_node("Conv", ["image", "conv_w"], ["feat"], name="conv", pads=[1, 1, 1, 1])]
+    if unrolled:
+        v = "feat"
+        for i in range(steps):
+            nodes += [helper.make_node("Mul", [v, "S"], [f"m{i}"]), helper.make_node("Add", [f"m{i}", "T"], [f"a{i}"]),
+                      helper.make_node("Relu", [f"a{i}"], [f"v{i}"])]
+            v = f"v{i}"
+        nodes.append(helper.make_node("Identity", [v], ["looped"], name="loop"))
+    else:
+        body = helper.make_graph(
+            [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+             helper.make_node("Mul", ["v_in", "S"], ["m"]), helper.make_node("Add", ["m", "T"], ["a"]),
+             helper.make_node("Relu", ["a"], ["v_out"], domain=body_domain)],
+            "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                     helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                     helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None)],
+            [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)])
+        inits += [numpy_helper.from_array(np.array(steps, np.int64), "trips"),
+                  numpy_helper.from_array(np.array(True), "keep_going")]
+        nodes.append(helper.make_node("Loop", ["trips", "keep_going", "feat"], ["looped"], name="loop", body=body))
+    nodes += [helper.make_node("Relu", ["looped"], ["post"], name="post"),
+              helper.make_node("GlobalAveragePool", ["post"], ["gap"], name="gap"),
+              helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+              helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "loop_classifier",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", k])], inits)
+    imports = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(body_domain, 1)] if body_domain else [])
+    model = helper.make_model(graph, opset_imports=imports)
+    model.ir_version = 8
+    return model

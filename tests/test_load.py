@@ -233,3 +233,33 @@ def test_optimisations_that_change_the_scores_are_dropped_with_a_warning(monkeyp
     with pytest.warns(OptimisationFallbackWarning, match="runs with none"):
         again = explainer.load(model, preprocessing="none")
     assert not compared and again.ort.optimisation_name == "none"
+
+
+def test_control_flow_loads_and_runs_the_forward_methods(chelsea):
+    """A Loop (TensorFlow's while loops: Keras 3's GRU through tf2onnx or model.export) whose body reads
+    main-graph weights: loaded (those weights kept), every forward method and Grad-CAM after the loop
+    equal to the same function written without a subgraph; the gradient methods refused by name
+    (onnx2torch has no Loop converter)."""
+    from explainer.errors import ConversionError
+
+    from graphs import loop_classifier
+
+    net = explainer.load(loop_classifier(), preprocessing="none")
+    reference = explainer.load(loop_classifier(unrolled=True), preprocessing="none")
+    images = [np.asarray(chelsea)[:200, 100:300], np.asarray(chelsea)[100:250, :150]]
+    np.testing.assert_allclose(net.logits(images), reference.logits(images), rtol=1e-5, atol=1e-6)
+    assert net.max_batch is None
+    assert explainer.gradcam_layers(net)[0] == "post"  # the image reaches past the loop
+    np.testing.assert_allclose(explainer.gradcam(net, images[0], 1), explainer.gradcam(reference, images[0], 1),
+                               atol=1e-5)
+    np.testing.assert_allclose(explainer.occlusion_sensitivity(net, images[0], 1, verbose=False),
+                               explainer.occlusion_sensitivity(reference, images[0], 1, verbose=False), atol=1e-5)
+    with pytest.raises(ConversionError, match=r"'loop' \(Loop\)"):
+        explainer.gradient_attribution(net, images[0], 1)
+
+
+def test_custom_domain_inside_a_subgraph_refused():
+    from graphs import loop_classifier
+
+    with pytest.raises(UnsupportedModelError, match="evil.custom"):
+        explainer.load(loop_classifier(body_domain="evil.custom").SerializeToString())

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..graph import attribute, constant_value, consumers, dims, measured_shapes, producers
+from ..graph import attribute, constant_value, consumers, dims, measured_shapes, producers, reads
 from .passes import register
 
 # Outputs that describe a tensor's shape rather than carry its batch of values.
@@ -45,7 +45,7 @@ def dynamic_batch(model: onnx.ModelProto, ctx) -> int:
 def drop_unused_inputs(model: onnx.ModelProto, ctx) -> int:
     """Graph inputs no node reads (Caffe2's queue inputs) would still be demanded by onnxruntime."""
     g = model.graph
-    used = {i for node in g.node for i in node.input} | {o.name for o in g.output}
+    used = {i for node in g.node for i in reads(node)} | {o.name for o in g.output}
     inits = {t.name for t in g.initializer}
     unused = [vi for vi in g.input if vi.name not in used and vi.name not in inits]
     for vi in unused:

@@ -8,7 +8,7 @@ from onnx import numpy_helper
 
 from .. import limits
 from ..errors import ResourceLimitError
-from ..graph import attribute
+from ..graph import attribute, reads
 from .passes import register
 
 # Ops that are safe and cheap to evaluate with onnx's reference evaluator at conversion time.
@@ -82,7 +82,7 @@ def _check_size(shape, value_tensor) -> None:
 
 
 def drop_unused_initializers(g: onnx.GraphProto) -> None:
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    used = {i for n in g.node for i in reads(n)} | {o.name for o in g.output}
     dropped = {t.name for t in g.initializer if t.name not in used}
     for i in reversed([i for i, t in enumerate(g.initializer) if t.name in dropped]):
         del g.initializer[i]  # in place: the kept weights are never copied

@@ -11,6 +11,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ExportWriteError, InvalidParameterError, LayerNotFeatureMapError, UnsupportedModelError
+from ..graph import reads
 from . import EXPORTERS, _register_builtin
 from .context import ExportContext
 from .head import Backward, Head, constant_values, early_head, measure
@@ -177,7 +178,7 @@ def _prune(ctx: ExportContext, graph, source_nodes: int, source_initializers: in
     read apart (``_distinct``) where no copy of a source node reads it any more: the branch then reads
     the feature itself (nothing in it is a copy onnxruntime could merge with the source's nodes)."""
     source, branch = list(graph.node[:source_nodes]), list(graph.node[source_nodes:])
-    read = {o.name for o in graph.output} | {i for n in source for i in list(n.input) + _subgraph_reads(n)}
+    read = {o.name for o in graph.output} | {i for n in source for i in reads(n)}
     kept = _live(branch, read)
     if bypass and ctx.feature_branch and ctx.feature_branch != ctx.feature \
             and ctx.layout is not None and ctx.layout.kind == "CHW":
@@ -194,7 +195,7 @@ def _prune(ctx: ExportContext, graph, source_nodes: int, source_initializers: in
     if len(kept) != len(branch):
         del graph.node[source_nodes:]
         graph.node.extend(kept)
-    used = {i for n in graph.node for i in list(n.input) + _subgraph_reads(n)}
+    used = {i for n in graph.node for i in reads(n)}
     ours = [t for t in graph.initializer[source_initializers:] if t.name in used]
     if len(ours) != len(graph.initializer) - source_initializers:
         del graph.initializer[source_initializers:]
@@ -209,16 +210,6 @@ def _live(nodes: list, read: set) -> list:
             kept.append(n)
             read.update(i for i in n.input if i)
     return kept[::-1]
-
-
-def _subgraph_reads(node) -> list[str]:
-    names = []
-    for a in node.attribute:
-        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-            for n in g.node:
-                names.extend(i for i in n.input if i)
-                names.extend(_subgraph_reads(n))
-    return names
 
 
 def _distinct(ctx: ExportContext, feature: str) -> str:

@@ -20,7 +20,7 @@ import onnx
 
 from .. import limits
 from ..errors import InvalidParameterTypeError, ModelLoadError, ResourceLimitError, UnsupportedModelError
-from ..graph import constant_value
+from ..graph import all_nodes, constant_value
 
 ALLOWED_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
 
@@ -181,15 +181,15 @@ def _finish(proto: onnx.ModelProto, name: str, data: bytes, entry, sha256: str |
 def check_safe(proto: onnx.ModelProto) -> None:
     """Refuse custom operator domains and declared tensors beyond the memory budget."""
     g = proto.graph
-    for node in g.node:
+    for node in all_nodes(g):  # subgraphs too (an If's branches, a Loop's body: TensorFlow's while loops)
         if node.domain not in ALLOWED_DOMAINS:
             raise UnsupportedModelError(
                 f"node {node.name or node.output[0]!r} uses operator {node.op_type!r} from domain "
                 f"{node.domain!r}; only the standard domains {ALLOWED_DOMAINS} are supported.")
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            raise UnsupportedModelError(
-                f"node {node.name or node.output[0]!r} ({node.op_type}) has a subgraph; control flow "
-                "is not supported in image classifiers here.")
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                for t in sub.initializer:
+                    _check_stored(t, f"weight {t.name!r} of node {node.name!r}'s subgraph")
     for t in g.initializer:
         _check_stored(t, f"weight {t.name!r}")
     total = sum(_tensor_bytes(t) for t in g.initializer)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..graph import attribute, constant_value, consumers, initializer_names, producers, real_inputs
+from ..graph import attribute, constant_value, consumers, initializer_names, producers, reads, real_inputs
 
 # through these only the input's shape or size flows, not its values
 NO_VALUE_FLOW = frozenset({"Shape", "Size", "ConstantOfShape", "EyeLike"})
@@ -63,7 +63,7 @@ def image_dependent(graph: onnx.GraphProto, image: str) -> set[str]:
     for node in graph.node:  # nodes are topologically sorted in a valid graph
         if node.op_type in NO_VALUE_FLOW:
             continue
-        if any(i in reached for i in node.input if i):
+        if any(i in reached for i in reads(node) if i):  # a Loop's body reads the sequence from around it
             reached.update(o for o in node.output if o)
     return reached
 

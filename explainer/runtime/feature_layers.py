@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InvalidParameterError
+from ..graph import reads
 from .classifier import not_a_feature_map
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ def _ancestors(graph, tensor: str) -> set[str]:
     needed = {tensor}
     for node in reversed(graph.node):
         if any(o in needed for o in node.output):
-            needed.update(i for i in node.input if i)
+            needed.update(i for i in reads(node) if i)
     return needed
 
 

@@ -5,7 +5,8 @@ Keras 3's own ``model.export(path, format="onnx")``. Runs in the tf venv (build.
 
 Models: Keras applications (``weights=None``, their shipped classifier with its softmax), a small
 ViT-style model (patch Conv2D, class token, LayerNormalization, MultiHeadAttention, MLP; its own
-Rescaling to [-1, 1] in the graph; logits out) and a grayscale Sequential CNN (softmax out).
+Rescaling to [-1, 1] in the graph; logits out), a grayscale Sequential CNN (softmax out) and recurrent
+models over the rows of a feature map (bidirectional LSTM or GRU, Sequencer's idea).
 """
 from __future__ import annotations
 
@@ -96,6 +97,25 @@ def gray_cnn(size, classes: int = 10):
     ], name="gray_cnn")
 
 
+def row_rnn(size, kind: str, classes: int = 10, units: int = 12, reset_after: bool = True):
+    """Sequencer's idea in Keras: a patch Conv2D, then every row of the feature map a sequence through a
+    bidirectional recurrent layer (``TimeDistributed`` over the rows), then a Dense mixer, pooling and
+    the head; its own Rescaling to [-1, 1]; logits out. ``kind``: "LSTM" or "GRU" (``reset_after``:
+    Keras's default True, the reset gate after the recurrent product; False, before it)."""
+    import keras
+    from keras import layers
+
+    extra = {"reset_after": reset_after} if kind == "GRU" else {}
+    recurrent = getattr(layers, kind)(units, return_sequences=True, **extra)
+    inputs = keras.Input((*size, 3), name="image")
+    x = layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
+    x = layers.Conv2D(16, 4, strides=4, name="patch_embed")(x)
+    x = layers.TimeDistributed(layers.Bidirectional(recurrent), name="rows")(x)
+    x = layers.Dense(16, activation="relu", name="mix")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(classes, name="head")(x), name=f"row_{kind.lower()}")
+
+
 def build(case: dict):
     """(model, preprocess: uint8 pixels -> the model's input as the framework does it)."""
     import keras
@@ -115,6 +135,9 @@ def build(case: dict):
         return vit(size), lambda p: p.astype(np.float32)
     if case["model"] == "graycnn":
         return gray_cnn(size), lambda p: p.astype(np.float32) / np.float32(255)
+    if case["model"] in ("rowlstm", "rowgru", "rowgru-reset-before"):
+        kind = "LSTM" if case["model"] == "rowlstm" else "GRU"
+        return row_rnn(size, kind, reset_after=case["model"] != "rowgru-reset-before"), lambda p: p.astype(np.float32)
     raise KeyError(case["model"])
 
 
