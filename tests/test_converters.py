@@ -934,3 +934,82 @@ def test_recurrent_refusals_name_the_attribute(op, attrs, named):
     # engine reports as a ConversionError naming the node)
     with pytest.raises((ConversionError, NotImplementedError), match=named):
         convert_graph(model, "x")
+
+
+# --- control flow (converters/control_flow.py) ----------------------------------------------------------
+
+def _body(nodes, inputs, outputs):
+    return helper.make_graph(nodes, "body", inputs, outputs)
+
+
+def _vi(name, elem=TensorProto.FLOAT, shape=None):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def _control_flow_model(kind: str):
+    """image (2, 3, 4, 5) -> one control-flow construct -> its outputs, all of which are checked:
+    loop-trip: a Loop of 4 iterations carrying v <- v * 0.9 + image (read from around the body) and
+    scanning tanh(v); loop-cond: no trip count, the body stops once the counter reaches 3 (TensorFlow's
+    while loops); if: a condition computed from the image choosing between two branches that read it."""
+    inits, nodes = [], []
+    if kind.startswith("loop"):
+        step = [helper.make_node("Mul", ["v_in", "decay"], ["m"]), helper.make_node("Add", ["m", "image"], ["v_out"]),
+                helper.make_node("Tanh", ["v_out"], ["scan"])]
+        if kind == "loop-cond":
+            step += [helper.make_node("Add", ["i", "one"], ["next"]), helper.make_node("Less", ["next", "three"], ["c_out"])]
+            inits += [numpy_helper.from_array(np.array(1, np.int64), "one"),
+                      numpy_helper.from_array(np.array(3, np.int64), "three")]
+        else:
+            step.append(helper.make_node("Identity", ["c_in"], ["c_out"]))
+        body = _body(step, [_vi("i", TensorProto.INT64, []), _vi("c_in", TensorProto.BOOL, []), _vi("v_in")],
+                     [_vi("c_out", TensorProto.BOOL, []), _vi("v_out"), _vi("scan")])
+        inits += [numpy_helper.from_array(np.array(0.9, np.float32), "decay"),
+                  numpy_helper.from_array(np.array(True), "go"),
+                  numpy_helper.from_array(np.zeros((2, 3, 4, 5), np.float32), "v0")]
+        trips = "" if kind == "loop-cond" else "trips"
+        if trips:
+            inits.append(numpy_helper.from_array(np.array(4, np.int64), "trips"))
+        nodes.append(helper.make_node("Loop", [trips, "go", "v0"], ["y0", "y1"], body=body))
+        outputs = ["y0", "y1"]
+    else:
+        then = _body([helper.make_node("Mul", ["image", "two"], ["t"]), helper.make_node("Relu", ["t"], ["then_out"])],
+                     [], [_vi("then_out")])
+        other = _body([helper.make_node("Neg", ["image"], ["else_out"])], [], [_vi("else_out")])
+        inits.append(numpy_helper.from_array(np.array(2.0, np.float32), "two"))
+        nodes += [helper.make_node("ReduceMean", ["image"], ["mean"], keepdims=0),
+                  helper.make_node("Greater", ["mean", "zero"], ["cond"]),
+                  helper.make_node("If", ["cond"], ["y0"], then_branch=then, else_branch=other)]
+        inits.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero"))
+        outputs = ["y0"]
+    graph = helper.make_graph(nodes, kind, [_vi("image", shape=[2, 3, 4, 5])], [_vi(o) for o in outputs], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("kind", ["loop-trip", "loop-cond", "if"])
+@pytest.mark.parametrize("shift", [0.5, -0.5])
+def test_control_flow_equals_onnxruntime(kind, shift):
+    """Loop (a trip count, or a condition computed in the body; carried values and stacked scan
+    outputs) and If (both outcomes of a condition computed from the image; branches reading from
+    around them): the converted module equals onnxruntime and passes a gradient back to the image."""
+    model = _control_flow_model(kind)
+    x = (np.random.default_rng(2).standard_normal((2, 3, 4, 5)) + shift).astype(np.float32)
+    expected = _ort(model, x)
+    module, _ = convert_graph(model, "image")
+    image = torch.from_numpy(x).requires_grad_()
+    got = module(image)
+    got = list(got) if isinstance(got, (tuple, list)) else [got]
+    assert [tuple(g.shape) for g in got] == [e.shape for e in expected]
+    for g, e in zip(got, expected):
+        assert np.abs(g.detach().numpy() - e).max() <= 1e-5 * np.abs(e).max()
+    sum(g.sum() for g in got).backward()
+    assert image.grad is not None and float(image.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("batch_axis,time_axis,lengths", [(1, 0, [5, 5, 5]), (1, 0, [2, 5, 1]), (0, 1, [3, 1])])
+def test_reverse_sequence_equals_onnxruntime(batch_axis, time_axis, lengths):
+    shape = [5, 3, 4] if time_axis == 0 else [2, 5, 4]
+    model = single_op("ReverseSequence", {"batch_axis": batch_axis, "time_axis": time_axis}, shape=shape,
+                      inits=[("lengths", np.array(lengths, np.int64))], opset=17)
+    _check(model, shape)

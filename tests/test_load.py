@@ -235,13 +235,11 @@ def test_optimisations_that_change_the_scores_are_dropped_with_a_warning(monkeyp
     assert not compared and again.ort.optimisation_name == "none"
 
 
-def test_control_flow_loads_and_runs_the_forward_methods(chelsea):
+def test_control_flow_loads_and_every_method_runs(chelsea):
     """A Loop (TensorFlow's while loops: Keras 3's GRU through tf2onnx or model.export) whose body reads
-    main-graph weights: loaded (those weights kept), every forward method and Grad-CAM after the loop
-    equal to the same function written without a subgraph; the gradient methods refused by name
-    (onnx2torch has no Loop converter)."""
-    from explainer.errors import ConversionError
-
+    main-graph weights: loaded (those weights kept), every forward method, Grad-CAM after the loop and
+    the gradient (through each iteration, converters/control_flow.py) equal to the same function
+    written without a subgraph."""
     from graphs import loop_classifier
 
     net = explainer.load(loop_classifier(), preprocessing="none")
@@ -254,8 +252,8 @@ def test_control_flow_loads_and_runs_the_forward_methods(chelsea):
                                atol=1e-5)
     np.testing.assert_allclose(explainer.occlusion_sensitivity(net, images[0], 1, verbose=False),
                                explainer.occlusion_sensitivity(reference, images[0], 1, verbose=False), atol=1e-5)
-    with pytest.raises(ConversionError, match=r"'loop' \(Loop\)"):
-        explainer.gradient_attribution(net, images[0], 1)
+    np.testing.assert_allclose(explainer.gradient_attribution(net, images[0], 1),
+                               explainer.gradient_attribution(reference, images[0], 1), atol=1e-5)
 
 
 def test_custom_domain_inside_a_subgraph_refused():

@@ -18,7 +18,7 @@ import onnx
 from onnx import defs, helper
 
 from ..errors import ConversionError
-from ..graph import opset
+from ..graph import all_nodes, opset
 
 
 class _Any:
@@ -135,6 +135,9 @@ HONOURED: dict[str, dict[str, object]] = {
     "GRU": {"direction": ANY, "hidden_size": ANY, "layout": ANY, "activations": _activations("GRU"),
             "linear_before_reset": one_of(1)},  # 0 (the default) is refused by the converter
     "RNN": {"direction": ANY, "hidden_size": ANY, "layout": ANY, "activations": _activations("RNN")},
+    # control flow (converters/control_flow.py: the subgraphs converted, their nodes checked here too)
+    "Loop": {"body": ANY}, "If": {"then_branch": ANY, "else_branch": ANY},
+    "ReverseSequence": {"batch_axis": ANY, "time_axis": ANY},
     # quantization (converters/quantization.py; blocked quantization is refused)
     "QuantizeLinear": {"axis": ANY, "output_dtype": ANY, "saturate": ANY},
     "DequantizeLinear": {"axis": ANY, "output_dtype": ANY},
@@ -200,7 +203,7 @@ def check_attributes(model: onnx.ModelProto, names: dict[str, str] | None = None
     from . import converters  # noqa: F401  (ours join the registry)
 
     names = names or {}
-    for node in model.graph.node:
+    for node in all_nodes(model.graph):  # subgraphs' nodes too: onnx2torch converts them as well
         version = opset(model, node.domain)
         try:
             get_converter(node.op_type, version, node.domain or "")

@@ -377,10 +377,15 @@ def _onnx2torch(model: onnx.ModelProto, image: str, image_shape: list | None = N
     import onnx2torch
 
     from ..convert import converters  # noqa: F401  (our converters join onnx2torch's registry)
+    from ..convert.converters.control_flow import OPSETS
 
-    with warnings.catch_warnings(), _shapes_inferred_without_weights(model, image, image_shape):
-        warnings.simplefilter("ignore")
-        return onnx2torch.convert(model)
+    token = OPSETS.set(tuple(model.opset_import))  # subgraphs convert at the model's opset
+    try:
+        with warnings.catch_warnings(), _shapes_inferred_without_weights(model, image, image_shape):
+            warnings.simplefilter("ignore")
+            return onnx2torch.convert(model)
+    finally:
+        OPSETS.reset(token)
 
 
 def convert_graph(source: onnx.ModelProto, image: str, image_shape: list | None = None,

@@ -42,7 +42,8 @@ CASES: dict[str, dict] = {
     "keras-graycnn-tf2onnx": _case("tf", "keras", "tf2onnx", "graycnn", (32, 32), "unit", "NHWC", channels=1,
                                    opset=18),
     # recurrent layers over the rows of a feature map: tf2onnx writes Keras's LSTM as LSTM nodes, but both
-    # exporters leave Keras 3's GRU (either reset_after) as TensorFlow's while loop, a Loop node (below)
+    # exporters leave Keras 3's GRU (either reset_after) as TensorFlow's while loop: Loop nodes, reversed
+    # sequences around them for the backward direction
     "keras-rowlstm-tf2onnx": _case("tf", "keras", "tf2onnx", "rowlstm", (32, 32), "none", "NHWC", opset=17),
     "keras-rowgru-export": _case("tf", "keras", "keras.export", "rowgru", (32, 32), "none", "NHWC", opset=17),
     "keras-rowgru-reset-before-tf2onnx": _case("tf", "keras", "tf2onnx", "rowgru-reset-before", (32, 32), "none",
@@ -182,13 +183,6 @@ for _name, (_recipe, _exporter, _pre, _px) in _SWEEP_HF.items():
 # TypeError: 'NoneType' object is not subscriptable, the output size's shape unknown)
 CASES["hf-mobilevitv2-1.0-dynamo"] = _case("main", "transformers", "torch.onnx-dynamo", "mobilevitv2:1.0", (256, 256),
                                            HF_MOBILEVIT, "NCHW", opset=None, optional="sweep")
-
-# typed refusals of the gradient methods (gradient, guided backprop, deep dream), which the test expects
-# instead of their checks: (the error's class, what its message names); the forward methods (scores,
-# batches, occlusion, LIME, RISE) are checked as for every case
-REFUSED_GRADIENTS = ("gradient", "guided-backprop", "deep-dream")
-for _name in ("keras-rowgru-export", "keras-rowgru-reset-before-tf2onnx"):
-    CASES[_name]["refuses"] = ("ConversionError", "(Loop)")  # onnx2torch has no Loop converter
 
 
 def cache_root() -> Path:

@@ -42,13 +42,6 @@ def test_framework_export(name):
         gc.collect()
     if missing:
         pytest.fail(missing, pytrace=False)
-    refused = cases.CASES[name].get("refuses")
-    if refused:  # the gradient methods must end in this typed refusal, nothing else
-        for what in cases.REFUSED_GRADIENTS:
-            got = results.get(what, "not run")
-            assert got.startswith(refused[0] + ":") and refused[1] in got, (
-                f"{name}: {what} should be refused with {refused[0]} naming {refused[1]!r}; got {got!r}")
-            results[what] = "ok"
     bad = check.failures(results)
     delta = facts.get("delta")
     summary = f"max |Δprob| vs the source framework: {delta if delta is not None else 'not measured'}"

@@ -1,0 +1,173 @@
+"""Control flow: ONNX Loop and If, whose subgraphs are converted by onnx2torch like any graph and run
+by a module that iterates (Loop) or chooses (If) in Python, so gradients pass through every iteration
+and the chosen branch; and ReverseSequence, which TensorFlow's backward recurrent layers write around
+their while loops.
+
+A subgraph reads names from the graph around it (TensorFlow's while loops read the sequence they
+step through): each such name becomes an extra input of the converted subgraph, fed by the node's
+module. Loop: ``M`` (trip count) and ``cond`` optional, loop-carried values, scan outputs stacked on a
+new first axis (a loop that never runs has no scan values to stack, and is refused when it has scan
+outputs). If: the condition read when the module runs; both branches are converted."""
+from __future__ import annotations
+
+import contextvars
+
+import onnx
+import torch
+from onnx import helper
+from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
+
+from ...graph import subgraph_reads
+from . import register
+
+
+def outer_reads(graph: onnx.GraphProto) -> list[str]:
+    """The names ``graph`` (a subgraph) reads from around it, in order of first use."""
+    probe = helper.make_node("If", [], [], then_branch=graph, else_branch=graph)
+    return list(dict.fromkeys(subgraph_reads(probe)))
+
+
+def _elem_type(name: str, graph) -> int:
+    if name in graph.initializers:
+        return graph.initializers[name].proto.data_type
+    info = graph.value_info.get(name)
+    if info is not None and info.type.tensor_type.elem_type:
+        return info.type.tensor_type.elem_type
+    return onnx.TensorProto.FLOAT
+
+
+def subgraph_module(body: onnx.GraphProto, graph, opset_imports) -> tuple[torch.nn.Module, list[str]]:
+    """(the torch module of ``body``, the outer names it reads, which follow its own inputs)."""
+    import onnx2torch
+
+    outer = outer_reads(body)
+    copy = onnx.GraphProto()
+    copy.CopyFrom(body)
+    copy.input.extend(helper.make_tensor_value_info(name, _elem_type(name, graph), None) for name in outer)
+    computed = {o for n in copy.node for o in n.output}
+    for out in copy.output:  # onnx2torch takes outputs from nodes: a value passed through gets an Identity
+        if out.name not in computed:
+            copy.node.append(helper.make_node("Identity", [out.name], [out.name + "_out"]))
+            out.name += "_out"
+    model = helper.make_model(copy, opset_imports=opset_imports)
+    module = onnx2torch.convert(model)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module, outer
+
+
+def _flat(out) -> list:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+class Loop(torch.nn.Module):
+    """ONNX Loop; its inputs: the trip count and the condition where the node has them, the carried
+    values' initial values, then what the body reads from around it."""
+
+    def __init__(self, body: torch.nn.Module, carried: int, scans: int, trip_count: bool, condition: bool):
+        super().__init__()
+        self.body, self.carried, self.scans = body, carried, scans
+        self.has_trip_count, self.has_condition = trip_count, condition
+
+    def forward(self, *values):
+        values = list(values)
+        trip_count = values.pop(0) if self.has_trip_count else None
+        condition = values.pop(0) if self.has_condition else None
+        carried, outer = values[:self.carried], values[self.carried:]
+        limit = None if trip_count is None else int(trip_count.reshape(()))
+        going = True if condition is None else bool(condition.reshape(()))
+        scans: list[list] = [[] for _ in range(self.scans)]
+        step = 0
+        while going and (limit is None or step < limit):
+            out = _flat(self.body(torch.tensor(step, dtype=torch.int64),
+                                  torch.tensor(going, dtype=torch.bool), *carried, *outer))
+            going = bool(out[0].reshape(()))
+            carried = out[1:1 + self.carried]
+            for k in range(self.scans):
+                scans[k].append(out[1 + self.carried + k])
+            step += 1
+        if self.scans and not step:
+            raise NotImplementedError("a Loop with scan outputs that runs no iteration has no converter "
+                                      "(the scan outputs' shape is unknown)")
+        results = list(carried) + [torch.stack(s) for s in scans]
+        return tuple(results) if len(results) > 1 else results[0]
+
+
+class If(torch.nn.Module):
+    def __init__(self, then: torch.nn.Module, other: torch.nn.Module, then_reads: int):
+        super().__init__()
+        self.then, self.other, self.then_reads = then, other, then_reads
+
+    def forward(self, condition, *outer):
+        if bool(condition.reshape(())):
+            return self.then(*outer[:self.then_reads])
+        return self.other(*outer[self.then_reads:])
+
+
+def _graph(node, name: str) -> onnx.GraphProto:
+    return next(a.g for a in node.proto.attribute if a.name == name)
+
+
+def _loop_converter(node, graph):
+    body = _graph(node, "body")
+    inputs = list(node.input_values) + [""] * 2
+    trip_count, condition, initial = inputs[0], inputs[1], [i for i in node.input_values[2:]]
+    carried = len(initial)
+    scans = len(body.output) - 1 - carried
+    module, outer = subgraph_module(body, graph, _opsets(graph, node))
+    present = tuple(name for name in (trip_count, condition) if name)
+    return OperationConverterResult(
+        torch_module=Loop(module, carried, scans, bool(trip_count), bool(condition)),
+        onnx_mapping=OnnxMapping(inputs=(*present, *initial, *outer), outputs=node.output_values))
+
+
+def _if_converter(node, graph):
+    opsets = _opsets(graph, node)
+    then, then_reads = subgraph_module(_graph(node, "then_branch"), graph, opsets)
+    other, other_reads = subgraph_module(_graph(node, "else_branch"), graph, opsets)
+    return OperationConverterResult(
+        torch_module=If(then, other, len(then_reads)),
+        onnx_mapping=OnnxMapping(inputs=(node.input_values[0], *then_reads, *other_reads),
+                                 outputs=node.output_values))
+
+
+#: the opset imports of the model being converted (onnx2torch passes converters the graph alone): a
+#: subgraph's nodes are converted at the model's opset, as onnxruntime runs them
+OPSETS: contextvars.ContextVar = contextvars.ContextVar("opsets", default=None)
+
+
+def _opsets(graph, node) -> list:
+    opsets = OPSETS.get()
+    if opsets is None:
+        raise NotImplementedError(f"{node.operation_type}: the model's opset is unknown (convert it through "
+                                  "explainer.runtime.torch_engine, which sets it)")
+    return list(opsets)
+
+
+class ReverseSequence(torch.nn.Module):
+    def __init__(self, batch_axis: int, time_axis: int):
+        super().__init__()
+        self.batch_axis, self.time_axis = batch_axis, time_axis
+
+    def forward(self, x, lengths):
+        steps = x.shape[self.time_axis]
+        if bool((lengths == steps).all()):
+            return x.flip(self.time_axis)
+        pieces = []
+        for b in range(x.shape[self.batch_axis]):
+            row = x.select(self.batch_axis, b)
+            t = self.time_axis - (self.time_axis > self.batch_axis)
+            n = int(lengths[b])
+            pieces.append(torch.cat([row.narrow(t, 0, n).flip(t), row.narrow(t, n, steps - n)], dim=t))
+        return torch.stack(pieces, dim=self.batch_axis)
+
+
+def _reverse_sequence_converter(node, graph):
+    return OperationConverterResult(
+        torch_module=ReverseSequence(int(node.attributes.get("batch_axis", 1)), int(node.attributes.get("time_axis", 0))),
+        onnx_mapping=OnnxMapping(inputs=tuple(node.input_values), outputs=node.output_values))
+
+
+register("Loop", 11)(_loop_converter)
+register("If", 11)(_if_converter)
+register("ReverseSequence", 10)(_reverse_sequence_converter)
