@@ -892,7 +892,8 @@ def _recurrent(op, direction, layout, states, outputs, *, seed=0, **attrs):
 
 
 RECURRENT_CASES = [(op, direction, layout, states, outputs)
-                   for op in ("LSTM", "GRU", "RNN") for direction in ("forward", "reverse", "bidirectional")
+                   for op in ("LSTM", "GRU", "GRU-reset-before", "RNN")
+                   for direction in ("forward", "reverse", "bidirectional")
                    for layout in (0, 1) for states in (False, True) for outputs in (1, 3 if op == "LSTM" else 2)]
 
 
@@ -900,10 +901,11 @@ RECURRENT_CASES = [(op, direction, layout, states, outputs)
 def test_recurrent_layers(op, direction, layout, states, outputs):
     """Every direction, both layouts, initial states given or zero, Y and the final states: equal to
     onnxruntime (layout 0) or to ONNX's reference implementation (layout 1, which onnxruntime refuses),
-    and the gradient reaches the sequence."""
+    and the gradient reaches the sequence. GRU: linear_before_reset 1 (torch's) and 0 (the default)."""
     from onnx.reference import ReferenceEvaluator
 
-    model = _recurrent(op, direction, layout, states, outputs, **({"linear_before_reset": 1} if op == "GRU" else {}))
+    extra = {"GRU": {"linear_before_reset": 1}, "GRU-reset-before": {}}.get(op, {})
+    model = _recurrent(op.split("-")[0], direction, layout, states, outputs, **extra)
     x = np.random.default_rng(1).standard_normal([d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim])
     x = x.astype(np.float32)
     expected = ReferenceEvaluator(model).run(None, {"x": x}) if layout else _ort_named(model, x, "x")
@@ -922,7 +924,6 @@ def _ort_named(model, x, name):
 
 
 @pytest.mark.parametrize("op,attrs,named", [
-    ("GRU", {}, "linear_before_reset"),  # 0, the spec's default: torch's GRU computes 1
     ("LSTM", {"clip": 1.0}, "clip"), ("LSTM", {"input_forget": 1}, "input_forget"),
     ("LSTM", {"activations": ["Sigmoid", "Relu", "Tanh"]}, "activations"),
 ])

@@ -133,7 +133,7 @@ HONOURED: dict[str, dict[str, object]] = {
     # recurrent (converters/recurrent.py: torch's fused modules; peepholes and partial sequence_lens refused)
     "LSTM": {"direction": ANY, "hidden_size": ANY, "layout": ANY, "activations": _activations("LSTM")},
     "GRU": {"direction": ANY, "hidden_size": ANY, "layout": ANY, "activations": _activations("GRU"),
-            "linear_before_reset": one_of(1)},  # 0 (the default) is refused by the converter
+            "linear_before_reset": ANY},
     "RNN": {"direction": ANY, "hidden_size": ANY, "layout": ANY, "activations": _activations("RNN")},
     # control flow (converters/control_flow.py: the subgraphs converted, their nodes checked here too)
     "Loop": {"body": ANY}, "If": {"then_branch": ANY, "else_branch": ANY},

@@ -5,10 +5,10 @@ spec shapes them.
 
 The weights must be initializers (they become the torch module's parameters); ONNX's gate order is
 converted to torch's (LSTM: i, o, f, c to i, f, c, o; GRU: z, r, h to r, z, n). What torch's modules do not
-compute is refused by name: a GRU with ``linear_before_reset=0`` (torch's GRU applies the reset gate
-after the hidden state's product), peepholes, ``clip``, ``input_forget``, activations other than the
-default (an RNN may use Tanh or Relu), and ``sequence_lens`` other than the full length (checked when the
-module runs)."""
+compute is refused by name: peepholes, ``clip``, ``input_forget``, activations other than the default
+(an RNN may use Tanh or Relu), and ``sequence_lens`` other than the full length (checked when the module
+runs). A GRU with ``linear_before_reset=0`` (the spec's default; torch's GRU applies the reset gate after
+the recurrent product) runs as a loop over the time steps (``ResetBeforeGRU``)."""
 from __future__ import annotations
 
 import torch
@@ -61,6 +61,41 @@ class Recurrent(torch.nn.Module):
         return (y, h, c)[:self.outputs] if self.outputs > 1 else y
 
 
+class ResetBeforeGRU(torch.nn.Module):
+    """ONNX's default GRU (``linear_before_reset=0``): the reset gate applied to the hidden state before
+    its recurrent product, h~ = tanh(W_h x + R_h (r * h) + b), which torch's fused GRU does not compute;
+    a loop over the time steps with ``nn.GRU``'s parameter names and gate order (r, z, n)."""
+
+    def __init__(self, size: int, hidden: int, bidirectional: bool):
+        super().__init__()
+        self.hidden_size, self.bidirectional = hidden, bidirectional
+        for suffix in ("_l0", "_l0_reverse")[:1 + bidirectional]:
+            for name, shape in (("weight_ih", (3 * hidden, size)), ("weight_hh", (3 * hidden, hidden)),
+                                ("bias_ih", (3 * hidden,)), ("bias_hh", (3 * hidden,))):
+                self.register_parameter(name + suffix, torch.nn.Parameter(torch.zeros(shape)))
+
+    def _run(self, x, h, suffix: str, backwards: bool):
+        w, r = getattr(self, "weight_ih" + suffix), getattr(self, "weight_hh" + suffix)
+        inputs = x @ w.T + getattr(self, "bias_ih" + suffix)  # (T, N, 3H): every step's input part at once
+        (r_r, r_z, r_n), (b_r, b_z, b_n) = r.chunk(3), getattr(self, "bias_hh" + suffix).chunk(3)
+        outputs = []
+        for t in (range(x.shape[0] - 1, -1, -1) if backwards else range(x.shape[0])):
+            i_r, i_z, i_n = inputs[t].chunk(3, dim=-1)
+            reset = torch.sigmoid(i_r + h @ r_r.T + b_r)
+            update = torch.sigmoid(i_z + h @ r_z.T + b_z)
+            candidate = torch.tanh(i_n + (reset * h) @ r_n.T + b_n)
+            h = (1 - update) * candidate + update * h
+            outputs.append(h)
+        return torch.stack(outputs[::-1] if backwards else outputs), h
+
+    def forward(self, x, h0):
+        y, h = self._run(x, h0[0], "_l0", False)
+        if not self.bidirectional:
+            return y, h[None]
+        y_back, h_back = self._run(x, h0[1], "_l0_reverse", True)
+        return torch.cat([y, y_back], dim=-1), torch.stack([h, h_back])
+
+
 def _attrs(node) -> dict:
     return {k: (v.decode() if isinstance(v, bytes) else [s.decode() if isinstance(s, bytes) else s for s in v]
                 if isinstance(v, list) else v) for k, v in node.attributes.items()}
@@ -83,9 +118,6 @@ def recurrent_converter(op: str):
         for name in ("clip", "input_forget", "activation_alpha", "activation_beta"):
             if attrs.get(name):
                 raise NotImplementedError(f"{op} with {name}={attrs[name]} has no converter")
-        if op == "GRU" and not attrs.get("linear_before_reset", 0):
-            raise NotImplementedError("GRU with linear_before_reset=0 has no converter (torch's GRU applies the "
-                                      "reset gate after the recurrent product: linear_before_reset=1)")
         inputs = list(node.input_values) + [""] * 8
         x, w, r, b, lens, h0, c0, peepholes = inputs[:8]
         if op == "LSTM" and peepholes:
@@ -101,7 +133,10 @@ def recurrent_converter(op: str):
         B = graph.initializers[b].to_torch().float() if b else torch.zeros(directions, 2 * gates * hidden)
         kind = {"LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU, "RNN": torch.nn.RNN}[op]
         extra = {"nonlinearity": nonlinearity} if op == "RNN" else {}
-        module = kind(size, hidden, bidirectional=directions == 2, **extra)
+        if op == "GRU" and not attrs.get("linear_before_reset", 0):
+            module = ResetBeforeGRU(size, hidden, directions == 2)
+        else:
+            module = kind(size, hidden, bidirectional=directions == 2, **extra)
         with torch.no_grad():
             for d in range(directions):
                 suffix = "_l0_reverse" if d == 1 else "_l0"
