@@ -330,12 +330,13 @@ class _RowRNN(__import__("torch").nn.Module):
 
 
 @pytest.mark.parametrize("kind,exporter", [("LSTM", "legacy"), ("GRU", "legacy"), ("RNN", "legacy"),
-                                           ("LSTM", "dynamo")])
+                                           ("LSTM", "dynamo"), ("RNN", "dynamo")])
 def test_recurrent_layers_exported_at_batch_1_run_batches(kind, exporter, tmp_path):
     """LSTM / GRU / RNN nodes carry the batch (Y on axis 2, the final states on axis 1) and their initial
     states scale with it: the legacy exporter's Expand of zeros of the exported rows to a target computed
-    from the sequence, the dynamo exporter's constant zeros. Batches equal torch's module, and the
-    gradient methods' module (converters/recurrent.py) equals onnxruntime."""
+    from the sequence, the dynamo exporter's constant zeros; the dynamo exporter unrolls an RNN, folding
+    ``zeros(rows, H) @ W + b`` into a constant of the exported rows, all equal, added to the sequence.
+    Batches equal torch's module, and the gradient methods' module equals onnxruntime."""
     import warnings
 
     import torch

@@ -310,6 +310,8 @@ def _free_batch(model: onnx.ModelProto, ctx) -> int:
                 changed += 1
         elif node.op_type in _RECURRENT and node.input[0] in axis_of:
             changed += _free_initial_states(g, node, b, before, axis_of, producer)
+        elif node.op_type in _BROADCASTING and node.output[0] in axis_of:
+            changed += _uniform_constants_broadcast(g, node, b, axis_of, shape_of)
         elif node.op_type == "Expand" and node.input[0] not in axis_of:
             shape = _shape_constant(g, node.input[1])
             j = _joined_axis(node.output[0], len(shape) if shape is not None else 0, users, axis_of, shape_of)
@@ -378,6 +380,38 @@ def _free_initial_states(g, node, b: "_Builder", nodes: list, axis_of, producer)
         nodes.append(helper.make_node("Expand", [fill, b.scaled_shape(np.asarray(value.shape, np.int64), j, nodes)],
                                       [expanded]))
         node.input[k] = expanded
+        changed += 1
+    return changed
+
+
+_BROADCASTING = ("Add", "Sub", "Mul", "Div", "Max", "Min", "Where", "Pow")
+
+
+def _uniform_constants_broadcast(g, node, b: "_Builder", axis_of, shape_of) -> int:
+    """A constant meeting a batch-carrying tensor in a broadcasting op with the exported batch's size on
+    the batch axis, every value the same along it (the dynamo exporter folds ``zeros(batch, H) @ W + b``
+    of an unrolled RNN into rows that are all ``b``): reduced to one row there, which broadcasts to any
+    batch."""
+    j_out, _ = axis_of[node.output[0]]
+    rank_out = len(shape_of(node.output[0]) or [])
+    carrier = next((shape_of(i) for i in node.input if i in axis_of), None)
+    at = None if not carrier else j_out - (rank_out - len(carrier))  # broadcasting aligns the last axes
+    if at is None or not 0 <= at < len(carrier) or carrier[at] is None:
+        return 0
+    changed = 0
+    for k, name in enumerate(node.input):
+        if not name or name in axis_of:
+            continue
+        value = constant_value(g, name)
+        if value is None or not rank_out or value.ndim == 0:
+            continue
+        j = j_out - (rank_out - value.ndim)
+        if not 0 <= j < value.ndim or value.shape[j] <= 1 or value.shape[j] != carrier[at]:
+            continue  # the batch-carrying input gives the output its size there, not the constant
+        first = np.take(value, [0], axis=j)
+        if not np.array_equal(np.broadcast_to(first, value.shape), value):
+            continue
+        node.input[k] = b.const(f"{name}__one_row", first)
         changed += 1
     return changed
 
