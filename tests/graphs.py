@@ -251,12 +251,12 @@ def seeded_set(architectures) -> list:
 
 
 def loop_classifier(*, unrolled: bool = False, steps: int = 3, k: int = 5, c: int = 4, seed: int = 0,
-                    body_domain: str = "") -> onnx.ModelProto:
+                    body_domain: str = "", body_op: str = "Relu") -> onnx.ModelProto:
     """image (N, 3, 8, 8) -> Conv 3x3 (c channels) -> a Loop of ``steps`` iterations, v <- Relu(v * S + T)
     (S, T: main-graph weights that only the body reads, as TensorFlow's while loops read theirs) -> Relu
     ("post") -> GlobalAveragePool -> Flatten -> Gemm (k logits). ``unrolled``: the same function with
     the iterations written out (no subgraph), the reference. ``body_domain``: the domain of the body's
-    Relu (a custom one must be refused)."""
+    Relu (a custom one must be refused); ``body_op``: another op in its place (Floor has no gradient)."""
     rng = np.random.default_rng(seed)
     inits = [numpy_helper.from_array((0.02 * rng.standard_normal((c, 3, 3, 3))).astype(np.float32), "conv_w"),
              numpy_helper.from_array(rng.uniform(0.5, 1.2, (1, c, 1, 1)).astype(np.float32), "S"),
@@ -275,7 +275,7 @@ def loop_classifier(*, unrolled: bool = False, steps: int = 3, k: int = 5, c: in
         body = helper.make_graph(
             [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
              helper.make_node("Mul", ["v_in", "S"], ["m"]), helper.make_node("Add", ["m", "T"], ["a"]),
-             helper.make_node("Relu", ["a"], ["v_out"], domain=body_domain)],
+             helper.make_node(body_op, ["a"], ["v_out"], name="body_activation", domain=body_domain)],
             "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
                      helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
                      helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None)],

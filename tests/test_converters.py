@@ -1014,3 +1014,57 @@ def test_reverse_sequence_equals_onnxruntime(batch_axis, time_axis, lengths):
     model = single_op("ReverseSequence", {"batch_axis": batch_axis, "time_axis": time_axis}, shape=shape,
                       inits=[("lengths", np.array(lengths, np.int64))], opset=17)
     _check(model, shape)
+
+
+@torch.jit.script
+def _scripted_gate(x: torch.Tensor) -> torch.Tensor:
+    if bool(x.mean() > 0):
+        return torch.relu(x * 2.0)
+    return torch.tanh(x)
+
+
+class _Gated(torch.nn.Module):
+    def __init__(self, shift: float):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc = torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.Linear(6, 4)
+        with torch.no_grad():
+            self.conv.bias += shift
+
+    def forward(self, x):
+        return self.fc(_scripted_gate(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("shift", [50.0, -50.0])
+def test_scripted_if_from_torchs_exporter(shift, tmp_path):
+    """A data-dependent branch (``torch.jit.script``) exported by torch's legacy exporter: an If whose
+    condition comes from the image, on the value path only through its branches. The gradient methods
+    run (the condition selects, it has no gradient to give), and the converted module's scores and
+    gradient equal the torch module's, whichever branch the image takes."""
+    import warnings
+
+    from explainer.runtime.torch_engine import torch_engine
+
+    model, path = _Gated(shift).eval(), tmp_path / "gated.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, 3, 16, 16),), str(path), dynamo=False, opset_version=17)
+    assert "If" in [n.op_type for n in onnx_load(path).graph.node]
+    net = explainer.load(str(path), preprocessing="none")
+    pixels = torch.from_numpy(np.random.default_rng(3).integers(0, 60, (1, 3, 16, 16)).astype(np.float32))
+    pixels.requires_grad_()
+    took_relu = bool(model.conv(pixels).mean() > 0)
+    assert took_relu == (shift > 0)
+    ours = torch_engine(net).pixel_model(pixels)[0, 1]
+    ours.backward()
+    got, pixels.grad = pixels.grad.clone(), None
+    expected = model(pixels)[0, 1]
+    expected.backward()
+    assert abs(float(ours) - float(expected)) <= 1e-5 * max(abs(float(expected)), 1e-3)
+    assert float((got - pixels.grad).abs().max()) <= 1e-5 * float(pixels.grad.abs().max())
+
+
+def onnx_load(path):
+    import onnx
+
+    return onnx.load(str(path))

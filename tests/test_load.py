@@ -261,3 +261,17 @@ def test_custom_domain_inside_a_subgraph_refused():
 
     with pytest.raises(UnsupportedModelError, match="evil.custom"):
         explainer.load(loop_classifier(body_domain="evil.custom").SerializeToString())
+
+
+def test_no_gradient_inside_a_loop_body_is_refused_by_name():
+    """An op without a gradient on the value path inside a Loop's body (a Floor of the carried value) is
+    refused as one in the graph is, never differentiated into zeros; the loop's counter and condition
+    (Less, And on the iteration number) are not on that path (tests/frameworks' Keras GRU)."""
+    from explainer.errors import ConversionError
+
+    from graphs import loop_classifier
+
+    net = explainer.load(loop_classifier(body_op="Floor"), preprocessing="none")
+    image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    with pytest.raises(ConversionError, match=r"'body_activation' \(Floor\)"):
+        explainer.gradient_attribution(net, image, 1)

@@ -8,7 +8,7 @@ from onnx import helper, numpy_helper
 
 from ..errors import ConversionError
 from ..graph import (attribute, clip_bound, constant_value, consumers, dims, infer_shapes, is_large,
-                           measured_dims, opset, without_weight_data)
+                           measured_dims, opset, subgraph_reads, without_weight_data)
 from .passes import register
 
 
@@ -327,34 +327,55 @@ _VALUE_INPUTS = {"Where": (1, 2), "Gather": (0,), "GatherElements": (0,), "Gathe
 
 
 def _value_inputs(node: onnx.NodeProto) -> list[str]:
+    """The inputs whose values flow into the outputs; for control flow what the subgraphs read from
+    around them and a Loop's initial carried values, not the trip count or a condition (which choose)."""
+    if node.op_type in ("If", "Loop", "Scan"):
+        first = {"If": 1, "Loop": 2, "Scan": 0}[node.op_type]
+        return [i for i in node.input[first:] if i] + subgraph_reads(node)
     positions = _VALUE_INPUTS.get(node.op_type)
     return [i for k, i in enumerate(node.input) if i and (positions is None or k in positions)]
 
 
-def check_differentiable(model: onnx.ModelProto, image: str, score: str) -> None:
-    """Raise ConversionError naming the first node on the image → score value path with no gradient."""
-    g = model.graph
-    carries = {image}
-    for node in g.node:
-        if node.op_type in _NO_VALUE_FLOW:
-            continue
-        if any(i in carries for i in _value_inputs(node)):
+def _no_gradient(node: onnx.NodeProto) -> bool:
+    return node.op_type in NOT_DIFFERENTIABLE or (node.op_type == "Cast" and attribute(node, "to") in _INTEGER_TYPES)
+
+
+def _blocked(nodes, carries: set, needed: set):
+    """The first of ``nodes`` on the value path from ``carries`` to ``needed`` with no gradient, looking
+    into subgraphs (a Loop body's carried values and what it reads from around it that carries)."""
+    carries, needed = set(carries), set(needed)
+    for node in nodes:
+        if node.op_type not in _NO_VALUE_FLOW and any(i in carries for i in _value_inputs(node)):
             carries.update(o for o in node.output if o)
-    needed = {score}
-    for node in reversed(g.node):
+    for node in reversed(nodes):
         if any(o in needed for o in node.output):
             needed.update(_value_inputs(node))
-    for node in g.node:
-        on_path = any(i in carries for i in node.input) and any(o in needed for o in node.output)
-        if not on_path:
+    for node in nodes:
+        if not (any(i in carries for i in _value_inputs(node)) and any(o in needed for o in node.output)):
             continue
-        bad = node.op_type in NOT_DIFFERENTIABLE or (
-            node.op_type == "Cast" and attribute(node, "to") in _INTEGER_TYPES)
-        if bad:
-            raise ConversionError(
-                f"node {node.name or node.output[0]!r} ({node.op_type}) lies on the path from the image "
-                "to the class score and has no gradient; gradient methods cannot run on this graph. "
-                "Occlusion sensitivity and LIME (forward-only) still work.")
+        if _no_gradient(node):
+            return node
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                inner = {i for i in subgraph_reads(node) if i in carries}
+                if node.op_type == "Loop":  # body inputs: iteration, condition, carried values
+                    inner |= {v.name for v, init in zip(sub.input[2:], node.input[2:]) if init in carries}
+                outputs = [o.name for o in sub.output][1 if node.op_type == "Loop" else 0:]
+                found = _blocked(list(sub.node), inner, set(outputs))
+                if found is not None:
+                    return found
+    return None
+
+
+def check_differentiable(model: onnx.ModelProto, image: str, score: str) -> None:
+    """Raise ConversionError naming the first node on the image → score value path with no gradient
+    (inside subgraphs too)."""
+    node = _blocked(list(model.graph.node), {image}, {score})
+    if node is not None:
+        raise ConversionError(
+            f"node {node.name or node.output[0]!r} ({node.op_type}) lies on the path from the image "
+            "to the class score and has no gradient; gradient methods cannot run on this graph. "
+            "Occlusion sensitivity and LIME (forward-only) still work.")
 
 
 @register("reshape-allowzero", targets=("torch",), order=55)
