@@ -110,11 +110,10 @@ def _graph(node, name: str) -> onnx.GraphProto:
 
 def _loop_converter(node, graph):
     body = _graph(node, "body")
-    inputs = list(node.input_values) + [""] * 2
-    trip_count, condition, initial = inputs[0], inputs[1], [i for i in node.input_values[2:]]
+    trip_count, condition, initial = node.input_values[0], node.input_values[1], list(node.input_values[2:])
     carried = len(initial)
     scans = len(body.output) - 1 - carried
-    module, outer = subgraph_module(body, graph, _opsets(graph, node))
+    module, outer = subgraph_module(body, graph, _opsets(node))
     present = tuple(name for name in (trip_count, condition) if name)
     return OperationConverterResult(
         torch_module=Loop(module, carried, scans, bool(trip_count), bool(condition)),
@@ -122,7 +121,7 @@ def _loop_converter(node, graph):
 
 
 def _if_converter(node, graph):
-    opsets = _opsets(graph, node)
+    opsets = _opsets(node)
     then, then_reads = subgraph_module(_graph(node, "then_branch"), graph, opsets)
     other, other_reads = subgraph_module(_graph(node, "else_branch"), graph, opsets)
     return OperationConverterResult(
@@ -136,7 +135,7 @@ def _if_converter(node, graph):
 OPSETS: contextvars.ContextVar = contextvars.ContextVar("opsets", default=None)
 
 
-def _opsets(graph, node) -> list:
+def _opsets(node) -> list:
     opsets = OPSETS.get()
     if opsets is None:
         raise NotImplementedError(f"{node.operation_type}: the model's opset is unknown (convert it through "
