@@ -26,6 +26,11 @@ MAX_TENSOR_BYTES = _env_int("ONNX_EXPLAINER_MAX_TENSOR_BYTES", 4 << 30)
 MAX_IMAGE_PIXELS = _env_int("ONNX_EXPLAINER_MAX_IMAGE_PIXELS", 64_000_000)
 #: Largest image file read.
 MAX_IMAGE_BYTES = _env_int("ONNX_EXPLAINER_MAX_IMAGE_BYTES", 256 << 20)
+#: Most iterations a Loop node may run (TensorFlow's while loops step through a sequence: a few hundred),
+#: checked at each image shape before the graph runs: a trip count held as a constant, or computed (from
+#: the input's shape) and then evaluated alone; a Loop without a trip count, which runs as long as its
+#: condition holds, is refused. None: no bound (only for a trusted model).
+MAX_LOOP_ITERATIONS = _env_int("ONNX_EXPLAINER_MAX_LOOP_ITERATIONS", 100_000) or None
 #: Largest download accepted from the registry.
 MAX_DOWNLOAD_BYTES = _env_int("ONNX_EXPLAINER_MAX_DOWNLOAD_BYTES", 1 << 31)
 #: Largest memory one run may take for its intermediate tensors (onnxruntime's at the peak of a forward

@@ -251,12 +251,14 @@ def seeded_set(architectures) -> list:
 
 
 def loop_classifier(*, unrolled: bool = False, steps: int = 3, k: int = 5, c: int = 4, seed: int = 0,
-                    body_domain: str = "", body_op: str = "Relu") -> onnx.ModelProto:
+                    body_domain: str = "", body_op: str = "Relu", trips: str = "constant") -> onnx.ModelProto:
     """image (N, 3, 8, 8) -> Conv 3x3 (c channels) -> a Loop of ``steps`` iterations, v <- Relu(v * S + T)
     (S, T: main-graph weights that only the body reads, as TensorFlow's while loops read theirs) -> Relu
     ("post") -> GlobalAveragePool -> Flatten -> Gemm (k logits). ``unrolled``: the same function with
     the iterations written out (no subgraph), the reference. ``body_domain``: the domain of the body's
-    Relu (a custom one must be refused); ``body_op``: another op in its place (Floor has no gradient)."""
+    Relu (a custom one must be refused); ``body_op``: another op in its place (Floor has no gradient).
+    ``trips``: the trip count "constant" (``steps``), "computed" (the image's height times ``steps`` // 8,
+    from its shape at run time) or "none" (the loop runs while its condition holds)."""
     rng = np.random.default_rng(seed)
     inits = [numpy_helper.from_array((0.02 * rng.standard_normal((c, 3, 3, 3))).astype(np.float32), "conv_w"),
              numpy_helper.from_array(rng.uniform(0.5, 1.2, (1, c, 1, 1)).astype(np.float32), "S"),
@@ -281,9 +283,19 @@ def loop_classifier(*, unrolled: bool = False, steps: int = 3, k: int = 5, c: in
                      helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None)],
             [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
              helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)])
-        inits += [numpy_helper.from_array(np.array(steps, np.int64), "trips"),
-                  numpy_helper.from_array(np.array(True), "keep_going")]
-        nodes.append(helper.make_node("Loop", ["trips", "keep_going", "feat"], ["looped"], name="loop", body=body))
+        inits += [numpy_helper.from_array(np.array(True), "keep_going")]
+        if trips == "constant":
+            inits.append(numpy_helper.from_array(np.array(steps, np.int64), "trips"))
+        elif trips == "computed":
+            inits += [numpy_helper.from_array(np.array(2, np.int64), "h_axis"),
+                      numpy_helper.from_array(np.array(steps, np.int64), "steps"),
+                      numpy_helper.from_array(np.array(8, np.int64), "eight")]
+            nodes += [helper.make_node("Shape", ["image"], ["image_shape"]),
+                      helper.make_node("Gather", ["image_shape", "h_axis"], ["height"], axis=0),
+                      helper.make_node("Mul", ["height", "steps"], ["height_steps"]),
+                      helper.make_node("Div", ["height_steps", "eight"], ["trips"])]
+        nodes.append(helper.make_node("Loop", ["trips" if trips != "none" else "", "keep_going", "feat"], ["looped"],
+                                      name="loop", body=body))
     nodes += [helper.make_node("Relu", ["looped"], ["post"], name="post"),
               helper.make_node("GlobalAveragePool", ["post"], ["gap"], name="gap"),
               helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),

@@ -275,3 +275,23 @@ def test_no_gradient_inside_a_loop_body_is_refused_by_name():
     image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     with pytest.raises(ConversionError, match=r"'body_activation' \(Floor\)"):
         explainer.gradient_attribution(net, image, 1)
+
+
+@pytest.mark.timeout(120)  # a loop run instead of refused would take hours
+@pytest.mark.parametrize("trips,steps,refused", [("constant", 10 ** 9, "is 1000000000"), ("computed", 10 ** 9, "is 1000000000"),
+                                                  ("none", 3, "no trip count"), ("computed", 3, None)])
+def test_loops_that_could_run_without_bound_are_refused_before_they_run(trips, steps, refused):
+    """A Loop's trip count over limits.MAX_LOOP_ITERATIONS, held as a constant or computed from the
+    input's shape (evaluated alone, before the graph runs), or absent (the loop runs while its condition
+    holds): refused with ResourceLimitError naming the limit, never run. A computed one within it loads."""
+    from graphs import loop_classifier
+
+    model = loop_classifier(trips=trips, steps=steps)
+    if refused is None:
+        net = explainer.load(model, preprocessing="none")
+        reference = explainer.load(loop_classifier(steps=steps), preprocessing="none")
+        image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        np.testing.assert_allclose(net.logits(image), reference.logits(image), rtol=1e-6)
+        return
+    with pytest.raises(ResourceLimitError, match=rf"Loop node 'loop'.*{refused}.*MAX_LOOP_ITERATIONS"):
+        explainer.load(model, preprocessing="none")

@@ -31,7 +31,7 @@ import onnx
 
 from .. import limits
 from ..errors import ResourceLimitError, UnsupportedModelError
-from ..graph import layer_name, without_weight_data
+from ..graph import all_nodes, constant_value, layer_name, reads, without_weight_data
 
 #: ops that divide by (or index with) a spatial extent of their data input or output: zero or negative
 #: extents there are refused. The ones seen to crash onnxruntime (SIGFPE, CPU provider, ORT_ENABLE_ALL)
@@ -208,6 +208,67 @@ def estimate(model: onnx.ModelProto, image: str, shape: list[int], known: dict,
     return Estimate(peak, total, largest, peak_node, unknown)
 
 
+def check_loops(model: onnx.ModelProto, image: str, shape: list[int], dtype, name: str = "model") -> None:
+    """Refuse a Loop that could run more than ``limits.MAX_LOOP_ITERATIONS`` iterations at ``shape``:
+    its trip count a constant, or computed and evaluated alone (onnxruntime runs only what that value
+    needs: earlier loops were bounded before); a Loop without one (it runs while its condition holds),
+    and one inside a subgraph whose trip count is not a constant, cannot be bounded and is refused."""
+    limit = limits.MAX_LOOP_ITERATIONS
+    if limit is None:
+        return
+    fix = (f"raise limits.MAX_LOOP_ITERATIONS (now {limit}; environment ONNX_EXPLAINER_MAX_LOOP_ITERATIONS, "
+           "None for no bound) only for a trusted model")
+    nested = [(inner, False) for node in model.graph.node for a in node.attribute
+              for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)) for inner in all_nodes(sub)]
+    for node, top in [(n, True) for n in model.graph.node] + nested:
+        if node.op_type != "Loop":
+            continue
+        where = f"model {name!r}: Loop node {layer_name(node)!r}"
+        trips = node.input[0] if node.input else ""
+        if not trips:
+            raise ResourceLimitError(f"{where} has no trip count: it runs as long as its condition holds, "
+                                     f"which cannot be bounded before it runs. To go on: {fix}.")
+        value = constant_value(model.graph, trips)
+        if value is None and not top:
+            raise ResourceLimitError(f"{where} (inside a subgraph) computes its trip count, which cannot be "
+                                     f"bounded before it runs. To go on: {fix}.")
+        if value is None:
+            value = _evaluate(model, image, shape, dtype, trips)
+        count = int(np.max(value)) if value is not None and np.size(value) else None
+        if count is None or count > limit:
+            told = "cannot be evaluated" if count is None else f"is {count}"
+            raise ResourceLimitError(f"{where}: its trip count at input shape {list(shape)} {told}, over "
+                                     f"limits.MAX_LOOP_ITERATIONS={limit}. To go on: {fix}.")
+
+
+def _evaluate(model: onnx.ModelProto, image: str, shape: list[int], dtype, name: str):
+    """The value of ``name`` in one unoptimised onnxruntime run on a zero image at ``shape`` (only what it
+    needs runs); None where that fails."""
+    import onnxruntime as ort
+
+    g = model.graph
+    producer = {o: k for k, n in enumerate(g.node) for o in n.output}
+    needed, todo = set(), [name]
+    while todo:  # the nodes ``name`` depends on (onnxruntime runs every node of a graph, fetched or not)
+        k = producer.get(todo.pop())
+        if k is not None and k not in needed:
+            needed.add(k)
+            todo.extend(i for i in reads(g.node[k]) if i)
+    used = {i for k in needed for i in reads(g.node[k])}
+    part = onnx.helper.make_graph(
+        [g.node[k] for k in sorted(needed)], "trip_count", [vi for vi in g.input if vi.name == image],
+        [onnx.helper.make_empty_tensor_value_info(name)], [t for t in g.initializer if t.name in used])
+    part = onnx.helper.make_model(part, opset_imports=model.opset_import, ir_version=model.ir_version)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        return ort.InferenceSession(part.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+            [name], {image: np.zeros(shape, dtype)})[0]
+    except Exception:
+        return None
+
+
 def _measure(model: onnx.ModelProto, image: str, shape: list[int], dtype, names: list[str]) -> dict[str, int]:
     """Byte sizes of ``names`` in one unoptimised onnxruntime run at ``shape``; {} where it fails (the
     classifier's probe reports why)."""
@@ -308,6 +369,7 @@ class RunGuard:
             shape = [1, *per_image]
             known = infer_at(self.model, self.image, shape)
             check_extents(self.model, self.image, shape, known)
+            check_loops(self.model, self.image, shape, self.dtype, self.name)
             found = estimate(self.model, self.image, shape, known)
             self._refuse(found, 1)
             return found
@@ -315,6 +377,7 @@ class RunGuard:
             shape = [1, *per_image]
             known = infer_at(self.model, self.image, shape)
             check_extents(self.model, self.image, shape, known)
+            check_loops(self.model, self.image, shape, self.dtype, self.name)
             found = estimate(self.model, self.image, shape, known)
             self._refuse(found, 1)
             if found.unknown:
