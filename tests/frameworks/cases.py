@@ -67,6 +67,8 @@ CASES: dict[str, dict] = {
                                         "imagenet", "NCHW", opset=11, optional="extra"),
     # JAX / Flax NNX, jax2onnx ----------------------------------------------------------------------
     "flax-cnn-jax2onnx": _case("jax", "flax", "jax2onnx", "cnn", (64, 64), "imagenet", "NHWC", opset=None),
+    # jax.lax.scan over each row of a feature map: a Loop node (converters/control_flow.py)
+    "flax-scanrnn-jax2onnx": _case("jax", "flax", "jax2onnx", "scanrnn", (32, 32), "imagenet", "NHWC", opset=None),
     "flax-vit-jax2onnx": _case("jax", "flax", "jax2onnx", "vit", (32, 32), "tf", "NHWC", opset=None,
                                optional="extra"),
 }

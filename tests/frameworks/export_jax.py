@@ -1,5 +1,5 @@
-"""A Flax NNX CNN exported with jax2onnx (``jax2onnx.to_onnx``, its default opset). Runs in the jax
-venv (build.py).
+"""Flax NNX models (a CNN, a ViT, a scanned RNN) exported with jax2onnx (``jax2onnx.to_onnx``, its
+default opset). Runs in the jax venv (build.py).
 
     python tests/frameworks/export_jax.py FOLDER      (FOLDER/job.json, FOLDER/pixels.npy)
 
@@ -81,6 +81,40 @@ def make_vit(rngs, size, classes: int = 10, patch: int = 4, dim: int = 64, heads
     return ViT(rngs)
 
 
+def make_scan_rnn(rngs, classes: int = 10, hidden: int = 12):
+    """Sequencer's idea in JAX: a 4x4 patch Conv, then each row of the feature map a sequence through a
+    GRU cell stepped by ``jax.lax.scan`` (jax2onnx writes a Loop), the states' mean and a Linear head."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    class ScanRNN(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Conv(3, 16, (4, 4), strides=(4, 4), padding="VALID", rngs=rngs)
+            self.wx = nnx.Param(0.3 * jax.random.normal(rngs.params(), (16, 3 * hidden)))
+            self.wh = nnx.Param(0.3 * jax.random.normal(rngs.params(), (hidden, 3 * hidden)))
+            self.b = nnx.Param(0.1 * jax.random.normal(rngs.params(), (3 * hidden,)))
+            self.head = nnx.Linear(hidden, classes, rngs=rngs)
+
+        def __call__(self, x):
+            f = self.embed(x)
+            b, h, w, c = f.shape
+            seq = jnp.transpose(f.reshape(b * h, w, c), (1, 0, 2))  # (time = columns, rows, features)
+            wx, wh, bias = self.wx[...], self.wh[...], self.b[...]
+
+            def step(state, xt):
+                i_r, i_z, i_n = jnp.split(xt @ wx + bias, 3, axis=-1)
+                h_r, h_z, h_n = jnp.split(state @ wh, 3, axis=-1)
+                reset, update = jax.nn.sigmoid(i_r + h_r), jax.nn.sigmoid(i_z + h_z)
+                new = (1 - update) * jnp.tanh(i_n + reset * h_n) + update * state
+                return new, new
+
+            _, states = jax.lax.scan(step, jnp.zeros((b * h, hidden), seq.dtype), seq)
+            return self.head(jnp.transpose(states, (1, 0, 2)).reshape(b, h, w, hidden).mean(axis=(1, 2)))
+
+    return ScanRNN(rngs)
+
+
 def main() -> None:
     from importlib.metadata import version
 
@@ -100,7 +134,8 @@ def main() -> None:
     x = preprocess(pixels)
     common.check_preprocessing(np.asarray(x), pixels, case["preprocessing"], case["layout"])
     rngs = nnx.Rngs(common.SEED)
-    model = make_cnn(rngs) if case["model"] == "cnn" else make_vit(rngs, case["input_size"])
+    model = {"cnn": lambda: make_cnn(rngs), "vit": lambda: make_vit(rngs, case["input_size"]),
+             "scanrnn": lambda: make_scan_rnn(rngs)}[case["model"]]()
     norms = [m for _, m in model.iter_modules() if isinstance(m, nnx.BatchNorm)]
     for norm in norms:  # BatchNorm statistics set from a batch: one training-mode pass, momentum 0
         norm.momentum = 0.0
@@ -119,9 +154,12 @@ def main() -> None:
     import onnx
 
     onnx.save(proto, str(path))
-    what = ("flax.nnx CNN: SAME convs (one of stride 2), BatchNorm, SAME 3x3/2 max and average pools, global "
-            "mean, Linear" if case["model"] == "cnn" else "flax.nnx ViT: 4x4 patch Conv, class token, 2 blocks "
-            "of LayerNorm + MultiHeadAttention + GELU MLP, Linear")
+    what = {"cnn": "flax.nnx CNN: SAME convs (one of stride 2), BatchNorm, SAME 3x3/2 max and average pools, "
+                   "global mean, Linear",
+            "vit": "flax.nnx ViT: 4x4 patch Conv, class token, 2 blocks of LayerNorm + MultiHeadAttention + GELU "
+                   "MLP, Linear",
+            "scanrnn": "flax.nnx: 4x4 patch Conv, rows through a GRU cell by jax.lax.scan (a Loop), mean, "
+                       "Linear"}[case["model"]]
     notes = what + "; jax2onnx.to_onnx with a symbolic batch 'B'" + ("" if case["opset"] else " at its default opset")
     common.finish(folder, case, pixels, probs, framework_version=f"jax {jax.__version__}, flax {version('flax')}",
                   exporter_version=f"jax2onnx {version('jax2onnx')}", outputs="logits", notes=notes,
