@@ -295,3 +295,19 @@ def test_loops_that_could_run_without_bound_are_refused_before_they_run(trips, s
         return
     with pytest.raises(ResourceLimitError, match=rf"Loop node 'loop'.*{refused}.*MAX_LOOP_ITERATIONS"):
         explainer.load(model, preprocessing="none")
+
+
+def test_huge_constant_inside_a_subgraph_refused_before_allocation():
+    """A ConstantOfShape of terabytes in an If's branch counts toward limits.MAX_TENSOR_BYTES as one in
+    the graph does."""
+    from onnx import TensorProto
+
+    model, _ = linear_classifier()
+    branch = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["huge_shape"], ["huge"])], "branch", [],
+        [helper.make_tensor_value_info("huge", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array([1 << 20, 1 << 20], np.int64), "huge_shape")])
+    model.graph.initializer.append(numpy_helper.from_array(np.array(False), "never"))
+    model.graph.node.append(helper.make_node("If", ["never"], ["unused"], then_branch=branch, else_branch=branch))
+    with pytest.raises(ResourceLimitError, match="MAX_TENSOR_BYTES"):
+        explainer.load(model.SerializeToString())

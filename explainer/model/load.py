@@ -186,16 +186,16 @@ def check_safe(proto: onnx.ModelProto) -> None:
             raise UnsupportedModelError(
                 f"node {node.name or node.output[0]!r} uses operator {node.op_type!r} from domain "
                 f"{node.domain!r}; only the standard domains {ALLOWED_DOMAINS} are supported.")
-        for a in node.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                for t in sub.initializer:
-                    _check_stored(t, f"weight {t.name!r} of node {node.name!r}'s subgraph")
-    for t in g.initializer:
-        _check_stored(t, f"weight {t.name!r}")
-    total = sum(_tensor_bytes(t) for t in g.initializer)
-    for node in g.node:
+    graphs = [g] + [sub for node in all_nodes(g) for a in node.attribute
+                    for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
+    total = 0
+    for graph in graphs:
+        for t in graph.initializer:
+            _check_stored(t, f"weight {t.name!r}" + ("" if graph is g else f" of subgraph {graph.name!r}"))
+        total += sum(_tensor_bytes(t) for t in graph.initializer)
+    for graph, node in ((graph, node) for graph in graphs for node in graph.node):
         if node.op_type == "ConstantOfShape" and node.input:
-            shape = constant_value(g, node.input[0])
+            shape = constant_value(graph, node.input[0])
             if shape is not None:
                 shape = np.asarray(shape).ravel()
                 if shape.dtype.kind not in "iu" or np.any(shape < 0):
