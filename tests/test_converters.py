@@ -1016,41 +1016,44 @@ def test_reverse_sequence_equals_onnxruntime(batch_axis, time_axis, lengths):
     _check(model, shape)
 
 
-@torch.jit.script
-def _scripted_gate(x: torch.Tensor) -> torch.Tensor:
+def _gate(x: torch.Tensor) -> torch.Tensor:
     if bool(x.mean() > 0):
         return torch.relu(x * 2.0)
     return torch.tanh(x)
 
 
 class _Gated(torch.nn.Module):
-    def __init__(self, shift: float):
+    def __init__(self, shift: float, gate):
         super().__init__()
         torch.manual_seed(0)
-        self.conv, self.fc = torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.Linear(6, 4)
+        self.conv, self.fc, self.gate = torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.Linear(6, 4), gate
         with torch.no_grad():
             self.conv.bias += shift
 
     def forward(self, x):
-        return self.fc(_scripted_gate(self.conv(x)).mean((2, 3)))
+        return self.fc(self.gate(self.conv(x)).mean((2, 3)))
 
 
 @pytest.mark.parametrize("shift", [50.0, -50.0])
 def test_scripted_if_from_torchs_exporter(shift, tmp_path):
     """A data-dependent branch (``torch.jit.script``) exported by torch's legacy exporter: an If whose
-    condition comes from the image, on the value path only through its branches. The gradient methods
-    run (the condition selects, it has no gradient to give), and the converted module's scores and
-    gradient equal the torch module's, whichever branch the image takes."""
+    condition comes from the image, on the value path only through its branches. It runs batches (the
+    branches' output shapes declared at batch 1 are dropped), the gradient methods run (the condition
+    selects, it has no gradient to give), and the converted module's scores and gradient equal the torch
+    module's, whichever branch the image takes."""
     import warnings
 
     from explainer.runtime.torch_engine import torch_engine
 
-    model, path = _Gated(shift).eval(), tmp_path / "gated.onnx"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated, yet what writes an If from torch
+        model, path = _Gated(shift, torch.jit.script(_gate)).eval(), tmp_path / "gated.onnx"
         torch.onnx.export(model, (torch.randn(1, 3, 16, 16),), str(path), dynamo=False, opset_version=17)
     assert "If" in [n.op_type for n in onnx_load(path).graph.node]
-    net = explainer.load(str(path), preprocessing="none")
+    with warnings.catch_warnings():  # the branches declare their outputs at the exported batch: dropped
+        warnings.simplefilter("error", explainer.errors.BatchFallbackWarning)
+        net = explainer.load(str(path), preprocessing="none")
+    assert net.max_batch is None
     pixels = torch.from_numpy(np.random.default_rng(3).integers(0, 60, (1, 3, 16, 16)).astype(np.float32))
     pixels.requires_grad_()
     took_relu = bool(model.conv(pixels).mean() > 0)
@@ -1068,3 +1071,33 @@ def onnx_load(path):
     import onnx
 
     return onnx.load(str(path))
+
+
+@pytest.mark.parametrize("directions,axes", [((0, 0), (1, 0)), ((1, 0), (1, -1)), ((0, 1), (-3, 2))])
+def test_scan_equals_onnxruntime(directions, axes):
+    """Scan (older converters' recurrent graphs): a state carried over the slices of two scan inputs
+    (the image along its width, forwards or backwards, and a weight table read along another axis), a
+    body reading a weight from around it, two scan outputs stacked along their axes and directions."""
+    rng = np.random.default_rng(4)
+    table = rng.standard_normal((9, 5)).astype(np.float32)  # scanned along axis 0: 9 steps of (5,)
+    body = _body([helper.make_node("Mul", ["x_t", "gain"], ["scaled"]),  # x_t: (2, 3, 4) slice of the image
+                  helper.make_node("ReduceMean", ["scaled"], ["mean"], axes=[2], keepdims=0),
+                  helper.make_node("Add", ["state_in", "mean"], ["summed"]),
+                  helper.make_node("Tanh", ["summed"], ["state_out"]),
+                  helper.make_node("ReduceSum", ["w_t"], ["w_sum"], keepdims=1),
+                  helper.make_node("Mul", ["state_out", "w_sum"], ["y_t"])],
+                 [_vi("state_in", shape=[2, 3]), _vi("x_t", shape=[2, 3, 4]), _vi("w_t", shape=[5])],
+                 [_vi("state_out", shape=[2, 3]), _vi("y_t"), _vi("summed")])
+    image_axis = 3  # the image's width (9 steps): axis 3 of (2, 3, 4, 9)
+    node = helper.make_node("Scan", ["s0", "image", "table"], ["final", "ys", "sums"], body=body,
+                            num_scan_inputs=2, scan_input_axes=[image_axis, 0],
+                            scan_input_directions=list(directions), scan_output_axes=list(axes),
+                            scan_output_directions=[directions[0], 1 - directions[1]])
+    graph = helper.make_graph([node], "scan", [_vi("image", shape=[2, 3, 4, 9])],
+                              [_vi("final"), _vi("ys"), _vi("sums")],
+                              [numpy_helper.from_array(np.zeros((2, 3), np.float32), "s0"),
+                               numpy_helper.from_array(table, "table"),
+                               numpy_helper.from_array(np.array(0.7, np.float32), "gain")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    _check(model, [2, 3, 4, 9])

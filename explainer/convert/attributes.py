@@ -137,6 +137,8 @@ HONOURED: dict[str, dict[str, object]] = {
     "RNN": {"direction": ANY, "hidden_size": ANY, "layout": ANY, "activations": _activations("RNN")},
     # control flow (converters/control_flow.py: the subgraphs converted, their nodes checked here too)
     "Loop": {"body": ANY}, "If": {"then_branch": ANY, "else_branch": ANY},
+    "Scan": {"body": ANY, "num_scan_inputs": ANY, "scan_input_axes": ANY, "scan_input_directions": ANY,
+             "scan_output_axes": ANY, "scan_output_directions": ANY},
     "ReverseSequence": {"batch_axis": ANY, "time_axis": ANY},
     # quantization (converters/quantization.py; blocked quantization is refused)
     "QuantizeLinear": {"axis": ANY, "output_dtype": ANY, "saturate": ANY},

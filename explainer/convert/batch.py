@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..graph import attribute, constant_value, consumers, dims, measured_shapes, producers, reads
+from ..graph import all_nodes, attribute, constant_value, consumers, dims, measured_shapes, producers, reads
 from .passes import register
 
 # Outputs that describe a tensor's shape rather than carry its batch of values.
@@ -24,7 +24,7 @@ _SHAPE_OPS = {"Shape", "Size"}
 @register("dynamic-batch", targets=("runtime", "torch"), order=10)
 def dynamic_batch(model: onnx.ModelProto, ctx) -> int:
     """Make dim 0 of the image input and of every output symbolic, and drop stale intermediate shapes
-    (they were recorded for batch 1 and would contradict larger batches)."""
+    (they were recorded for batch 1 and would contradict larger batches), subgraphs' outputs' too."""
     g = model.graph
     changed = 0
     for vi in list(g.input) + list(g.output):
@@ -38,6 +38,16 @@ def dynamic_batch(model: onnx.ModelProto, ctx) -> int:
     if len(g.value_info):
         del g.value_info[:]
         changed += 1
+    for node in all_nodes(g):  # subgraphs declare their outputs' shapes at the exported batch too
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                if len(sub.value_info):
+                    del sub.value_info[:]
+                    changed += 1
+                for vi in sub.output:
+                    if vi.type.tensor_type.HasField("shape"):
+                        vi.type.tensor_type.ClearField("shape")
+                        changed += 1
     return changed
 
 

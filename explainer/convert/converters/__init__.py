@@ -1,6 +1,6 @@
 """Converters for ONNX ops onnx2torch lacks or converts into another function, registered into its
 registry at import, one small file per op family (in the style of onnx2torch's own
-``node_converters``): activations, control flow (Loop, If: their subgraphs converted; ReverseSequence),
+``node_converters``): activations, control flow (Loop, Scan, If: their subgraphs converted; ReverseSequence),
 normalization (ranks from the tensor, never from inferred shapes),
 pooling (the same), quantization, recurrent (LSTM, GRU, RNN over torch's fused modules), reduce, resize
 (every coordinate mode exactly, antialiasing), scatter (ScatterND at every version with its reductions,

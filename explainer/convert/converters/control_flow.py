@@ -1,13 +1,15 @@
-"""Control flow: ONNX Loop and If, whose subgraphs are converted by onnx2torch like any graph and run
-by a module that iterates (Loop) or chooses (If) in Python, so gradients pass through every iteration
-and the chosen branch; and ReverseSequence, which TensorFlow's backward recurrent layers write around
-their while loops.
+"""Control flow: ONNX Loop, Scan and If, whose subgraphs are converted by onnx2torch like any graph and
+run by a module that iterates (Loop, Scan) or chooses (If) in Python, so gradients pass through every
+iteration and the chosen branch; and ReverseSequence, which TensorFlow's backward recurrent layers write
+around their while loops.
 
 A subgraph reads names from the graph around it (TensorFlow's while loops read the sequence they
 step through): each such name becomes an extra input of the converted subgraph, fed by the node's
 module. Loop: ``M`` (trip count) and ``cond`` optional, loop-carried values, scan outputs stacked on a
 new first axis (a loop that never runs has no scan values to stack, and is refused when it has scan
-outputs). If: the condition read when the module runs; both branches are converted."""
+outputs). Scan: states carried over the slices of its scan inputs, along their axes and directions,
+its outputs' slices stacked along theirs. If: the condition read when the module runs; both branches
+are converted."""
 from __future__ import annotations
 
 import contextvars
@@ -143,6 +145,52 @@ def _opsets(node) -> list:
     return list(opsets)
 
 
+class Scan(torch.nn.Module):
+    """ONNX Scan (9 and later): the body run once per slice of the scan inputs (along their axes, in
+    their directions), the states carried, each scan output's slices stacked along its axis."""
+
+    def __init__(self, body: torch.nn.Module, states: int, in_axes, in_reversed, out_axes, out_reversed):
+        super().__init__()
+        self.body, self.states = body, states
+        self.in_axes, self.in_reversed = list(in_axes), list(in_reversed)
+        self.out_axes, self.out_reversed = list(out_axes), list(out_reversed)
+
+    def forward(self, *values):
+        count = len(self.in_axes)
+        states, sequences = list(values[:self.states]), values[self.states:self.states + count]
+        outer = values[self.states + count:]
+        axes = [a % x.dim() for a, x in zip(self.in_axes, sequences)]
+        length = sequences[0].shape[axes[0]]
+        outputs: list[list] = [[] for _ in self.out_axes]
+        for t in range(length):
+            slices = [x.select(a, length - 1 - t if back else t)
+                      for x, a, back in zip(sequences, axes, self.in_reversed)]
+            out = _flat(self.body(*states, *slices, *outer))
+            states = out[:self.states]
+            for k, piece in enumerate(out[self.states:]):
+                outputs[k].append(piece)
+        scanned = [torch.stack(pieces[::-1] if back else pieces, dim=a % (pieces[0].dim() + 1))
+                   for pieces, a, back in zip(outputs, self.out_axes, self.out_reversed)]
+        results = list(states) + scanned
+        return tuple(results) if len(results) > 1 else results[0]
+
+
+def _scan_converter(node, graph):
+    body = _graph(node, "body")
+    count = int(node.attributes["num_scan_inputs"])
+    states = len(node.input_values) - count
+    scans = len(body.output) - states
+    if not count:
+        raise NotImplementedError("a Scan without scan inputs has no converter")
+    module, outer = subgraph_module(body, graph, _opsets(node))
+    a = node.attributes
+    return OperationConverterResult(
+        torch_module=Scan(module, states, a.get("scan_input_axes", [0] * count),
+                          a.get("scan_input_directions", [0] * count), a.get("scan_output_axes", [0] * scans),
+                          a.get("scan_output_directions", [0] * scans)),
+        onnx_mapping=OnnxMapping(inputs=(*node.input_values, *outer), outputs=node.output_values))
+
+
 class ReverseSequence(torch.nn.Module):
     def __init__(self, batch_axis: int, time_axis: int):
         super().__init__()
@@ -168,5 +216,6 @@ def _reverse_sequence_converter(node, graph):
 
 
 register("Loop", 11)(_loop_converter)
+register("Scan", 9)(_scan_converter)
 register("If", 11)(_if_converter)
 register("ReverseSequence", 10)(_reverse_sequence_converter)
