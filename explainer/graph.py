@@ -79,13 +79,17 @@ def reads(node: onnx.NodeProto) -> list[str]:
     return [*node.input, *subgraph_reads(node)] if node.attribute else list(node.input)
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs ``node`` holds: an If's branches, a Loop's or Scan's body (none for other ops)."""
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
+
+
 def all_nodes(graph: onnx.GraphProto):
     """The graph's nodes and those of every subgraph in it, depth first."""
     for node in graph.node:
         yield node
-        for a in node.attribute:
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                yield from all_nodes(g)
+        for g in subgraphs(node):
+            yield from all_nodes(g)
 
 
 def opset(model: onnx.ModelProto, domain: str = "") -> int:
@@ -261,10 +265,12 @@ def head_nodes(graph: onnx.GraphProto, feature: str, scores, roots=(), *, take=N
 
 def subgraph_reads(node: onnx.NodeProto) -> list[str]:
     """The names that ``node``'s subgraphs (an If's branches, a Loop's or Scan's body) read from the
-    graph around them: what their nodes read that they neither compute nor take as inputs or weights."""
-    names = []
-    for a in node.attribute:
-        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-            inner = {i.name for i in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
-            names.extend(i for n in g.node for i in [*n.input, *subgraph_reads(n)] if i and i not in inner)
-    return names
+    graph around them."""
+    return [name for g in subgraphs(node) for name in outer_reads(g)]
+
+
+def outer_reads(graph: onnx.GraphProto) -> list[str]:
+    """The names a subgraph reads from the graph around it, in order of use (repeated where read
+    again): what its nodes read that it neither computes nor takes as inputs or weights."""
+    inner = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    return [i for n in graph.node for i in reads(n) if i and i not in inner]

@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..graph import all_nodes, attribute, constant_value, consumers, dims, measured_shapes, producers, reads
+from ..graph import (all_nodes, attribute, constant_value, consumers, dims, measured_shapes, producers, reads,
+                     subgraphs)
 from .passes import register
 
 # Outputs that describe a tensor's shape rather than carry its batch of values.
@@ -38,16 +39,14 @@ def dynamic_batch(model: onnx.ModelProto, ctx) -> int:
     if len(g.value_info):
         del g.value_info[:]
         changed += 1
-    for node in all_nodes(g):  # subgraphs declare their outputs' shapes at the exported batch too
-        for a in node.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                if len(sub.value_info):
-                    del sub.value_info[:]
-                    changed += 1
-                for vi in sub.output:
-                    if vi.type.tensor_type.HasField("shape"):
-                        vi.type.tensor_type.ClearField("shape")
-                        changed += 1
+    for sub in (sub for node in all_nodes(g) for sub in subgraphs(node)):  # their outputs: exported batch too
+        if len(sub.value_info):
+            del sub.value_info[:]
+            changed += 1
+        for vi in sub.output:
+            if vi.type.tensor_type.HasField("shape"):
+                vi.type.tensor_type.ClearField("shape")
+                changed += 1
     return changed
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import onnx
 
+from ..graph import subgraphs
 from .passes import register
 
 
@@ -53,15 +54,14 @@ def _rename_subgraphs(node: onnx.NodeProto, rename, prefix: str) -> None:
     """The same renaming inside ``node``'s subgraphs (an If's branches, a Loop's body), which onnx2torch
     converts too: the names they read from around them map as the graph's do (ONNX names are unique
     across scopes), theirs get fresh identifiers; their nodes are ``<prefix>_<i>``."""
-    for a in node.attribute:
-        for j, sub in enumerate([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-            sub.name, sub.doc_string = f"{prefix}_{a.name}{j}", ""
-            for vi in list(sub.input) + list(sub.output) + list(sub.value_info):
-                vi.name, vi.doc_string = rename(vi.name), ""
-            for t in sub.initializer:
-                t.name, t.doc_string = rename(t.name), ""
-            for i, inner in enumerate(sub.node):
-                inner.name, inner.doc_string = f"{prefix}_{i}", ""
-                inner.input[:] = [rename(n) for n in inner.input]
-                inner.output[:] = [rename(n) for n in inner.output]
-                _rename_subgraphs(inner, rename, f"{prefix}_{i}")
+    for j, sub in enumerate(subgraphs(node)):
+        sub.name, sub.doc_string = f"{prefix}_graph{j}", ""
+        for vi in list(sub.input) + list(sub.output) + list(sub.value_info):
+            vi.name, vi.doc_string = rename(vi.name), ""
+        for t in sub.initializer:
+            t.name, t.doc_string = rename(t.name), ""
+        for i, inner in enumerate(sub.node):
+            inner.name, inner.doc_string = f"{prefix}_{i}", ""
+            inner.input[:] = [rename(n) for n in inner.input]
+            inner.output[:] = [rename(n) for n in inner.output]
+            _rename_subgraphs(inner, rename, f"{prefix}_{i}")

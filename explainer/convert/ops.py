@@ -8,7 +8,7 @@ from onnx import helper, numpy_helper
 
 from ..errors import ConversionError
 from ..graph import (attribute, clip_bound, constant_value, consumers, dims, infer_shapes, is_large,
-                           measured_dims, opset, subgraph_reads, without_weight_data)
+                           measured_dims, opset, outer_reads, subgraph_reads, subgraphs, without_weight_data)
 from .passes import register
 
 
@@ -355,15 +355,14 @@ def _blocked(nodes, carries: set, needed: set):
             continue
         if _no_gradient(node):
             return node
-        for a in node.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                inner = {i for i in subgraph_reads(node) if i in carries}
-                if node.op_type == "Loop":  # body inputs: iteration, condition, carried values
-                    inner |= {v.name for v, init in zip(sub.input[2:], node.input[2:]) if init in carries}
-                outputs = [o.name for o in sub.output][1 if node.op_type == "Loop" else 0:]
-                found = _blocked(list(sub.node), inner, set(outputs))
-                if found is not None:
-                    return found
+        for sub in subgraphs(node):
+            inner = {i for i in outer_reads(sub) if i in carries}
+            if node.op_type == "Loop":  # body inputs: iteration, condition, carried values
+                inner |= {v.name for v, init in zip(sub.input[2:], node.input[2:]) if init in carries}
+            outputs = [o.name for o in sub.output][1 if node.op_type == "Loop" else 0:]
+            found = _blocked(list(sub.node), inner, set(outputs))
+            if found is not None:
+                return found
     return None
 
 
@@ -418,7 +417,7 @@ def fold_zero_pads(model: onnx.ModelProto, ctx=None) -> int:
     convolutions) as a node of its own, with NCHWc layout reorders around it (measured 18 % of
     Lite0's single-thread run on the 2-core machine, the maps bit-identical); OpenVINO folds it itself."""
     graph = model.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+    if any(subgraphs(n) for n in graph.node):
         return 0  # subgraphs may read the graph's names: left as it is
     constants = {t.name: t for t in graph.initializer}
     constants.update({n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.output

@@ -14,7 +14,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import UnsupportedHeadOpError, UnsupportedModelError
-from ..graph import attribute, constant_value, consumers, dims, head_nodes, infer_shapes, producers
+from ..graph import attribute, constant_value, consumers, dims, head_nodes, infer_shapes, producers, subgraphs
 from .errors import RECIPRO_HINT
 from .rules import RULES
 
@@ -38,7 +38,7 @@ class Head:
         self.nodes, reads = head_nodes(graph, feature, scores, roots)
         self.found = scores in (feature, *roots) or any(scores in n.output for n in self.nodes)
         for n in self.nodes:
-            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+            if subgraphs(n):
                 raise UnsupportedHeadOpError(
                     f"export: the head holds a {n.op_type} node with a subgraph ({n.name!r}); no gradient rule "
                     f"covers control flow. {RECIPRO_HINT}.")

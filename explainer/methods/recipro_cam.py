@@ -87,7 +87,7 @@ from .. import limits, registries
 from ..errors import ExplainerError, HeadSplitError, InvalidParameterError, LayerNotFeatureMapError, ResourceLimitError
 from ..export.engine import Decision
 from ..export.head import integer_values, select_early
-from ..graph import dims, head_nodes, infer_shapes, producers
+from ..graph import dims, head_nodes, infer_shapes, producers, subgraphs
 from ..model.structure import image_reads
 from ..runtime.budget import IN_FLIGHT, peak_at
 from ..runtime.feature_layers import default_feature_layer, location_masks
@@ -397,7 +397,7 @@ def _only(model: onnx.ModelProto, keep: tuple[str, ...]) -> onnx.ModelProto:
     graph's maps, classes and the source's own outputs: an engine that computes every output would run
     them on each call)."""
     graph = model.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+    if any(subgraphs(n) for n in graph.node):
         return model  # subgraphs read outer names beside their inputs: left whole
     producer = producers(graph)
     needed, todo = set(), list(keep)

@@ -20,7 +20,7 @@ import onnx
 
 from .. import limits
 from ..errors import InvalidParameterTypeError, ModelLoadError, ResourceLimitError, UnsupportedModelError
-from ..graph import all_nodes, constant_value
+from ..graph import all_nodes, constant_value, subgraphs
 
 ALLOWED_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
 
@@ -186,8 +186,7 @@ def check_safe(proto: onnx.ModelProto) -> None:
             raise UnsupportedModelError(
                 f"node {node.name or node.output[0]!r} uses operator {node.op_type!r} from domain "
                 f"{node.domain!r}; only the standard domains {ALLOWED_DOMAINS} are supported.")
-    graphs = [g] + [sub for node in all_nodes(g) for a in node.attribute
-                    for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
+    graphs = [g] + [sub for node in all_nodes(g) for sub in subgraphs(node)]
     total = 0
     for graph in graphs:
         for t in graph.initializer:

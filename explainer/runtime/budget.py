@@ -31,7 +31,7 @@ import onnx
 
 from .. import limits
 from ..errors import ResourceLimitError, UnsupportedModelError
-from ..graph import all_nodes, constant_value, layer_name, reads, without_weight_data
+from ..graph import all_nodes, constant_value, layer_name, reads, subgraphs, without_weight_data
 
 #: ops that divide by (or index with) a spatial extent of their data input or output: zero or negative
 #: extents there are refused. The ones seen to crash onnxruntime (SIGFPE, CPU provider, ORT_ENABLE_ALL)
@@ -218,8 +218,7 @@ def check_loops(model: onnx.ModelProto, image: str, shape: list[int], dtype, nam
         return
     fix = (f"raise limits.MAX_LOOP_ITERATIONS (now {limit}; environment ONNX_EXPLAINER_MAX_LOOP_ITERATIONS, "
            "None for no bound) only for a trusted model")
-    nested = [(inner, False) for node in model.graph.node for a in node.attribute
-              for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)) for inner in all_nodes(sub)]
+    nested = [(inner, False) for node in model.graph.node for sub in subgraphs(node) for inner in all_nodes(sub)]
     for node, top in [(n, True) for n in model.graph.node] + nested:
         if node.op_type != "Loop":
             continue
@@ -244,8 +243,6 @@ def check_loops(model: onnx.ModelProto, image: str, shape: list[int], dtype, nam
 def _evaluate(model: onnx.ModelProto, image: str, shape: list[int], dtype, name: str):
     """The value of ``name`` in one unoptimised onnxruntime run on a zero image at ``shape`` (only what it
     needs runs); None where that fails."""
-    import onnxruntime as ort
-
     g = model.graph
     producer = {o: k for k, n in enumerate(g.node) for o in n.output}
     needed, todo = set(), [name]
@@ -259,21 +256,27 @@ def _evaluate(model: onnx.ModelProto, image: str, shape: list[int], dtype, name:
         [g.node[k] for k in sorted(needed)], "trip_count", [vi for vi in g.input if vi.name == image],
         [onnx.helper.make_empty_tensor_value_info(name)], [t for t in g.initializer if t.name in used])
     part = onnx.helper.make_model(part, opset_imports=model.opset_import, ir_version=model.ir_version)
+    try:
+        return _run_unoptimised(part.SerializeToString(), image, shape, dtype, [name])[0]
+    except Exception:
+        return None
+
+
+def _run_unoptimised(data: bytes, image: str, shape: list[int], dtype, names: list[str]) -> list:
+    """``names`` from one onnxruntime run of the serialised graph ``data``, unoptimised, on the CPU, on a
+    zero image at ``shape``; onnxruntime's exception where it fails."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.log_severity_level = 4
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        return ort.InferenceSession(part.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
-            [name], {image: np.zeros(shape, dtype)})[0]
-    except Exception:
-        return None
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    return session.run(names, {image: np.zeros(shape, dtype)})
 
 
 def _measure(model: onnx.ModelProto, image: str, shape: list[int], dtype, names: list[str]) -> dict[str, int]:
     """Byte sizes of ``names`` in one unoptimised onnxruntime run at ``shape``; {} where it fails (the
     classifier's probe reports why)."""
-    import onnxruntime as ort
-
     outputs = model.graph.output
     declared = len(outputs)
     have = {o.name for o in outputs}
@@ -282,12 +285,8 @@ def _measure(model: onnx.ModelProto, image: str, shape: list[int], dtype, names:
         data = model.SerializeToString()
     finally:
         del outputs[declared:]
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-        values = session.run(names, {image: np.zeros(shape, dtype)})
+        values = _run_unoptimised(data, image, shape, dtype, names)
     except Exception as exc:
         if is_allocation_failure(exc):
             raise allocation_error(exc, "onnxruntime (measuring the tensor sizes shape inference cannot "
@@ -365,14 +364,6 @@ class RunGuard:
         (unknown sizes measured once, unless ``measure`` is False); cached."""
         per_image = tuple(int(d) for d in per_image)
         found = self._estimates.get(per_image)
-        if found is None and not measure:
-            shape = [1, *per_image]
-            known = infer_at(self.model, self.image, shape)
-            check_extents(self.model, self.image, shape, known)
-            check_loops(self.model, self.image, shape, self.dtype, self.name)
-            found = estimate(self.model, self.image, shape, known)
-            self._refuse(found, 1)
-            return found
         if found is None:
             shape = [1, *per_image]
             known = infer_at(self.model, self.image, shape)
@@ -380,6 +371,8 @@ class RunGuard:
             check_loops(self.model, self.image, shape, self.dtype, self.name)
             found = estimate(self.model, self.image, shape, known)
             self._refuse(found, 1)
+            if not measure:
+                return found
             if found.unknown:
                 measured = _measure(self.model, self.image, shape, self.dtype, found.unknown)
                 if measured:

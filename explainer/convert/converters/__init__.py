@@ -60,6 +60,14 @@ def register(op: str, version: int, origin: str = "ours", replaces: str = ""):
     return wrap
 
 
+def decoded_attributes(node) -> dict:
+    """An onnx2torch node's attributes with ONNX's byte strings (alone or in lists) as str."""
+    def text(v):
+        return v.decode() if isinstance(v, bytes) else v
+
+    return {k: [text(x) for x in v] if isinstance(v, list) else text(v) for k, v in node.attributes.items()}
+
+
 def base_converter(op: str, version: int) -> Callable:
     return _CONVERTER_REGISTRY[OperationDescription("", op, version)]
 

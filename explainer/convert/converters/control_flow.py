@@ -19,14 +19,8 @@ import torch
 from onnx import helper
 from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
 
-from ...graph import subgraph_reads
+from ...graph import outer_reads
 from . import register
-
-
-def outer_reads(graph: onnx.GraphProto) -> list[str]:
-    """The names ``graph`` (a subgraph) reads from around it, in order of first use."""
-    probe = helper.make_node("If", [], [], then_branch=graph, else_branch=graph)
-    return list(dict.fromkeys(subgraph_reads(probe)))
 
 
 def _elem_type(name: str, graph) -> int:
@@ -42,7 +36,7 @@ def subgraph_module(body: onnx.GraphProto, graph, opset_imports) -> tuple[torch.
     """(the torch module of ``body``, the outer names it reads, which follow its own inputs)."""
     import onnx2torch
 
-    outer = outer_reads(body)
+    outer = list(dict.fromkeys(outer_reads(body)))
     copy = onnx.GraphProto()
     copy.CopyFrom(body)
     copy.input.extend(helper.make_tensor_value_info(name, _elem_type(name, graph), None) for name in outer)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
 
-from . import register
+from . import decoded_attributes, register
 
 #: the spec's default activations per direction, the only ones torch's modules compute
 DEFAULT_ACTIVATIONS = {"LSTM": ("Sigmoid", "Tanh", "Tanh"), "GRU": ("Sigmoid", "Tanh"), "RNN": ("Tanh",)}
@@ -96,14 +96,9 @@ class ResetBeforeGRU(torch.nn.Module):
         return torch.cat([y, y_back], dim=-1), torch.stack([h, h_back])
 
 
-def _attrs(node) -> dict:
-    return {k: (v.decode() if isinstance(v, bytes) else [s.decode() if isinstance(s, bytes) else s for s in v]
-                if isinstance(v, list) else v) for k, v in node.attributes.items()}
-
-
 def recurrent_converter(op: str):
     def convert(node, graph):
-        attrs = _attrs(node)
+        attrs = decoded_attributes(node)
         direction = attrs.get("direction", "forward")
         directions = 2 if direction == "bidirectional" else 1
         activations = attrs.get("activations")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
 
-from . import register
+from . import decoded_attributes, register
 
 COORDINATE_MODES = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "tf_half_pixel_for_nn",
                     "half_pixel_symmetric")
@@ -200,13 +200,9 @@ class Resize(torch.nn.Module):
         return matrix
 
 
-def _decoded(value):
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def resize_converter(version: int):
     def convert(node, graph):
-        attrs = {k: _decoded(v) for k, v in node.attributes.items()}
+        attrs = decoded_attributes(node)
         mode = attrs.get("mode", "nearest")
         coordinates = attrs.get("coordinate_transformation_mode", "half_pixel" if version >= 11 else "asymmetric")
         nearest = attrs.get("nearest_mode", "round_prefer_floor") if version >= 11 else "simple"
