@@ -27,6 +27,22 @@ def test_custom_preprocessing(pixels):
     np.testing.assert_allclose(pre.normalise(pixels), (pixels[..., ::-1] * 0.5 - [1, 2, 3]) / 2, rtol=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["imagenet", "caffe", "tf", "custom-bgr"])
+@pytest.mark.parametrize("shape", [(2, 17, 13, 3), (17, 13, 3), (1, 5, 4, 1)])
+def test_channels_first_is_the_same_values_transposed(preset, shape):
+    """The model input written plane by plane (NCHW) holds exactly the channels-last values."""
+    pre = (resolve({"mean": [1, 2, 3], "std": [2, 3, 0.7], "scale": 0.5, "channel_order": "BGR"})
+           if preset == "custom-bgr" else PRESETS[preset])
+    pixels = np.random.default_rng(1).uniform(0, 255, shape).astype(np.float32)
+    last, first = pre.normalise(pixels), pre.normalise(pixels, channels_first=True)
+    assert first.dtype == np.float32 and first.flags.c_contiguous and first.shape == np.moveaxis(last, -1, -3).shape
+    np.testing.assert_array_equal(first, np.moveaxis(last, -1, -3))
+    x = pixels.astype(np.float64)[..., ::-1] if pre.channel_order == "BGR" and shape[-1] == 3 else pixels
+    c = shape[-1]
+    mean, std = np.resize(pre.mean, c), np.resize(pre.std, c)
+    np.testing.assert_allclose(first, np.moveaxis((x * pre.scale - mean) / std, -1, -3), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("bad, match", [
     ("imagenette", "one of"), ({"mean": [1, 2]}, "mean"), ({"std": 0}, "non-zero"),
     ({"channel_order": "GBR"}, "channel_order"), ({"colour": 1}, "unknown keys")])

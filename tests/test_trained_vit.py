@@ -31,7 +31,7 @@ def test_it_learned_the_held_out_digits(digits_vit):  # noqa: F811
     assert digits_vit.input.size == (trained_vit.IMG_SIZE, trained_vit.IMG_SIZE)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_training_is_deterministic():
     """Training again (about half a minute of one core) gives the cached weights bit for bit: the file
     is keyed by its recipe alone, so the recipe must fix the weights (on one machine; other CPUs' kernels

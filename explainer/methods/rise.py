@@ -190,8 +190,7 @@ def _unrounded_input(net: Classifier, pixels: np.ndarray) -> np.ndarray:
     image and fill are made here and rounded once, as the blended pixels would be."""
     if net.input.dtype != np.uint8:
         return net.to_model_input(pixels.astype(np.float32)).astype(np.float32)
-    x = net.preprocessing.normalise(pixels.astype(np.float32))
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2) if net.input.layout == "NCHW" else x, np.float32)
+    return net.preprocessing.normalise(pixels.astype(np.float32), channels_first=net.input.layout == "NCHW")
 
 
 def _saliency(net: Classifier, small, fill, masks: RiseMasks, indices, batch, backend, verbose,

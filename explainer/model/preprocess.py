@@ -54,13 +54,26 @@ class Preprocessing:
             raise InvalidParameterError(
                 f"preprocessing: channel_order must be one of {CHANNEL_ORDERS}; got {self.channel_order!r}.")
 
-    def normalise(self, pixels: np.ndarray) -> np.ndarray:
-        """Channel order, scale, mean and std on an H x W x C (or N x H x W x C) array; no resizing."""
+    def normalise(self, pixels: np.ndarray, channels_first: bool = False) -> np.ndarray:
+        """Channel order, scale, mean and std on an H x W x C (or N x H x W x C) array; no resizing.
+        ``channels_first``: the result laid out C x H x W (N x C x H x W), contiguous, with the same
+        values (each channel computed straight into its plane, in float32 pixels' own arithmetic)."""
         x = pixels[..., ::-1] if self.channel_order == "BGR" and pixels.shape[-1] == 3 else pixels
         c = x.shape[-1]
         mean = np.asarray(self.mean[:c] if len(self.mean) == 3 else self.mean * c, dtype=np.float32)
         std = np.asarray(self.std[:c] if len(self.std) == 3 else self.std * c, dtype=np.float32)
-        return ((x * np.float32(self.scale) - mean) / std).astype(np.float32)
+        if x.dtype != np.float32:
+            out = ((x * np.float32(self.scale) - mean) / std).astype(np.float32)
+            return np.ascontiguousarray(np.moveaxis(out, -1, -3)) if channels_first else out
+        if not channels_first:
+            return (x * np.float32(self.scale) - mean) / std
+        out = np.empty(x.shape[:-3] + (c,) + x.shape[-3:-1], np.float32)
+        for k in range(c):  # one plane at a time: three passes over it, no full-size temporaries
+            plane = out[..., k, :, :]
+            np.multiply(x[..., k], np.float32(self.scale), out=plane)
+            np.subtract(plane, mean[k], out=plane)
+            np.divide(plane, std[k], out=plane)
+        return out
 
     def to_json(self) -> str:
         d = asdict(self)

@@ -319,9 +319,7 @@ class Classifier:
 
     def to_model_input(self, pixels: np.ndarray) -> np.ndarray:
         """N x H x W x C pixels (0..255, RGB) → the graph's input tensor (normalised, laid out, typed)."""
-        x = self.preprocessing.normalise(pixels)
-        if self.input.layout == "NCHW":
-            x = x.transpose(0, 3, 1, 2)
+        x = self.preprocessing.normalise(pixels, channels_first=self.input.layout == "NCHW")
         if self.input.dtype == np.uint8:
             return np.ascontiguousarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
         return np.ascontiguousarray(x, dtype=self.input.dtype)
