@@ -81,6 +81,27 @@ MODELS = {
     "mambaout_femto": ("timm", "mambaout_femto", {}, LD),
     "rdnet_tiny": ("timm", "rdnet_tiny", {}, LD),
     "vit_relpos_small_patch16_224": ("timm", "vit_relpos_small_patch16_224", {}, LD),
+    # the second sweep (2026-12-08): attention by halos, lambdas, bottleneck blocks, RoPE, cascaded groups, ...
+    "halonet26t": ("timm", "halonet26t", {}, LD),
+    "botnet26t_256": ("timm", "botnet26t_256", {}, LD),
+    "lambda_resnet26t": ("timm", "lambda_resnet26t", {}, LD),
+    "tresnet_m": ("timm", "tresnet_m", {}, LD),
+    "tnt_s_patch16_224": ("timm", "tnt_s_patch16_224", {}, LD),
+    "nest_tiny": ("timm", "nest_tiny", {}, LD),
+    "convit_tiny": ("timm", "convit_tiny", {}, LD),
+    "shvit_s1": ("timm", "shvit_s1", {}, LD),
+    "vit_betwixt_patch16_rope_reg4_gap_256": ("timm", "vit_betwixt_patch16_rope_reg4_gap_256", {}, LD),
+    "mobilevitv2_050": ("timm", "mobilevitv2_050", {}, LD),
+    "efficientvit_m0": ("timm", "efficientvit_m0", {}, LD),
+    "skresnet18": ("timm", "skresnet18", {}, LD),
+    "fbnetv3_b": ("timm", "fbnetv3_b", {}, LD),
+    "pit_ti_224": ("timm", "pit_ti_224", {}, LD),
+    "nextvit_small": ("timm", "nextvit_small", {}, LD),
+    "fastvit_mci0": ("timm", "fastvit_mci0", {}, LD),
+    "vitamin_small_224": ("timm", "vitamin_small_224", {}, LD),
+    "mobilenetv5_300m": ("timm", "mobilenetv5_300m", {}, LD),
+    "mixnet_s": ("timm", "mixnet_s", {}, LD),
+    "dpn68": ("timm", "dpn68", {}, LD),
     "hf_segformer": ("hf", "Segformer", {}, HF),
     "hf_swinv2": ("hf", "Swinv2", dict(image_size=224, patch_size=4, embed_dim=32, depths=[1, 1, 2, 1],
                                         num_heads=[1, 2, 4, 8], window_size=7), HF),
@@ -272,12 +293,16 @@ def _reference_target(net, name: str, image) -> str:
     layer = explainer.gradcam_layers(net)[0]
     layout = net.layout(layer)
     kind = {"CHW": "chw", "HWC": "nhwc", "tokens": "tokens"}[layout.kind]
+    # where the source computes the layer channels-last and the graph transposes it back (NesT's final
+    # norm on (N, H, W, C), then a permute), the module's output is the layer's values laid out HWC
+    tries = ([("tokens", p) for p in (layout.prefix, layout.prefix + 1, layout.prefix + 2)] if kind == "tokens"
+             else [(kind, 0), ("nhwc", 0)] if kind == "chw" else [(kind, 0)])
     pixels = np.rint(net.fit_pixels(image)).astype(np.uint8)
     ours = net.activations(pixels, layer).astype(np.float64)
     model = exports.build(name)
     x = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)[None] / 255.0
     x = (x - torch.tensor(exports.MEAN).view(1, 3, 1, 1)) / torch.tensor(exports.STD).view(1, 3, 1, 1)
-    for prefix in (layout.prefix, layout.prefix + 1, layout.prefix + 2) if kind == "tokens" else (0,):
+    for kind, prefix in tries:
         found, calls = {}, {}
         transform = source_references.reshape_transform(source_references.Target("x", kind, prefix))
 
