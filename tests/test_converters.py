@@ -1101,3 +1101,140 @@ def test_scan_equals_onnxruntime(directions, axes):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     _check(model, [2, 3, 4, 9])
+
+
+# --- sequences (converters/sequences.py) -----------------------------------------------------------
+
+def _sequence_model(split, keepdims, insert_at, erase_at, at, axis, new_axis):
+    """image (2, 6, 4, 5) -> SplitToSequence along axis 1 (``split``: None, a scalar or sizes) -> a
+    tensor of the pieces' shape (the image's first piece doubled, SequenceAt 0) inserted at ``insert_at``
+    -> the piece at ``erase_at`` erased -> ConcatFromSequence(axis, new_axis); outputs: that, the piece
+    at ``at``, and the length as float times the mean (a length selects, it carries no gradient)."""
+    inits, nodes = [], []
+    split_inputs = ["image"]
+    if split is not None:
+        inits.append(numpy_helper.from_array(np.array(split, np.int64), "split"))
+        split_inputs.append("split")
+    nodes.append(helper.make_node("SplitToSequence", split_inputs, ["pieces"], axis=1, keepdims=keepdims))
+    nodes += [helper.make_node("SequenceAt", ["pieces", "zero"], ["first"]),
+              helper.make_node("Add", ["first", "first"], ["doubled"])]
+    inits.append(numpy_helper.from_array(np.array(0, np.int64), "zero"))
+    insert = ["pieces", "doubled"]
+    if insert_at is not None:
+        inits.append(numpy_helper.from_array(np.array(insert_at, np.int64), "insert_at"))
+        insert.append("insert_at")
+    nodes.append(helper.make_node("SequenceInsert", insert, ["more"]))
+    erase = ["more"]
+    if erase_at is not None:
+        inits.append(numpy_helper.from_array(np.array(erase_at, np.int64), "erase_at"))
+        erase.append("erase_at")
+    nodes.append(helper.make_node("SequenceErase", erase, ["fewer"]))
+    inits.append(numpy_helper.from_array(np.array(at, np.int64), "at"))
+    nodes += [helper.make_node("ConcatFromSequence", ["fewer"], ["joined"], axis=axis, new_axis=new_axis),
+              helper.make_node("SequenceAt", ["fewer", "at"], ["picked"]),
+              helper.make_node("SequenceLength", ["fewer"], ["length"]),
+              helper.make_node("Cast", ["length"], ["length_f"], to=TensorProto.FLOAT),
+              helper.make_node("ReduceMean", ["joined"], ["mean"], keepdims=0),
+              helper.make_node("Mul", ["length_f", "mean"], ["scaled"])]
+    graph = helper.make_graph(nodes, "sequences", [_vi("image", shape=[2, 6, 4, 5])],
+                              [_vi("joined"), _vi("picked"), _vi("scaled")], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("split,keepdims,insert_at,erase_at,at,axis,new_axis", [
+    (None, 0, None, None, -1, 1, 1),     # pieces of one, squeezed; stacked back on axis 1
+    (None, 0, None, None, 2, -1, 1),     # the same stacked on a new last axis
+    (None, 1, 0, 2, 0, 1, 0),            # pieces of one kept; inserted first; concatenated
+    (4, 1, -1, -2, 1, -3, 0),            # pieces of 4 (the last of 2); negative positions and axis
+    ([1, 2, 3], 1, 3, None, -1, 1, 0),   # sizes given; inserted at the end, erased from it
+])
+def test_sequence_ops_equal_onnxruntime(split, keepdims, insert_at, erase_at, at, axis, new_axis):
+    """SplitToSequence (no split, a scalar, sizes; keepdims), SequenceAt, SequenceInsert and SequenceErase
+    (no position, negative positions), ConcatFromSequence (concatenated or stacked, negative axes) and
+    SequenceLength: the converted module equals onnxruntime and passes a gradient back to the image."""
+    _check(_sequence_model(split, keepdims, insert_at, erase_at, at, axis, new_axis), [2, 6, 4, 5])
+
+
+def test_sequence_construct_equals_onnxruntime():
+    """SequenceEmpty then SequenceInsert at the end, and SequenceConstruct of three tensors, stacked."""
+    nodes = [helper.make_node("SequenceEmpty", [], ["empty"], dtype=TensorProto.FLOAT),
+             helper.make_node("Relu", ["image"], ["a"]), helper.make_node("Neg", ["image"], ["b"]),
+             helper.make_node("SequenceInsert", ["empty", "a"], ["one"]),
+             helper.make_node("SequenceInsert", ["one", "b"], ["two"]),
+             helper.make_node("SequenceConstruct", ["a", "b", "image"], ["three"]),
+             helper.make_node("ConcatFromSequence", ["two"], ["stacked"], axis=-1, new_axis=1),
+             helper.make_node("ConcatFromSequence", ["three"], ["joined"], axis=0),
+             helper.make_node("ReduceSum", ["stacked"], ["s"], keepdims=0),
+             helper.make_node("Mul", ["joined", "s"], ["out"])]
+    graph = helper.make_graph(nodes, "construct", [_vi("image", shape=[2, 3, 4])], [_vi("out"), _vi("stacked")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    _check(model, [2, 3, 4])
+
+
+class _Rows(torch.nn.Module):
+    """Scripted: a list of the rows' means built in a loop, stacked (a Loop carrying a sequence)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8 * 16, 5)
+
+    def forward(self, x):
+        f = torch.relu(self.conv(x))
+        rows: list[torch.Tensor] = []
+        for i in range(f.shape[2]):
+            rows.append(f[:, :, i, :].mean(dim=2))
+        return self.fc(torch.stack(rows, dim=2).flatten(1))
+
+
+class _Parts(torch.nn.Module):
+    """Scripted: the channels split in pieces, summed in a loop over them (SplitToSequence, SequenceAt,
+    SequenceLength)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.conv, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        f = torch.relu(self.conv(x))
+        parts = torch.split(f, 4, dim=1)
+        acc = parts[0] * 0
+        for p in parts:
+            acc = acc + p
+        return self.fc(torch.cat([acc, parts[-1]], 1).mean((2, 3)))
+
+
+@pytest.mark.parametrize("source", [_Rows, _Parts])
+def test_scripted_lists_from_torchs_exporter(source, tmp_path):
+    """Scripted code building or splitting lists, exported by torch's legacy exporter (sequences carried
+    through Loops): the file runs batches, and the converted module's scores and gradient equal the
+    torch module's."""
+    import warnings
+
+    from explainer.runtime.torch_engine import torch_engine
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated, yet what writes sequences from torch
+        model, path = source().eval(), tmp_path / "lists.onnx"
+        torch.onnx.export(torch.jit.script(model), (torch.randn(1, 3, 16, 16),), str(path), dynamo=False,
+                          opset_version=17)
+    ops = {n.op_type for n in onnx_load(path).graph.node}
+    assert ops & {"SequenceEmpty", "SplitToSequence"} and "Loop" in ops
+    net = explainer.load(str(path), preprocessing="none")
+    assert net.max_batch is None
+    pixels = torch.from_numpy(np.random.default_rng(5).integers(0, 60, (2, 3, 16, 16)).astype(np.float32))
+    np.testing.assert_allclose(net.predict(pixels.permute(0, 2, 3, 1).numpy().astype(np.uint8)),
+                               torch.softmax(model(pixels), 1).detach().numpy(), rtol=1e-4, atol=1e-6)
+    pixels.requires_grad_()
+    ours = torch_engine(net).pixel_model(pixels)[:, 1].sum()
+    ours.backward()
+    got, pixels.grad = pixels.grad.clone(), None
+    expected = model(pixels)[:, 1].sum()
+    expected.backward()
+    ours, expected = float(ours.detach()), float(expected.detach())
+    assert abs(ours - expected) <= 1e-5 * max(abs(expected), 1e-3)
+    assert float((got - pixels.grad).abs().max()) <= 1e-5 * float(pixels.grad.abs().max())

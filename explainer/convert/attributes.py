@@ -140,6 +140,9 @@ HONOURED: dict[str, dict[str, object]] = {
     "Scan": {"body": ANY, "num_scan_inputs": ANY, "scan_input_axes": ANY, "scan_input_directions": ANY,
              "scan_output_axes": ANY, "scan_output_directions": ANY},
     "ReverseSequence": {"batch_axis": ANY, "time_axis": ANY},
+    # sequences as lists (converters/sequences.py; a list has no element type)
+    "SequenceEmpty": {"dtype": ANY}, "ConcatFromSequence": {"axis": ANY, "new_axis": ANY},
+    "SplitToSequence": {"axis": ANY, "keepdims": ANY},
     # quantization (converters/quantization.py; blocked quantization is refused)
     "QuantizeLinear": {"axis": ANY, "output_dtype": ANY, "saturate": ANY},
     "DequantizeLinear": {"axis": ANY, "output_dtype": ANY},

@@ -311,7 +311,7 @@ def float_image_input(model: onnx.ModelProto, ctx) -> int:
 NOT_DIFFERENTIABLE = {"ArgMax", "ArgMin", "Floor", "Ceil", "Round", "Sign", "Equal", "Greater", "Less",
                       "GreaterOrEqual", "LessOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf",
                       "NonZero", "TopK"}
-_NO_VALUE_FLOW = {"Shape", "Size", "ConstantOfShape", "EyeLike"}
+_NO_VALUE_FLOW = {"Shape", "Size", "ConstantOfShape", "EyeLike", "SequenceLength"}
 _INTEGER_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32,
                   onnx.TensorProto.INT64, onnx.TensorProto.UINT8, onnx.TensorProto.UINT16,
                   onnx.TensorProto.UINT32, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
@@ -323,7 +323,8 @@ _INTEGER_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProt
 _VALUE_INPUTS = {"Where": (1, 2), "Gather": (0,), "GatherElements": (0,), "GatherND": (0,), "ScatterND": (0, 2),
                  "ScatterElements": (0, 2), "Reshape": (0,), "Expand": (0,), "Tile": (0,), "Slice": (0,),
                  "Pad": (0, 2), "Resize": (0,), "Upsample": (0,), "TopK": (0,), "CumSum": (0,), "Squeeze": (0,),
-                 "Unsqueeze": (0,), "ReduceMean": (0,), "ReduceSum": (0,), "ReduceMax": (0,), "ReduceMin": (0,)}
+                 "Unsqueeze": (0,), "ReduceMean": (0,), "ReduceSum": (0,), "ReduceMax": (0,), "ReduceMin": (0,),
+                 "SequenceAt": (0,), "SequenceInsert": (0, 1), "SequenceErase": (0,), "SplitToSequence": (0,)}
 
 
 def _value_inputs(node: onnx.NodeProto) -> list[str]:

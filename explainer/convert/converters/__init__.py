@@ -3,7 +3,8 @@ registry at import, one small file per op family (in the style of onnx2torch's o
 ``node_converters``): activations, control flow (Loop, Scan, If: their subgraphs converted; ReverseSequence),
 normalization (ranks from the tensor, never from inferred shapes),
 pooling (the same), quantization, recurrent (LSTM, GRU, RNN over torch's fused modules), reduce, resize
-(every coordinate mode exactly, antialiasing), scatter (ScatterND at every version with its reductions,
+(every coordinate mode exactly, antialiasing), sequences (as Python lists: what scripted list code
+exports to), scatter (ScatterND at every version with its reductions,
 without torch's deprecated list indexing; ScatterElements), shaping (Flatten, CumSum, DepthToSpace,
 Split-18, Slice, Col2Im). Which attributes each converter honours is in ``../attributes.py``.
 
