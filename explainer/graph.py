@@ -242,10 +242,10 @@ def head_nodes(graph: onnx.GraphProto, feature: str, scores, roots=(), *, take=N
     starts = {feature, *roots}
     reached, downstream = set(starts), set()
     for node in graph.node:
-        if any(i in reached for i in node.input):
+        if any(i in reached for i in reads(node)):
             downstream.add(id(node))
             reached.update(o for o in node.output if o)
-    taken, reads, seen = set(), set(), set()
+    taken, stops, seen = set(), set(), set()
     todo = [scores] if isinstance(scores, str) else list(scores)
     while todo:
         name = todo.pop()
@@ -254,13 +254,12 @@ def head_nodes(graph: onnx.GraphProto, feature: str, scores, roots=(), *, take=N
         seen.add(name)
         node = producer.get(name)
         if name in starts or node is None or not (id(node) in downstream or (take is not None and take(node, name))):
-            reads.add(name)
+            stops.add(name)
             continue
         if id(node) not in taken:
             taken.add(id(node))
-            todo.extend(node.input)
-            todo.extend(subgraph_reads(node))
-    return [n for n in graph.node if id(n) in taken], sorted(reads)
+            todo.extend(reads(node))
+    return [n for n in graph.node if id(n) in taken], sorted(stops)
 
 
 def subgraph_reads(node: onnx.NodeProto) -> list[str]:

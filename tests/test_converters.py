@@ -1183,7 +1183,9 @@ class _Rows(torch.nn.Module):
         self.conv, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8 * 16, 5)
 
     def forward(self, x):
-        f = torch.relu(self.conv(x))
+        return self.head(torch.relu(self.conv(x)))
+
+    def head(self, f):
         rows: list[torch.Tensor] = []
         for i in range(f.shape[2]):
             rows.append(f[:, :, i, :].mean(dim=2))
@@ -1238,3 +1240,39 @@ def test_scripted_lists_from_torchs_exporter(source, tmp_path):
     ours, expected = float(ours.detach()), float(expected.detach())
     assert abs(ours - expected) <= 1e-5 * max(abs(expected), 1e-3)
     assert float((got - pixels.grad).abs().max()) <= 1e-5 * float(pixels.grad.abs().max())
+
+
+def test_a_head_holding_a_loop_is_explained_in_python(tmp_path):
+    """The head after the default layer holds the Loop that builds the list (the walk from the layer to
+    the scores follows what the Loop's body reads around it): Recipro-CAM runs that head on the masked
+    copies in two stages and equals a torch Recipro-CAM on the source module (each location of the
+    layer kept alone, the module's own head, softmax); Grad-CAM takes the torch module and says why; the
+    export refuses it by name."""
+    import warnings
+
+    from explainer.errors import UnsupportedHeadOpError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, path = _Rows().eval(), tmp_path / "rows.onnx"
+        torch.onnx.export(torch.jit.script(model), (torch.randn(1, 3, 16, 16),), str(path), dynamo=False,
+                          opset_version=17)
+    net = explainer.load(str(path), preprocessing="none")
+    layer = explainer.gradcam_layers(net)[0]
+    assert net.layer(layer).op_type == "Relu"
+    assert "Loop" in explainer.gradcam_engine(net).describe()
+    with pytest.raises(UnsupportedHeadOpError, match="Loop.*control flow.*feature_layer after"):
+        explainer.export_explained(net, str(tmp_path / "x.onnx"), method="recipro_cam")
+    pixels = np.random.default_rng(6).integers(0, 255, (16, 16, 3)).astype(np.uint8)
+    x = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        f = torch.relu(model.conv(x))
+        _, _, h, w = f.shape
+        masks = torch.eye(h * w).reshape(h * w, 1, h, w)  # each location kept alone
+        probabilities = model.head(f * masks).softmax(1)[:, 2].reshape(h, w).double()
+    expected = ((probabilities - probabilities.min()) / (probabilities.max() - probabilities.min())).numpy()
+    from explainer.methods.recipro_cam import low_resolution
+
+    got = low_resolution(net, pixels.astype(np.float32), net.layer(layer), [2], kernel="point")[0]
+    assert explainer.recipro_cam_engine(net).describe().startswith("two-stage")
+    np.testing.assert_allclose(got, expected, atol=1e-5)

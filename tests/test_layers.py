@@ -66,3 +66,40 @@ def test_describe_layer_says_what_where_and_what_shape(default_net, chelsea):
         assert text.endswith("% deep")
     gemm = default_net.describe_layer("/_fc/Gemm")
     assert gemm.startswith("dense layer (Gemm), 1000") and gemm.endswith("100% deep")
+
+
+@pytest.mark.parametrize("family,exporter,data_dependent", [("vit_tiny", "legacy-dynamic", False),
+                                                            ("deit_tiny_distilled", "dynamo", False),
+                                                            ("swin_timm", "legacy", True)])
+def test_shapes_the_free_batch_hides_are_inferred_at_one_image_not_fetched(family, exporter, data_dependent,
+                                                                           monkeypatch):
+    """The batch passes compute Reshape targets from the input's Shape, so shape inference on the graph
+    loses the per-image shapes after them (dozens of tensors of ViT-Tiny and DeiT, hundreds of Swin-T's).
+    ``layers()`` infers them again with one image rather than fetching them all from one run (MobileNetV5-300M
+    at 768 x 768 held more than 8 GB of attention tensors that way): what it still fetches is a few
+    hundredths of their bytes (a class token's Expand) where nothing depends on the data; Swin's padding
+    to whole windows does, and is measured as before. Every shape equals a direct onnxruntime run's."""
+    import exports
+    from explainer.graph import dims, infer_shapes
+
+    net = explainer.load(exports.export(family, exporter))
+    known = infer_shapes(net.model)
+    lost = [n.output[0] for n in net.model.graph.node if n.output and n.op_type != "Constant"
+            and (n.output[0] not in known or None in dims(known[n.output[0]])[1:])]
+    assert len(lost) > 20
+    fetched = []
+    run = net.ort.run
+    monkeypatch.setattr(net.ort, "run", lambda x, outputs, *a, **k: fetched.extend(outputs) or run(x, outputs, *a, **k))
+    layers = {l.output: l.shape for l in net.layers()}
+    m = onnx.ModelProto()  # onnxruntime on one image, directly, every lost tensor an output
+    m.CopyFrom(net.model)
+    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in lost)
+    session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.zeros((1, *net.per_image_shape), np.float32)
+    one = {n: v.shape for n, v in zip(lost, session.run(lost, {net.input.name: x}))}
+    size = {name: int(np.prod(shape)) for name, shape in one.items()}
+    share = sum(size[n] for n in fetched if n in size) / sum(size.values())
+    assert data_dependent or share < 0.05, (share, fetched)
+    for name in lost:
+        if name in layers:
+            assert layers[name] == tuple(one[name][1:]), name

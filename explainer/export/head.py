@@ -40,8 +40,10 @@ class Head:
         for n in self.nodes:
             if subgraphs(n):
                 raise UnsupportedHeadOpError(
-                    f"export: the head holds a {n.op_type} node with a subgraph ({n.name!r}); no gradient rule "
-                    f"covers control flow. {RECIPRO_HINT}.")
+                    f"export: the head holds a {n.op_type} node with a subgraph ({n.name!r}): the exported "
+                    "branch copies the head's nodes, and copies no control flow (for either method). Pick a "
+                    "feature_layer after that node; at this layer the library explains in Python "
+                    "(explainer.gradcam on the torch module, explainer.recipro_cam in two stages).")
         #: tensors computed by the head (renamed in a copy)
         self.tensors = {o for n in self.nodes for o in n.output if o}
         #: tensors the head's nodes read from the graph (the feature, weights, the residual stream,

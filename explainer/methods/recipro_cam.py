@@ -87,7 +87,7 @@ from .. import limits, registries
 from ..errors import ExplainerError, HeadSplitError, InvalidParameterError, LayerNotFeatureMapError, ResourceLimitError
 from ..export.engine import Decision
 from ..export.head import integer_values, select_early
-from ..graph import dims, head_nodes, infer_shapes, producers, subgraphs
+from ..graph import dims, head_nodes, infer_shapes, producers, reads, subgraphs
 from ..model.structure import image_reads
 from ..runtime.budget import IN_FLIGHT, peak_at
 from ..runtime.feature_layers import default_feature_layer, location_masks
@@ -287,7 +287,7 @@ def _head_model(net: Classifier, nodes, inputs, outputs) -> onnx.ModelProto:
             shape = ["N"] + dims[1:] if dims and None not in dims[1:] else None
         return helper.make_tensor_value_info(name, elem, shape)
 
-    used = {i for n in nodes for i in n.input}
+    used = {i for n in nodes for i in reads(n)}  # a Loop's body reads weights from around it too
     graph = helper.make_graph(list(nodes), "recipro_cam_head", [info(i, True) for i in inputs],
                               [info(o, False) for o in outputs],
                               initializer=[t for t in m.graph.initializer if t.name in used])
