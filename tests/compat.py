@@ -198,9 +198,8 @@ def _gradcam(net, pixels, top, refs, half):
     from PIL import Image
 
     import explainer
-    from explainer.methods.gradcam import GradCAM
-
     from explainer.errors import DegenerateMapError
+    from explainer.methods.gradcam import GradCAM
 
     expected = refs()["cam"]
     tol = TOL_HALF if half else TOL

@@ -13,7 +13,8 @@ reference's target), then ``compat.check`` (every method against the source torc
 outcome goes to ``OUT/NAME.json`` (tracebacks to ``OUT/NAME.tb``, the worker's output to ``OUT/NAME.log``),
 the table to ``OUT/sweep.md``.
 Exports are cached under ``$EXPORT_CACHE`` as the suite's are. Not a test: nothing here runs in CI (the
-run of 2026-12-07 took 56 minutes for 50 models on 2 cores); README ("Gradient engine") has its findings.
+run of 2026-12-07 took 56 minutes for 50 models on 2 cores, the second list of 20 on 2026-12-08 about
+20 minutes); README ("Gradient engine") has its findings.
 """
 from __future__ import annotations
 
