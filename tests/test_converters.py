@@ -1210,20 +1210,28 @@ class _Parts(torch.nn.Module):
         return self.fc(torch.cat([acc, parts[-1]], 1).mean((2, 3)))
 
 
+def _export_scripted(source, path):
+    """``source()`` in eval mode, scripted and exported by torch's legacy exporter to ``path`` (opset 17,
+    a 16 x 16 image): what writes sequences and Loops from torch. Returns the eager module."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated, yet what writes sequences from torch
+        model = source().eval()
+        torch.onnx.export(torch.jit.script(model), (torch.randn(1, 3, 16, 16),), str(path), dynamo=False,
+                          opset_version=17)
+    return model
+
+
 @pytest.mark.parametrize("source", [_Rows, _Parts])
 def test_scripted_lists_from_torchs_exporter(source, tmp_path):
     """Scripted code building or splitting lists, exported by torch's legacy exporter (sequences carried
     through Loops): the file runs batches, and the converted module's scores and gradient equal the
     torch module's."""
-    import warnings
-
     from explainer.runtime.torch_engine import torch_engine
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit.script is deprecated, yet what writes sequences from torch
-        model, path = source().eval(), tmp_path / "lists.onnx"
-        torch.onnx.export(torch.jit.script(model), (torch.randn(1, 3, 16, 16),), str(path), dynamo=False,
-                          opset_version=17)
+    path = tmp_path / "lists.onnx"
+    model = _export_scripted(source, path)
     ops = {n.op_type for n in onnx_load(path).graph.node}
     assert ops & {"SequenceEmpty", "SplitToSequence"} and "Loop" in ops
     net = explainer.load(str(path), preprocessing="none")
@@ -1248,15 +1256,10 @@ def test_a_head_holding_a_loop_is_explained_in_python(tmp_path):
     copies in two stages and equals a torch Recipro-CAM on the source module (each location of the
     layer kept alone, the module's own head, softmax); Grad-CAM takes the torch module and says why; the
     export refuses it by name."""
-    import warnings
-
     from explainer.errors import UnsupportedHeadOpError
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model, path = _Rows().eval(), tmp_path / "rows.onnx"
-        torch.onnx.export(torch.jit.script(model), (torch.randn(1, 3, 16, 16),), str(path), dynamo=False,
-                          opset_version=17)
+    path = tmp_path / "rows.onnx"
+    model = _export_scripted(_Rows, path)
     net = explainer.load(str(path), preprocessing="none")
     layer = explainer.gradcam_layers(net)[0]
     assert net.layer(layer).op_type == "Relu"

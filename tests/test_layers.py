@@ -10,12 +10,17 @@ from explainer.errors import UnknownLayerError
 from graphs import linear_classifier
 
 
-def _direct(model: onnx.ModelProto, tensor: str, x: np.ndarray) -> np.ndarray:
+def _direct_all(model: onnx.ModelProto, tensors: list[str], x: np.ndarray) -> list[np.ndarray]:
+    """``tensors`` of input ``x`` from onnxruntime run directly on the graph, each exposed as an output."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    m.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+    m.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors)
     sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run([tensor], {sess.get_inputs()[0].name: x})[0]
+    return sess.run(list(tensors), {sess.get_inputs()[0].name: x})
+
+
+def _direct(model: onnx.ModelProto, tensor: str, x: np.ndarray) -> np.ndarray:
+    return _direct_all(model, [tensor], x)[0]
 
 
 def test_tiny_graph_layers_and_activations_by_node_and_tensor_name():
@@ -91,12 +96,8 @@ def test_shapes_the_free_batch_hides_are_inferred_at_one_image_not_fetched(famil
     run = net.ort.run
     monkeypatch.setattr(net.ort, "run", lambda x, outputs, *a, **k: fetched.extend(outputs) or run(x, outputs, *a, **k))
     layers = {l.output: l.shape for l in net.layers()}
-    m = onnx.ModelProto()  # onnxruntime on one image, directly, every lost tensor an output
-    m.CopyFrom(net.model)
-    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in lost)
-    session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-    x = np.zeros((1, *net.per_image_shape), np.float32)
-    one = {n: v.shape for n, v in zip(lost, session.run(lost, {net.input.name: x}))}
+    x = np.zeros((1, *net.per_image_shape), np.float32)  # onnxruntime on one image, directly
+    one = {n: v.shape for n, v in zip(lost, _direct_all(net.model, lost, x))}
     size = {name: int(np.prod(shape)) for name, shape in one.items()}
     share = sum(size[n] for n in fetched if n in size) / sum(size.values())
     assert data_dependent or share < 0.05, (share, fetched)

@@ -62,18 +62,16 @@ class Preprocessing:
         c = x.shape[-1]
         mean = np.asarray(self.mean[:c] if len(self.mean) == 3 else self.mean * c, dtype=np.float32)
         std = np.asarray(self.std[:c] if len(self.std) == 3 else self.std * c, dtype=np.float32)
-        if x.dtype != np.float32:
-            out = ((x * np.float32(self.scale) - mean) / std).astype(np.float32)
-            return np.ascontiguousarray(np.moveaxis(out, -1, -3)) if channels_first else out
-        if not channels_first:
-            return (x * np.float32(self.scale) - mean) / std
-        out = np.empty(x.shape[:-3] + (c,) + x.shape[-3:-1], np.float32)
-        for k in range(c):  # one plane at a time: three passes over it, no full-size temporaries
-            plane = out[..., k, :, :]
-            np.multiply(x[..., k], np.float32(self.scale), out=plane)
-            np.subtract(plane, mean[k], out=plane)
-            np.divide(plane, std[k], out=plane)
-        return out
+        if channels_first and x.dtype == np.float32:
+            out = np.empty(x.shape[:-3] + (c,) + x.shape[-3:-1], np.float32)
+            for k in range(c):  # one plane at a time: three passes over it, no full-size temporaries
+                plane = out[..., k, :, :]
+                np.multiply(x[..., k], np.float32(self.scale), out=plane)
+                np.subtract(plane, mean[k], out=plane)
+                np.divide(plane, std[k], out=plane)
+            return out
+        out = ((x * np.float32(self.scale) - mean) / std).astype(np.float32, copy=False)
+        return np.ascontiguousarray(np.moveaxis(out, -1, -3)) if channels_first else out
 
     def to_json(self) -> str:
         d = asdict(self)

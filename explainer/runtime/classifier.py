@@ -467,7 +467,11 @@ class Classifier:
                 vi = known.get(node.output[0])
                 shape = tuple(dims(vi)[1:]) if vi is not None and dims(vi) else None
                 found.append(Layer(layer_name(node), node.op_type, node.output[0], shape))
-            if any(l.shape is None or None in l.shape for l in found):
+
+            def lost(layer: Layer) -> bool:
+                return layer.shape is None or None in layer.shape
+
+            if any(lost(l) for l in found):
                 # shapes lost to the free batch (a Reshape whose target the batch passes compute from the
                 # input's Shape): inferred again with one image, as the run below would measure them, but
                 # without holding every such tensor at once (MobileNetV5's 495 attention tensors at 768 x
@@ -475,9 +479,8 @@ class Classifier:
                 one = infer_at(self.model, self.input.name, [1, *self.per_image_shape])
                 at_one = {name: dims(vi) for name, vi in one.items() if vi.type.tensor_type.HasField("shape")}
                 found = [Layer(l.name, l.op_type, l.output, tuple(at_one[l.output][1:]))
-                         if (l.shape is None or None in l.shape) and l.output in at_one
-                         and None not in at_one[l.output] else l for l in found]
-            unknown = [l.output for l in found if l.shape is None or None in l.shape]
+                         if lost(l) and l.output in at_one and None not in at_one[l.output] else l for l in found]
+            unknown = [l.output for l in found if lost(l)]
             if unknown:  # shapes computed at run time (Swin's padding to whole windows): one image's
                 try:
                     values = self.ort.run(self._grey_input()[None], unknown)
